@@ -1,0 +1,63 @@
+"""What a model needs done to raw samples: image size and normalisation, and its tokenizer.
+
+A model exposes a :class:`Preprocess` as ``model.preprocess``; the CLI links it into the
+datamodule (``link_arguments(..., apply_on="instantiate")``) and it is saved in every
+checkpoint, so training, validation and ``mmpt eval`` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Turns a list of strings into a padded/truncated id tensor. Must be picklable.
+
+    Attributes:
+        context_length: Length L of every output row.
+        vocab_size: Number of token ids the matching text tower accepts.
+    """
+
+    context_length: int
+    vocab_size: int
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """Tokenize ``texts`` into a long tensor (N, context_length)."""
+        ...
+
+
+@dataclass
+class ImagePreprocess:
+    """Image preprocessing a vision tower was built for.
+
+    Attributes:
+        size: Square input size in pixels.
+        mean: Per-channel mean subtracted after scaling to [0, 1].
+        std: Per-channel std divided by after the mean.
+        channels: Input channel count (3 for RGB).
+    """
+
+    size: int = 224
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    channels: int = 3
+
+
+@dataclass
+class Preprocess:
+    """Everything a datamodule must do to feed a given model.
+
+    Attributes:
+        image: Image preprocessing, None for models without an image input.
+        tokenizer: Text tokenizer, None for models without a text input.
+    """
+
+    image: ImagePreprocess | None = field(default_factory=ImagePreprocess)
+    tokenizer: Tokenizer | None = None

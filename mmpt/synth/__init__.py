@@ -1,0 +1,1 @@
+"""Deterministic, learnable synthetic datasets written as mmpt shards."""
