@@ -87,4 +87,6 @@ def load_index(folder: str | Path) -> ShardIndex | None:
     try:
         return ShardIndex.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid mmpt shard index ({e}); delete or rebuild it") from e
+        raise ValueError(
+            f"{path} is not a valid mmpt shard index ({e}); delete or rebuild it"
+        ) from e

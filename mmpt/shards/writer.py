@@ -25,6 +25,9 @@ class ShardWriter:
         prefix: Shard file name prefix.
         modalities: Recorded in the index (``image``, ``text`` ...).
         meta: Recorded in the index (class names, templates, statistics ...).
+        mtime: Modification time stamped on every tar member. A fixed integer (default 0)
+            makes equal content give byte-identical shards, and avoids the extra pax header
+            per member that a float wall-clock time costs (~40% larger shards of small files).
 
     Example:
         >>> with ShardWriter("shards", samples_per_shard=10000) as w:  # doctest: +SKIP
@@ -38,6 +41,7 @@ class ShardWriter:
         prefix: str = "shard",
         modalities: list[str] | None = None,
         meta: dict[str, Any] | None = None,
+        mtime: int = 0,
     ) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -45,6 +49,7 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
         self.prefix = prefix
+        self.mtime = mtime
         self.index = ShardIndex(modalities=list(modalities or []), meta=dict(meta or {}))
         self._keys: set[str] = set()
         self._tar: Any = None
@@ -60,7 +65,7 @@ class ShardWriter:
         self._final = self.out_dir / name
         self._tmp = self.out_dir / (name + ".tmp")
         self._stream = open(self._tmp, "wb")  # noqa: SIM115 - closed in _close_current
-        self._tar = wds.TarWriter(self._stream)
+        self._tar = wds.TarWriter(self._stream, mtime=self.mtime)
         self._count = 0
         self._shard_id += 1
 

@@ -1,0 +1,205 @@
+"""``mmpt data``: make synthetic shards, build shards from raw files, inspect shards."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mmpt.shards.build import build_image_text_shards
+from mmpt.synth import SYNTH_KINDS
+
+#: ``mmpt data build --kind`` -> builder(source, out, **options). Later modalities add a line.
+BUILD_KINDS: dict[str, Callable[..., Any]] = {"image-text": build_image_text_shards}
+
+EPILOG = """examples:
+  mmpt data synth --kind image-text --out data/shapes
+  mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
+  mmpt data inspect shards/ --check
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmpt data",
+        description="Make, build and inspect WebDataset shards.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{synth,build,inspect}", required=True)
+
+    synth = sub.add_parser("synth", help="write a learnable synthetic dataset (train/ and val/)")
+    synth.add_argument(
+        "--kind", required=True, metavar="KIND", help=f"dataset kind: {', '.join(SYNTH_KINDS)}"
+    )
+    synth.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    synth.add_argument(
+        "--seed", type=int, metavar="N", help="random seed; same seed, same bytes (default 0)"
+    )
+    synth.add_argument(
+        "--train-samples", type=int, metavar="N", help="training samples (default 6000)"
+    )
+    synth.add_argument(
+        "--image-size", type=int, metavar="PX", help="image side in pixels (default 64)"
+    )
+    synth.add_argument(
+        "--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)"
+    )
+    synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
+
+    build = sub.add_parser("build", help="raw files -> img2dataset-style shards + index.json")
+    build.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        type=Path,
+        metavar="SOURCE",
+        help="a .csv/.tsv/.jsonl table or a folder of image + same-stem .txt pairs",
+    )
+    build.add_argument("--out", required=True, type=Path, metavar="DIR", help="output shard folder")
+    kinds = ", ".join(BUILD_KINDS)
+    build.add_argument(
+        "--kind", default="image-text", help=f"data kind: {kinds} (default image-text)"
+    )
+    build.add_argument(
+        "--images",
+        dest="images_root",
+        type=Path,
+        metavar="DIR",
+        help="root of relative image paths",
+    )
+    build.add_argument(
+        "--samples-per-shard", type=int, metavar="N", help="samples per shard (default 10000)"
+    )
+    build.add_argument("--image-column", metavar="COL", help="table column holding image paths")
+    build.add_argument("--caption-column", metavar="COL", help="table column holding captions")
+    build.add_argument(
+        "--resize-short-side", type=int, metavar="PX", help="downscale to this short side"
+    )
+    build.add_argument(
+        "--jpeg-quality", type=int, metavar="Q", help="quality of re-encoded JPEGs (95)"
+    )
+    build.add_argument(
+        "--workers", type=int, metavar="N", help="decode/encode processes (default 1)"
+    )
+    build.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
+    build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    insp = sub.add_parser("inspect", help="count samples and keys; find corrupt samples")
+    insp.add_argument("path", type=Path, help="a shard folder or a .tar file")
+    insp.add_argument("--check", action="store_true", help="decode every image and json")
+    insp.add_argument("--json", action="store_true", help="print the report as JSON")
+    insp.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="processes reading shards"
+    )
+    return parser
+
+
+def _options(fn: Callable[..., Any], kind: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Keep the flags the user set; reject those the kind's function does not take."""
+    options = {k: v for k, v in given.items() if v is not None and v is not False}
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return options
+    unknown = ["--" + k.replace("_", "-") for k in options if k not in params]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} does not apply to --kind {kind}")
+    return options
+
+
+def _lookup(table: dict[str, Callable[..., Any]], kind: str, command: str) -> Callable[..., Any]:
+    if kind not in table:
+        raise ValueError(
+            f"unknown --kind {kind!r} for `mmpt data {command}`; known kinds: {', '.join(table)}"
+        )
+    return table[kind]
+
+
+def _synth(args: argparse.Namespace) -> int:
+    fn = _lookup(SYNTH_KINDS, args.kind, "synth")
+    given = {
+        "seed": args.seed,
+        "train_samples": args.train_samples,
+        "image_size": args.image_size,
+        "samples_per_shard": args.samples_per_shard,
+        "overwrite": args.overwrite,
+    }
+    result = fn(args.out, **_options(fn, args.kind, given))
+    print(f"wrote {args.kind} synthetic data to {args.out}")
+    for split in ("train", "val"):
+        if split in result:
+            n, shards = result.get(f"{split}_samples", "?"), result.get(f"{split}_shards", "?")
+            print(f"  {split}: {n} samples in {shards} shard(s) at {result[split]}")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    fn = _lookup(BUILD_KINDS, args.kind, "build")
+    given = {
+        "images_root": args.images_root,
+        "samples_per_shard": args.samples_per_shard,
+        "image_column": args.image_column,
+        "caption_column": args.caption_column,
+        "resize_short_side": args.resize_short_side,
+        "jpeg_quality": args.jpeg_quality,
+        "workers": args.workers,
+        "overwrite": args.overwrite,
+    }
+    options = _options(fn, args.kind, given)
+    report = fn(args.source, args.out, progress=not args.no_progress, **options)
+    print(f"wrote {report.written} samples in {len(report.shards)} shard(s) to {report.out}")
+    if report.total_skipped:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
+        print(f"skipped {report.total_skipped}: {reasons}")
+        for item in report.skipped_examples:
+            print(f"  {item['reason']}: {item['source']} ({item['detail']})")
+    if report.written == 0:
+        print(f"error: no samples written from {args.source}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from mmpt.shards.inspect import inspect_shards, print_report
+
+    report = inspect_shards(args.path, check=args.check, workers=args.workers)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_report(report)
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``mmpt data <synth|build|inspect> ...``.
+
+    Args:
+        argv: Arguments after ``data``; default ``sys.argv[1:]``.
+
+    Returns:
+        Exit code: 0 on success; 1 when ``inspect`` finds problems or ``build`` writes
+        nothing; 2 for bad arguments or input (printed as ``error: ...`` on stderr).
+
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse already printed
+        return e.code if isinstance(e.code, int) else 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    commands = {"synth": _synth, "build": _build, "inspect": _inspect}
+    try:
+        return commands[args.command](args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,391 @@
+"""Build img2dataset-style image-text shards from a CSV/JSONL table or a folder of pairs."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import io
+import itertools
+import json
+import logging
+import multiprocessing
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+from mmpt.shards.index import INDEX_NAME
+from mmpt.shards.writer import ShardWriter
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ("path", "filepath", "image", "file", "image_path")
+CAPTION_COLUMNS = ("caption", "text", "title")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "ftp://")
+MAX_EXAMPLES = 10  # skipped items kept in the report and warned about one by one
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class BuildReport:
+    """What a build wrote and what it skipped.
+
+    Attributes:
+        out: The output shard folder.
+        written: Samples written.
+        skipped: Skipped sample counts by reason (``missing_image``, ``corrupt_image``,
+            ``empty_caption``, ``missing_caption``, ``remote_url``, ``bad_row``).
+        skipped_examples: The first few skipped items: ``source``, ``reason``, ``detail``.
+        shards: Paths of the written ``.tar`` files.
+
+    """
+
+    out: str
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: list[dict[str, str]] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def total_skipped(self) -> int:
+        """Number of skipped items over all reasons."""
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, with ``total_skipped``."""
+        return {**asdict(self), "total_skipped": self.total_skipped}
+
+
+@dataclass
+class _Row:
+    """One source record; :func:`_process` fills in the JPEG or the problem."""
+
+    url: str
+    caption: str
+    problem: tuple[str, str] | None = None  # (reason, detail)
+    jpg: bytes = b""
+    size: tuple[int, int] = (0, 0)
+    original_size: tuple[int, int] = (0, 0)
+
+
+def _pick_column(
+    columns: list[str], given: str | None, candidates: tuple[str, ...], flag: str, source: Path
+) -> str:
+    if given is not None:
+        if given not in columns:
+            raise ValueError(
+                f"{source}: no column {given!r} (given with {flag}); columns are: {columns}"
+            )
+        return given
+    lowered = {c.lower(): c for c in columns}
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    raise ValueError(
+        f"{source}: found none of the columns {list(candidates)}; columns are: {columns}. "
+        f"Name the right one with {flag} COLUMN"
+    )
+
+
+def _resolve(value: Any, root: Path) -> tuple[str, tuple[str, str] | None]:
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return text, ("missing_image", "empty image path")
+    if text.lower().startswith(REMOTE_PREFIXES):
+        return text, ("remote_url", "download it first (e.g. with img2dataset)")
+    path = Path(text).expanduser()
+    return str(path if path.is_absolute() else root / path), None
+
+
+def _records(source: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(line number, record) for each row of a table; None for a line that is not an object."""
+    if source.suffix.lower() == ".jsonl":
+        with source.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        rec = None
+                    yield n, rec if isinstance(rec, dict) else None
+    else:
+        delimiter = "\t" if source.suffix.lower() == ".tsv" else ","
+        with source.open(encoding="utf-8-sig", newline="") as f:
+            yield from enumerate(csv.DictReader(f, delimiter=delimiter), 2)
+
+
+def _table_rows(
+    source: Path, root: Path, image_column: str | None, caption_column: str | None
+) -> tuple[Iterator[_Row], dict[str, str]]:
+    """Open a CSV/TSV/JSONL table; returns its rows and the columns chosen."""
+    records = _records(source)
+    first = next(records, None)
+    if first is None:
+        raise ValueError(f"{source} has no rows; it needs a header row (CSV) or JSON objects")
+    if first[1] is None:
+        raise ValueError(f"{source}:{first[0]} is not a JSON object; give one object per line")
+    columns = list(first[1])
+    img_col = _pick_column(columns, image_column, IMAGE_COLUMNS, "--image-column", source)
+    cap_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "--caption-column", source)
+
+    def rows() -> Iterator[_Row]:
+        for n, rec in itertools.chain([first], records):
+            if rec is None:
+                yield _Row(f"{source}:{n}", "", ("bad_row", "not a JSON object"))
+                continue
+            url, problem = _resolve(rec.get(img_col), root)
+            caption = rec.get(cap_col)
+            yield _Row(url, "" if caption is None else str(caption).strip(), problem)
+
+    return rows(), {"image_column": img_col, "caption_column": cap_col}
+
+
+def _folder_rows(folder: Path) -> list[_Row]:
+    """Images under ``folder`` (recursively, sorted) with their same-stem ``.txt`` captions."""
+    images = sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    if not images:
+        raise ValueError(
+            f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of image + "
+            "same-stem .txt pairs, or a .csv/.tsv/.jsonl table"
+        )
+    rows = []
+    for image in images:
+        txt = image.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
+        problem = None if caption is not None else ("missing_caption", f"no {txt.name}")
+        rows.append(_Row(str(image), (caption or "").strip(), problem))
+    return rows
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert to RGB, compositing transparent images onto white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def _process(row: _Row, resize_short_side: int | None, jpeg_quality: int) -> _Row:
+    """Check, and where needed resize and re-encode, one image (runs in pool workers)."""
+    if row.problem is None and not row.caption:
+        row.problem = ("empty_caption", "caption is empty")
+    if row.problem is not None:
+        return row
+    try:
+        data = Path(row.url).read_bytes()
+    except OSError as e:
+        row.problem = ("missing_image", e.strerror or type(e).__name__)
+        return row
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # structure check; load() below decodes the pixels
+        im = Image.open(io.BytesIO(data))
+        row.original_size = im.size
+        resize = resize_short_side is not None and min(im.size) > resize_short_side
+        upright = im.getexif().get(_EXIF_ORIENTATION, 1) == 1
+        if im.format == "JPEG" and not resize and upright and im.mode in ("RGB", "L"):
+            im.load()
+            row.jpg, row.size = data, im.size
+            return row
+        if resize:  # let the JPEG decoder skip detail the resize would throw away
+            scale = resize_short_side / min(im.size)
+            im.draft("RGB", (round(im.width * scale), round(im.height * scale)))
+        im = _to_rgb(ImageOps.exif_transpose(im))
+        if resize:
+            scale = resize_short_side / min(im.size)
+            target = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=jpeg_quality)
+        row.jpg, row.size = buf.getvalue(), im.size
+    except Exception as e:  # any decode failure means a corrupt image: skip it, never crash
+        row.problem = ("corrupt_image", f"{type(e).__name__}: {e}")
+    return row
+
+
+def _progress(enabled: bool, total: int | None) -> Any:
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    bar.add_task("building shards", total=total)
+    return bar
+
+
+def build_image_text_shards(
+    source: str | Path,
+    out: str | Path,
+    images_root: str | Path | None = None,
+    samples_per_shard: int = 10000,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    resize_short_side: int | None = None,
+    jpeg_quality: int = 95,
+    workers: int = 1,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> BuildReport:
+    """Write image-text pairs as img2dataset-compatible WebDataset shards plus ``index.json``.
+
+    Each sample is ``<key>.jpg``, ``<key>.txt`` and ``<key>.json`` (key, caption, url,
+    width, height, original_width, original_height, status), keys ``000000000``,
+    ``000000001`` ... in source order. An upright RGB/greyscale JPEG that needs no resize
+    is copied byte for byte after a full decode check; anything else is converted to RGB
+    (transparency onto white, EXIF orientation applied) and re-encoded as JPEG. A missing
+    or undecodable image, or an empty caption, is skipped, counted by reason in the
+    report and logged as a warning.
+
+    Args:
+        source: A ``.csv``/``.tsv`` file with a header row, a ``.jsonl`` file, or a folder of
+            images with same-stem ``.txt`` captions (searched recursively).
+        out: Output folder for the shards.
+        images_root: Folder that relative image paths in a table resolve against; default
+            the table's own folder.
+        samples_per_shard: Samples per ``.tar`` shard.
+        image_column: Table column with image paths; default the first of
+            :data:`IMAGE_COLUMNS` present.
+        caption_column: Table column with captions; default the first of
+            :data:`CAPTION_COLUMNS` present.
+        resize_short_side: Downscale images whose shorter side is larger than this (keeping
+            the aspect ratio); never upscales. None keeps sizes.
+        jpeg_quality: Quality for re-encoded JPEGs (1-100).
+        workers: Processes decoding and encoding images; 1 works in this process.
+        progress: Show a Rich progress bar on stderr.
+        overwrite: Replace shards already in ``out`` instead of failing.
+
+    Returns:
+        A :class:`BuildReport`.
+
+    Raises:
+        FileNotFoundError: ``source`` or ``images_root`` does not exist.
+        ValueError: Unsupported source, missing column, bad parameter, or ``out`` already
+            holds shards.
+
+    """
+    source, out = Path(source), Path(out)
+    _check_args(source, images_root, samples_per_shard, resize_short_side, jpeg_quality, workers)
+    prepare_out_dir(out, overwrite)
+    total: int | None = None
+    if source.is_dir():
+        folder_rows = _folder_rows(source)
+        rows: Iterator[_Row] = iter(folder_rows)
+        total, columns = len(folder_rows), {}
+    else:
+        root = Path(images_root) if images_root is not None else source.parent
+        rows, columns = _table_rows(source, root, image_column, caption_column)
+    params = {
+        "images_root": None if images_root is None else str(images_root),
+        **columns,
+        "samples_per_shard": samples_per_shard,
+        "resize_short_side": resize_short_side,
+        "jpeg_quality": jpeg_quality,
+    }
+    meta = {"kind": "image-text", "source": str(source.resolve()), "build": params}
+    report = BuildReport(out=str(out))
+    work = functools.partial(
+        _process, resize_short_side=resize_short_side, jpeg_quality=jpeg_quality
+    )
+    writer = ShardWriter(out, samples_per_shard, modalities=["image", "text"], meta=meta)
+    # The pool forks before the progress bar starts its refresh thread.
+    with (
+        multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool,
+        writer,
+        _progress(progress, total) as bar,
+    ):
+        for res in pool.imap(work, rows, chunksize=8) if pool else map(work, rows):
+            _record(report, writer, res)
+            if bar is not None:
+                bar.advance(bar.task_ids[0])
+        writer.index.meta["skipped"] = dict(report.skipped)
+    report.shards = [str(out / s.name) for s in writer.index.shards]
+    if report.skipped:
+        n = report.total_skipped
+        logger.warning("skipped %d of %d items from %s: %s", n, n + report.written, source,
+                       report.skipped)  # fmt: skip
+    return report
+
+
+def _check_args(
+    source: Path,
+    images_root: str | Path | None,
+    samples_per_shard: int,
+    resize_short_side: int | None,
+    jpeg_quality: int,
+    workers: int,
+) -> None:
+    if not source.exists():
+        raise FileNotFoundError(
+            f"{source} does not exist; give a .csv/.tsv/.jsonl file or a folder of "
+            "image + .txt pairs"
+        )
+    if source.is_file() and source.suffix.lower() not in TABLE_SUFFIXES:
+        raise ValueError(
+            f"{source}: unsupported source type {source.suffix!r}; give a "
+            f"{'/'.join(TABLE_SUFFIXES)} file or a folder of image + same-stem .txt pairs"
+        )
+    if images_root is not None and not Path(images_root).is_dir():
+        raise FileNotFoundError(f"images folder (--images) {images_root} does not exist")
+    short_ok = resize_short_side is None or resize_short_side >= 1
+    checks = [
+        ("samples_per_shard (--samples-per-shard)", samples_per_shard, samples_per_shard >= 1),
+        ("resize_short_side (--resize-short-side)", resize_short_side, short_ok),
+        ("jpeg_quality (1-100)", jpeg_quality, 1 <= jpeg_quality <= 100),
+        ("workers (--workers)", workers, workers >= 1),
+    ]  # fmt: skip
+    for name, value, ok in checks:
+        if not ok:
+            raise ValueError(f"{name} is out of range: got {value}")
+
+
+def _record(report: BuildReport, writer: ShardWriter, res: _Row) -> None:
+    """Write one processed item, or count and log it as skipped."""
+    if res.problem is not None:
+        reason, detail = res.problem
+        report.skipped[reason] = report.skipped.get(reason, 0) + 1
+        if len(report.skipped_examples) < MAX_EXAMPLES:
+            report.skipped_examples.append({"source": res.url, "reason": reason, "detail": detail})
+            logger.warning("skipping %s: %s (%s)", res.url, reason, detail)
+        return
+    key = f"{report.written:09d}"
+    (w, h), (ow, oh) = res.size, res.original_size
+    info = {"key": key, "caption": res.caption, "url": res.url, "width": w, "height": h,
+            "original_width": ow, "original_height": oh, "status": "success"}  # fmt: skip
+    writer.write({"__key__": key, "jpg": res.jpg, "txt": res.caption, "json": info})
+    report.written += 1
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool = False) -> None:
+    """Make sure ``out`` holds no shards from an earlier run, deleting them if ``overwrite``.
+
+    Raises:
+        ValueError: ``out`` already holds ``.tar`` files and ``overwrite`` is False.
+
+    """
+    out = Path(out)
+    existing = sorted(out.glob("*.tar")) if out.is_dir() else []
+    if existing and not overwrite:
+        raise ValueError(
+            f"{out} already holds {len(existing)} shard(s); choose an empty --out folder or "
+            "pass overwrite=True (--overwrite) to replace them"
+        )
+    for path in [*existing, out / INDEX_NAME] if existing else []:
+        path.unlink(missing_ok=True)
