@@ -16,7 +16,8 @@ class ImageTextBatch:
     training each image has exactly one caption, so ``text_to_image == arange(B)``.
 
     Attributes:
-        images: Float tensor (B, C, H, W), normalised pixels.
+        images: (B, C, H, W) uint8 pixels as produced by the workers; the datamodule turns them
+            into normalised float32 on the device (``on_after_batch_transfer``).
         text_tokens: Long tensor (M, L) of token ids, M >= B.
         text_to_image: Long tensor (M,), index into ``images`` for each caption.
         keys: The ``__key__`` of each image sample, length B.

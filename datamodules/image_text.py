@@ -1,0 +1,226 @@
+"""Image-text pairs from WebDataset shards (img2dataset / open_clip layout) as ImageTextBatch."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from mmpt.batch import ImageTextBatch
+from mmpt.datamodules.decode import decode_image, first_key, read_captions, read_field
+from mmpt.datamodules.streams import ShardStream, StreamConfig, make_loader
+from mmpt.datamodules.transforms import image_transform, normalize_images
+from mmpt.preprocess import ImagePreprocess, Preprocess, Tokenizer
+
+log = logging.getLogger("mmpt.data")
+
+
+@dataclass
+class SyntheticData:
+    """Generate a synthetic dataset into ``out`` when its shards are missing.
+
+    Attributes:
+        kind: Dataset kind, as in ``mmpt data synth --kind``.
+        out: Folder that receives ``train/`` and ``val/``.
+        train_samples: Training samples to render.
+        image_size: Rendered image size in pixels.
+        seed: Generator seed (the data is a pure function of it).
+    """
+
+    kind: str = "image-text"
+    out: str = "data/shapes"
+    train_samples: int = 6000
+    image_size: int = 64
+    seed: int = 0
+
+
+class ImageTextSample:
+    """Raw sample dict -> (image (C,H,W), captions, label, key). Picklable for workers."""
+
+    def __init__(
+        self,
+        transform: Any,
+        image_key: str,
+        text_key: str,
+        label_key: str | None,
+        all_captions: bool,
+        min_size: int,
+    ) -> None:
+        self.transform, self.image_key, self.text_key = transform, image_key, text_key
+        self.label_key, self.all_captions, self.min_size = label_key, all_captions, min_size
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[str], int, str]:
+        captions = read_captions(sample, self.text_key)
+        if not self.all_captions:
+            captions = [random.choice(captions)]
+        image = self.transform(
+            decode_image(sample[first_key(sample, self.image_key)], self.min_size)
+        )
+        label = -1
+        if self.label_key:
+            try:
+                label = int(read_field(sample, self.label_key))
+            except KeyError:
+                label = -1
+        return image, captions, label, sample["__key__"]
+
+
+class ImageTextCollate:
+    """Stack images and tokenize all captions of a batch in one call."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, items: list[tuple[torch.Tensor, list[str], int, str]]) -> ImageTextBatch:
+        texts = [c for _, caps, _, _ in items for c in caps]
+        owner = [i for i, (_, caps, _, _) in enumerate(items) for _ in caps]
+        return ImageTextBatch(
+            images=torch.stack([it[0] for it in items]),
+            text_tokens=self.tokenizer(texts),
+            text_to_image=torch.tensor(owner, dtype=torch.long),
+            keys=[it[3] for it in items],
+            labels=torch.tensor([it[2] for it in items], dtype=torch.long),
+        )
+
+
+class ImageTextDataModule(L.LightningDataModule):
+    """Image-text shards -> :class:`~mmpt.batch.ImageTextBatch`.
+
+    Args:
+        train: Training stream (sources, mixing, epoch size).
+        val: Validation stream; every caption of an image is kept when ``val_text_key`` lists
+            several (retrieval with several captions per image).
+        batch_size: Samples per batch per rank (the global batch is this x world size).
+        val_batch_size: Validation batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes (decode happens there).
+        image_key: Image extensions to look for, ``;``-separated.
+        text_key: Caption field: ``txt`` or ``json:<field>``; alternatives ``;``-separated.
+        val_text_key: Caption field for validation (e.g. ``json:captions``); default text_key.
+        label_key: Class id field for zero-shot classification, None for none.
+        seed: Base seed of shard order, shuffles and resampling.
+        synthetic: Generate this synthetic set first when ``train``'s shards are missing.
+        preprocess: Filled by the CLI from the model (image size, normalisation, tokenizer).
+    """
+
+    def __init__(
+        self,
+        train: StreamConfig | None = None,
+        val: StreamConfig | None = None,
+        batch_size: int = 256,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        image_key: str = "jpg;jpeg;png;webp",
+        text_key: str = "txt;json:caption",
+        val_text_key: str | None = None,
+        label_key: str | None = "json:label",
+        seed: int = 0,
+        synthetic: SyntheticData | None = None,
+        preprocess: Preprocess | None = None,
+    ) -> None:
+        super().__init__()
+        self.train_cfg, self.val_cfg = train, val
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
+        self.val_text_key = val_text_key or text_key
+        self.synthetic = synthetic
+        self.preprocess = preprocess
+        self.train_stream: ShardStream | None = None
+        self.val_stream: ShardStream | None = None
+        self.val_meta: dict = {}
+
+    def prepare_data(self) -> None:
+        """Render the synthetic set (rank 0 only) if it is configured and missing."""
+        if self.synthetic is None or (Path(self.synthetic.out) / "train" / "index.json").exists():
+            return
+        from mmpt.synth import make_synthetic
+
+        log.info(
+            "synthetic data missing: generating %s into %s", self.synthetic.kind, self.synthetic.out
+        )
+        make_synthetic(
+            self.synthetic.kind,
+            self.synthetic.out,
+            train_samples=self.synthetic.train_samples,
+            image_size=self.synthetic.image_size,
+            seed=self.synthetic.seed,
+        )
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "_trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
+        """Build the stream of one split (also used by ``mmpt eval`` on arbitrary shards)."""
+        pre = self.preprocess or Preprocess()
+        if pre.tokenizer is None or pre.image is None:
+            raise ValueError(
+                "the model gives no tokenizer/image preprocessing: ImageTextDataModule needs a "
+                "model with an image and a text tower (data.preprocess is linked from the model)"
+            )
+        image_pre: ImagePreprocess = pre.image
+        sample_fn = ImageTextSample(
+            transform=image_transform(image_pre, train=train),
+            image_key=self.image_key,
+            text_key=self.text_key if train else self.val_text_key,
+            label_key=self.label_key,
+            all_captions=not train,
+            min_size=image_pre.size,
+        )
+        rank, world = self._world()
+        return ShardStream(
+            config.sources(field),
+            config,
+            sample_fn,
+            ImageTextCollate(pre.tokenizer),
+            batch_size=self.batch_size if train else self.val_batch_size,
+            partial=not train,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve and check every source (missing shards fail here, before training)."""
+        if stage in (None, "fit") and self.train_cfg is not None:
+            self.train_stream = self.stream(self.train_cfg, train=True, field="data.train")
+        if stage in (None, "fit", "validate") and self.val_cfg is not None:
+            self.val_stream = self.stream(self.val_cfg, train=False, field="data.val")
+            self.val_meta = self.val_stream.sources[0].meta
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the model at each training epoch start (shard order, shuffles)."""
+        if self.train_stream is not None:
+            self.train_stream.set_epoch(epoch)
+
+    def on_after_batch_transfer(self, batch: ImageTextBatch, dataloader_idx: int) -> ImageTextBatch:
+        """Normalise the uint8 images on the device (once per batch)."""
+        return self.normalize(batch)
+
+    def normalize(self, batch: ImageTextBatch) -> ImageTextBatch:
+        """uint8 images -> normalised float, with the model's mean and std."""
+        pre = (self.preprocess or Preprocess()).image or ImagePreprocess()
+        batch.images = normalize_images(batch.images, pre.mean, pre.std)
+        return batch
+
+    def _pin(self) -> bool:
+        return torch.cuda.is_available()
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        """Training batches; errors if no ``data.train`` is configured."""
+        if self.train_stream is None:
+            raise ValueError("no training data: set data.train.urls (or data.synthetic)")
+        return make_loader(self.train_stream, self.num_workers, self._pin())
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
+        """Validation batches (all captions per image), or none."""
+        if self.val_stream is None:
+            return []
+        return make_loader(self.val_stream, self.num_workers, self._pin())

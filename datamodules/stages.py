@@ -1,0 +1,177 @@
+"""Small pipeline stages: shard order and splitting, weighted mixing, shuffling, skip counting."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch.utils.data
+
+from mmpt.datamodules.urls import open_url
+
+log = logging.getLogger("mmpt.data")
+
+
+class SharedEpoch:
+    """An epoch counter shared with (persistent) DataLoader worker processes."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        """Set the epoch seen by every worker from its next iteration on."""
+        self._value.value = epoch
+
+    def get(self) -> int:
+        """The current epoch."""
+        return int(self._value.value)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where this iterator runs: distributed rank and DataLoader worker."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+    @classmethod
+    def current(cls, rank: int, world_size: int) -> Slot:
+        """The slot of the calling process (worker info from torch's DataLoader)."""
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return cls(rank, world_size, 0, 1)
+        return cls(rank, world_size, info.id, info.num_workers)
+
+    def seed(self, base: int, epoch: int) -> int:
+        """A seed unique to (base, epoch, rank, worker)."""
+        return hash((base, epoch, self.rank, self.worker)) & 0x7FFFFFFF
+
+
+def split_shards(urls: Sequence[str], slot: Slot, seed: int | None, epoch: int) -> list[str]:
+    """The shards one (rank, worker) reads in a plain (non-resampled) pass.
+
+    Shards are shuffled with ``seed + epoch`` (the same order on every rank), split by node
+    (rank), then by worker, so the union over all slots is every shard exactly once.
+
+    Args:
+        urls: All shards of the source.
+        slot: The caller's rank and worker.
+        seed: Shuffle seed; None keeps the given order.
+        epoch: Current epoch (changes the shuffle).
+    """
+    order = list(urls)
+    if seed is not None:
+        random.Random(seed + epoch).shuffle(order)
+    per_rank = order[slot.rank :: slot.world_size]
+    return per_rank[slot.worker :: slot.num_workers]
+
+
+class SkipCounter:
+    """Counts samples dropped as corrupt or incomplete in this process and logs a few of them.
+
+    Used as a webdataset-style exception handler (returns True: continue).
+    """
+
+    def __init__(self, log_first: int = 10) -> None:
+        self.total = 0
+        self._pending = 0
+        self._log_first = log_first
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.total += 1
+        self._pending += 1
+        if self.total <= self._log_first or self.total % 1000 == 0:
+            log.warning("skipped sample #%d: %s: %s", self.total, type(exn).__name__, exn)
+        return True
+
+    def take(self) -> int:
+        """Skips since the previous call (attached to the next batch)."""
+        n, self._pending = self._pending, 0
+        return n
+
+
+def read_shards(urls: Iterable[str], handler: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Open each shard and yield its samples (dicts keyed by extension, plus ``__key__``).
+
+    A shard that cannot be opened or is truncated counts as one skip and reading goes on.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def opened() -> Iterator[dict[str, Any]]:
+        for url in urls:
+            try:
+                yield {"url": url, "stream": open_url(url)}
+            except Exception as e:  # noqa: BLE001 - any open failure is a counted skip
+                handler(OSError(f"cannot open shard {url!r}: {e}"))
+
+    for sample in group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler):
+        yield sample
+
+
+def resampled_urls(urls: Sequence[str], rng: random.Random) -> Iterator[str]:
+    """Endless stream of shards drawn with replacement."""
+    while True:
+        yield urls[rng.randrange(len(urls))]
+
+
+def mix(streams: list[Iterator[Any]], weights: Sequence[float], rng: random.Random) -> Iterator:
+    """Interleave endless streams, drawing each item's source with probability ~ weight."""
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    total = float(sum(weights))
+    cum = [sum(weights[: i + 1]) / total for i in range(len(weights))]
+    while True:
+        r = rng.random()
+        i = next(k for k, c in enumerate(cum) if r < c) if r < cum[-1] else len(cum) - 1
+        yield next(streams[i])
+
+
+def shuffle(data: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Reservoir shuffle with a buffer of ``bufsize`` items (0 or 1: pass through)."""
+    if bufsize <= 1:
+        yield from data
+        return
+    buf: list[Any] = []
+    for item in data:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        j = rng.randrange(bufsize)
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def map_skipping(
+    data: Iterable[dict[str, Any]], fn: Callable[[dict[str, Any]], Any], handler: SkipCounter
+) -> Iterator[Any]:
+    """Apply ``fn`` to every sample; a sample whose ``fn`` raises is skipped and counted."""
+    for sample in data:
+        try:
+            out = fn(sample)
+        except Exception as e:  # noqa: BLE001 - every per-sample failure is a counted skip
+            key = sample.get("__key__", "?")
+            url = sample.get("__url__", "?")
+            handler(type(e)(f"{e} (sample {key!r} in {url})"))
+            continue
+        yield out
+
+
+def batched(data: Iterable[Any], batch_size: int, partial: bool) -> Iterator[list[Any]]:
+    """Group items into lists of ``batch_size``; the last short one is kept if ``partial``."""
+    batch: list[Any] = []
+    for item in data:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch and partial:
+        yield batch

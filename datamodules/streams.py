@@ -1,0 +1,192 @@
+"""A WebDataset stream over one or more shard sources, for any modality.
+
+Plain mode reads every shard once an epoch: shard ``i`` always belongs to rank ``i % W`` and,
+within the rank, to worker ``j % N`` (its position in the rank's list), so each epoch is an
+exact partition with known batch counts; only the order of a worker's shards and the sample
+shuffle buffer change with the epoch. Resampled mode draws shards with replacement from
+several weighted sources and mixes them per sample, for a fixed number of samples an epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch.utils.data
+
+from mmpt.datamodules.stages import (
+    SharedEpoch,
+    SkipCounter,
+    Slot,
+    batched,
+    map_skipping,
+    mix,
+    read_shards,
+    resampled_urls,
+    shuffle,
+    split_shards,
+)
+from mmpt.datamodules.urls import ResolvedSource, resolve_source
+
+
+@dataclass
+class StreamConfig:
+    """Where a split's samples come from and how they are drawn.
+
+    Attributes:
+        urls: One source (folder, file, glob, brace pattern, ``pipe:`` or fsspec URL), or a list
+            of sources (mixed by ``weights`` when resampled, concatenated otherwise).
+        weights: One weight per source; needs ``resampled: true``.
+        resampled: Draw shards with replacement (endless; needs ``epoch_samples``).
+        epoch_samples: Samples per epoch over all ranks (resampled mode).
+        shuffle_buffer: Sample shuffle buffer per worker (0: keep order).
+        shuffle_shards: Shuffle each worker's shard order every epoch.
+    """
+
+    urls: str | list[str]
+    weights: list[float] | None = None
+    resampled: bool = False
+    epoch_samples: int | None = None
+    shuffle_buffer: int = 1000
+    shuffle_shards: bool = True
+
+    def sources(self, field: str) -> list[ResolvedSource]:
+        """Resolve and check every source (errors name ``field``)."""
+        specs = [self.urls] if isinstance(self.urls, str) else list(self.urls)
+        if not specs:
+            raise ValueError(f"{field}.urls is empty: give at least one shard source")
+        if self.weights is not None:
+            if len(self.weights) != len(specs):
+                raise ValueError(
+                    f"{field}.weights has {len(self.weights)} entries for {len(specs)} sources"
+                )
+            if not self.resampled:
+                raise ValueError(f"{field}.weights needs {field}.resampled: true")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError(f"{field}.weights must be >= 0 with a positive sum")
+        if self.resampled and not self.epoch_samples:
+            raise ValueError(f"{field}.resampled: true needs {field}.epoch_samples (an epoch size)")
+        return [resolve_source(s, f"{field}.urls") for s in specs]
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Yields collated batches; each batch carries the count of samples skipped before it.
+
+    Args:
+        sources: Resolved shard sources.
+        config: How to draw from them.
+        sample_fn: Raw sample dict -> decoded item; raising skips (and counts) the sample.
+        collate_fn: List of items -> batch object with an int attribute ``skipped``.
+        batch_size: Items per batch (per rank).
+        partial: Keep a last short batch.
+        seed: Base seed for every random choice.
+        rank: Distributed rank of this process.
+        world_size: Number of ranks.
+        num_workers: DataLoader workers that will iterate this stream (for the length).
+    """
+
+    def __init__(
+        self,
+        sources: list[ResolvedSource],
+        config: StreamConfig,
+        sample_fn: Callable[[dict[str, Any]], Any],
+        collate_fn: Callable[[list[Any]], Any],
+        batch_size: int,
+        partial: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.sources, self.config = sources, config
+        self.sample_fn, self.collate_fn = sample_fn, collate_fn
+        self.batch_size, self.partial, self.seed = batch_size, partial, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.epoch = SharedEpoch()
+        self.urls = [u for s in sources for u in s.urls]
+        counts = [s.counts for s in sources]
+        self.counts = None if any(c is None for c in counts) else [n for c in counts for n in c]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Advance the epoch (changes shard order and shuffles; seen by persistent workers)."""
+        self.epoch.set(epoch)
+
+    def shards_for(self, slot: Slot) -> list[int]:
+        """Indices into ``self.urls`` that ``slot`` reads in plain mode (fixed over epochs)."""
+        idx = list(range(len(self.urls)))
+        return split_shards(idx, slot, seed=None, epoch=0)
+
+    def batches_for(self, rank: int) -> int | None:
+        """Batches rank ``rank`` yields in one epoch, when sample counts are known."""
+        if self.config.resampled:
+            per_worker = self.config.epoch_samples // (self.world_size * self.batch_size)
+            return max(1, per_worker // self.num_workers) * self.num_workers
+        if self.counts is None:
+            return None
+        total = 0
+        for w in range(self.num_workers):
+            n = sum(
+                self.counts[i]
+                for i in self.shards_for(Slot(rank, self.world_size, w, self.num_workers))
+            )
+            total += math.ceil(n / self.batch_size) if self.partial else n // self.batch_size
+        return total
+
+    def __len__(self) -> int:
+        n = self.batches_for(self.rank)
+        if n is None:
+            raise TypeError("length unknown: the shards have no index.json with sample counts")
+        return n
+
+    def __iter__(self) -> Iterator[Any]:
+        slot = Slot.current(self.rank, self.world_size)
+        epoch = self.epoch.get()
+        counter = SkipCounter()
+        rng = random.Random(slot.seed(self.seed, epoch))
+        cfg = self.config
+        limit = None
+        if cfg.resampled:
+            limit = self.batches_for(self.rank) // self.num_workers
+            streams = [
+                read_shards(resampled_urls(s.urls, random.Random(rng.random())), counter)
+                for s in self.sources
+            ]
+            samples = mix(streams, cfg.weights or [1.0] * len(streams), rng)
+        else:
+            mine = [self.urls[i] for i in self.shards_for(slot)]
+            if cfg.shuffle_shards:
+                rng.shuffle(mine)
+            samples = read_shards(mine, counter)
+        samples = shuffle(samples, cfg.shuffle_buffer, rng)
+        items = map_skipping(samples, self.sample_fn, counter)
+        for i, items_batch in enumerate(batched(items, self.batch_size, self.partial)):
+            if limit is not None and i >= limit:
+                return
+            batch = self.collate_fn(items_batch)
+            batch.skipped = counter.take()
+            yield batch
+
+
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False):
+    """A DataLoader over a stream that yields whole batches (``batch_size=None``).
+
+    In plain mode it never starts more workers than the rank has shards (idle workers would
+    only cost memory), and the stream's length is computed for the worker count used.
+    """
+    if not stream.config.resampled:
+        shards_here = len(stream.urls[stream.rank :: stream.world_size])
+        num_workers = min(num_workers, shards_here)
+    stream.num_workers = max(1, num_workers)
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )

@@ -1,0 +1,61 @@
+"""Test helpers: tiny shard folders made on the fly, tiny model configs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmpt.shards import ShardWriter
+
+
+def jpeg_bytes(seed: int, size: int = 24) -> bytes:
+    """A small random JPEG."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_shards(
+    out: Path, n: int, per_shard: int, prefix: str = "shard", start: int = 0, tag: str = ""
+) -> Path:
+    """``n`` image-text samples (keys ``{tag}{i:06d}``) in shards of ``per_shard``."""
+    with ShardWriter(
+        out, samples_per_shard=per_shard, prefix=prefix, modalities=["image", "text"]
+    ) as w:
+        for i in range(start, start + n):
+            w.write(
+                {
+                    "__key__": f"{tag}{i:06d}",
+                    "jpg": jpeg_bytes(i),
+                    "txt": f"caption {tag}{i}",
+                    "json": {
+                        "captions": [f"caption {tag}{i}", f"another {tag}{i}"],
+                        "label": i % 3,
+                    },
+                }
+            )
+    return out
+
+
+TINY_VISION = {
+    "class_path": "mmpt.models.encoders.TimmVisionTower",
+    "init_args": {
+        "model_name": "vit_tiny_patch16_224",
+        "image_size": 32,
+        "embed_dim": 16,
+        "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    },
+}
+TINY_TEXT = {
+    "class_path": "mmpt.models.encoders.OpenCLIPTextTower",
+    "init_args": {
+        "model_name": "ViT-B-16",
+        "embed_dim": 16,
+        "text_cfg": {"context_length": 12, "width": 32, "heads": 2, "layers": 1},
+    },
+}
