@@ -1,0 +1,242 @@
+"""open_clip image tower (ViT, ModifiedResNet or timm trunk) built from an open_clip config."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.model import _build_vision_tower, resize_pos_embed
+from torch import nn
+
+from mmpt.preprocess import ImagePreprocess
+
+from .timm_vit import resolve_checkpoint_file
+
+log = logging.getLogger(__name__)
+
+VISION_FLAG = "--model.init_args.vision.init_args.pretrained"
+
+
+def open_clip_model_cfg(model_name: str) -> dict[str, Any]:
+    """Return a copy of an open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``).
+
+    Args:
+        model_name: A built-in open_clip name (``ViT-B-16``) or ``local-dir:/folder`` holding
+            an ``open_clip_config.json``.
+
+    Raises:
+        ValueError: For ``hf-hub:`` names (they download) and unknown names.
+        FileNotFoundError: When a ``local-dir:`` folder has no ``open_clip_config.json``.
+
+    """
+    if model_name.startswith("hf-hub:"):
+        raise ValueError(
+            f"model_name {model_name!r} needs the network. Download the repo "
+            f"(`hf download {model_name[7:]} --local-dir DIR`) and use model_name 'local-dir:DIR' "
+            "with pretrained DIR."
+        )
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(
+            f"Unknown open_clip model_name {model_name!r}; choose one of open_clip.list_models() "
+            f"(e.g. {', '.join(open_clip.list_models()[:5])}, ...) or 'local-dir:/folder'."
+        )
+    return cfg
+
+
+def _mean_std(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std every pretrained tag of ``model_name`` agrees on, else OpenAI's CLIP values."""
+    name = model_name.removeprefix("local-dir:")
+    if name != model_name:
+        import json
+
+        with open(os.path.join(name, "open_clip_config.json"), encoding="utf-8") as f:
+            pp = json.load(f).get("preprocess_cfg", {})
+        return tuple(pp.get("mean", open_clip.OPENAI_DATASET_MEAN)), tuple(
+            pp.get("std", open_clip.OPENAI_DATASET_STD)
+        )
+    pairs = {
+        (tuple(c["mean"]), tuple(c["std"]))
+        for tag in open_clip.list_pretrained_tags_by_model(model_name)
+        if "mean" in (c := open_clip.get_pretrained_cfg(model_name, tag)) and "std" in c
+    }
+    if len(pairs) == 1:
+        return pairs.pop()
+    return tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
+
+
+def resolve_open_clip_checkpoint(model_name: str, pretrained: str, flag: str) -> str:
+    """Resolve ``pretrained`` to a local file, with a clear error for an open_clip tag.
+
+    Args:
+        model_name: open_clip model name the weights are for.
+        pretrained: Local file or folder, or (an error) an open_clip pretrained tag.
+        flag: The command-line flag that sets ``pretrained``, quoted in errors.
+
+    Raises:
+        ValueError: ``pretrained`` is an open_clip tag, which cannot be downloaded offline.
+        FileNotFoundError: ``pretrained`` is not an existing file or folder.
+
+    """
+    if not os.path.exists(pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+        if tag_cfg:
+            where = (
+                f"`hf download {tag_cfg['hf_hub'].rstrip('/')} --local-dir DIR`"
+                if tag_cfg.get("hf_hub")
+                else tag_cfg.get("url", "the open_clip release page")
+            )
+            raise ValueError(
+                f"pretrained={pretrained!r} is an open_clip tag for {model_name}; tags are "
+                f"downloaded, and mmpt never downloads. Fetch the weights on a machine with "
+                f"internet ({where}) and set {flag} /path/to/open_clip_model.safetensors."
+            )
+    return resolve_checkpoint_file(pretrained, flag)
+
+
+def load_open_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Load an open_clip checkpoint (safetensors, torch, ``state_dict`` wrapper, DDP prefix)."""
+    if path.endswith((".npz", ".npy")):
+        raise ValueError(f"{path}: big_vision .npz weights are not supported; convert them first.")
+    return dict(open_clip.factory.load_state_dict(path))
+
+
+def load_tower_state(
+    tower: nn.Module,
+    state: dict[str, torch.Tensor],
+    head_keys: tuple[str, ...],
+    source: str,
+    flag: str,
+) -> None:
+    """Load ``state`` into ``tower`` strictly, except for a projection head that changed shape.
+
+    Args:
+        tower: The open_clip tower module.
+        state: Its state dict, with tower-relative key names.
+        head_keys: Key names or prefixes of the projection head (re-initialised on mismatch).
+        source: Checkpoint path, for messages.
+        flag: The command-line flag that sets the checkpoint, for messages.
+
+    Raises:
+        ValueError: Missing, unexpected or mis-shaped keys outside the projection head.
+
+    """
+    own = tower.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    new_head = [k for k in mismatched if any(k == h or k.startswith(h + ".") for h in head_keys)]
+    if new_head:
+        log.warning("%s: new projection head, not loaded: %s", source, new_head)
+    state = {k: v for k, v in state.items() if k not in new_head}
+    missing = [k for k in own if k not in state and k not in new_head]
+    unexpected = [k for k in state if k not in own]
+    bad_shape = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in mismatched
+        if k not in new_head
+    ]
+    if missing or unexpected or bad_shape:
+        raise ValueError(
+            f"Checkpoint {source!r} does not fit the {type(tower).__name__} built from the config: "
+            f"missing {missing[:10]}, unexpected {unexpected[:10]}, shape mismatch {bad_shape[:5]}."
+            f" Check model_name and the cfg overrides against the checkpoint, or fix {flag}."
+        )
+    state.update({k: own[k] for k in new_head})  # keep the freshly initialised head
+    tower.load_state_dict(state, strict=True)
+
+
+class OpenCLIPVisionTower(nn.Module):
+    """An open_clip image encoder, loadable from a full CLIP checkpoint or a vision-only one.
+
+    The module is built by ``open_clip.model._build_vision_tower`` (private but stable since
+    open_clip 2.x): the exact function open_clip's ``CLIP`` uses for ``.visual``, so parameter
+    names match open_clip checkpoints with the ``visual.`` prefix stripped.
+
+    Attributes:
+        visual: The open_clip image encoder; ``visual(images)`` returns (B, embed_dim).
+        output_dim: Projection width.
+        image_preprocess: Input size from the config, mean/std of its pretrained tags.
+
+    """
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-16",
+        embed_dim: int | None = None,
+        pretrained: str | None = None,
+        vision_cfg: dict | None = None,
+    ) -> None:
+        """Build the tower and optionally load local weights.
+
+        Args:
+            model_name: open_clip config name (``open_clip.list_models()``) or
+                ``local-dir:/folder`` with an ``open_clip_config.json``.
+            embed_dim: Projection width; None keeps the config's ``embed_dim``. A different value
+                gives a new (randomly initialised) projection when loading weights.
+            pretrained: Local open_clip checkpoint file/folder: a full CLIP state dict
+                (``visual.*`` keys are used) or a vision-only state dict. None: random init.
+            vision_cfg: Overrides merged into the config's ``vision_cfg`` (``CLIPVisionCfg``
+                fields: ``layers``, ``width``, ``image_size``, ``patch_dropout`` ...).
+
+        Raises:
+            FileNotFoundError: When ``pretrained`` does not exist.
+            ValueError: For an open_clip tag as ``pretrained`` or a checkpoint that does not fit.
+
+        """
+        super().__init__()
+        cfg = open_clip_model_cfg(model_name)
+        file = (
+            resolve_open_clip_checkpoint(model_name, pretrained, VISION_FLAG)
+            if pretrained is not None
+            else None
+        )
+        vcfg = {**cfg["vision_cfg"], **(vision_cfg or {})}
+        if vcfg.get("timm_model_pretrained"):
+            raise ValueError(
+                "vision_cfg.timm_model_pretrained=True would download timm weights; set it to "
+                f"false and load the whole tower with {VISION_FLAG}."
+            )
+        self.output_dim = int(embed_dim if embed_dim is not None else cfg["embed_dim"])
+        self.visual = _build_vision_tower(
+            self.output_dim, vcfg, quick_gelu=bool(cfg.get("quick_gelu", False))
+        )
+        size = vcfg.get("image_size", 224)
+        if isinstance(size, (list, tuple)):
+            if len(set(size)) != 1:
+                raise ValueError(f"vision_cfg.image_size must be square, got {size}")
+            size = size[0]
+        mean, std = _mean_std(model_name)
+        self.image_preprocess = ImagePreprocess(size=int(size), mean=mean, std=std, channels=3)
+        if file is not None:
+            self._load(file)
+
+    def _load(self, file: str) -> None:
+        state = load_open_clip_state_dict(file)
+        if any(k.startswith("visual.") for k in state):
+            state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        # open_clip's own grid resize of the position embedding (checkpoint at another size).
+        prefixed = {f"visual.{k}": v for k, v in state.items()}
+        resize_pos_embed(prefixed, SimpleNamespace(visual=self.visual))
+        state = {k[len("visual.") :]: v for k, v in prefixed.items()}
+        head = ("proj", "head", "attnpool.c_proj")  # ViT, timm trunk, ModifiedResNet
+        load_tower_state(self.visual, state, head, file, VISION_FLAG)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode images.
+
+        Args:
+            images: (B, 3, H, W) normalised pixels.
+
+        Returns:
+            (B, embed_dim) pooled and projected features, not normalised.
+
+        """
+        out = self.visual(images)
+        return out[0] if isinstance(out, tuple) else out
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing of the transformer blocks on or off."""
+        self.visual.set_grad_checkpointing(enable)
