@@ -1,0 +1,110 @@
+"""CLIP-style dual-encoder pretraining (InfoNCE or SigLIP) of an image tower and a text tower."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from mmpt.batch import ImageTextBatch
+from mmpt.models.losses import ClipLoss
+from mmpt.models.module import MMPTModule
+from mmpt.models.schedules import Schedule
+from mmpt.preprocess import Preprocess
+
+
+class ContrastiveModule(MMPTModule):
+    """A vision tower and a text tower trained to agree on matching pairs.
+
+    Args:
+        vision: Image tower: ``(B, C, H, W) -> (B, D)``, with ``image_preprocess``.
+        text: Text tower: ``(B, L) -> (B, D)``, with ``tokenizer``.
+        loss: ``ClipLoss`` (default) or ``SigLipLoss``; owns the logit scale (and bias).
+        optimizer: See :class:`~mmpt.models.module.MMPTModule`.
+        lr_schedule: See :class:`~mmpt.models.module.MMPTModule`.
+        freeze: Patterns to freeze, e.g. ``["vision.*"]`` for LiT (locked image tuning).
+        trainable: Patterns that alone train.
+        init_from: Checkpoint to initialise from.
+    """
+
+    def __init__(
+        self,
+        vision: nn.Module,
+        text: nn.Module,
+        loss: nn.Module | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: Schedule | None = None,
+        freeze: list[str] | None = None,
+        trainable: list[str] | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from)
+        self.vision, self.text = vision, text
+        self.loss = loss if loss is not None else ClipLoss()
+        if vision.output_dim != text.output_dim:
+            raise ValueError(
+                f"vision tower embeds to {vision.output_dim} but text tower to "
+                f"{text.output_dim}: set the same embed_dim on both"
+            )
+        self._skipped_total = 0
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """Image preprocessing of the vision tower and the text tower's tokenizer."""
+        return Preprocess(image=self.vision.image_preprocess, tokenizer=self.text.tokenizer)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings: (B, C, H, W) -> (B, D)."""
+        return F.normalize(self.vision(images), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings: (M, L) -> (M, D)."""
+        return F.normalize(self.text(tokens), dim=-1)
+
+    def forward(self, batch: ImageTextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of the batch's images (B, D) and captions (M, D)."""
+        return self.encode_image(batch.images), self.encode_text(batch.text_tokens)
+
+    def _pair_loss(
+        self, img: torch.Tensor, txt: torch.Tensor, batch: ImageTextBatch, gather: bool = True
+    ) -> torch.Tensor:
+        if txt.shape[0] != img.shape[0]:  # several captions per image: use each image's first
+            first = torch.zeros(img.shape[0], dtype=torch.long, device=txt.device)
+            first.scatter_reduce_(
+                0,
+                batch.text_to_image,
+                torch.arange(txt.shape[0], device=txt.device),
+                "amin",
+                include_self=False,
+            )
+            txt = txt[first]
+        return self.loss(img, txt, gather=gather)
+
+    def training_step(self, batch: ImageTextBatch, batch_idx: int) -> torch.Tensor:
+        """Contrastive loss on one batch; logs loss, logit scale and skipped samples."""
+        img, txt = self(batch)
+        loss = self._pair_loss(img, txt, batch)
+        bs = len(batch)
+        self._skipped_total += batch.skipped
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/logit_scale", self.loss.scale, batch_size=bs)
+        self.log("data/skipped", float(self._skipped_total), batch_size=bs)
+        return loss
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        """Clamp the logit scale after every optimizer step (CLIP: at most ln 100)."""
+        self.loss.clamp_()
+
+    def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Rank-local validation loss (no collective: ranks may hold different batch sizes);
+        returns the embeddings for the zero-shot evaluation callback."""
+        img, txt = self(batch)
+        loss = self._pair_loss(img, txt, batch, gather=False)
+        self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
+        return {
+            "image_emb": img.detach(),
+            "text_emb": txt.detach(),
+            "text_to_image": batch.text_to_image,
+            "labels": batch.labels if batch.labels is not None else torch.full((len(batch),), -1),
+        }

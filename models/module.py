@@ -1,0 +1,132 @@
+"""Base LightningModule: optimizer groups, LR schedule, freezing by pattern, init_from."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from mmpt.models.schedules import Schedule, WarmupCosine
+
+log = logging.getLogger("mmpt.models")
+
+NO_DECAY_NAMES = ("bias", "logit_scale", "logit_bias", "norm", "ln_", ".ln", "bn")
+
+
+class MMPTModule(L.LightningModule):
+    """Shared behaviour of every mmpt training family.
+
+    Args:
+        optimizer: Optimizer factory (``class_path: torch.optim.AdamW`` + ``init_args`` in YAML).
+            Weight decay applies to matrices only, never to biases, norms or logit scales.
+        lr_schedule: LR multiplier per step; the total comes from the Trainer.
+        freeze: Parameter-name patterns (fnmatch, e.g. ``vision.*``) to freeze.
+        trainable: If given, ONLY parameters matching these patterns train (applied before
+            ``freeze``). Stages differ by these two lists in YAML.
+        init_from: A checkpoint (Lightning ``.ckpt`` or a state dict file) whose matching
+            weights initialise this model, e.g. the previous stage's ``last.ckpt``.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_schedule: Schedule | None = None,
+        freeze: list[str] | None = None,
+        trainable: list[str] | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.lr_schedule = lr_schedule or WarmupCosine()
+        self.freeze_patterns = list(freeze or [])
+        self.trainable_patterns = list(trainable) if trainable is not None else None
+        self.init_from = init_from
+
+    def configure_model(self) -> None:
+        """Apply ``init_from`` and the freeze/trainable lists once the model exists."""
+        if getattr(self, "_mmpt_configured", False):
+            return
+        self._mmpt_configured = True
+        if self.init_from:
+            load_matching(self, self.init_from)
+        apply_trainable(self, self.trainable_patterns, self.freeze_patterns)
+
+    def on_train_epoch_start(self) -> None:
+        """Tell the datamodule the epoch (shard order and shuffles follow it)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "set_epoch"):
+            dm.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self) -> dict:
+        """Optimizer over trainable parameters (decay/no-decay groups) + per-step schedule."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES)
+            (no_decay if skip else decay).append(p)
+        if not decay and not no_decay:
+            raise ValueError("no trainable parameters: check model.trainable / model.freeze")
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = self.optimizer_factory([g for g in groups if g["params"]])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: self.lr_schedule.factor(step, total)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def apply_trainable(model: nn.Module, trainable: list[str] | None, freeze: list[str]) -> None:
+    """Set ``requires_grad`` from pattern lists and log what trains.
+
+    Raises:
+        ValueError: A pattern matches no parameter (a typo would otherwise train everything).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in [*(trainable or []), *freeze]:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(f"pattern {pattern!r} in model.trainable/freeze matches no parameter")
+    for name, p in model.named_parameters():
+        train = trainable is None or any(fnmatch.fnmatch(name, pat) for pat in trainable)
+        p.requires_grad_(train and not any(fnmatch.fnmatch(name, pat) for pat in freeze))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %s / %s", f"{n_train:,}", f"{n_all:,}")
+
+
+def load_matching(model: nn.Module, path: str) -> tuple[list[str], list[str]]:
+    """Load the weights of ``path`` that match ``model`` by name and shape.
+
+    Returns:
+        (missing, unexpected): model keys not found in the file, file keys not used.
+
+    Raises:
+        FileNotFoundError: No such file (names the ``model.init_from`` flag).
+        ValueError: Nothing in the file matches the model.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.init_from: no checkpoint at {path!r}")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"model.init_from={path!r}: no parameter matches this model by name")
+    bad_shape = [k for k in state if k in own and own[k].shape != state[k].shape]
+    model.load_state_dict(usable, strict=False)
+    missing = [k for k in own if k not in usable]
+    unexpected = [k for k in state if k not in own] + bad_shape
+    log.info(
+        "init_from %s: loaded %d tensors, %d missing, %d unexpected/mismatched%s",
+        path,
+        len(usable),
+        len(missing),
+        len(unexpected),
+        f" (shape mismatch: {bad_shape[:5]})" if bad_shape else "",
+    )
+    return missing, unexpected
