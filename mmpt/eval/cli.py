@@ -1,0 +1,180 @@
+"""``mmpt eval {retrieval,zeroshot}``: evaluate a checkpoint on shards, write JSON + PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mmpt.eval.callback import write_reports
+from mmpt.eval.embed import EmbeddingAccumulator, evaluate
+from mmpt.eval.report import print_metrics
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmpt eval", description=__doc__)
+    sub = p.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot}")
+    for task, help_ in (
+        ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
+        ("zeroshot", "zero-shot classification with prompt ensembling: top-1/5, per-class recall"),
+    ):
+        s = sub.add_parser(task, help=help_, description=help_)
+        s.add_argument(
+            "-c",
+            "--config",
+            action="append",
+            required=True,
+            help="the training config(s) the checkpoint was made with (compose like fit)",
+        )
+        s.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) to evaluate")
+        s.add_argument(
+            "--data", required=True, help="evaluation shards: folder, file, pattern or URL"
+        )
+        s.add_argument("--out", default=None, help="report folder (default: <ckpt folder>/eval)")
+        s.add_argument("--batch-size", type=int, default=256)
+        s.add_argument("--num-workers", type=int, default=2)
+        s.add_argument(
+            "--text-key",
+            default=None,
+            help="caption field, e.g. 'json:captions' (default: data.val_text_key)",
+        )
+        s.add_argument("--classnames", default=None, help="text file, one class name a line")
+        s.add_argument("--templates", default=None, help="text file, one prompt template a line")
+        s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mmpt eval``; returns an exit code (2 for bad input)."""
+    args, overrides = _parser().parse_known_args(argv)
+    try:
+        return _run(args, overrides)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mmpt.cli import build_cli
+    from mmpt.datamodules.streams import StreamConfig, make_loader
+
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
+    cli_args = [a for c in args.config for a in ("-c", c)] + ["--trainer.logger=false", *overrides]
+    cli = build_cli(cli_args, run=False)
+    model, dm = cli.model, cli.datamodule
+    _load_weights(model, args.ckpt)
+    if args.text_key:
+        dm.val_text_key = args.text_key
+    dm.val_batch_size = args.batch_size
+    cfg = StreamConfig(urls=args.data, shuffle_buffer=0, shuffle_shards=False)
+    stream = dm.stream(cfg, train=False, field="--data")
+    loader = make_loader(stream, args.num_workers)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    model.to(device).eval()
+
+    acc = EmbeddingAccumulator()
+    total = _safe_len(loader)
+    columns = [
+        TextColumn("[bold]embedding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, transient=True) as bar, torch.no_grad():
+        task = bar.add_task("eval", total=total)
+        for batch in loader:
+            batch.images = batch.images.to(device)
+            dm.normalize(batch)
+            img = model.encode_image(batch.images)
+            txt = model.encode_text(batch.text_tokens.to(device))
+            acc.add(
+                {
+                    "image_emb": img,
+                    "text_emb": txt,
+                    "text_to_image": batch.text_to_image,
+                    "labels": batch.labels,
+                }
+            )
+            bar.advance(task)
+    emb = acc.result()
+
+    zeroshot = _zeroshot_meta(args, stream.sources[0].meta)
+    if args.task == "zeroshot" and zeroshot is None:
+        raise ValueError(
+            "no class names/templates: the shards' index.json has no meta.zeroshot; "
+            "pass --classnames FILE and --templates FILE"
+        )
+    tokenizer = model.preprocess.tokenizer
+
+    def encode_text(prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return model.encode_text(tokenizer(prompts).to(device)).float().cpu()
+
+    result = evaluate(
+        emb,
+        encode_text,
+        zeroshot if args.task == "zeroshot" else None,
+        retrieval=args.task == "retrieval",
+    )
+    if args.task == "zeroshot" and not result.metrics:
+        raise ValueError("no labelled samples for zero-shot classification (data.label_key)")
+    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval"
+    paths = write_reports(
+        result,
+        out,
+        args.task,
+        checkpoint=str(args.ckpt),
+        data=args.data,
+        num_images=emb.image.shape[0],
+        num_texts=emb.text.shape[0],
+    )
+    print_metrics(result.metrics, title=f"mmpt eval {args.task}: {args.data}")
+    console = Console()
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")
+    return 0
+
+
+def _load_weights(model: torch.nn.Module, ckpt: str) -> None:
+    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise ValueError(
+            f"{ckpt} does not match the model of the given config: {len(result.missing_keys)} "
+            f"weights missing (first: {result.missing_keys[:3]}). Pass the config it was trained with."
+        )
+
+
+def _zeroshot_meta(args: argparse.Namespace, meta: dict) -> dict | None:
+    if args.classnames or args.templates:
+        if not (args.classnames and args.templates):
+            raise ValueError("--classnames and --templates go together")
+        return {
+            "classnames": _lines(args.classnames),
+            "templates": _lines(args.templates),
+        }
+    zs = meta.get("zeroshot")
+    return json.loads(json.dumps(zs)) if zs else None
+
+
+def _lines(path: str) -> list[str]:
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"{path} is empty")
+    return lines
+
+
+def _safe_len(loader: torch.utils.data.DataLoader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
