@@ -1,0 +1,83 @@
+"""The ``mmpt`` command: LightningCLI for fit/validate/test/predict, plus ``data`` and ``eval``."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+TOP_HELP = """usage: mmpt <command> [options]
+
+Multimodal pretraining workbench.
+
+training (LightningCLI: -c config files compose, dotted overrides, --print_config):
+  fit         train a model:            mmpt fit -c configs/quickstart/clip_tiny.yaml
+  validate    run validation once:      mmpt validate -c CONFIG --ckpt_path last.ckpt
+  test        run the test loop:        mmpt test -c CONFIG --ckpt_path last.ckpt
+  predict     run prediction:           mmpt predict -c CONFIG --ckpt_path last.ckpt
+
+data:
+  data synth    make a learnable synthetic dataset     mmpt data synth --kind image-text --out data/shapes
+  data build    raw files -> WebDataset shards         mmpt data build --from captions.csv --out shards/
+  data inspect  counts, keys, corrupt samples          mmpt data inspect shards/ --check
+
+evaluation (JSON report + PNG plot):
+  eval retrieval  zero-shot image<->text retrieval   mmpt eval retrieval -c CONFIG --ckpt last.ckpt --data DIR
+  eval zeroshot   zero-shot classification           mmpt eval zeroshot -c CONFIG --ckpt last.ckpt --data DIR
+
+`mmpt <command> --help` shows the options of each command.
+"""
+
+
+class MMPTCLI(LightningCLI):
+    """LightningCLI whose model hands its preprocessing (tokenizer, image size, normalisation)
+    to the datamodule, so data and model can never disagree."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
+        parser.link_arguments(
+            "model.preprocess", "data.init_args.preprocess", apply_on="instantiate"
+        )
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:
+    """Build the LightningCLI (models and datamodules chosen by ``class_path``)."""
+    return MMPTCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``mmpt`` subcommands; returns the process exit code."""
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(TOP_HELP)
+        return 0
+    if argv[0] == "data":
+        from mmpt.data_cli import main as data_main
+
+        return data_main(argv[1:])
+    if argv[0] == "eval":
+        from mmpt.eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
+    if argv[0] not in ("fit", "validate", "test", "predict"):
+        print(f"mmpt: unknown command {argv[0]!r}\n\n{TOP_HELP}", file=sys.stderr)
+        return 2
+    # The streams' lengths are exact per rank and worker (tests/test_datamodule_pipeline.py).
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    build_cli(None if from_shell else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
