@@ -55,6 +55,7 @@ class ImageTextSample:
         self.label_key, self.all_captions, self.min_size = label_key, all_captions, min_size
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[str], int, str]:
+        """Decode one sample; raises (and so is skipped and counted) when a field is bad."""
         captions = read_captions(sample, self.text_key)
         if not self.all_captions:
             captions = [random.choice(captions)]
@@ -77,6 +78,7 @@ class ImageTextCollate:
         self.tokenizer = tokenizer
 
     def __call__(self, items: list[tuple[torch.Tensor, list[str], int, str]]) -> ImageTextBatch:
+        """Collate decoded samples into one batch (captions flattened, see ImageTextBatch)."""
         texts = [c for _, caps, _, _ in items for c in caps]
         owner = [i for i, (_, caps, _, _) in enumerate(items) for _ in caps]
         return ImageTextBatch(

@@ -84,6 +84,7 @@ class SkipCounter:
         self._log_first = log_first
 
     def __call__(self, exn: BaseException) -> bool:
+        """Count and (sometimes) log ``exn``; True tells the caller to continue."""
         self.total += 1
         self._pending += 1
         if self.total <= self._log_first or self.total % 1000 == 0:
@@ -110,8 +111,7 @@ def read_shards(urls: Iterable[str], handler: SkipCounter) -> Iterator[dict[str,
             except Exception as e:  # noqa: BLE001 - any open failure is a counted skip
                 handler(OSError(f"cannot open shard {url!r}: {e}"))
 
-    for sample in group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler):
-        yield sample
+    yield from group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
 
 
 def resampled_urls(urls: Sequence[str], rng: random.Random) -> Iterator[str]:

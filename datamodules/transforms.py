@@ -1,5 +1,4 @@
-"""Image transforms: crop + resize in one PIL call in the workers (uint8 out), normalise per batch
-on the device.
+"""Image transforms: fused crop + resize in the workers (uint8 out), per-batch normalisation.
 
 Keeping images uint8 until they reach the accelerator makes worker output and host->device
 copies 4x smaller than float32, and normalising a whole batch at once costs nothing next to
@@ -62,6 +61,7 @@ class ImageTransform:
         return (left, top, left + side, top + side)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        """Crop and resize ``img``; returns uint8 (3, size, size)."""
         box = self.crop_box(*img.size)
         out = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         arr = np.asarray(out.convert("RGB"), dtype=np.uint8)
@@ -76,8 +76,10 @@ def image_transform(pre: ImagePreprocess, train: bool) -> ImageTransform:
 def normalize_images(
     images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """uint8 (B, C, H, W) in [0, 255] -> float32 ``(x / 255 - mean) / std``; float input is
-    returned unchanged (already normalised)."""
+    """Normalise a batch: uint8 (B, C, H, W) -> float32 ``(x / 255 - mean) / std``.
+
+    Float input is returned unchanged (it is already normalised).
+    """
     if images.dtype != torch.uint8:
         return images
     m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)

@@ -12,10 +12,13 @@ from mmpt.eval.callback import ZeroShotEvalCallback
 
 
 class RunSummary(L.Callback):
-    """Prints a table of the run's outputs when fit ends (rank 0): checkpoint, metrics,
-    evaluation report and plots, and the final validation metrics."""
+    """Prints where a finished run put its outputs, and its final validation metrics.
+
+    Rank 0 only: checkpoint, metrics.csv, resolved config, evaluation reports and plots.
+    """
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Print the table."""
         if not trainer.is_global_zero:
             return
         rows: list[tuple[str, str]] = []

@@ -19,21 +19,24 @@ training (LightningCLI: -c config files compose, dotted overrides, --print_confi
   predict     run prediction:           mmpt predict -c CONFIG --ckpt_path last.ckpt
 
 data:
-  data synth    make a learnable synthetic dataset     mmpt data synth --kind image-text --out data/shapes
-  data build    raw files -> WebDataset shards         mmpt data build --from captions.csv --out shards/
-  data inspect  counts, keys, corrupt samples          mmpt data inspect shards/ --check
+  data synth      make a learnable synthetic set   mmpt data synth --kind image-text --out DIR
+  data build      raw files -> WebDataset shards   mmpt data build --from captions.csv --out DIR
+  data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
 
 evaluation (JSON report + PNG plot):
-  eval retrieval  zero-shot image<->text retrieval   mmpt eval retrieval -c CONFIG --ckpt last.ckpt --data DIR
-  eval zeroshot   zero-shot classification           mmpt eval zeroshot -c CONFIG --ckpt last.ckpt --data DIR
+  eval retrieval  zero-shot image<->text retrieval mmpt eval retrieval -c CFG --ckpt CKPT --data DIR
+  eval zeroshot   zero-shot classification         mmpt eval zeroshot -c CFG --ckpt CKPT --data DIR
 
 `mmpt <command> --help` shows the options of each command.
 """
 
 
 class MMPTCLI(LightningCLI):
-    """LightningCLI whose model hands its preprocessing (tokenizer, image size, normalisation)
-    to the datamodule, so data and model can never disagree."""
+    """LightningCLI that links the model's preprocessing into the datamodule.
+
+    The model's tokenizer, image size and normalisation reach the datamodule through
+    ``link_arguments``, so data and model can never disagree.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         parser.link_arguments(

@@ -97,8 +97,10 @@ class ContrastiveModule(MMPTModule):
         self.loss.clamp_()
 
     def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Rank-local validation loss (no collective: ranks may hold different batch sizes);
-        returns the embeddings for the zero-shot evaluation callback."""
+        """Rank-local validation loss; returns embeddings for the zero-shot callback.
+
+        No collective here: ranks may hold different validation batch sizes and counts.
+        """
         img, txt = self(batch)
         loss = self._pair_loss(img, txt, batch, gather=False)
         self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)

@@ -142,3 +142,17 @@ def test_unreadable_shard_is_counted_not_fatal(shards: Path):
     keys = [k for b in batches for k in b.keys]
     assert len(keys) == 35
     assert sum(b.skipped for b in batches) >= 1
+
+
+def test_fsspec_url_reads_like_a_file(shards: Path):
+    """A ``scheme://`` URL goes through fsspec (here its in-memory filesystem, as s3/gs would)."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        fs.pipe(f"/bucket/{name}", (shards / name).read_bytes())
+    cfg = StreamConfig(urls="memory://bucket/shard-{000000..000001}.tar", shuffle_buffer=0)
+    stream = key_stream(cfg)
+    assert stream.counts is None  # remote: no index, so no length is claimed
+    keys = sorted(k for b in stream for k in b.keys)
+    assert keys == [f"{i:06d}" for i in range(10)]

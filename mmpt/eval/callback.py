@@ -46,15 +46,18 @@ class ZeroShotEvalCallback(L.Callback):
         self.last_report: dict[str, Path] = {}
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start a fresh accumulator."""
         self._acc = EmbeddingAccumulator()
 
     def on_validation_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any, **kw: Any
     ) -> None:
+        """Keep the batch's embeddings."""
         if isinstance(outputs, dict) and "image_emb" in outputs:
             self._acc.add(outputs)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Gather over ranks, compute, log and write the reports."""
         if trainer.sanity_checking or len(self._acc) == 0:
             return
         emb = _gather(self._acc.result())

@@ -150,7 +150,8 @@ def _load_weights(model: torch.nn.Module, ckpt: str) -> None:
     if result.missing_keys:
         raise ValueError(
             f"{ckpt} does not match the model of the given config: {len(result.missing_keys)} "
-            f"weights missing (first: {result.missing_keys[:3]}). Pass the config it was trained with."
+            f"weights missing (first: {result.missing_keys[:3]}). "
+            "Pass the config it was trained with."
         )
 
 

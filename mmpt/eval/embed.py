@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmpt.eval.metrics import (
-    classification_metrics,
     classification_logits,
+    classification_metrics,
     confusion_matrix,
     metrics_from_ranks,
     retrieval_ranks,
@@ -36,8 +36,11 @@ class Embeddings:
 
 @dataclass
 class EmbeddingAccumulator:
-    """Concatenates per-batch outputs (``image_emb``, ``text_emb``, ``text_to_image``, ``labels``),
-    re-basing each batch's caption->image indices onto the whole set."""
+    """Concatenates per-batch evaluation outputs into one set.
+
+    Each batch gives ``image_emb``, ``text_emb``, ``text_to_image`` and ``labels``; the
+    caption->image indices are re-based onto the whole set.
+    """
 
     parts: list[dict[str, torch.Tensor]] = field(default_factory=list)
     _images: int = 0

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import io
-import itertools
-import json
 import logging
 import multiprocessing
 from collections.abc import Iterator
@@ -18,15 +15,11 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from mmpt.shards.index import INDEX_NAME
+from mmpt.shards.sources import TABLE_SUFFIXES, Row, folder_rows, table_rows
 from mmpt.shards.writer import ShardWriter
 
 logger = logging.getLogger(__name__)
 
-IMAGE_COLUMNS = ("path", "filepath", "image", "file", "image_path")
-CAPTION_COLUMNS = ("caption", "text", "title")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
-REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "ftp://")
 MAX_EXAMPLES = 10  # skipped items kept in the report and warned about one by one
 _EXIF_ORIENTATION = 0x0112
 
@@ -61,109 +54,6 @@ class BuildReport:
         return {**asdict(self), "total_skipped": self.total_skipped}
 
 
-@dataclass
-class _Row:
-    """One source record; :func:`_process` fills in the JPEG or the problem."""
-
-    url: str
-    caption: str
-    problem: tuple[str, str] | None = None  # (reason, detail)
-    jpg: bytes = b""
-    size: tuple[int, int] = (0, 0)
-    original_size: tuple[int, int] = (0, 0)
-
-
-def _pick_column(
-    columns: list[str], given: str | None, candidates: tuple[str, ...], flag: str, source: Path
-) -> str:
-    if given is not None:
-        if given not in columns:
-            raise ValueError(
-                f"{source}: no column {given!r} (given with {flag}); columns are: {columns}"
-            )
-        return given
-    lowered = {c.lower(): c for c in columns}
-    for name in candidates:
-        if name in lowered:
-            return lowered[name]
-    raise ValueError(
-        f"{source}: found none of the columns {list(candidates)}; columns are: {columns}. "
-        f"Name the right one with {flag} COLUMN"
-    )
-
-
-def _resolve(value: Any, root: Path) -> tuple[str, tuple[str, str] | None]:
-    text = "" if value is None else str(value).strip()
-    if not text:
-        return text, ("missing_image", "empty image path")
-    if text.lower().startswith(REMOTE_PREFIXES):
-        return text, ("remote_url", "download it first (e.g. with img2dataset)")
-    path = Path(text).expanduser()
-    return str(path if path.is_absolute() else root / path), None
-
-
-def _records(source: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
-    """(line number, record) for each row of a table; None for a line that is not an object."""
-    if source.suffix.lower() == ".jsonl":
-        with source.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        rec = None
-                    yield n, rec if isinstance(rec, dict) else None
-    else:
-        delimiter = "\t" if source.suffix.lower() == ".tsv" else ","
-        with source.open(encoding="utf-8-sig", newline="") as f:
-            yield from enumerate(csv.DictReader(f, delimiter=delimiter), 2)
-
-
-def _table_rows(
-    source: Path, root: Path, image_column: str | None, caption_column: str | None
-) -> tuple[Iterator[_Row], dict[str, str]]:
-    """Open a CSV/TSV/JSONL table; returns its rows and the columns chosen."""
-    records = _records(source)
-    first = next(records, None)
-    if first is None:
-        raise ValueError(f"{source} has no rows; it needs a header row (CSV) or JSON objects")
-    if first[1] is None:
-        raise ValueError(f"{source}:{first[0]} is not a JSON object; give one object per line")
-    columns = list(first[1])
-    img_col = _pick_column(columns, image_column, IMAGE_COLUMNS, "--image-column", source)
-    cap_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "--caption-column", source)
-
-    def rows() -> Iterator[_Row]:
-        for n, rec in itertools.chain([first], records):
-            if rec is None:
-                yield _Row(f"{source}:{n}", "", ("bad_row", "not a JSON object"))
-                continue
-            url, problem = _resolve(rec.get(img_col), root)
-            caption = rec.get(cap_col)
-            yield _Row(url, "" if caption is None else str(caption).strip(), problem)
-
-    return rows(), {"image_column": img_col, "caption_column": cap_col}
-
-
-def _folder_rows(folder: Path) -> list[_Row]:
-    """Images under ``folder`` (recursively, sorted) with their same-stem ``.txt`` captions."""
-    images = sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
-    if not images:
-        raise ValueError(
-            f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of image + "
-            "same-stem .txt pairs, or a .csv/.tsv/.jsonl table"
-        )
-    rows = []
-    for image in images:
-        txt = image.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
-        problem = None if caption is not None else ("missing_caption", f"no {txt.name}")
-        rows.append(_Row(str(image), (caption or "").strip(), problem))
-    return rows
-
-
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Convert to RGB, compositing transparent images onto white."""
     if im.mode == "RGB":
@@ -176,7 +66,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _process(row: _Row, resize_short_side: int | None, jpeg_quality: int) -> _Row:
+def _process(row: Row, resize_short_side: int | None, jpeg_quality: int) -> Row:
     """Check, and where needed resize and re-encode, one image (runs in pool workers)."""
     if row.problem is None and not row.caption:
         row.problem = ("empty_caption", "caption is empty")
@@ -262,9 +152,9 @@ def build_image_text_shards(
             the table's own folder.
         samples_per_shard: Samples per ``.tar`` shard.
         image_column: Table column with image paths; default the first of
-            :data:`IMAGE_COLUMNS` present.
+            :data:`~mmpt.shards.sources.IMAGE_COLUMNS` present.
         caption_column: Table column with captions; default the first of
-            :data:`CAPTION_COLUMNS` present.
+            :data:`~mmpt.shards.sources.CAPTION_COLUMNS` present.
         resize_short_side: Downscale images whose shorter side is larger than this (keeping
             the aspect ratio); never upscales. None keeps sizes.
         jpeg_quality: Quality for re-encoded JPEGs (1-100).
@@ -286,12 +176,12 @@ def build_image_text_shards(
     prepare_out_dir(out, overwrite)
     total: int | None = None
     if source.is_dir():
-        folder_rows = _folder_rows(source)
-        rows: Iterator[_Row] = iter(folder_rows)
-        total, columns = len(folder_rows), {}
+        pairs = folder_rows(source)
+        rows: Iterator[Row] = iter(pairs)
+        total, columns = len(pairs), {}
     else:
         root = Path(images_root) if images_root is not None else source.parent
-        rows, columns = _table_rows(source, root, image_column, caption_column)
+        rows, columns = table_rows(source, root, image_column, caption_column)
     params = {
         "images_root": None if images_root is None else str(images_root),
         **columns,
@@ -356,7 +246,7 @@ def _check_args(
             raise ValueError(f"{name} is out of range: got {value}")
 
 
-def _record(report: BuildReport, writer: ShardWriter, res: _Row) -> None:
+def _record(report: BuildReport, writer: ShardWriter, res: Row) -> None:
     """Write one processed item, or count and log it as skipped."""
     if res.problem is not None:
         reason, detail = res.problem
