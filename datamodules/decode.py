@@ -14,6 +14,9 @@ Image.MAX_IMAGE_PIXELS = 300_000_000  # large web images are normal; decompressi
 class MissingField(KeyError):
     """A sample lacks a field the pipeline needs (counted as a skip)."""
 
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "missing field"
+
 
 def first_key(sample: dict[str, Any], keys: str) -> str:
     """The first of ``keys`` (``;``-separated extensions, e.g. ``jpg;png``) present in sample.

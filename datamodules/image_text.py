@@ -97,6 +97,8 @@ class ImageTextDataModule(L.LightningDataModule):
         train: Training stream (sources, mixing, epoch size).
         val: Validation stream; every caption of an image is kept when ``val_text_key`` lists
             several (retrieval with several captions per image).
+        test: Test stream for ``mmpt test`` and ``mmpt predict`` (read like ``val``; predict
+            falls back to ``val`` when no test stream is set).
         batch_size: Samples per batch per rank (the global batch is this x world size).
         val_batch_size: Validation batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes (decode happens there).
@@ -113,6 +115,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self,
         train: StreamConfig | None = None,
         val: StreamConfig | None = None,
+        test: StreamConfig | None = None,
         batch_size: int = 256,
         val_batch_size: int | None = None,
         num_workers: int = 4,
@@ -125,7 +128,7 @@ class ImageTextDataModule(L.LightningDataModule):
         preprocess: Preprocess | None = None,
     ) -> None:
         super().__init__()
-        self.train_cfg, self.val_cfg = train, val
+        self.train_cfg, self.val_cfg, self.test_cfg = train, val, test
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -135,6 +138,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.preprocess = preprocess
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
+        self.test_stream: ShardStream | None = None
         self.val_meta: dict = {}
 
     def prepare_data(self) -> None:
@@ -196,6 +200,13 @@ class ImageTextDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_cfg is not None:
             self.val_stream = self.stream(self.val_cfg, train=False, field="data.val")
             self.val_meta = self.val_stream.sources[0].meta
+        if stage in (None, "test", "predict"):
+            cfg, field = (
+                (self.test_cfg, "data.test") if self.test_cfg else (self.val_cfg, "data.val")
+            )
+            if cfg is not None:
+                self.test_stream = self.stream(cfg, train=False, field=field)
+                self.val_meta = self.test_stream.sources[0].meta
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the model at each training epoch start (shard order, shuffles)."""
@@ -226,3 +237,13 @@ class ImageTextDataModule(L.LightningDataModule):
         if self.val_stream is None:
             return []
         return make_loader(self.val_stream, self.num_workers, self._pin())
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        """Test batches: ``data.test``, else ``data.val``."""
+        if self.test_stream is None:
+            raise ValueError("no test data: set data.test.urls (or data.val.urls)")
+        return make_loader(self.test_stream, self.num_workers, self._pin())
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        """Prediction batches: the test stream (``data.test``, else ``data.val``)."""
+        return self.test_dataloader()

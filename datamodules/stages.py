@@ -114,6 +114,22 @@ def read_shards(urls: Iterable[str], handler: SkipCounter) -> Iterator[dict[str,
     yield from group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
 
 
+def repeat_passes(make: Callable[[], Iterable[Any]], passes: int | None) -> Iterator[Any]:
+    """Items of ``make()``, then of a fresh ``make()`` again, for ``passes`` passes.
+
+    None repeats until the consumer stops. A pass that yields nothing ends it, so it never spins.
+    """
+    done = 0
+    while passes is None or done < passes:
+        empty = True
+        for item in make():
+            empty = False
+            yield item
+        done += 1
+        if empty:
+            return
+
+
 def resampled_urls(urls: Sequence[str], rng: random.Random) -> Iterator[str]:
     """Endless stream of shards drawn with replacement."""
     while True:

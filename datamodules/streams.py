@@ -9,6 +9,8 @@ several weighted sources and mixes them per sample, for a fixed number of sample
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -25,11 +27,14 @@ from mmpt.datamodules.stages import (
     map_skipping,
     mix,
     read_shards,
+    repeat_passes,
     resampled_urls,
     shuffle,
     split_shards,
 )
 from mmpt.datamodules.urls import ResolvedSource, resolve_source
+
+log = logging.getLogger("mmpt.data")
 
 
 @dataclass
@@ -69,7 +74,8 @@ class StreamConfig:
                 raise ValueError(f"{field}.weights must be >= 0 with a positive sum")
         if self.resampled and not self.epoch_samples:
             raise ValueError(f"{field}.resampled: true needs {field}.epoch_samples (an epoch size)")
-        return [resolve_source(s, f"{field}.urls") for s in specs]
+        urls_field = field if field.startswith("--") else f"{field}.urls"
+        return [resolve_source(s, urls_field) for s in specs]
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -143,15 +149,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise TypeError("length unknown: the shards have no index.json with sample counts")
         return n
 
+    def worker_quota(self, slot: Slot) -> int | None:
+        """Exact batches one worker yields in an epoch (None: unknown, read one pass)."""
+        if self.config.resampled:
+            return self.batches_for(self.rank) // self.num_workers
+        if self.counts is None or self.partial:
+            return None
+        return sum(self.counts[i] for i in self.shards_for(slot)) // self.batch_size
+
     def __iter__(self) -> Iterator[Any]:
         slot = Slot.current(self.rank, self.world_size)
         epoch = self.epoch.get()
         counter = SkipCounter()
         rng = random.Random(slot.seed(self.seed, epoch))
         cfg = self.config
-        limit = None
+        quota = self.worker_quota(slot)
         if cfg.resampled:
-            limit = self.batches_for(self.rank) // self.num_workers
             streams = [
                 read_shards(resampled_urls(s.urls, random.Random(rng.random())), counter)
                 for s in self.sources
@@ -161,15 +174,29 @@ class ShardStream(torch.utils.data.IterableDataset):
             mine = [self.urls[i] for i in self.shards_for(slot)]
             if cfg.shuffle_shards:
                 rng.shuffle(mine)
-            samples = read_shards(mine, counter)
+            # Training reads its shards once; only if corrupt samples left it short of its
+            # quota does it top up from the start, so every rank runs the same number of steps.
+            passes = 1 if quota is None else None
+            samples = repeat_passes(lambda: read_shards(mine, counter), passes)
         samples = shuffle(samples, cfg.shuffle_buffer, rng)
         items = map_skipping(samples, self.sample_fn, counter)
-        for i, items_batch in enumerate(batched(items, self.batch_size, self.partial)):
-            if limit is not None and i >= limit:
-                return
-            batch = self.collate_fn(items_batch)
-            batch.skipped = counter.take()
-            yield batch
+        batches = batched(items, self.batch_size, self.partial)
+        if quota is not None:
+            batches = itertools.islice(batches, quota)
+        # Hold each batch back by one, so skips after the last batch are still counted.
+        pending = None
+        for items_batch in batches:
+            if pending is not None:
+                pending.skipped = counter.take()
+                yield pending
+            pending = self.collate_fn(items_batch)
+        if pending is not None:
+            pending.skipped = counter.take()
+            yield pending
+        elif counter.total:
+            log.warning(
+                "a worker produced no batch: all %d of its samples were skipped", counter.total
+            )
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False):

@@ -46,6 +46,14 @@ class MMPTCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:
     """Build the LightningCLI (models and datamodules chosen by ``class_path``)."""
+    with warnings.catch_warnings():
+        # `mmpt eval` parses its training config programmatically while sys.argv holds its own
+        # flags: LightningCLI warns about exactly that, harmlessly.
+        warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
+        return _make_cli(args, run)
+
+
+def _make_cli(args: list[str] | None, run: bool) -> MMPTCLI:
     return MMPTCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -101,9 +101,26 @@ class ContrastiveModule(MMPTModule):
 
         No collective here: ranks may hold different validation batch sizes and counts.
         """
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: ImageTextBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """As :meth:`validation_step`, logged under ``test/``."""
+        return self._eval_step(batch, "test")
+
+    def predict_step(self, batch: ImageTextBatch, batch_idx: int) -> dict:
+        """Normalised embeddings with the sample keys, for export."""
+        img, txt = self(batch)
+        return {
+            "keys": batch.keys,
+            "image_emb": img,
+            "text_emb": txt,
+            "text_to_image": batch.text_to_image,
+        }
+
+    def _eval_step(self, batch: ImageTextBatch, stage: str) -> dict[str, torch.Tensor]:
         img, txt = self(batch)
         loss = self._pair_loss(img, txt, batch, gather=False)
-        self.log("val/loss", loss, batch_size=len(batch), sync_dist=True)
+        self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
         return {
             "image_emb": img.detach(),
             "text_emb": txt.detach(),

@@ -58,7 +58,18 @@ class ZeroShotEvalCallback(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Gather over ranks, compute, log and write the reports."""
-        if trainer.sanity_checking or len(self._acc) == 0:
+        if not trainer.sanity_checking:
+            self._finish(trainer, pl_module, "val")
+
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_end = on_validation_batch_end
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """As for validation, logged under ``test/``."""
+        self._finish(trainer, pl_module, "test")
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if len(self._acc) == 0:
             return
         emb = _gather(self._acc.result())
         meta = getattr(trainer.datamodule, "val_meta", {}) if trainer.datamodule else {}
@@ -71,12 +82,12 @@ class ZeroShotEvalCallback(L.Callback):
         with torch.no_grad():
             result = evaluate(emb, encode_text, zeroshot, retrieval=self.retrieval, ks=self.ks)
         for name, value in result.metrics.items():
-            pl_module.log(f"val/{name}", value, rank_zero_only=True)
+            pl_module.log(f"{stage}/{name}", value, rank_zero_only=True)
         if self.write_reports and trainer.is_global_zero:
             self.last_report = write_reports(
                 result,
                 Path(trainer.log_dir or trainer.default_root_dir) / "eval",
-                f"val_step{trainer.global_step}",
+                f"{stage}_step{trainer.global_step}",
                 num_images=emb.image.shape[0],
                 num_texts=emb.text.shape[0],
                 step=trainer.global_step,

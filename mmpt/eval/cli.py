@@ -74,6 +74,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     dm.val_batch_size = args.batch_size
     cfg = StreamConfig(urls=args.data, shuffle_buffer=0, shuffle_shards=False)
     stream = dm.stream(cfg, train=False, field="--data")
+    zeroshot = _zeroshot_meta(args, stream.sources[0].meta)  # checked before the long part
+    if args.task == "zeroshot" and zeroshot is None:
+        raise ValueError(
+            "no class names/templates: the shards' index.json has no meta.zeroshot; "
+            "pass --classnames FILE and --templates FILE"
+        )
     loader = make_loader(stream, args.num_workers)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -105,13 +111,6 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
             )
             bar.advance(task)
     emb = acc.result()
-
-    zeroshot = _zeroshot_meta(args, stream.sources[0].meta)
-    if args.task == "zeroshot" and zeroshot is None:
-        raise ValueError(
-            "no class names/templates: the shards' index.json has no meta.zeroshot; "
-            "pass --classnames FILE and --templates FILE"
-        )
     tokenizer = model.preprocess.tokenizer
 
     def encode_text(prompts: list[str]) -> torch.Tensor:
