@@ -127,21 +127,40 @@ class ShardStream(torch.utils.data.IterableDataset):
         idx = list(range(len(self.urls)))
         return split_shards(idx, slot, seed=None, epoch=0)
 
-    def batches_for(self, rank: int) -> int | None:
-        """Batches rank ``rank`` yields in one epoch, when sample counts are known."""
+    def _worker_batches(self, rank: int) -> list[int]:
+        """Batches each worker of ``rank`` can make from its shards (plain mode, counts known)."""
+        out = []
+        for w in range(self.num_workers):
+            slot = Slot(rank, self.world_size, w, self.num_workers)
+            n = sum(self.counts[i] for i in self.shards_for(slot))
+            out.append(math.ceil(n / self.batch_size) if self.partial else n // self.batch_size)
+        return out
+
+    def worker_quotas(self, rank: int) -> list[int] | None:
+        """Batches each worker of ``rank`` yields in a training epoch (None: one plain pass).
+
+        Under DDP every rank must take the same number of steps, or the ranks that finish
+        first leave the others waiting in a collective. Every rank computes every rank's
+        count from the index, so all agree on the smallest and trim to it (largest workers
+        first); the samples left out are reported by :func:`make_loader`.
+        """
         if self.config.resampled:
             per_worker = self.config.epoch_samples // (self.world_size * self.batch_size)
-            return max(1, per_worker // self.num_workers) * self.num_workers
-        if self.counts is None:
+            return [max(1, per_worker // self.num_workers)] * self.num_workers
+        if self.counts is None or self.partial:
             return None
-        total = 0
-        for w in range(self.num_workers):
-            n = sum(
-                self.counts[i]
-                for i in self.shards_for(Slot(rank, self.world_size, w, self.num_workers))
-            )
-            total += math.ceil(n / self.batch_size) if self.partial else n // self.batch_size
-        return total
+        quotas = self._worker_batches(rank)
+        target = min(sum(self._worker_batches(r)) for r in range(self.world_size))
+        while sum(quotas) > target:
+            quotas[quotas.index(max(quotas))] -= 1
+        return quotas
+
+    def batches_for(self, rank: int) -> int | None:
+        """Batches rank ``rank`` yields in one epoch, when sample counts are known."""
+        quotas = self.worker_quotas(rank)
+        if quotas is not None:
+            return sum(quotas)
+        return None if self.counts is None else sum(self._worker_batches(rank))
 
     def __len__(self) -> int:
         n = self.batches_for(self.rank)
@@ -150,12 +169,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         return n
 
     def worker_quota(self, slot: Slot) -> int | None:
-        """Exact batches one worker yields in an epoch (None: unknown, read one pass)."""
-        if self.config.resampled:
-            return self.batches_for(self.rank) // self.num_workers
-        if self.counts is None or self.partial:
-            return None
-        return sum(self.counts[i] for i in self.shards_for(slot)) // self.batch_size
+        """Exact batches worker ``slot.worker`` yields this epoch (None: read one pass)."""
+        quotas = self.worker_quotas(self.rank)
+        return None if quotas is None else quotas[slot.worker]
 
     def __iter__(self) -> Iterator[Any]:
         slot = Slot.current(self.rank, self.world_size)
@@ -209,6 +225,7 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False)
         shards_here = len(stream.urls[stream.rank :: stream.world_size])
         num_workers = min(num_workers, shards_here)
     stream.num_workers = max(1, num_workers)
+    _report_uneven_ranks(stream)
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,
@@ -217,3 +234,22 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False)
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def _report_uneven_ranks(stream: ShardStream) -> None:
+    """Warn when plain-mode ranks hold unequal data, so equal step counts drop samples."""
+    if stream.config.resampled or stream.partial or stream.counts is None:
+        return
+    own = [sum(stream._worker_batches(r)) for r in range(stream.world_size)]
+    if len(set(own)) > 1:
+        dropped = (own[stream.rank] - stream.batches_for(stream.rank)) * stream.batch_size
+        log.warning(
+            "plain mode: ranks hold %d-%d batches of data; every rank runs %d steps so DDP "
+            "stays in step, leaving ~%d samples of rank %d unused this epoch. Use a shard count "
+            "divisible by world_size x num_workers with equal shards, or data.train.resampled.",
+            min(own),
+            max(own),
+            min(own),
+            dropped,
+            stream.rank,
+        )

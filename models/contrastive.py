@@ -47,7 +47,6 @@ class ContrastiveModule(MMPTModule):
                 f"vision tower embeds to {vision.output_dim} but text tower to "
                 f"{text.output_dim}: set the same embed_dim on both"
             )
-        self._skipped_total = 0
 
     @property
     def preprocess(self) -> Preprocess:
@@ -86,10 +85,11 @@ class ContrastiveModule(MMPTModule):
         img, txt = self(batch)
         loss = self._pair_loss(img, txt, batch)
         bs = len(batch)
-        self._skipped_total += batch.skipped
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", self.loss.scale, batch_size=bs)
-        self.log("data/skipped", float(self._skipped_total), batch_size=bs)
+        # Samples dropped as corrupt this epoch, summed over ranks (one sync, at epoch end).
+        self.log("data/skipped", float(batch.skipped), on_step=False, on_epoch=True,
+                 reduce_fx="sum", sync_dist=True, batch_size=bs)
         return loss
 
     def on_train_batch_end(self, *args, **kwargs) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -74,11 +75,28 @@ class MMPTModule(L.LightningModule):
             raise ValueError("no trainable parameters: check model.trainable / model.freeze")
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = self.optimizer_factory([g for g in groups if g["params"]])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = _total_steps(self.trainer.estimated_stepping_batches, self.lr_schedule)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: self.lr_schedule.factor(step, total)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _total_steps(estimated: float, schedule: Schedule) -> int:
+    """The run's optimizer steps; an unknown length is an error for a schedule that needs it.
+
+    Lightning cannot know the length of a stream without sample counts (``pipe:``/remote shards
+    or folders without ``index.json`` in plain mode) unless ``trainer.max_steps`` is set; a
+    cosine schedule over a guessed length would silently decay the LR to its floor.
+    """
+    finite = math.isfinite(estimated) and estimated > 0
+    if not finite and schedule.needs_total:
+        raise ValueError(
+            f"the run length is unknown, but model.lr_schedule ({type(schedule).__name__}) "
+            "needs it: set trainer.max_steps, or give the shards an index.json, or use "
+            "data.train.resampled: true with data.train.epoch_samples"
+        )
+    return max(1, int(estimated)) if finite else 1
 
 
 def apply_trainable(model: nn.Module, trainable: list[str] | None, freeze: list[str]) -> None:

@@ -8,6 +8,9 @@ import math
 class Schedule:
     """Base class: ``factor(step, total_steps)`` multiplies the optimizer's peak LR."""
 
+    #: Whether the schedule's shape depends on the run's total length.
+    needs_total: bool = False
+
     def factor(self, step: int, total_steps: int) -> float:
         """LR multiplier at ``step`` (0-based) of ``total_steps``."""
         return 1.0
@@ -27,6 +30,7 @@ class Constant(Schedule):
 
     def __init__(self, warmup_steps: int = 0, warmup_ratio: float = 0.0) -> None:
         self.warmup_steps, self.warmup_ratio = warmup_steps, warmup_ratio
+        self.needs_total = warmup_ratio > 0 and warmup_steps == 0
 
     def warmup_for(self, total_steps: int) -> int:  # noqa: D102
         return self.warmup_steps or int(round(self.warmup_ratio * total_steps))
@@ -48,6 +52,7 @@ class WarmupCosine(Constant):
     def __init__(self, warmup_steps: int = 0, warmup_ratio: float = 0.0, min_ratio: float = 0.0):
         super().__init__(warmup_steps, warmup_ratio)
         self.min_ratio = min_ratio
+        self.needs_total = True
 
     def factor(self, step: int, total_steps: int) -> float:  # noqa: D102
         w = self.warmup_for(total_steps)

@@ -156,3 +156,16 @@ def test_fsspec_url_reads_like_a_file(shards: Path):
     assert stream.counts is None  # remote: no index, so no length is claimed
     keys = sorted(k for b in stream for k in b.keys)
     assert keys == [f"{i:06d}" for i in range(10)]
+
+
+def test_uneven_plain_shards_give_every_rank_the_same_step_count(tmp_path: Path):
+    """3 shards over 2 ranks: rank 0 holds 10 samples, rank 1 holds 5; both must take the same
+    number of training steps (or DDP would hang), and each yields exactly its announced length."""
+    write_shards(tmp_path / "s", n=15, per_shard=5)
+    cfg = StreamConfig(urls=str(tmp_path / "s"), shuffle_buffer=0)
+    lengths, yielded = [], []
+    for rank in range(2):
+        loader = make_loader(key_stream(cfg, rank=rank, world=2, bs=2, partial=False), 2)
+        lengths.append(len(loader))
+        yielded.append(len(list(loader)))
+    assert lengths == yielded == [2, 2]

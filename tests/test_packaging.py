@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
+    import tomli as tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,11 +27,12 @@ def _folder_of(package: str, package_dir: dict[str, str]) -> Path:
 
 def test_every_package_folder_is_listed_in_pyproject():
     packages, package_dir = _declared()
-    for top, name in (("mmpt", "mmpt"), ("models", "mmpt.models"), ("datamodules", "mmpt.datamodules")):
+    tops = (("mmpt", "mmpt"), ("models", "mmpt.models"), ("datamodules", "mmpt.datamodules"))
+    for top, name in tops:
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / top)
             dotted = ".".join([name, *rel.parts]) if rel.parts else name
-            assert dotted in packages, f"{init.parent} is not in pyproject's package list as {dotted}"
+            assert dotted in packages, f"{init.parent} missing from pyproject's packages ({dotted})"
 
 
 def test_listed_packages_exist_and_nothing_installs_as_bare_models():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,8 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
+
+from mmpt.io import atomic_write_text
 
 _MARKED_KS = (1, 5, 10)
 
@@ -54,16 +54,7 @@ def write_json(path: str | Path, metrics: dict[str, Any], **context: Any) -> Pat
     payload = {"metrics": metrics, **context}
     payload.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     text = json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmpt.io import atomic_write_text
 
 INDEX_NAME = "index.json"
 FORMAT = "mmpt-shards/1"
@@ -51,11 +52,9 @@ class ShardIndex:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``index.json`` into ``folder`` atomically (write to a temp file, then rename)."""
-        path = Path(folder) / INDEX_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(
+            Path(folder) / INDEX_NAME, json.dumps(self.to_dict(), indent=2) + "\n"
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardIndex:
