@@ -6,12 +6,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from mmpt.models.losses.base import ScaledContrastiveLoss, check_pair, fp32
 from mmpt.models.losses.gather import gather_with_grad, world_info
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(ScaledContrastiveLoss):
     """Symmetric InfoNCE (image->text and text->image cross-entropy), as in CLIP.
 
     With ``s = exp(logit_scale)`` and a global batch of N = W*B pairs, the loss is::
@@ -41,21 +41,7 @@ class ClipLoss(nn.Module):
         max_logit_scale: float = math.log(100),
         learnable_scale: bool = True,
     ) -> None:
-        super().__init__()
-        self.max_logit_scale = max_logit_scale
-        self.logit_scale = nn.Parameter(
-            torch.tensor(float(init_logit_scale)), requires_grad=learnable_scale
-        )
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """Tensor (): the multiplier ``exp(logit_scale)``, detached, for logging."""
-        return self.logit_scale.detach().exp()
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Clamp ``logit_scale`` in place into ``[0, max_logit_scale]``."""
-        self.logit_scale.clamp_(0.0, self.max_logit_scale)
+        super().__init__(init_logit_scale, max_logit_scale, learnable_scale)
 
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor, gather: bool = True
@@ -76,7 +62,7 @@ class ClipLoss(nn.Module):
             Computed in float32 (float64 for float64 inputs) with autocast disabled.
 
         """
-        _check_pair(image_features, text_features)
+        check_pair(image_features, text_features)
         rank, _ = world_info() if gather else (0, 1)
         b = image_features.shape[0]
         all_images = (
@@ -85,24 +71,10 @@ class ClipLoss(nn.Module):
         all_texts = gather_with_grad(text_features, check_sizes=False) if gather else text_features
         # Logits in fp32 even under autocast: at scale 100 bf16 logits are 0.5 apart.
         with torch.autocast(image_features.device.type, enabled=False):
-            scale = _fp32(self.logit_scale).exp()
-            logits_per_image = scale * _fp32(image_features) @ _fp32(all_texts).T  # (B, W*B)
-            logits_per_text = scale * _fp32(text_features) @ _fp32(all_images).T  # (B, W*B)
+            scale = fp32(self.logit_scale).exp()
+            logits_per_image = scale * fp32(image_features) @ fp32(all_texts).T  # (B, W*B)
+            logits_per_text = scale * fp32(text_features) @ fp32(all_images).T  # (B, W*B)
             labels = torch.arange(b, device=image_features.device) + rank * b
             return (
                 F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
             ) / 2
-
-
-def _check_pair(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless both are (B, D) with identical shapes."""
-    if image_features.ndim != 2 or image_features.shape != text_features.shape:
-        raise ValueError(
-            "expected image and text features of the same shape (B, D), got "
-            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
-        )
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast half/bfloat16 to float32; float32 and float64 pass through."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmpt.models.losses.base import ScaledContrastiveLoss, check_pair, fp32
 from mmpt.models.losses.gather import gather_with_grad, world_info
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(ScaledContrastiveLoss):
     """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023).
 
     With ``s = exp(logit_scale)``, bias ``b`` and labels ``z_ij = +1`` if i == j else -1,
@@ -43,20 +44,8 @@ class SigLipLoss(nn.Module):
         init_bias: float = -10.0,
         max_logit_scale: float = math.log(100),
     ) -> None:
-        super().__init__()
-        self.max_logit_scale = max_logit_scale
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        super().__init__(init_logit_scale, max_logit_scale)
         self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """Tensor (): the multiplier ``exp(logit_scale)``, detached, for logging."""
-        return self.logit_scale.detach().exp()
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Clamp ``logit_scale`` in place into ``[0, max_logit_scale]``."""
-        self.logit_scale.clamp_(0.0, self.max_logit_scale)
 
     def forward(
         self, image_features: torch.Tensor, text_features: torch.Tensor, gather: bool = True
@@ -78,11 +67,7 @@ class SigLipLoss(nn.Module):
             float64 inputs) with autocast disabled.
 
         """
-        if image_features.ndim != 2 or image_features.shape != text_features.shape:
-            raise ValueError(
-                "expected image and text features of the same shape (B, D), got "
-                f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
-            )
+        check_pair(image_features, text_features)
         rank, _ = world_info() if gather else (0, 1)
         b = image_features.shape[0]
         all_texts = (
@@ -90,14 +75,9 @@ class SigLipLoss(nn.Module):
         )  # (W*B, D), gathered in the input dtype
         # fp32 even under autocast: bf16 logits are coarse and a bf16 sum of B*W*B terms worse.
         with torch.autocast(image_features.device.type, enabled=False):
-            scale = _fp32(self.logit_scale).exp()
-            logits = scale * _fp32(image_features) @ _fp32(all_texts).T + _fp32(self.logit_bias)
+            scale = fp32(self.logit_scale).exp()
+            logits = scale * fp32(image_features) @ fp32(all_texts).T + fp32(self.logit_bias)
             rows = torch.arange(b, device=logits.device) + rank * b
             cols = torch.arange(all_texts.shape[0], device=logits.device)
             labels = 2 * (rows[:, None] == cols[None, :]).to(logits.dtype) - 1  # (B, W*B)
             return -F.logsigmoid(labels * logits).sum() / b
-
-
-def _fp32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast half/bfloat16 to float32; float32 and float64 pass through."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
