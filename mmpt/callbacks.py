@@ -18,28 +18,31 @@ class RunSummary(L.Callback):
     """
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Print the table."""
+        """Print the output paths (plain lines, easy to copy) and a table of metrics."""
         if not trainer.is_global_zero:
             return
-        rows: list[tuple[str, str]] = []
+        paths: list[tuple[str, str]] = []
         ckpt = trainer.checkpoint_callback
         if ckpt is not None:
             path = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
             if path:
-                rows.append(("checkpoint", path))
+                paths.append(("checkpoint", path))
         if trainer.logger is not None and trainer.logger.log_dir:
-            metrics = Path(trainer.logger.log_dir) / "metrics.csv"
-            rows.append(("metrics", str(metrics) if metrics.exists() else trainer.logger.log_dir))
-            config = Path(trainer.logger.log_dir) / "config.yaml"
-            if config.exists():
-                rows.append(("config", str(config)))
+            log_dir = Path(trainer.logger.log_dir)
+            metrics = log_dir / "metrics.csv"
+            paths.append(("metrics", str(metrics) if metrics.exists() else str(log_dir)))
+            if (log_dir / "config.yaml").exists():
+                paths.append(("config", str(log_dir / "config.yaml")))
         for cb in trainer.callbacks:
             if isinstance(cb, ZeroShotEvalCallback):
-                rows.extend((f"eval {k}", str(v)) for k, v in cb.last_report.items())
+                paths.extend((f"eval {k}", str(v)) for k, v in cb.last_report.items())
+        console = Console()
+        console.rule("mmpt run outputs")
+        for name, path in paths:
+            console.print(f"{name}: {path}", soft_wrap=True, highlight=False)
+        table = Table(title="final validation metrics", show_header=False)
         for name, value in sorted(trainer.callback_metrics.items()):
             if name.startswith("val/"):
-                rows.append((name, f"{float(value):.4f}"))
-        table = Table(title="mmpt run outputs", show_header=False)
-        for k, v in rows:
-            table.add_row(k, v)
-        Console().print(table)
+                table.add_row(name, f"{float(value):.4f}")
+        if table.row_count:
+            console.print(table)
