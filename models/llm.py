@@ -1,0 +1,229 @@
+"""LLM backbone: any Hugging Face causal LM + its tokenizer, offline, with an image token."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .attention import register_packed_attention
+from .encoders.tokenizers import resolve_hf_path
+
+log = logging.getLogger("mmpt.llm")
+
+FLAG = "--model.init_args.llm.init_args"
+DEFAULT_REPO = "Qwen/Qwen2.5-1.5B"
+
+
+def _looks_like_repo_id(path: str) -> bool:
+    """``org/name`` with no filesystem prefix (``/``, ``.``, ``~``)."""
+    return path.count("/") == 1 and not path.startswith(("/", ".", "~")) and all(path.split("/"))
+
+
+def _missing_weights(path: str) -> FileNotFoundError:
+    """The offline error for LLM weights: what to download, where, and which flag to set."""
+    if _looks_like_repo_id(path):
+        repo, local = path, f"/models/{path.split('/')[1]}"
+    else:
+        name = os.path.basename(os.path.normpath(path)) or DEFAULT_REPO.split("/")[1]
+        repo = DEFAULT_REPO if name == DEFAULT_REPO.split("/")[1] else f"<org>/{name}"
+        local = path
+    return FileNotFoundError(
+        f"LLM weights not found at {path!r} (offline: nothing is downloaded at run time). "
+        f"Download them with `hf download {repo} --local-dir {local}` and pass "
+        f"{FLAG}.pretrained {local}"
+    )
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face causal LM (Qwen2/2.5, Llama, Mistral ...) and its tokenizer, loaded offline.
+
+    Built either from ``pretrained`` (a ``save_pretrained`` folder or a repo id already in the
+    HF cache; ``local_files_only=True``) or from a ``config`` dict (random weights, for tests).
+    When the tokenizer lacks ``image_token`` it is added as a special token, the input (and
+    tied output) embeddings grow to fit it, and the change is logged.
+
+    Attributes:
+        model: The ``AutoModelForCausalLM`` instance.
+        tokenizer: The matching ``AutoTokenizer`` (image token included).
+        image_token: The image placeholder string, e.g. ``"<image>"``.
+        image_token_id: Its id in ``tokenizer`` and in the embedding matrix.
+
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        image_token: str = "<image>",
+        attn_implementation: str = "packed",
+        dtype: str | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        """Load (or build) the model and tokenizer.
+
+        Args:
+            pretrained: Local model folder or cached repo id; exclusive with ``config``.
+            config: Dict with ``model_type`` plus config fields (``AutoConfig.for_model``),
+                e.g. ``{"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, ...}``.
+            tokenizer: Tokenizer folder or cached repo id; defaults to ``pretrained``.
+                Required with ``config``.
+            image_token: Placeholder string for one image in the text.
+            attn_implementation: "packed" (mmpt's block-diagonal attention, see
+                ``register_packed_attention``), or an HF name: "sdpa", "eager",
+                "flash_attention_2".
+            dtype: Parameter dtype name ("bfloat16", "float32" ...); None keeps float32 for
+                ``config`` and the checkpoint's dtype for ``pretrained``.
+            gradient_checkpointing: Recompute decoder layer activations in backward.
+
+        Raises:
+            ValueError: Neither or both of ``pretrained`` / ``config``; ``config`` without
+                ``tokenizer`` or ``model_type``; an unknown ``dtype``.
+            FileNotFoundError: Weights or tokenizer not found locally or in the HF cache.
+
+        """
+        super().__init__()
+        if (pretrained is None) == (config is None):
+            raise ValueError(
+                f"give exactly one of {FLAG}.pretrained (a local HF folder or cached repo id) "
+                f"or {FLAG}.config (a dict with model_type, for tiny test models)"
+            )
+        impl = (
+            register_packed_attention() if attn_implementation == "packed" else attn_implementation
+        )
+        kwargs: dict[str, Any] = {"attn_implementation": impl}
+        if dtype is not None:
+            if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"{FLAG}.dtype: unknown dtype {dtype!r} (e.g. bfloat16)")
+            kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
+        if pretrained is not None:
+            try:
+                pretrained = resolve_hf_path(pretrained, "config.json", f"{FLAG}.pretrained")
+            except FileNotFoundError as err:
+                raise _missing_weights(pretrained) from err
+            self.model = AutoModelForCausalLM.from_pretrained(
+                pretrained, local_files_only=True, **kwargs
+            )
+        else:
+            fields = dict(config)
+            if "model_type" not in fields:
+                raise ValueError(f"{FLAG}.config needs a model_type (e.g. qwen2, llama)")
+            if tokenizer is None:
+                raise ValueError(f"{FLAG}.config needs {FLAG}.tokenizer (a tokenizer folder)")
+            cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            self.model = AutoModelForCausalLM.from_config(cfg, **kwargs)
+        tok_path = resolve_hf_path(
+            tokenizer or pretrained, "tokenizer_config.json", f"{FLAG}.tokenizer"
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
+        self.image_token = image_token
+        self.image_token_id = self._ensure_image_token(image_token)
+        if gradient_checkpointing:
+            self.model.config.use_cache = False
+            new_api = hasattr(self.model, "activation_checkpointing_enable")
+            prefix = "activation" if new_api else "gradient"
+            getattr(self.model, f"{prefix}_checkpointing_enable")()
+
+    def _ensure_image_token(self, token: str) -> int:
+        """Add ``token`` to the tokenizer if missing and grow the embeddings to fit; its id."""
+        if token in self.tokenizer.get_vocab():
+            return int(self.tokenizer.convert_tokens_to_ids(token))
+        old_vocab = len(self.tokenizer)
+        self.tokenizer.add_special_tokens(
+            {"extra_special_tokens": [token]}, replace_extra_special_tokens=False
+        )
+        new_vocab = len(self.tokenizer)
+        token_id = int(self.tokenizer.convert_tokens_to_ids(token))
+        rows = self.vocab_size
+        if new_vocab > rows:
+            self.model.resize_token_embeddings(new_vocab, mean_resizing=True)
+            resized = f"input/output embeddings resized {rows} -> {self.vocab_size} rows"
+        else:
+            resized = f"the {rows}-row embedding matrix already has room, not resized"
+        log.warning(
+            "tokenizer had no image token %r: added it as a special token (id %d), "
+            "tokenizer vocab %d -> %d; %s",
+            token,
+            token_id,
+            old_vocab,
+            new_vocab,
+            resized,
+        )
+        return token_id
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the token embeddings and decoder hidden states."""
+        return int(self.model.get_input_embeddings().embedding_dim)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding matrix (= the logits' last dim)."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's transformer blocks, for fusion modules and freezing."""
+        layers = getattr(self.model.get_decoder(), "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(f"no decoder `layers` ModuleList in {type(self.model).__name__}")
+        return layers
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Look up token embeddings.
+
+        Args:
+            input_ids: (B, T) long token ids.
+
+        Returns:
+            (B, T, hidden_size) embeddings from the model's input embedding layer.
+
+        """
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Run the LM on embeddings (image tokens spliced in) or on token ids.
+
+        Args:
+            inputs_embeds: (B, T, hidden_size) embeddings; exclusive with ``input_ids``.
+            input_ids: (B, T) long token ids.
+            position_ids: (B, T) positions; restarts at 0 mark packed samples.
+            labels: (B, T) long targets, -100 ignored; HF shifts them by one internally.
+            **kwargs: Forwarded to the HF model, e.g. ``hf_packing_kwargs(...)`` or
+                ``attention_mask``.
+
+        Returns:
+            HF output with ``logits`` (B, T, vocab_size) and ``loss`` (scalar) when labels
+            are given.
+
+        """
+        return self.model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            labels=labels,
+            **kwargs,
+        )
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        """Write model and tokenizer into one folder that ``CausalLM(pretrained=path)`` loads.
+
+        Args:
+            path: Output folder (created if missing).
+
+        """
+        self.model.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
