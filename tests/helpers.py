@@ -48,7 +48,7 @@ TINY_VISION = {
         "model_name": "vit_tiny_patch16_224",
         "image_size": 32,
         "embed_dim": 16,
-        "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+        "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
     },
 }
 TINY_TEXT = {

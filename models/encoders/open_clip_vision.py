@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from types import SimpleNamespace
@@ -10,11 +11,19 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.model import _build_vision_tower, resize_pos_embed
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from mmpt.preprocess import ImagePreprocess
 
-from .timm_vit import resolve_checkpoint_file
+from . import class_path, resolve_feature_layer
+from .timm_vit import (
+    resolve_checkpoint_file,
+    timm_block_count,
+    timm_patch_features,
+    timm_patch_grid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +164,16 @@ class OpenCLIPVisionTower(nn.Module):
     open_clip 2.x): the exact function open_clip's ``CLIP`` uses for ``.visual``, so parameter
     names match open_clip checkpoints with the ``visual.`` prefix stripped.
 
+    ``patch_features`` (for VLMs) works for open_clip ViTs at the configured ``image_size``
+    only (fixed position embedding), and for timm trunks that are ViT-style (the SigLIP
+    configs), at other sizes too when the timm model has ``dynamic_img_size``. ModifiedResNet
+    and non-ViT timm trunks have no patch tokens.
+
     Attributes:
         visual: The open_clip image encoder; ``visual(images)`` returns (B, embed_dim).
         output_dim: Projection width.
         image_preprocess: Input size from the config, mean/std of its pretrained tags.
+        feature_layer: Block whose output ``patch_features`` returns (python-style index).
 
     """
 
@@ -168,6 +183,7 @@ class OpenCLIPVisionTower(nn.Module):
         embed_dim: int | None = None,
         pretrained: str | None = None,
         vision_cfg: dict | None = None,
+        feature_layer: int = -2,
     ) -> None:
         """Build the tower and optionally load local weights.
 
@@ -180,10 +196,14 @@ class OpenCLIPVisionTower(nn.Module):
                 (``visual.*`` keys are used) or a vision-only state dict. None: random init.
             vision_cfg: Overrides merged into the config's ``vision_cfg`` (``CLIPVisionCfg``
                 fields: ``layers``, ``width``, ``image_size``, ``patch_dropout`` ...).
+            feature_layer: Block whose output ``patch_features`` returns: -1 the last block,
+                -2 the second-to-last (LLaVA/VILA), 0 the first. Checked for towers with patch
+                tokens.
 
         Raises:
             FileNotFoundError: When ``pretrained`` does not exist.
-            ValueError: For an open_clip tag as ``pretrained`` or a checkpoint that does not fit.
+            ValueError: For an open_clip tag as ``pretrained``, a checkpoint that does not fit or
+                an out-of-range ``feature_layer``.
 
         """
         super().__init__()
@@ -212,6 +232,26 @@ class OpenCLIPVisionTower(nn.Module):
         self.image_preprocess = ImagePreprocess(size=int(size), mean=mean, std=std, channels=3)
         if file is not None:
             self._load(file)
+        self.feature_layer = feature_layer
+        blocks = self._block_count()
+        self._layer_index = (
+            None if blocks is None else resolve_feature_layer(feature_layer, blocks, model_name)
+        )
+        self._init_args: dict[str, Any] = {
+            "model_name": model_name,
+            "embed_dim": self.output_dim,
+            "pretrained": None,
+            "vision_cfg": copy.deepcopy(vcfg),
+            "feature_layer": feature_layer,
+        }
+
+    def _block_count(self) -> int | None:
+        """Transformer blocks of a tower with patch tokens, None for the others."""
+        if isinstance(self.visual, VisionTransformer):
+            return len(self.visual.transformer.resblocks)
+        if isinstance(self.visual, TimmModel):
+            return timm_block_count(self.visual.trunk)
+        return None
 
     def _load(self, file: str) -> None:
         state = load_open_clip_state_dict(file)
@@ -236,6 +276,88 @@ class OpenCLIPVisionTower(nn.Module):
         """
         out = self.visual(images)
         return out[0] if isinstance(out, tuple) else out
+
+    def _require_patches(self) -> int:
+        if self._layer_index is None:
+            raise ValueError(
+                f"patch_features needs an open_clip ViT or a ViT-style timm trunk; "
+                f"{self._init_args['model_name']} has a {type(self.visual).__name__} tower."
+            )
+        return self._layer_index
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens of block ``feature_layer``, before ``ln_post``, pooling and projection.
+
+        Only the blocks up to ``feature_layer`` run.
+
+        Args:
+            images: (B, 3, H, W) normalised pixels; open_clip ViTs need H = W = ``image_size``.
+
+        Returns:
+            (B, h * w, feature_dim) tokens, row-major over the ``patch_grid(H, W)`` grid; no
+            class token.
+
+        Raises:
+            ValueError: For a tower without patch tokens, an input size it cannot take, or
+                active patch dropout (training mode with ``patch_dropout`` > 0).
+
+        """
+        index = self._require_patches()
+        if isinstance(self.visual, TimmModel):
+            return timm_patch_features(self.visual.trunk, images, index)
+        grid = self.patch_grid(images.shape[-2], images.shape[-1])
+        (tokens,) = self.visual.forward_intermediates(
+            images, indices=[index], stop_early=True, intermediates_only=True, output_fmt="NLC"
+        )["image_intermediates"]
+        if tokens.shape[1] != grid[0] * grid[1]:
+            raise ValueError(
+                f"Got {tokens.shape[1]} tokens for a {grid} grid: patch dropout is active in "
+                "training mode; set vision_cfg.patch_dropout to 0 for patch features."
+            )
+        return tokens
+
+    @property
+    def feature_dim(self) -> int:
+        """Width D of the ``patch_features`` tokens."""
+        self._require_patches()
+        if isinstance(self.visual, TimmModel):
+            return int(self.visual.trunk.embed_dim)
+        return int(self.visual.transformer.width)
+
+    @property
+    def patch_size(self) -> int:
+        """Side of a square patch in pixels."""
+        self._require_patches()
+        if isinstance(self.visual, TimmModel):
+            return int(self.visual.trunk.patch_embed.patch_size[0])
+        return int(self.visual.patch_size[0])
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) ``patch_features`` gives for a (height, width) input.
+
+        Raises:
+            ValueError: For an open_clip ViT and a size other than its ``image_size``.
+
+        """
+        self._require_patches()
+        if isinstance(self.visual, TimmModel):
+            return timm_patch_grid(self.visual.trunk, height, width)
+        if (height, width) != tuple(self.visual.image_size):
+            raise ValueError(
+                f"open_clip ViTs have a fixed position embedding: input must be "
+                f"{tuple(self.visual.image_size)}, got {(height, width)}. Set "
+                "vision_cfg.image_size (weights are resized on load) or use a timm-trunk config."
+            )
+        return tuple(self.visual.grid_size)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable ``class_path``/``init_args`` that rebuild this architecture.
+
+        ``pretrained`` is None (weights travel separately); ``vision_cfg`` is the full merged
+        config, ``embed_dim`` the resolved width. A ``local-dir:`` model_name still needs its
+        folder (for quick_gelu and mean/std).
+        """
+        return {"class_path": class_path(self), "init_args": copy.deepcopy(self._init_args)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Turn activation checkpointing of the transformer blocks on or off."""

@@ -1,18 +1,22 @@
-"""Vision tower from any timm model; its classifier head is the projection to the joint space."""
+"""Vision tower from any timm model: pooled features (contrastive) or patch tokens (VLMs)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
 from mmpt.preprocess import ImagePreprocess
+
+from . import class_path, resolve_feature_layer
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,74 @@ def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
     return {strip.sub("", k): tuple(v.shape) for k, v in ckpt.items() if torch.is_tensor(v)}
 
 
+def timm_block_count(model: nn.Module) -> int | None:
+    """Number of blocks of a timm ViT-style model, None when it has no patch tokens to return.
+
+    ViT-style means ``patch_embed``, a ``blocks`` list and ``forward_intermediates`` (timm
+    ``VisionTransformer``, ``Eva``, ``Beit``, relpos ViTs ...); CNNs and hierarchical models
+    (ResNet, ConvNeXt, Swin, Hiera) are not.
+    """
+    if all(hasattr(model, a) for a in ("patch_embed", "blocks", "forward_intermediates")):
+        return len(model.blocks)
+    return None
+
+
+def timm_patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """Token grid (h, w) a timm ViT-style model gives for a (height, width) input.
+
+    Raises:
+        ValueError: When the model has a fixed input size (no ``dynamic_img_size``) and the
+            size differs.
+
+    """
+    embed = model.patch_embed
+    if getattr(model, "dynamic_img_size", False):
+        return tuple(embed.dynamic_feat_size((height, width)))
+    if (height, width) != tuple(embed.img_size):
+        raise ValueError(
+            f"{type(model).__name__} was built for {tuple(embed.img_size)} inputs, got "
+            f"{(height, width)}. Other and non-square sizes need a model built with "
+            "dynamic_img_size=True (TimmVisionTower: model_kwargs={'dynamic_img_size': True}; "
+            "timm ViT and EVA support it, BEiT does not)."
+        )
+    return tuple(embed.grid_size)
+
+
+def timm_patch_features(model: nn.Module, images: torch.Tensor, index: int) -> torch.Tensor:
+    """Output of block ``index`` of a timm ViT-style model, without prefix tokens.
+
+    Only blocks ``0..index`` run (``stop_early``); no final norm is applied.
+
+    Args:
+        model: timm ViT-style model (see :func:`timm_block_count`).
+        images: (B, C, H, W) normalised pixels.
+        index: Absolute block index.
+
+    Returns:
+        (B, h * w, D) patch tokens, row-major over the (h, w) grid of :func:`timm_patch_grid`.
+
+    Raises:
+        ValueError: For an input size the model cannot take, or when token dropout changed the
+            token count (``patch_drop_rate`` > 0 in training mode).
+
+    """
+    grid = timm_patch_grid(model, images.shape[-2], images.shape[-1])
+    (tokens,) = model.forward_intermediates(
+        images,
+        indices=[index],
+        norm=False,
+        stop_early=True,
+        output_fmt="NLC",
+        intermediates_only=True,
+    )
+    if tokens.shape[1] != grid[0] * grid[1]:
+        raise ValueError(
+            f"Got {tokens.shape[1]} tokens for a {grid} grid: token dropout (patch_drop_rate) "
+            "is active in training mode; set it to 0 for patch features."
+        )
+    return tokens
+
+
 class _KeyReport(logging.Handler):
     """Collects the missing/unexpected key lists that timm's ``load_pretrained`` logs."""
 
@@ -115,10 +187,15 @@ class TimmVisionTower(nn.Module):
     ``image_size``, patch-embed resize, input-conv channel adaption). The checkpoint's head is
     kept when its shape matches ``embed_dim`` and re-initialised otherwise.
 
+    ``patch_features`` (for VLMs) needs a ViT-style model (``patch_embed`` + ``blocks``: timm
+    ViT, DeiT, EVA, BEiT ...); other sizes than ``image_size``, non-square ones included, need
+    ``model_kwargs={"dynamic_img_size": True}`` (ViT, EVA; not BEiT).
+
     Attributes:
-        model: The timm model; ``model(images)`` returns (B, embed_dim).
-        output_dim: ``embed_dim``.
+        model: The timm model; ``model(images)`` returns (B, output_dim).
+        output_dim: ``embed_dim``, or the pooled feature width when ``embed_dim`` is 0.
         image_preprocess: Size, mean, std and channel count the model expects.
+        feature_layer: Block whose output ``patch_features`` returns (python-style index).
 
     """
 
@@ -131,13 +208,16 @@ class TimmVisionTower(nn.Module):
         model_kwargs: dict | None = None,
         mean: list[float] | None = None,
         std: list[float] | None = None,
+        feature_layer: int = -2,
     ) -> None:
         """Build the model and optionally load local weights.
 
         Args:
             model_name: timm architecture name, optionally with a tag (``vit_base_patch16_224.
                 augreg_in21k``); the tag only selects the default mean/std, never a download.
-            embed_dim: Output width (the classifier head becomes a projection of this size).
+            embed_dim: Output width (the classifier head becomes a projection of this size);
+                0 for no head: ``forward`` then returns the pooled features (a VLM uses only
+                ``patch_features`` and needs no head).
             image_size: Square input size in pixels (``img_size`` for timm).
             pretrained: Local checkpoint file (``.safetensors``/``.pth``/``.bin``) or a folder
                 holding one; None for random init.
@@ -145,10 +225,14 @@ class TimmVisionTower(nn.Module):
                 ``in_chans``, ``dynamic_img_size`` ...).
             mean: Per-channel normalisation mean; defaults to the model's pretrained_cfg.
             std: Per-channel normalisation std; defaults to the model's pretrained_cfg.
+            feature_layer: Block whose output ``patch_features`` returns: -1 the last block,
+                -2 the second-to-last (LLaVA/VILA), 0 the first. Checked when the model is
+                ViT-style.
 
         Raises:
             FileNotFoundError: When ``pretrained`` does not exist.
-            ValueError: On conflicting arguments or a checkpoint that does not fit the model.
+            ValueError: On conflicting arguments, a checkpoint that does not fit the model or
+                an out-of-range ``feature_layer``.
 
         """
         super().__init__()
@@ -157,11 +241,12 @@ class TimmVisionTower(nn.Module):
             if key in kwargs:
                 raise ValueError(f"Set `{arg}` instead of model_kwargs[{key!r}].")
         kwargs.update(num_classes=embed_dim, img_size=image_size)
-        self.output_dim = embed_dim
         if pretrained is None:
             self.model = timm.create_model(model_name, pretrained=False, **kwargs)
         else:
             self.model = self._create_pretrained(model_name, pretrained, kwargs)
+        pooled = getattr(self.model, "head_hidden_size", self.model.num_features)
+        self.output_dim = int(embed_dim or pooled)
 
         cfg = self.model.pretrained_cfg
         channels = int(kwargs.get("in_chans", 3))
@@ -175,6 +260,21 @@ class TimmVisionTower(nn.Module):
         self.image_preprocess = ImagePreprocess(
             size=image_size, mean=tuple(mean), std=tuple(std), channels=channels
         )
+        self.feature_layer = feature_layer
+        blocks = timm_block_count(self.model)
+        self._layer_index = (
+            None if blocks is None else resolve_feature_layer(feature_layer, blocks, model_name)
+        )
+        self._init_args: dict[str, Any] = {
+            "model_name": model_name,
+            "embed_dim": embed_dim,
+            "image_size": image_size,
+            "pretrained": None,
+            "model_kwargs": copy.deepcopy(model_kwargs or {}),
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            "feature_layer": feature_layer,
+        }
 
     @staticmethod
     def _create_pretrained(model_name: str, pretrained: str, kwargs: dict) -> nn.Module:
@@ -203,7 +303,7 @@ class TimmVisionTower(nn.Module):
                 f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}. Check model_name / "
                 f"model_kwargs against the checkpoint, or fix {FLAG}."
             )
-        if not keep_head:
+        if not keep_head and kwargs["num_classes"]:
             log.info("%s: new head %s (embed_dim=%d)", file, heads, kwargs["num_classes"])
         return model
 
@@ -214,10 +314,63 @@ class TimmVisionTower(nn.Module):
             images: (B, C, H, W) normalised pixels.
 
         Returns:
-            (B, embed_dim) pooled and projected features, not normalised.
+            (B, output_dim) pooled and projected features, not normalised.
 
         """
         return self.model(images)
+
+    def _require_patches(self) -> int:
+        if self._layer_index is None:
+            raise ValueError(
+                f"{self._init_args['model_name']} ({type(self.model).__name__}) is not a ViT-style "
+                "timm model (patch_embed + blocks): it has no patch tokens for patch_features."
+            )
+        return self._layer_index
+
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens of block ``feature_layer``, before the final norm, pooling and head.
+
+        Only the blocks up to ``feature_layer`` run.
+
+        Args:
+            images: (B, C, H, W) normalised pixels; H, W other than ``image_size`` need
+                ``model_kwargs={"dynamic_img_size": True}``.
+
+        Returns:
+            (B, h * w, feature_dim) tokens, row-major over the ``patch_grid(H, W)`` grid; no
+            class or register tokens.
+
+        Raises:
+            ValueError: For a non-ViT model or an input size the model cannot take.
+
+        """
+        return timm_patch_features(self.model, images, self._require_patches())
+
+    @property
+    def feature_dim(self) -> int:
+        """Width D of the ``patch_features`` tokens."""
+        return int(getattr(self.model, "embed_dim", self.model.num_features))
+
+    @property
+    def patch_size(self) -> int:
+        """Side of a square patch in pixels."""
+        self._require_patches()
+        return int(self.model.patch_embed.patch_size[0])
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (h, w) ``patch_features`` gives for a (height, width) input."""
+        self._require_patches()
+        return timm_patch_grid(self.model, height, width)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable ``class_path``/``init_args`` that rebuild this architecture.
+
+        ``pretrained`` is None (weights travel separately); mean/std are the resolved values.
+        """
+        return {
+            "class_path": class_path(self),
+            "init_args": copy.deepcopy(self._init_args),
+        }
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Turn activation checkpointing of the timm blocks on or off."""
