@@ -19,6 +19,7 @@ BUILD_KINDS: dict[str, Callable[..., Any]] = {"image-text": build_image_text_sha
 
 EPILOG = """examples:
   mmpt data synth --kind image-text --out data/shapes
+  mmpt data synth --kind interleaved --out data/docs --max-images 3
   mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
   mmpt data inspect shards/ --check
 """
@@ -42,13 +43,28 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", type=int, metavar="N", help="random seed; same seed, same bytes (default 0)"
     )
     synth.add_argument(
-        "--train-samples", type=int, metavar="N", help="training samples (default 6000)"
+        "--train-samples",
+        type=int,
+        metavar="N",
+        help="training samples (default: image-text 6000, interleaved 2000)",
+    )
+    synth.add_argument(
+        "--val-samples", type=int, metavar="N", help="validation documents (interleaved; 192)"
     )
     synth.add_argument(
         "--image-size", type=int, metavar="PX", help="image side in pixels (default 64)"
     )
     synth.add_argument(
-        "--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)"
+        "--samples-per-shard",
+        type=int,
+        metavar="N",
+        help="samples per shard (default: image-text 1000, interleaved 500)",
+    )
+    synth.add_argument(
+        "--min-images", type=int, metavar="N", help="fewest images per document (interleaved; 1)"
+    )
+    synth.add_argument(
+        "--max-images", type=int, metavar="N", help="most images per document (interleaved; 4)"
     )
     synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
 
@@ -125,8 +141,11 @@ def _synth(args: argparse.Namespace) -> int:
     given = {
         "seed": args.seed,
         "train_samples": args.train_samples,
+        "val_samples": args.val_samples,
         "image_size": args.image_size,
         "samples_per_shard": args.samples_per_shard,
+        "min_images": args.min_images,
+        "max_images": args.max_images,
         "overwrite": args.overwrite,
     }
     result = fn(args.out, **_options(fn, args.kind, given))
@@ -135,6 +154,8 @@ def _synth(args: argparse.Namespace) -> int:
         if split in result:
             n, shards = result.get(f"{split}_samples", "?"), result.get(f"{split}_shards", "?")
             print(f"  {split}: {n} samples in {shards} shard(s) at {result[split]}")
+    if "tokenizer" in result:
+        print(f"  tokenizer: {result['tokenizer']}")
     return 0
 
 

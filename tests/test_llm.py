@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mmpt.models.llm import CausalLM
+from mmpt.synth.vocab import write_word_tokenizer
 
 WORDS = ["<pad>", "<unk>", "</s>", "a", "photo", "of", "the", "cat", "dog", "on", "mat"]
 
@@ -30,16 +31,7 @@ def tiny_config(model_type: str = "qwen2", vocab_size: int = len(WORDS)) -> dict
 
 def write_tokenizer(path: Path, words: list[str] = WORDS) -> Path:
     """A WordLevel tokenizer over ``words`` (whitespace split) saved with ``save_pretrained``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
-    )
-    tok.save_pretrained(str(path))
-    return path
+    return write_word_tokenizer(path, words, special_tokens=("<pad>", "<unk>", "</s>"))
 
 
 @pytest.fixture(scope="module")

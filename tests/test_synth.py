@@ -144,3 +144,22 @@ def test_rerun_replaces_own_output_but_not_foreign_shards(tmp_path: Path) -> Non
 def test_bad_parameters_name_the_flag(tmp_path: Path, kwargs: dict, flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
         synth_image_text(tmp_path, **kwargs)
+
+
+def test_tokenizer_written_deterministically_and_covers_captions(
+    synth: dict, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    from mmpt.synth.vocab import write_synth_tokenizer
+
+    folder = Path(synth["tokenizer"])
+    assert folder == Path(synth["out"]) / "tokenizer"
+    again = write_synth_tokenizer(tmp_path / "tok")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(p.name for p in again.iterdir()) and "tokenizer.json" in names
+    assert all((folder / n).read_bytes() == (again / n).read_bytes() for n in names)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    for s in _samples(Path(synth["val"]))[:20]:
+        ids = tok(s["txt"])["input_ids"]
+        assert tok.unk_token_id not in ids and len(ids) == len(s["txt"].replace(":", " :").split())

@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def _image_text(out: str | Path, **kw: Any) -> dict:
-    from mmpt.synth.image_text import synth_image_text
+class _Lazy:
+    """A generator function imported on first use; its signature is the real one.
 
-    return synth_image_text(out, **kw)
+    ``inspect.signature`` reads :attr:`__signature__`, so ``mmpt data synth`` can reject
+    flags a kind does not take without importing every generator up front.
+
+    Args:
+        module: Module holding the generator.
+        name: The generator's name in ``module``.
+    """
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def resolve(self) -> Callable[..., dict]:
+        """Import and return the generator."""
+        return getattr(importlib.import_module(self.module), self.name)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.resolve())
+
+    def __call__(self, out: str | Path, **kw: Any) -> dict:
+        return self.resolve()(out, **kw)
 
 
 #: ``mmpt data synth --kind`` -> generator(out, **options). Later modalities add a line here.
-SYNTH_KINDS: dict[str, Callable[..., dict]] = {"image-text": _image_text}
+SYNTH_KINDS: dict[str, Callable[..., dict]] = {
+    "image-text": _Lazy("mmpt.synth.image_text", "synth_image_text"),
+    "interleaved": _Lazy("mmpt.synth.interleaved", "synth_interleaved"),
+    "text": _Lazy("mmpt.synth.interleaved", "synth_text"),
+}
 
 
 def make_synthetic(kind: str, out: str | Path, **kw: Any) -> dict:

@@ -14,6 +14,7 @@ from PIL import Image, ImageChops, ImageDraw
 from mmpt.shards.build import prepare_out_dir
 from mmpt.shards.index import load_index
 from mmpt.shards.writer import ShardWriter
+from mmpt.synth.vocab import write_synth_tokenizer
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (225, 30, 30),
@@ -187,14 +188,25 @@ def render_sample(
     return buf.getvalue()
 
 
-def _clear_previous(folder: Path, overwrite: bool) -> None:
-    """Let a rerun replace this generator's own earlier output; anything else needs overwrite."""
+def clear_previous(folder: Path, overwrite: bool, generator: str = GENERATOR_NAME) -> None:
+    """Let a rerun replace a generator's own earlier output; anything else needs ``overwrite``.
+
+    Args:
+        folder: A split folder (``out/train``) about to be written.
+        overwrite: Also delete shards that ``generator`` did not write.
+        generator: Name recorded as ``meta["generator"]["name"]`` in the folder's
+            ``index.json`` by the generator about to write.
+
+    Raises:
+        ValueError: ``folder`` holds other shards and ``overwrite`` is False.
+
+    """
     try:
         index = load_index(folder) if folder.is_dir() else None
     except ValueError:
         index = None
     if index is not None:
-        ours = index.meta.get("generator", {}).get("name") == GENERATOR_NAME
+        ours = index.meta.get("generator", {}).get("name") == generator
     else:  # an interrupted run leaves finished shards and no index.json
         ours = all(re.fullmatch(r"shard-\d{6}\.tar", p.name) for p in folder.glob("*.tar"))
     prepare_out_dir(folder, overwrite=overwrite or ours)
@@ -245,7 +257,9 @@ def synth_image_text(
     zero-shot classification are stored in both splits' ``index.json`` ``meta``.
 
     Args:
-        out: Output folder; ``train/`` and ``val/`` are created inside it.
+        out: Output folder; ``train/``, ``val/`` and ``tokenizer/`` (a word-level tokenizer
+            covering every caption and prompt word, see :mod:`mmpt.synth.vocab`) are created
+            inside it.
         train_samples: Number of training samples.
         image_size: Side of the square images in pixels (at least 16).
         seed: Same seed gives byte-identical shards.
@@ -254,8 +268,8 @@ def synth_image_text(
             write (its own earlier output is always replaced).
 
     Returns:
-        Dict with ``out``, ``train`` and ``val`` folders, ``train_samples``, ``val_samples``,
-        ``train_shards``, ``val_shards`` and ``num_classes``.
+        Dict with ``out``, ``train``, ``val`` and ``tokenizer`` folders, ``train_samples``,
+        ``val_samples``, ``train_shards``, ``val_shards`` and ``num_classes``.
 
     Raises:
         ValueError: A parameter is out of range, or the output folders hold other shards.
@@ -272,7 +286,7 @@ def synth_image_text(
     out = Path(out)
     folders = {"train": out / "train", "val": out / "val"}
     for folder in folders.values():
-        _clear_previous(folder, overwrite)
+        clear_previous(folder, overwrite)
     generator = {
         "name": GENERATOR_NAME,
         "seed": seed,
@@ -309,4 +323,5 @@ def synth_image_text(
         "train_shards": shards["train"],
         "val_shards": shards["val"],
         "num_classes": len(CLASSNAMES),
+        "tokenizer": str(write_synth_tokenizer(out / "tokenizer")),
     }
