@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Callable
@@ -214,6 +215,22 @@ def _packing_from_kwargs(
     return _CU_FROM_POS.get(position_ids, (b, t), build)
 
 
+def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in one dtype: the autocast dtype under autocast, else the widest given.
+
+    Under bf16 autocast HF's rotary embedding returns fp32 q/k while v stays bf16; xformers
+    refuses mixed dtypes, and running everything in fp32 would waste the fast kernels.
+    """
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    elif len({t.dtype for t in tensors}) > 1:
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    else:
+        return tensors
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def _hf_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -236,6 +253,7 @@ def _hf_attention(
             "attention does not support: load it with attn_implementation='eager' or 'sdpa'"
         )
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    query, key, value = _common_dtype(query, key, value)
     if attention_mask is not None and attention_mask.ndim == 4:  # a caller's own mask rules
         gqa = query.shape[1] != key.shape[1]
         out = F.scaled_dot_product_attention(

@@ -241,3 +241,15 @@ def test_xformers_packed_model_forward_equals_unpacked():
     alone = solo_logits(model, [{"input_ids": s["input_ids"].cuda()} for s in seqs])
     for packed, ref in zip(got, alone, strict=True):
         torch.testing.assert_close(packed, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_qkv_dtypes_are_unified_for_the_kernel():
+    """Under bf16 autocast HF's rotary gives fp32 q/k and bf16 v: all run in bf16."""
+    from mmpt.models.attention import _common_dtype
+
+    q = torch.randn(1, 2, 4, 8)
+    v = q.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in _common_dtype(q, q, v)} == {torch.bfloat16}
+    assert {t.dtype for t in _common_dtype(q, q, v)} == {torch.float32}
+    assert all(a is b for a, b in zip(_common_dtype(q, q, q), (q, q, q), strict=True))
