@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mmpt fit -c configs/quickstart/clip_tiny.yaml
+	$(VENV)/bin/mmpt fit -c configs/quickstart/vila_stage1.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

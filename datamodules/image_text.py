@@ -38,6 +38,36 @@ class SyntheticData:
     image_size: int = 64
     seed: int = 0
 
+    def ensure(self) -> None:
+        """Render the set into ``out`` unless its train index and tokenizer exist."""
+        out = Path(self.out)
+        if (out / "train" / "index.json").exists() and (out / "tokenizer").is_dir():
+            return
+        import inspect
+
+        from mmpt.synth import SYNTH_KINDS, make_synthetic
+
+        log.info("synthetic data missing: generating %s into %s", self.kind, self.out)
+        options = {"train_samples": self.train_samples, "image_size": self.image_size}
+        options["seed"] = self.seed
+        if self.kind in SYNTH_KINDS:  # an unknown kind gets make_synthetic's error
+            accepted = inspect.signature(SYNTH_KINDS[self.kind]).parameters
+            options = {k: v for k, v in options.items() if k in accepted}
+        make_synthetic(self.kind, self.out, **options)
+
+
+def synthetic_specs(value: Any) -> list[SyntheticData]:
+    """``data.synthetic`` as a list of :class:`SyntheticData` (from objects or parsed dicts)."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for v in items:
+        if not isinstance(v, SyntheticData):
+            v = SyntheticData(**(v.as_dict() if hasattr(v, "as_dict") else dict(v)))
+        out.append(v)
+    return out
+
 
 class ImageTextSample:
     """Raw sample dict -> (image (C,H,W), captions, label, key). Picklable for workers."""
@@ -107,7 +137,7 @@ class ImageTextDataModule(L.LightningDataModule):
         val_text_key: Caption field for validation (e.g. ``json:captions``); default text_key.
         label_key: Class id field for zero-shot classification, None for none.
         seed: Base seed of shard order, shuffles and resampling.
-        synthetic: Generate this synthetic set first when ``train``'s shards are missing.
+        synthetic: Synthetic set(s) to generate first when missing (one, or a list for mixes).
         preprocess: Filled by the CLI from the model (image size, normalisation, tokenizer).
     """
 
@@ -124,7 +154,7 @@ class ImageTextDataModule(L.LightningDataModule):
         val_text_key: str | None = None,
         label_key: str | None = "json:label",
         seed: int = 0,
-        synthetic: SyntheticData | None = None,
+        synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: Preprocess | None = None,
     ) -> None:
         super().__init__()
@@ -143,20 +173,8 @@ class ImageTextDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Render the synthetic set (rank 0 only) if it is configured and missing."""
-        if self.synthetic is None or (Path(self.synthetic.out) / "train" / "index.json").exists():
-            return
-        from mmpt.synth import make_synthetic
-
-        log.info(
-            "synthetic data missing: generating %s into %s", self.synthetic.kind, self.synthetic.out
-        )
-        make_synthetic(
-            self.synthetic.kind,
-            self.synthetic.out,
-            train_samples=self.synthetic.train_samples,
-            image_size=self.synthetic.image_size,
-            seed=self.synthetic.seed,
-        )
+        for spec in synthetic_specs(self.synthetic):
+            spec.ensure()
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "_trainer", None)

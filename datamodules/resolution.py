@@ -43,11 +43,15 @@ class ImageCrops:
         pixels: uint8 (n_crops, 3, H, W), crops in the order the LLM sees them.
         grids: Vision-tower patch grid (h, w) of each crop; ``len(grids) == n_crops``.
         row_end_tokens: Extra separator tokens (AnyRes row-end / newline tokens), else 0.
+        tiles: AnyRes tile grid (rows, cols) of the tiled crops, else None.
+        global_view: Whether crop 0 is a global view (AnyRes), not a tile.
     """
 
     pixels: torch.Tensor
     grids: list[tuple[int, int]]
     row_end_tokens: int = 0
+    tiles: tuple[int, int] | None = None
+    global_view: bool = False
 
     def num_tokens(self, tokens_for_grid: TokensForGrid) -> int:
         """LLM tokens: the connector's tokens for every crop plus the row-end tokens."""
@@ -175,7 +179,7 @@ class AnyResTiles:
             glob = _to_uint8(img.resize((t, t), Image.Resampling.BICUBIC))
             tiles = torch.cat([glob.unsqueeze(0), tiles])
         grids, row_ends = self._grids_and_row_ends(grid)
-        return ImageCrops(tiles.contiguous(), grids, row_ends)
+        return ImageCrops(tiles.contiguous(), grids, row_ends, grid, self.global_view)
 
     def num_tokens(self, width: int, height: int, tokens_for_grid: TokensForGrid) -> int:
         """Tokens for a ``width`` x ``height`` image: crops' connector tokens + row-ends."""

@@ -92,6 +92,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         rank: Distributed rank of this process.
         world_size: Number of ranks.
         num_workers: DataLoader workers that will iterate this stream (for the length).
+        batcher: Turns the stream of items into lists of items, e.g. packed rows
+            (``mmpt.datamodules.vlm.PackedBatcher``); default ``batch_size`` items a batch.
+            With a batcher the batch count is unknown in plain mode (one pass an epoch), and
+            in resampled mode ``epoch_samples`` counts what the batcher batches (rows).
     """
 
     def __init__(
@@ -106,8 +110,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        batcher: Callable[[Iterator[Any]], Iterator[list[Any]]] | None = None,
     ) -> None:
         super().__init__()
+        self.batcher = batcher
         self.sources, self.config = sources, config
         self.sample_fn, self.collate_fn = sample_fn, collate_fn
         self.batch_size, self.partial, self.seed = batch_size, partial, seed
@@ -147,7 +153,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.config.resampled:
             per_worker = self.config.epoch_samples // (self.world_size * self.batch_size)
             return [max(1, per_worker // self.num_workers)] * self.num_workers
-        if self.counts is None or self.partial:
+        if self.counts is None or self.partial or self.batcher is not None:
             return None
         quotas = self._worker_batches(rank)
         target = min(sum(self._worker_batches(r)) for r in range(self.world_size))
@@ -160,7 +166,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         quotas = self.worker_quotas(rank)
         if quotas is not None:
             return sum(quotas)
-        return None if self.counts is None else sum(self._worker_batches(rank))
+        if self.counts is None or self.batcher is not None:
+            return None
+        return sum(self._worker_batches(rank))
 
     def __len__(self) -> int:
         n = self.batches_for(self.rank)
@@ -196,18 +204,22 @@ class ShardStream(torch.utils.data.IterableDataset):
             samples = repeat_passes(lambda: read_shards(mine, counter), passes)
         samples = shuffle(samples, cfg.shuffle_buffer, rng)
         items = map_skipping(samples, self.sample_fn, counter)
-        batches = batched(items, self.batch_size, self.partial)
+        if self.batcher is not None:
+            batches = self.batcher(items)
+        else:
+            batches = batched(items, self.batch_size, self.partial)
         if quota is not None:
             batches = itertools.islice(batches, quota)
         # Hold each batch back by one, so skips after the last batch are still counted.
+        # Added to what collate counted itself (e.g. VLMCollate's undecodable images).
         pending = None
         for items_batch in batches:
             if pending is not None:
-                pending.skipped = counter.take()
+                pending.skipped += counter.take()
                 yield pending
             pending = self.collate_fn(items_batch)
         if pending is not None:
-            pending.skipped = counter.take()
+            pending.skipped += counter.take()
             yield pending
         elif counter.total:
             log.warning(
@@ -238,7 +250,7 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False)
 
 def _report_uneven_ranks(stream: ShardStream) -> None:
     """Warn when plain-mode ranks hold unequal data, so equal step counts drop samples."""
-    if stream.config.resampled or stream.partial or stream.counts is None:
+    if stream.config.resampled or stream.partial or stream.counts is None or stream.batcher:
         return
     own = [sum(stream._worker_batches(r)) for r in range(stream.world_size)]
     if len(set(own)) > 1:

@@ -41,3 +41,72 @@ class ImageTextBatch:
     def num_texts(self) -> int:
         """Number of captions M in the batch."""
         return self.text_tokens.shape[0]
+
+
+@dataclass
+class ImageLayout:
+    """Where one image's crops are in a :class:`VLMBatch` and how its tokens are arranged.
+
+    Attributes:
+        crops: (group, index) of each crop in ``VLMBatch.pixels``, in the LLM's order.
+        grids: Vision-tower patch grid (h, w) of each crop.
+        row_end_tokens: Row-end separator tokens after the tiled canvas rows (AnyRes), else 0.
+        tiles: AnyRes tile grid (rows, cols), else None.
+        global_view: Whether crop 0 is a global view rather than a tile.
+    """
+
+    crops: list[tuple[int, int]]
+    grids: list[tuple[int, int]]
+    row_end_tokens: int = 0
+    tiles: tuple[int, int] | None = None
+    global_view: bool = False
+
+
+@dataclass
+class VLMBatch:
+    """Packed token rows with the images whose tokens they hold.
+
+    The i-th run of image tokens in row-major order over ``input_ids`` belongs to
+    ``images[i]`` (token injection: the run is as long as the image's tokens; fusion: one
+    marker token per image).
+
+    Attributes:
+        input_ids: (R, L) long token ids.
+        labels: (R, L) long targets, -100 on prompts, image tokens, padding and each sample's
+            first token.
+        position_ids: (R, L) positions restarting at 0 for every packed sample.
+        cu_seqlens: int32 (S + 1,) offsets of every segment (pad tails too) in the flattened
+            R * L tokens.
+        max_seqlen: Longest segment.
+        pixels: One uint8 (n_g, 3, H_g, W_g) tensor per distinct crop size (normalised float
+            after ``on_after_batch_transfer``).
+        images: Layout of every image, in token order.
+        keys: ``__key__`` of every packed sample, in row order.
+        template: Name of the data template (quoted by errors on all-masked labels).
+        num_samples: Samples packed in the batch.
+        num_real_tokens: Non-pad tokens.
+        num_truncated: Samples cut to ``max_seq_len``.
+        skipped: Samples dropped as corrupt, incomplete or overlong since the previous batch.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    pixels: list[torch.Tensor] = field(default_factory=list)
+    images: list[ImageLayout] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    template: str = "plain"
+    num_samples: int = 0
+    num_real_tokens: int = 0
+    num_truncated: int = 0
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def fill_fraction(self) -> float:
+        """Non-pad tokens / all tokens."""
+        return self.num_real_tokens / max(1, self.input_ids.numel())

@@ -13,7 +13,7 @@ TOP_HELP = """usage: mmpt <command> [options]
 Multimodal pretraining workbench.
 
 training (LightningCLI: -c config files compose, dotted overrides, --print_config):
-  fit         train a model:            mmpt fit -c configs/quickstart/clip_tiny.yaml
+  fit         train a model:            mmpt fit -c configs/quickstart/vila_stage1.yaml
   validate    run validation once:      mmpt validate -c CONFIG --ckpt_path last.ckpt
   test        run the test loop:        mmpt test -c CONFIG --ckpt_path last.ckpt
   predict     run prediction:           mmpt predict -c CONFIG --ckpt_path last.ckpt
@@ -22,6 +22,9 @@ data:
   data synth      make a learnable synthetic set   mmpt data synth --kind image-text --out DIR
   data build      raw files -> WebDataset shards   mmpt data build --from captions.csv --out DIR
   data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
+
+export:
+  export          VLM checkpoint -> HF-style folder mmpt export -c CFG --ckpt CKPT --out DIR
 
 evaluation (JSON report + PNG plot):
   eval retrieval  zero-shot image<->text retrieval mmpt eval retrieval -c CFG --ckpt CKPT --data DIR
@@ -42,6 +45,14 @@ class MMPTCLI(LightningCLI):
         parser.link_arguments(
             "model.preprocess", "data.init_args.preprocess", apply_on="instantiate"
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Generate ``data.synthetic`` when missing, before the model reads its tokenizer."""
+        from mmpt.datamodules.image_text import synthetic_specs
+
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        for spec in synthetic_specs(cfg.get("data.init_args.synthetic") if cfg else None):
+            spec.ensure()
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:
@@ -77,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmpt.data_cli import main as data_main
 
         return data_main(argv[1:])
+    if argv[0] == "export":
+        from mmpt.export_cli import main as export_main
+
+        return export_main(argv[1:])
     if argv[0] == "eval":
         from mmpt.eval.cli import main as eval_main
 

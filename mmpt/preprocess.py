@@ -7,8 +7,9 @@ checkpoint, so training, validation and ``mmpt eval`` cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -61,3 +62,31 @@ class Preprocess:
 
     image: ImagePreprocess | None = field(default_factory=ImagePreprocess)
     tokenizer: Tokenizer | None = None
+
+
+@dataclass
+class VLMPreprocess:
+    """What a VLM's datamodule needs from the model to turn documents into token rows.
+
+    Attributes:
+        tokenizer: The LLM's HF tokenizer (image token included).
+        image_token_id: Id of the image placeholder token.
+        pad_id: Padding id.
+        eos: End-of-sequence string appended after target text.
+        policy: Resolution policy (``mmpt.datamodules.resolution``): image -> crops, counts.
+        tokens_for_grid: Picklable (h, w) patch grid of one crop -> connector tokens; None
+            when the model fuses images by cross-attention (one marker token per image).
+        image: Normalisation (mean/std) of the vision tower.
+    """
+
+    tokenizer: Any
+    image_token_id: int
+    pad_id: int
+    eos: str
+    policy: Any
+    tokens_for_grid: Callable[[tuple[int, int]], int] | None
+    image: ImagePreprocess
+
+    def image_tokens(self, crops: Any) -> int:
+        """LLM tokens of one image's ``ImageCrops`` (1 marker token under fusion)."""
+        return 1 if self.tokens_for_grid is None else crops.num_tokens(self.tokens_for_grid)

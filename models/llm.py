@@ -124,6 +124,13 @@ class CausalLM(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
         self.image_token = image_token
         self.image_token_id = self._ensure_image_token(image_token)
+        if len(self.tokenizer) > self.vocab_size:
+            log.warning(
+                "tokenizer has %d tokens but the embeddings %d rows: resized to fit",
+                len(self.tokenizer),
+                self.vocab_size,
+            )
+            self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         if gradient_checkpointing:
             self.model.config.use_cache = False
             new_api = hasattr(self.model, "activation_checkpointing_enable")

@@ -148,3 +148,23 @@ def load_matching(model: nn.Module, path: str) -> tuple[list[str], list[str]]:
         f" (shape mismatch: {bad_shape[:5]})" if bad_shape else "",
     )
     return missing, unexpected
+
+
+def load_checkpoint(model: nn.Module, ckpt: str) -> None:
+    """Load a checkpoint of exactly this model (``mmpt eval``, ``mmpt export``).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Weights of the model are missing from it (another config was used).
+    """
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt: no checkpoint at {ckpt!r}")
+    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise ValueError(
+            f"{ckpt} does not match the model of the given config: {len(result.missing_keys)} "
+            f"weights missing (first: {result.missing_keys[:3]}). "
+            "Pass the config it was trained with."
+        )

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from mmpt.cli import build_cli, main
+from mmpt.synth.vocab import write_synth_tokenizer
 from tests.helpers import TINY_TEXT, TINY_VISION
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -27,6 +28,24 @@ def import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def tiny_llm(tokenizer: Path) -> dict[str, Any]:
+    return {
+        "class_path": "mmpt.models.llm.CausalLM",
+        "init_args": {"config": TINY_LLM_CONFIG, "tokenizer": str(tokenizer)},
+    }
+
+
+TINY_LLM_CONFIG = {
+    "model_type": "qwen2",
+    "vocab_size": 80,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
 def tiny_variant(cfg: dict[str, Any], shards: Path) -> dict[str, Any]:
     """The recipe with tiny towers, the test shards and a one-CPU fp32 trainer."""
     cfg = copy.deepcopy(cfg)
@@ -35,10 +54,22 @@ def tiny_variant(cfg: dict[str, Any], shards: Path) -> dict[str, Any]:
         model["vision"] = TINY_VISION
     if "text" in model:
         model["text"] = TINY_TEXT
+    if "llm" in model:
+        model["llm"] = tiny_llm(write_synth_tokenizer(shards.parent / "tokenizer"))
+        model.pop("init_from", None)
+        if "resolution" in model:
+            model["resolution"] = {
+                "class_path": "mmpt.datamodules.resolution.FixedResolution",
+                "init_args": {"image_size": 32, "patch_size": 8},
+            }
     data = cfg["data"]["init_args"]
+    data.pop("synthetic", None)
     for split in ("train", "val"):
         if data.get(split):
-            data[split]["urls"] = str(shards)
+            urls = data[split]["urls"]
+            data[split]["urls"] = (
+                [str(shards)] * len(urls) if isinstance(urls, list) else str(shards)
+            )
     cfg["trainer"].update(
         accelerator="cpu", devices=1, num_nodes=1, strategy="auto", precision="32-true"
     )
@@ -79,11 +110,14 @@ def test_config_instantiates_with_tiny_overrides(
     assert type(model) is import_class(written["model"]["class_path"])
     assert type(dm) is import_class(written["data"]["class_path"])
     assert type(model.vision) is import_class(TINY_VISION["class_path"])
-    assert type(model.text) is import_class(TINY_TEXT["class_path"])
+    text_model = model.text if hasattr(model, "text") else model.llm
+    assert type(text_model) is import_class(
+        TINY_TEXT["class_path"] if hasattr(model, "text") else "mmpt.models.llm.CausalLM"
+    )
 
     # The model's preprocessing reached the datamodule (link_arguments), not a default.
     assert dm.preprocess is not None
-    assert dm.preprocess.tokenizer is model.text.tokenizer
+    assert dm.preprocess.tokenizer is text_model.tokenizer
     assert dm.preprocess.image == model.vision.image_preprocess
     assert dm.preprocess.image.size == TINY_VISION["init_args"]["image_size"]
 
@@ -104,7 +138,8 @@ def test_config_instantiates_with_tiny_overrides(
         assert import_class(cb["class_path"]) in callbacks
 
     dm.setup("fit")  # the swapped sources resolve
-    assert len(dm.train_stream.urls) == 8
+    sources = written["data"]["init_args"]["train"]["urls"]
+    assert len(dm.train_stream.urls) == 8 * (len(sources) if isinstance(sources, list) else 1)
 
 
 def test_clip_vit_b16_is_open_clips_recipe(

@@ -62,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     from mmpt.cli import build_cli
     from mmpt.datamodules.streams import StreamConfig, make_loader
+    from mmpt.models.module import load_checkpoint
 
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     cli_args = [a for c in args.config for a in ("-c", c)] + ["--trainer.logger=false", *overrides]
     cli = build_cli(cli_args, run=False)
     model, dm = cli.model, cli.datamodule
-    _load_weights(model, args.ckpt)
+    load_checkpoint(model, args.ckpt)
     if args.text_key:
         dm.val_text_key = args.text_key
     dm.val_batch_size = args.batch_size
@@ -140,18 +141,6 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     for kind, path in paths.items():
         console.print(f"{kind}: {path}")
     return 0
-
-
-def _load_weights(model: torch.nn.Module, ckpt: str) -> None:
-    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        raise ValueError(
-            f"{ckpt} does not match the model of the given config: {len(result.missing_keys)} "
-            f"weights missing (first: {result.missing_keys[:3]}). "
-            "Pass the config it was trained with."
-        )
 
 
 def _zeroshot_meta(args: argparse.Namespace, meta: dict) -> dict | None:

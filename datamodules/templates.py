@@ -1,0 +1,190 @@
+"""Prompt templates and tokenisation for VLM samples: text segments -> ids + masked labels.
+
+A sample is a list of messages ``{"role": ..., "content": ...}``. Roles:
+
+- ``system`` / ``user``: context, never a training target;
+- ``assistant``: the target (labels on its content and its end-of-turn marker);
+- ``text``: raw text (an interleaved document, a caption in pretraining, text-only data),
+  a target with no chat markers in every template.
+
+``<image>`` placeholders may appear in any content; each expands to the image's token count
+and is never a target. A template turns messages into :class:`Segment` s; :func:`encode`
+tokenises them piece by piece, so label masks follow segment boundaries exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmpt.datamodules.packing import IGNORE_INDEX
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant", "text")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of the rendered sample: its text and whether its tokens are targets."""
+
+    text: str
+    target: bool
+
+
+@dataclass(frozen=True)
+class Template:
+    """A conversation format given by the strings around each role's content.
+
+    Attributes:
+        name: Registry name, quoted in errors.
+        bos: Text put before the whole sample (e.g. Llama 3's ``<|begin_of_text|>``).
+        system: Format of a system turn, ``{}`` = content.
+        user: Format of a user turn.
+        assistant_prefix: Text opening an assistant turn (not a target).
+        assistant_suffix: Text closing it (a target: the model must learn to stop); ``{eos}``
+            is the tokenizer's end-of-sequence token.
+        turn_sep: Text after an assistant turn (not a target).
+    """
+
+    name: str
+    bos: str = ""
+    system: str = "{}\n"
+    user: str = "{}\n"
+    assistant_prefix: str = ""
+    assistant_suffix: str = "{eos}"
+    turn_sep: str = ""
+
+    def render(self, messages: Sequence[dict[str, str]], eos: str) -> list[Segment]:
+        """Messages -> segments (empty strings dropped).
+
+        Raises:
+            ValueError: An unknown role, or a message without string content.
+        """
+        out = [Segment(self.bos, False)]
+        for i, msg in enumerate(messages):
+            role, content = msg.get("role"), msg.get("content")
+            if role not in ROLES or not isinstance(content, str):
+                raise ValueError(
+                    f"message {i} must have role in {ROLES} and string content, got {msg!r}"
+                )
+            if role == "text":
+                out.append(Segment(content + eos, True))
+            elif role == "assistant":
+                out += [
+                    Segment(self.assistant_prefix, False),
+                    Segment(content + self.assistant_suffix.format(eos=eos), True),
+                    Segment(self.turn_sep, False),
+                ]
+            else:
+                out.append(Segment(getattr(self, role).format(content), False))
+        return [s for s in out if s.text]
+
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        # LLaVA/VILA stage-1 "plain": the prompt (the image) then the caption, no markers.
+        Template("plain"),
+        # Qwen / ChatML.
+        Template(
+            "chatml",
+            system="<|im_start|>system\n{}<|im_end|>\n",
+            user="<|im_start|>user\n{}<|im_end|>\n",
+            assistant_prefix="<|im_start|>assistant\n",
+            assistant_suffix="<|im_end|>",
+            turn_sep="\n",
+        ),
+        Template(
+            "llama3",
+            bos="<|begin_of_text|>",
+            system="<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
+            user="<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
+            assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+            assistant_suffix="<|eot_id|>",
+        ),
+        # LLaVA v1 / Vicuna.
+        Template("vicuna", system="{} ", user="USER: {} ", assistant_prefix="ASSISTANT: "),
+    )
+}
+
+
+def get_template(name: str, field: str = "data.template") -> Template:
+    """The template registered as ``name``.
+
+    Raises:
+        ValueError: Unknown name (lists the known ones and the flag to set).
+    """
+    if name not in TEMPLATES:
+        raise ValueError(f"{field}: unknown template {name!r}; known: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+def encode(
+    segments: Sequence[Segment],
+    tokenizer: Any,
+    image_token_id: int,
+    image_tokens: Sequence[int],
+) -> dict[str, torch.Tensor]:
+    """Tokenise rendered segments, expanding the i-th ``<image>`` to ``image_tokens[i]`` ids.
+
+    Text between placeholders is tokenised without special tokens (the template spells them).
+
+    Args:
+        segments: Output of ``Template.render``.
+        tokenizer: HF tokenizer.
+        image_token_id: Id that marks image positions.
+        image_tokens: Token count of each image, in order of appearance.
+
+    Returns:
+        ``input_ids`` (L,) and ``labels`` (L,) long; labels are the ids on target text and
+        -100 elsewhere (prompts, markers, image tokens).
+
+    Raises:
+        ValueError: The placeholder count differs from ``len(image_tokens)``.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    image = 0
+    for seg in segments:
+        for j, piece in enumerate(seg.text.split(IMAGE_PLACEHOLDER)):
+            if j:
+                if image >= len(image_tokens):
+                    break
+                ids += [image_token_id] * image_tokens[image]
+                labels += [IGNORE_INDEX] * image_tokens[image]
+                image += 1
+            if piece:
+                toks = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids += toks
+                labels += toks if seg.target else [IGNORE_INDEX] * len(toks)
+    found = sum(seg.text.count(IMAGE_PLACEHOLDER) for seg in segments)
+    if found != len(image_tokens):
+        raise ValueError(
+            f"sample has {found} {IMAGE_PLACEHOLDER} placeholders for {len(image_tokens)} images"
+        )
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+    }
+
+
+def check_targets(labels: torch.Tensor, template: str) -> None:
+    """Fail loudly on a batch with no target token (it would train on a loss of 0.0).
+
+    Args:
+        labels: (B, T) labels, -100 = ignored.
+        template: The data template's name, quoted in the error.
+
+    Raises:
+        ValueError: Every label is -100.
+    """
+    if not bool((labels != IGNORE_INDEX).any()):
+        raise ValueError(
+            f"every label in this batch is masked (-100), so the loss would be 0.0: with "
+            f"data.template={template!r} only assistant/text turns are targets. Check that "
+            "the samples have assistant turns (or captions), that the template matches the "
+            "tokenizer's chat format, and that max_seq_len does not cut the targets off"
+        )
