@@ -12,7 +12,8 @@ from PIL import Image
 from rich.console import Console
 
 from mmpt.shards import ShardWriter
-from mmpt.shards.inspect import inspect_shards, print_report
+from mmpt.shards.inspect import classify_sample, inspect_shards, print_report
+from mmpt.synth import make_synthetic
 
 
 def _jpeg(seed: int) -> bytes:
@@ -58,6 +59,8 @@ def test_counts_and_extensions_of_a_clean_folder(tmp_path: Path) -> None:
         ("shard-000002.tar", 2, 2),
     ]
     assert report.extensions == {"jpg": 10, "json": 10, "txt": 10}
+    assert report.shapes == {"pair": 10} and report.images == 10
+    assert report.images_per_sample == {1: 10} and not report.text_only
     assert report.mismatches == [] and report.errors == []
     d = report.to_dict()
     assert json.loads(json.dumps(d))["total_samples"] == 10 and d["ok"] is True
@@ -142,3 +145,116 @@ def test_print_report_renders_tables(tmp_path: Path) -> None:
     print_report(report, console=console)
     text = console.export_text()
     assert "shard-000002.tar" in text and "missing_text" in text and "problems found" in text
+
+
+def _interleaved(out: Path, docs: list[dict], modalities: list[str] | None = None) -> Path:
+    """One shard of interleaved samples: each doc gives ``names`` (json) and ``members``."""
+    with ShardWriter(out, modalities=modalities or ["image", "text"]) as w:
+        for i, doc in enumerate(docs):
+            names = doc.get("names", ["0.jpg", "1.jpg"])
+            texts = doc.get("texts", ["intro"] + ["a shape" if n is None else None for n in names])
+            sample = {
+                "__key__": f"doc{i:03d}",
+                "json": {"texts": texts, "images": [None, *names]},
+            }
+            for member in doc.get("members", [n for n in names if n]):
+                sample[member] = doc.get("bytes", {}).get(member, _jpeg(i))
+            w.write(sample)
+    return out
+
+
+def test_interleaved_synthetic_set_is_clean(tmp_path: Path) -> None:
+    info = make_synthetic(
+        "interleaved", tmp_path / "il", train_samples=10, val_samples=2, image_size=32
+    )
+    report = inspect_shards(info["train"], check=True)
+    assert report.ok and report.examples == [] and report.total_samples == 10
+    assert report.shapes == {"interleaved": 10} and report.images == info["train_images"]
+    assert sum(report.images_per_sample.values()) == 10
+    assert set(report.images_per_sample) <= {1, 2, 3, 4}
+    assert report.extensions["json"] == report.extensions["0.jpg"] == 10
+    console = Console(record=True, width=120)
+    print_report(report, console=console)
+    text = console.export_text()
+    assert "interleaved 10" in text and f"{info['train_images']} (per sample: " in text
+
+
+def test_text_synthetic_set_is_clean(tmp_path: Path) -> None:
+    info = make_synthetic("text", tmp_path / "tx", train_samples=10, val_samples=2)
+    report = inspect_shards(info["train"], check=True)
+    assert report.ok and report.examples == [] and report.total_samples == 10
+    assert report.text_only and report.shapes == {"text": 10}
+    assert report.images == 0 and report.images_per_sample == {0: 10}
+    single = inspect_shards(Path(info["train"]) / "shard-000000.tar")  # the folder's index
+    assert single.ok and single.text_only
+
+
+def test_text_only_needs_the_index_to_say_so(tmp_path: Path) -> None:
+    for name, modalities in (("text", ["text"]), ("pairs", ["image", "text"])):
+        with ShardWriter(tmp_path / name, modalities=modalities) as w:
+            w.write({"__key__": "a", "txt": "only words"})
+            w.write({"__key__": "b", "json": {"text": "words in json"}})
+    assert inspect_shards(tmp_path / "text").ok
+    pairs = inspect_shards(tmp_path / "pairs")
+    assert pairs.missing_image == 2 and pairs.missing_text == 0 and not pairs.text_only
+    problems = {(e["key"], e["problem"]) for e in pairs.examples}
+    assert problems == {("a", "no image"), ("b", "no image")}
+    (tmp_path / "pairs" / "index.json").unlink()  # no index: an image is still expected
+    assert inspect_shards(tmp_path / "pairs").missing_image == 2
+
+
+def test_interleaved_member_named_in_json_but_missing(tmp_path: Path) -> None:
+    docs = [
+        {},
+        {"names": ["0.jpg", "1.jpg", "2.jpg"], "members": ["0.jpg", "1.jpg"]},
+        {"texts": [None, None, None]},
+    ]
+    report = inspect_shards(_interleaved(tmp_path / "s", docs))
+    assert report.missing_member == 1 and report.missing_text == 1 and not report.ok
+    assert report.missing_image == 0 and report.shapes == {"interleaved": 3}
+    problems = {(e["key"], e["kind"], e["problem"]) for e in report.examples}
+    assert problems == {
+        ("doc001", "missing_member", "image member '2.jpg' named in json is missing"),
+        ("doc002", "missing_text", "empty text"),
+    }
+    assert report.images_per_sample == {2: 3}
+    console = Console(record=True, width=120)
+    print_report(report, console=console)
+    assert "missing_member" in console.export_text()
+
+
+def test_check_reports_corrupt_numbered_image(tmp_path: Path) -> None:
+    docs = [{}, {"bytes": {"1.jpg": _jpeg(1)[:40]}}]
+    out = _interleaved(tmp_path / "s", docs)
+    assert inspect_shards(out).ok  # images are not decoded without check
+    report = inspect_shards(out, check=True)
+    assert report.corrupt_images == 1 and report.corrupt_json == 0 and not report.ok
+    (example,) = report.examples
+    assert example["key"] == "doc001" and example["problem"].startswith("corrupt 1.jpg")
+
+
+def test_interleaved_lists_of_different_length(tmp_path: Path) -> None:
+    out = _interleaved(tmp_path / "s", [{"texts": ["intro", "a shape"]}])
+    report = inspect_shards(out)
+    assert report.corrupt_json == 1
+    assert report.examples[0]["problem"] == "interleaved json: 2 texts for 3 images"
+
+
+def test_conversation_shapes() -> None:
+    jpg = _jpeg(0)
+    llava = {"conversations": [{"from": "human", "value": "what?"}, {"from": "gpt", "value": "a"}]}
+    shape, images, problems = classify_sample({"jpg": jpg, "json": json.dumps(llava).encode()})
+    assert (shape, images, problems) == ("conversation", ["jpg"], [])
+    chat = {
+        "messages": [{"role": "user", "content": "<image><image> same?"}],
+        "images": ["0.png", "1.png"],
+    }
+    shape, images, problems = classify_sample({"0.png": jpg, "json": json.dumps(chat).encode()})
+    assert shape == "conversation" and images == ["0.png"]
+    assert problems == [("image member '1.png' named in json is missing", "missing_member")]
+    empty = {"messages": [{"role": "user", "content": " "}]}
+    assert classify_sample({"json": json.dumps(empty).encode()})[2] == [
+        ("empty text", "missing_text")
+    ]
+    text_chat = {"messages": [{"role": "user", "content": "hi"}]}  # no image: fine
+    assert classify_sample({"json": json.dumps(text_chat).encode()}) == ("conversation", [], [])

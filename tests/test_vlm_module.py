@@ -228,3 +228,33 @@ def test_export_hf_folder(shapes, tmp_path):
     with torch.no_grad():
         assert torch.allclose(again.model(ids).logits, model.llm.model(ids).logits, atol=1e-6)
     assert again.image_token_id == model.llm.image_token_id
+
+
+def test_native_resolution_encodes_each_aspect_at_its_own_grid(shapes):
+    from mmpt.datamodules.resolution import NativeResolution
+
+    model = tiny_vlm(shapes, resolution=NativeResolution(patch_size=8, max_num_patches=24))
+    import io
+
+    from PIL import Image
+
+    items = []
+    dm = VLMDataModule(
+        train=StreamConfig(urls=str(shapes / "train")), num_workers=0, preprocess=model.preprocess
+    )
+    dm.setup("fit")
+    for i, size in enumerate([(64, 16), (16, 48), (40, 40)]):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (40 * i, 90, 200)).save(buf, format="PNG")
+        items.append(
+            dm.train_stream.sample_fn(
+                {"__key__": str(i), "png": buf.getvalue(), "txt": "a red square"}
+            )
+        )
+    # aspect kept within the 24-patch budget: 64x16 -> 2 x 8, 16x48 -> 8 x 3, 40x40 -> 4 x 4
+    assert [s["image_tokens"][0] for s in items] == [16, 24, 16]
+    batch = collate(model, [pack_row(items, 96, model.preprocess.pad_id)])
+    assert sorted(tuple(p.shape[-2:]) for p in batch.pixels) == [(16, 64), (32, 32), (64, 24)]
+    with torch.no_grad():
+        assert torch.isfinite(model(batch).loss)
+    assert packed_vs_alone(model, items, 96) < 1e-4

@@ -69,3 +69,17 @@ def test_export_of_a_missing_checkpoint_is_a_clean_error(tmp_path, monkeypatch, 
     cfg = str(CONFIGS / "vila_stage1.yaml")
     assert main(["export", "-c", cfg, "--ckpt", "nope.ckpt", "--out", "hf"]) == 2
     assert "no checkpoint at 'nope.ckpt'" in capsys.readouterr().err
+
+
+def test_fusion_is_chosen_in_yaml(tmp_path, monkeypatch):
+    """The quickstart with gated cross-attention instead of token injection, from flags only."""
+    monkeypatch.chdir(tmp_path)
+    make_synthetic("image-text", "data/shapes", train_samples=48, image_size=32)
+    fusion = [
+        "--model.init_args.fusion={every: 1}",
+        "--model.init_args.trainable=[connector.*, fusion.*]",
+    ]
+    assert main(["fit", "-c", str(CONFIGS / "vila_stage1.yaml"), *FAST, *fusion]) == 0
+    s = state(Path("runs/vila_tiny/checkpoints/last.ckpt"))
+    gates = [k for k in s if k.startswith("fusion.") and k.endswith("attn_gate")]
+    assert len(gates) == 2 and any(float(s[k].abs().sum()) > 0 for k in gates)

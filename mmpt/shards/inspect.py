@@ -1,10 +1,23 @@
-"""Inspect WebDataset shards: sample counts, keys, missing and corrupt samples, index drift."""
+"""Inspect WebDataset shards: sample counts, keys, missing and corrupt samples, index drift.
+
+Samples are read in the shapes the VLM reader (``mmpt.datamodules.vlm.VLMSample``) takes:
+
+- **pair**: an image member (``jpg`` ...) and a caption (``txt``, ``json`` ``caption``/``text``);
+- **interleaved**: ``json`` with parallel lists ``texts`` and ``images``, where ``images``
+  names members such as ``"0.jpg"`` (tar files ``<key>.0.jpg``);
+- **conversation**: ``json`` with ``messages`` (``role``/``content``) or LLaVA's
+  ``conversations`` (``from``/``value``), images named by ``json`` ``images`` or the sample's
+  single image member;
+- **text**: a caption without any image; a problem unless the folder's ``index.json`` says
+  the set is text-only (``meta.kind`` ``"text"``, or ``modalities`` without ``"image"``).
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import multiprocessing
+import re
 import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,6 +30,15 @@ from mmpt.shards.index import INDEX_NAME, ShardIndex, load_index
 
 MAX_EXAMPLES = 10  # problem samples listed per kind of problem
 MAX_SHARD_ROWS = 50  # rows of the per-shard table
+PROBLEM_KINDS = (
+    "missing_image",
+    "missing_text",
+    "missing_member",
+    "corrupt_images",
+    "corrupt_json",
+)
+SHAPES = ("pair", "interleaved", "conversation", "text")
+_NUMBERED = re.compile(r"^\d+\.(.+)$")  # "0.jpg": the n-th image of an interleaved sample
 
 
 @dataclass
@@ -45,11 +67,20 @@ class InspectReport:
         path: The inspected folder or ``.tar`` file.
         shards: Per-shard counts and read errors.
         extensions: File extension -> number of samples that carry it.
-        missing_image: Samples with none of the image extensions.
-        missing_text: Samples with no text extension, or only empty text.
+        shapes: Sample shape (``pair``, ``interleaved``, ``conversation``, ``text``) -> samples.
+        images: Image members over all samples.
+        images_per_sample: Image members in a sample -> number of such samples.
+        text_only: Whether the index marks the set as text-only, so samples need no image.
+        missing_image: Samples (not interleaved, not conversations) with no image member;
+            not counted when ``text_only``.
+        missing_text: Samples with no text (``txt``, json ``caption``/``text``/``texts``/
+            ``messages``/``conversations``), or only empty text.
+        missing_member: Images named by an interleaved or conversation ``json`` that the
+            sample lacks (one count per missing member).
         corrupt_images: Images that fail to decode (only counted with ``check``).
-        corrupt_json: ``json`` files that fail to parse (only counted with ``check``).
-        examples: The first few problem samples: ``shard``, ``key``, ``problem``.
+        corrupt_json: ``json`` files that fail to parse (only counted with ``check``), and
+            interleaved ``json`` whose ``texts`` and ``images`` are not lists of one length.
+        examples: The first few problem samples: ``shard``, ``key``, ``problem``, ``kind``.
         mismatches: Disagreements between the files and ``index.json``.
         index_found: Whether an ``index.json`` was compared against.
         checked: Whether images and json were decoded.
@@ -59,8 +90,13 @@ class InspectReport:
     path: str
     shards: list[ShardStats] = field(default_factory=list)
     extensions: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    images_per_sample: dict[int, int] = field(default_factory=dict)
+    text_only: bool = False
     missing_image: int = 0
     missing_text: int = 0
+    missing_member: int = 0
     corrupt_images: int = 0
     corrupt_json: int = 0
     examples: list[dict[str, str]] = field(default_factory=list)
@@ -81,8 +117,8 @@ class InspectReport:
     @property
     def ok(self) -> bool:
         """True when nothing is missing, corrupt, unreadable or out of line with the index."""
-        problems = self.missing_image + self.missing_text + self.corrupt_images
-        return not (problems + self.corrupt_json or self.mismatches or self.errors)
+        problems = sum(getattr(self, kind) for kind in PROBLEM_KINDS)
+        return not (problems or self.mismatches or self.errors)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, with ``total_samples``, ``errors`` and ``ok``."""
@@ -100,10 +136,16 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _decode_problem(ext: str, data: bytes, image_keys: tuple[str, ...]) -> str | None:
-    """Why ``data`` fails to decode as its extension says, or None when it decodes."""
+def _is_image(ext: str, image_keys: tuple[str, ...]) -> bool:
+    """An image member: an image extension (``jpg``) or a numbered one (``0.jpg``)."""
+    numbered = _NUMBERED.match(ext)
+    return ext in image_keys or (numbered is not None and numbered.group(1) in image_keys)
+
+
+def _decode_problem(ext: str, data: bytes, image: bool) -> str | None:
+    """Why ``data`` fails to decode as an image (``image``) or json, or None when it decodes."""
     try:
-        if ext in image_keys:
+        if image:
             with Image.open(io.BytesIO(data)) as im:
                 im.verify()
             with Image.open(io.BytesIO(data)) as im:
@@ -115,11 +157,105 @@ def _decode_problem(ext: str, data: bytes, image_keys: tuple[str, ...]) -> str |
     return None
 
 
+def _json_meta(data: bytes | None) -> dict[str, Any]:
+    """The sample's ``json`` as a dict; {} when absent, not a dict or unparsable."""
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError):  # reported as corrupt json under --check
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _has_text(values: list[Any]) -> bool:
+    """Whether any value is non-empty text once stripped (bytes are read as UTF-8)."""
+    for v in values:
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", errors="replace")
+        if v is not None and str(v).strip():
+            return True
+    return False
+
+
+def _named_images(meta: dict[str, Any]) -> list[str] | None:
+    """Member names listed in ``json`` ``images`` (nulls dropped), or None when not a list."""
+    names = meta.get("images")
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list):
+        return None
+    return [str(n).lower() for n in names if n is not None]
+
+
+def classify_sample(
+    files: dict[str, bytes | None],
+    image_keys: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
+    text_keys: tuple[str, ...] = ("txt",),
+    text_only: bool = False,
+) -> tuple[str, list[str], list[tuple[str, str]]]:
+    """A sample's shape, its image members and its problems, as the VLM reader sees it.
+
+    Args:
+        files: Extension -> contents of one sample (``None`` where not read); the text
+            extensions and ``json`` must be read.
+        image_keys: Extensions of an image member (``jpg``; numbered ``0.jpg`` count too).
+        text_keys: Extensions that count as a caption.
+        text_only: The set is text-only: a pair/text sample without image is fine.
+
+    Returns:
+        ``(shape, images, problems)``: shape is one of :data:`SHAPES`; images lists the
+        members read as images (numbered ones and those named by ``json``); problems are
+        ``(problem, kind)`` with kind one of :data:`PROBLEM_KINDS`.
+    """
+    meta = _json_meta(files.get("json"))
+    problems: list[tuple[str, str]] = []
+    images = [ext for ext in files if _is_image(ext, image_keys)]
+    turns = meta.get("messages") or meta.get("conversations")
+    if turns:
+        shape = "conversation"
+        turns = turns if isinstance(turns, list) else [turns]
+        contents = [
+            (t.get("content") if "content" in t else t.get("value")) if isinstance(t, dict) else t
+            for t in turns
+        ]
+        if not _has_text(contents):
+            problems.append(("empty text", "missing_text"))
+        names = _named_images(meta)
+        if names is None:  # the sample's single image, if any
+            names = next(([k] for k in image_keys if k in files), [])
+    elif "texts" in meta and "images" in meta:
+        shape = "interleaved"
+        texts, listed = meta["texts"], meta["images"]
+        if not (isinstance(texts, list) and isinstance(listed, list)) or len(texts) != len(listed):
+            n = [len(x) if isinstance(x, list) else type(x).__name__ for x in (texts, listed)]
+            problems.append((f"interleaved json: {n[0]} texts for {n[1]} images", "corrupt_json"))
+        texts = texts if isinstance(texts, list) else [texts]
+        if not _has_text(texts):
+            problems.append(("no text" if not texts else "empty text", "missing_text"))
+        names = _named_images(meta) or []
+    else:
+        shape = "pair" if images else "text"
+        texts = [files[ext] for ext in text_keys if ext in files]
+        texts += [meta[k] for k in ("caption", "text") if k in meta]
+        if not _has_text(texts):
+            problems.append(("no text" if not texts else "empty text", "missing_text"))
+        if not images and not text_only:
+            problems.append(("no image", "missing_image"))
+        names = []
+    for name in dict.fromkeys(names):
+        if name not in files:
+            problems.append((f"image member {name!r} named in json is missing", "missing_member"))
+        elif name not in images:
+            images.append(name)
+    return shape, images, problems
+
+
 def _scan_shard(
-    args: tuple[Path, str, bool, tuple[str, ...], tuple[str, ...]],
+    args: tuple[Path, str, bool, tuple[str, ...], tuple[str, ...], bool],
 ) -> tuple[ShardStats, Counter, list[dict[str, str]]]:
-    """Read one tar; returns its stats, problem counts and extension counts, and examples."""
-    path, name, check, image_keys, text_keys = args
+    """Read one tar; returns its stats, problem, shape and extension counts, and examples."""
+    path, name, check, image_keys, text_keys, text_only = args
     stats, counts, examples = ShardStats(name), Counter(), []
 
     def note(key: str, problem: str, kind: str) -> None:
@@ -132,15 +268,18 @@ def _scan_shard(
             return
         stats.samples += 1
         counts.update(f"ext:{ext}" for ext in files)
-        if not any(ext in files for ext in image_keys):
-            note(key, "no image", "missing_image")
-        texts = [files[ext] for ext in text_keys if ext in files]
-        if not any(t is not None and t.strip() for t in texts):
-            note(key, "no text" if not texts else "empty text", "missing_text")
+        shape, images, problems = classify_sample(files, image_keys, text_keys, text_only)
+        counts[f"shape:{shape}"] += 1
+        counts[f"images:{len(images)}"] += 1
+        for problem, kind in problems:
+            note(key, problem, kind)
+        if not check:  # json is read for its shape, but a bad one counts only under check
+            return
         for ext, data in files.items():
-            problem = _decode_problem(ext, data, image_keys) if data is not None else None
+            image = ext in images
+            problem = _decode_problem(ext, data, image) if data is not None else None
             if problem:
-                note(key, problem, "corrupt_images" if ext in image_keys else "corrupt_json")
+                note(key, problem, "corrupt_images" if image else "corrupt_json")
 
     key, files = None, {}
     try:
@@ -152,7 +291,7 @@ def _scan_shard(
                 if parts[0] != key:
                     finish(key, files)
                     key, files = parts[0], {}
-                read = check or parts[1] in text_keys
+                read = check or parts[1] in text_keys or parts[1] == "json"
                 files[parts[1]] = tf.extractfile(member).read() if read else None
         finish(key, files)
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -160,6 +299,15 @@ def _scan_shard(
             f"unreadable or truncated tar ({type(e).__name__}: {e}) after {stats.samples} samples"
         )
     return stats, counts, examples
+
+
+def _text_only(index: ShardIndex | None) -> bool:
+    """Whether ``index.json`` marks the set as text-only (samples need no image)."""
+    if index is None:
+        return False
+    return index.meta.get("kind") == "text" or bool(
+        index.modalities and "image" not in index.modalities
+    )
 
 
 def _shard_paths(path: Path) -> tuple[list[tuple[Path, str]], ShardIndex | None]:
@@ -194,8 +342,10 @@ def inspect_shards(
             ``*.tar``; sorted by name without an index) or a single ``.tar`` file (compared
             with its folder's ``index.json`` entry when there is one).
         check: Also decode every image (PIL verify + load) and parse every json.
-        image_keys: Extensions that count as an image.
-        text_keys: Extensions that count as a caption.
+        image_keys: Extensions that count as an image; numbered members (``0.jpg``) with
+            these extensions and members named by a sample's ``json`` count too.
+        text_keys: Extensions that count as a caption (``json`` ``caption``, ``text``,
+            ``texts`` and conversation turns count too).
         workers: Processes reading shards in parallel.
 
     Returns:
@@ -208,10 +358,12 @@ def inspect_shards(
 
     """
     shards, index = _shard_paths(Path(path))
-    report = InspectReport(path=str(path), index_found=index is not None, checked=check)
+    report = InspectReport(
+        path=str(path), index_found=index is not None, checked=check, text_only=_text_only(index)
+    )
     expected = {s.name: s.samples for s in index.shards} if index else {}
     keys = (tuple(k.lower() for k in image_keys), tuple(k.lower() for k in text_keys))
-    todo = [(p, name, check, *keys) for p, name in shards if p.is_file()]
+    todo = [(p, name, check, *keys, report.text_only) for p, name in shards if p.is_file()]
     if workers > 1 and len(todo) > 1:
         with multiprocessing.Pool(min(workers, len(todo))) as pool:
             results = list(pool.imap(_scan_shard, todo))
@@ -236,7 +388,11 @@ def inspect_shards(
                 f"{name}: {INDEX_NAME} says {stats.expected} samples, found {stats.samples}"
             )
     report.extensions = {k[4:]: v for k, v in sorted(totals.items()) if k.startswith("ext:")}
-    for kind in ("missing_image", "missing_text", "corrupt_images", "corrupt_json"):
+    report.shapes = {s: totals[f"shape:{s}"] for s in SHAPES if totals[f"shape:{s}"]}
+    per_sample = {int(k[7:]): v for k, v in totals.items() if k.startswith("images:")}
+    report.images_per_sample = dict(sorted(per_sample.items()))
+    report.images = sum(n * v for n, v in per_sample.items())
+    for kind in PROBLEM_KINDS:
         setattr(report, kind, totals[kind])
     found = sorted(report.extensions)
     if index is not None and Path(path).is_dir() and index.keys and sorted(index.keys) != found:
@@ -244,6 +400,17 @@ def inspect_shards(
             f"{INDEX_NAME} lists keys {sorted(index.keys)}, shards hold {found}"
         )
     return report
+
+
+def _images_summary(report: InspectReport) -> str:
+    """``"27 (per sample: 1-4, mean 2.7)"``, or the count alone when no sample has an image."""
+    per_sample = report.images_per_sample
+    if not report.images or not per_sample:
+        return str(report.images)
+    low, high = min(per_sample), max(per_sample)
+    mean = report.images / max(1, sum(per_sample.values()))
+    spread = str(low) if low == high else f"{low}-{high}"
+    return f"{report.images} (per sample: {spread}, mean {mean:.1f})"
 
 
 def print_report(report: InspectReport, console: Any = None) -> None:
@@ -263,6 +430,9 @@ def print_report(report: InspectReport, console: Any = None) -> None:
     summary.add_row("shards", str(len(report.shards)))
     summary.add_row("samples", str(report.total_samples))
     summary.add_row(f"samples in {INDEX_NAME}", "no index" if expected is None else str(expected))
+    shapes = ", ".join(f"{shape} {n}" for shape, n in report.shapes.items()) or "-"
+    summary.add_row("sample shapes", shapes + (" (text-only set)" if report.text_only else ""))
+    summary.add_row("images", _images_summary(report))
     summary.add_row("images decoded", "yes" if report.checked else "no (use --check)")
     console.print(summary)
 
@@ -289,7 +459,7 @@ def print_report(report: InspectReport, console: Any = None) -> None:
     problems = Table(title="problems")
     problems.add_column("problem")
     problems.add_column("count / detail")
-    for kind in ("missing_image", "missing_text", "corrupt_images", "corrupt_json"):
+    for kind in PROBLEM_KINDS:
         if getattr(report, kind):
             problems.add_row(kind, str(getattr(report, kind)))
     for e in report.examples:

@@ -109,7 +109,7 @@ def _write_split(
     writer = ShardWriter(
         folder,
         samples_per_shard=options["samples_per_shard"],
-        modalities=["image", "text"],
+        modalities=["text"] if options.get("text_only") else ["image", "text"],
         meta={**meta, "split": split},
     )
     with writer:
