@@ -59,3 +59,14 @@ TINY_TEXT = {
         "text_cfg": {"context_length": 12, "width": 32, "heads": 2, "layers": 1},
     },
 }
+
+TINY_LLM_CONFIG = {
+    "model_type": "qwen2",
+    "vocab_size": 80,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}

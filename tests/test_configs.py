@@ -14,7 +14,7 @@ import yaml
 
 from mmpt.cli import build_cli, main
 from mmpt.synth.vocab import write_synth_tokenizer
-from tests.helpers import TINY_TEXT, TINY_VISION
+from tests.helpers import TINY_LLM_CONFIG, TINY_TEXT, TINY_VISION
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -33,17 +33,6 @@ def tiny_llm(tokenizer: Path) -> dict[str, Any]:
         "class_path": "mmpt.models.llm.CausalLM",
         "init_args": {"config": TINY_LLM_CONFIG, "tokenizer": str(tokenizer)},
     }
-
-
-TINY_LLM_CONFIG = {
-    "model_type": "qwen2",
-    "vocab_size": 80,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 
 
 def tiny_variant(cfg: dict[str, Any], shards: Path) -> dict[str, Any]:

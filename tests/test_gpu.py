@@ -15,6 +15,7 @@ from mmpt.models import attention
 from mmpt.models.attention import hf_packing_kwargs
 from mmpt.models.llm import CausalLM
 from mmpt.models.losses import ClipLoss, SigLipLoss
+from tests.test_attention import split_rows
 from tests.test_llm import tiny_config, write_tokenizer
 
 pytestmark = [
@@ -114,18 +115,6 @@ def packed_inputs(device: str = "cuda") -> tuple[list[dict], dict, dict]:
     return seqs, batch, kwargs
 
 
-def split_samples(logits: torch.Tensor, batch: dict, seqs: list[dict]) -> list[torch.Tensor]:
-    """Each sample's logits inside the packed rows, in sample order."""
-    out = {}
-    for r, row in enumerate(batch["bins"]):
-        start = 0
-        for i in row:
-            n = len(seqs[i]["input_ids"])
-            out[i] = logits[r, start : start + n]
-            start += n
-    return [out[i] for i in range(len(seqs))]
-
-
 def solo_logits(llm: CausalLM, seqs: list[dict], device: str = "cuda") -> list[torch.Tensor]:
     """Each sample alone through HF's SDPA attention (the packed implementation restored)."""
     impl = llm.model.config._attn_implementation
@@ -215,7 +204,7 @@ def test_bf16_packed_causal_lm_runs_xformers_and_matches_samples_alone(tmp_path,
     with torch.no_grad():
         logits = llm(**kwargs).logits
     assert_block_diagonal_bf16(xformers_calls, forwards=1, layers=len(llm.decoder_layers))
-    got = split_samples(logits, batch, seqs)
+    got = split_rows(logits, batch, seqs)
     for i, (packed, alone) in enumerate(zip(got, solo_logits(llm, seqs), strict=True)):
         torch.testing.assert_close(
             packed.float(), alone.float(), atol=5e-2, rtol=5e-2, msg=lambda m, i=i: f"{i}: {m}"

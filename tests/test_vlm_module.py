@@ -18,17 +18,7 @@ from mmpt.models.encoders import TimmVisionTower
 from mmpt.models.llm import CausalLM
 from mmpt.models.vlm import ConnectorTokens, FusionConfig, VLMModule
 from mmpt.synth import make_synthetic
-
-LLM_CONFIG = {
-    "model_type": "qwen2",
-    "vocab_size": 80,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
+from tests.helpers import TINY_LLM_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +30,7 @@ def shapes(tmp_path_factory) -> Path:
 
 def tiny_vlm(shapes: Path, **kw) -> VLMModule:
     torch.manual_seed(0)
-    llm = CausalLM(config=LLM_CONFIG, tokenizer=str(shapes / "tokenizer"), **kw.pop("llm", {}))
+    llm = CausalLM(config=TINY_LLM_CONFIG, tokenizer=str(shapes / "tokenizer"), **kw.pop("llm", {}))
     vision = TimmVisionTower(
         "vit_tiny_patch16_224",
         image_size=32,
