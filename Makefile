@@ -15,9 +15,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstall only when the dependency list changes.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install $(PIP_QUIET) -e ".[dev]" 2>&1 | { $(HIDE_MIRROR_NOISE); }
-	$(PY) -c "import mmpt, mmpt.models, mmpt.datamodules, torch, torchvision, open_clip, webdataset"
+$(STAMP): pyproject.toml Makefile | $(PY)
+	$(PY) -m pip install $(PIP_QUIET) -e ".[dev,video]" 2>&1 | { $(HIDE_MIRROR_NOISE); }
+	$(PY) -c "import mmpt, mmpt.models, mmpt.datamodules, torch, torchvision, open_clip, webdataset, decord, av"
 	touch $(STAMP)
 
 install: $(STAMP)
