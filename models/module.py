@@ -111,7 +111,12 @@ def apply_trainable(model: nn.Module, trainable: list[str] | None, freeze: list[
         if not fnmatch.filter(names, pattern):
             raise ValueError(f"pattern {pattern!r} in model.trainable/freeze matches no parameter")
     for name, p in model.named_parameters():
-        train = trainable is None or any(fnmatch.fnmatch(name, pat) for pat in trainable)
+        # without a trainable list a parameter keeps its own setting (e.g. a fixed logit scale)
+        train = (
+            p.requires_grad
+            if trainable is None
+            else any(fnmatch.fnmatch(name, pat) for pat in trainable)
+        )
         p.requires_grad_(train and not any(fnmatch.fnmatch(name, pat) for pat in freeze))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())

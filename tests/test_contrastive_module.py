@@ -284,3 +284,14 @@ def test_warmup_cosine_factors_match_the_formula() -> None:
     assert WarmupCosine().factor(0, 100) == pytest.approx(1.0)  # no warmup
     assert Constant(warmup_steps=4).factor(1, 100) == 0.5
     assert Constant(warmup_steps=4).factor(50, 100) == 1.0
+
+
+def test_a_fixed_logit_scale_stays_fixed_without_trainable_patterns():
+    from mmpt.models.losses import ClipLoss
+    from mmpt.models.module import apply_trainable
+
+    loss = ClipLoss(learnable_scale=False)
+    apply_trainable(loss, None, [])
+    assert not loss.logit_scale.requires_grad
+    apply_trainable(loss, ["logit_scale"], [])
+    assert loss.logit_scale.requires_grad
