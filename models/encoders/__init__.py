@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .timm_vit import TimmVisionTower as TimmVisionTower
     from .tokenizers import HFTokenizer as HFTokenizer
     from .tokenizers import OpenCLIPTokenizer as OpenCLIPTokenizer
+    from .video_vit import VideoViTTower as VideoViTTower
 
 # name -> submodule; importing a tokenizer must not pull in timm/open_clip/transformers.
 _EXPORTS = {
@@ -25,6 +26,7 @@ _EXPORTS = {
     "OpenCLIPTokenizer": "tokenizers",
     "OpenCLIPVisionTower": "open_clip_vision",
     "TimmVisionTower": "timm_vit",
+    "VideoViTTower": "video_vit",
 }
 
 __all__ = sorted(_EXPORTS)
