@@ -166,6 +166,18 @@ def shuffle(data: Iterable[Any], bufsize: int, rng: random.Random) -> Iterator[A
     yield from buf
 
 
+def _with_location(exn: Exception, where: str) -> Exception:
+    """``exn`` with ``where`` in its message, of the same type where possible.
+
+    ``JSONDecodeError``, ``UnicodeDecodeError`` ... cannot be rebuilt from one string: those
+    become a RuntimeError naming the original type.
+    """
+    try:
+        return type(exn)(f"{exn} ({where})")
+    except Exception:  # noqa: BLE001 - any constructor signature
+        return RuntimeError(f"{type(exn).__name__}: {exn} ({where})")
+
+
 def map_skipping(
     data: Iterable[dict[str, Any]], fn: Callable[[dict[str, Any]], Any], handler: SkipCounter
 ) -> Iterator[Any]:
@@ -176,7 +188,7 @@ def map_skipping(
         except Exception as e:  # noqa: BLE001 - every per-sample failure is a counted skip
             key = sample.get("__key__", "?")
             url = sample.get("__url__", "?")
-            handler(type(e)(f"{e} (sample {key!r} in {url})"))
+            handler(_with_location(e, f"sample {key!r} in {url}"))
             continue
         yield out
 

@@ -173,6 +173,12 @@ class VLMSample:
         counts = [self._tokens(w, h) for w, h in sizes]
         segments = self.template.render(messages, self.pre.eos)
         enc = encode(segments, self.pre.tokenizer, self.pre.image_token_id, counts)
+        marks = int((enc["input_ids"] == self.pre.image_token_id).sum())
+        if marks != sum(counts):
+            raise ValueError(
+                f"the text holds the image token itself ({marks} image tokens for "
+                f"{len(counts)} images needing {sum(counts)}): it must only come from placeholders"
+            )
         n, truncated = int(enc["input_ids"].shape[0]), 0
         if n > self.max_seq_len:
             if self.overlong == "drop":
@@ -182,6 +188,8 @@ class VLMSample:
                 raise Overlong(f"its first image alone ({counts[0]} tokens) exceeds max_seq_len")
             enc = {k: v[:cut] for k, v in enc.items()}
             images, counts, truncated = images[:kept], counts[:kept], 1
+            if not bool((enc["labels"][1:] != -100).any()):  # label 0 is masked when packed
+                raise Overlong(f"no target token left after cutting to max_seq_len={cut}")
         if not bool((enc["labels"] != -100).any()):
             log.debug("sample %s has no target token", sample.get("__key__"))
         return {
@@ -323,7 +331,7 @@ class VLMCollate:
             num_samples=packed["num_samples"],
             num_real_tokens=packed["num_real_tokens"],
             num_truncated=sum(packed["truncated"]),
-            skipped=failed,
+            skipped=failed + packed["num_dropped"],
         )
 
 

@@ -66,9 +66,9 @@ class ImageLayout:
 class VLMBatch:
     """Packed token rows with the images whose tokens they hold.
 
-    The i-th run of image tokens in row-major order over ``input_ids`` belongs to
-    ``images[i]`` (token injection: the run is as long as the image's tokens; fusion: one
-    marker token per image).
+    The image tokens in row-major order over ``input_ids`` are those of ``images[0]``, then
+    ``images[1]`` ... (token injection: as many as the image's tokens, so adjacent images
+    form one run; fusion: one marker token per image).
 
     Attributes:
         input_ids: (R, L) long token ids.

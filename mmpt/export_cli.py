@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmpt.models.module import load_checkpoint
 
         cli_args = [a for c in args.config for a in ("-c", c)]
-        cli = build_cli([*cli_args, "--trainer.logger=false", *overrides], run=False)
+        # the export runs on the CPU whatever devices the training config asked for
+        cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1"]
+        cpu += ["--trainer.strategy=auto", "--trainer.logger=false"]
+        cli = build_cli([*cli_args, *cpu, *overrides], run=False)
         model = cli.model
         if not hasattr(model, "export_hf"):
             raise ValueError(f"{type(model).__name__} has no HF export (VLMModule has)")

@@ -135,7 +135,8 @@ def load_matching(model: nn.Module, path: str) -> tuple[list[str], list[str]]:
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.init_from: no checkpoint at {path!r}")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: only the tensors used are read (a checkpoint also holds optimizer state)
+    obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -123,11 +123,39 @@ class VLMModule(MMPTModule):
             vision.image_preprocess.size, int(vision.patch_size)
         )
         self.val_shuffled_images = val_shuffled_images
-        self.image_newline: nn.Parameter | None = None
         if getattr(self.resolution, "row_end_token", False) and fusion is None:
             self._check_grid_preserving()
             width = llm.hidden_size
-            self.image_newline = nn.Parameter(torch.randn(width) / width**0.5)
+            # on the connector, so ``connector.*`` trains it and the connector export holds it
+            newline = nn.Parameter(torch.randn(width) / width**0.5)
+            self.connector.register_parameter("image_newline", newline)
+
+    @property
+    def image_newline(self) -> nn.Parameter | None:
+        """The learned AnyRes row-end embedding (llm_dim,), a parameter of the connector."""
+        return getattr(self.connector, "image_newline", None)
+
+    def train(self, mode: bool = True) -> VLMModule:
+        """Train mode, except for a frozen vision tower (its dropout/norm stats stay fixed)."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.vision.parameters()):
+            self.vision.eval()
+        return self
+
+    def _zero_for_unused(self) -> torch.Tensor:
+        """0 x every trainable image-side weight, to add to the loss of an image-less batch.
+
+        It gives those weights a (zero) gradient, so DDP's reducer and the backward of a
+        frozen LLM do not fail on text-only rows.
+        """
+        params = [
+            p
+            for mod in (self.vision, self.connector, self.fusion)
+            if mod is not None
+            for p in mod.parameters()
+            if p.requires_grad
+        ]
+        return sum((p.sum() * 0.0 for p in params), torch.zeros(()))
 
     def _check_grid_preserving(self) -> None:
         side = self.resolution.tile_size // self.resolution.patch_size
@@ -298,6 +326,8 @@ class VLMModule(MMPTModule):
         """Next-token loss on target text; logs fill fraction, skipped and truncated samples."""
         check_targets(batch.labels, batch.template)
         loss = self(batch).loss
+        if not batch.images:
+            loss = loss + self._zero_for_unused().to(loss)
         n = batch.num_samples
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/fill_fraction", batch.fill_fraction, batch_size=n)
@@ -311,9 +341,10 @@ class VLMModule(MMPTModule):
         loss = self(batch).loss
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         if self.val_shuffled_images and len(batch.images) > 1:
+            # not synced: a rank whose batches hold < 2 images never logs these keys
             shuffled = self(batch, shuffle_images=True).loss
-            self.log(f"{stage}/loss_shuffled_images", shuffled, batch_size=n, sync_dist=True)
-            self.log(f"{stage}/image_gain", shuffled - loss, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/loss_shuffled_images", shuffled, batch_size=n)
+            self.log(f"{stage}/image_gain", shuffled - loss, batch_size=n)
 
     def validation_step(self, batch: VLMBatch, batch_idx: int) -> None:
         """Held-out loss, and the loss with images shuffled across samples."""
@@ -342,10 +373,7 @@ class VLMModule(MMPTModule):
         out.mkdir(parents=True, exist_ok=True)
         self.llm.save_pretrained(out)
         contiguous = lambda m: {k: v.detach().contiguous().cpu() for k, v in m.items()}  # noqa: E731
-        extra = {"image_newline": self.image_newline} if self.image_newline is not None else {}
-        save_file(
-            contiguous({**self.connector.state_dict(), **extra}), out / "connector.safetensors"
-        )
+        save_file(contiguous(self.connector.state_dict()), out / "connector.safetensors")
         save_file(contiguous(self.vision.state_dict()), out / "vision.safetensors")
         cls = lambda o: f"{type(o).__module__}.{type(o).__qualname__}"  # noqa: E731
         config = {

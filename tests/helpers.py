@@ -62,7 +62,7 @@ TINY_TEXT = {
 
 TINY_LLM_CONFIG = {
     "model_type": "qwen2",
-    "vocab_size": 80,
+    "vocab_size": 128,
     "hidden_size": 32,
     "intermediate_size": 64,
     "num_hidden_layers": 2,

@@ -600,3 +600,37 @@ def test_fusion_mode_costs_one_token_per_image(tok):
         assert len(batch.images) == len(SIZES)
         pair = sample_fn(pre)({"__key__": "p", "jpg": jpeg_bytes(0), "txt": b"a red circle"})
         assert pair["input_ids"].tolist().count(pre.image_token_id) == 1
+
+
+def test_undecodable_json_and_text_are_counted_skips_not_worker_crashes(tmp_path, pre):
+    """JSONDecodeError / UnicodeDecodeError cannot be rebuilt from one message string."""
+    good = {"__key__": "good", "jpg": jpeg_bytes(1), "txt": "a red circle"}
+    bad_json = {"__key__": "badjson", "jpg": jpeg_bytes(2), "json": b"{not json"}
+    bad_text = {"__key__": "badtxt", "jpg": jpeg_bytes(3), "txt": b"\xff\xfe\xfa"}
+    shard = write_shard(tmp_path / "bad", [bad_json, good, bad_text])
+    batches = train_batches(shard, pre, batch_size=1, max_seq_len=64)
+    assert [k for b in batches for k in b.keys] == ["good"]
+    assert sum(b.skipped for b in batches) == 2
+
+
+def test_truncation_that_leaves_no_target_is_a_counted_skip(pre):
+    """A ChatML prompt cut before its answer would make an all-masked row."""
+    sample = {"__key__": "q", "jpg": jpeg_bytes(4), "txt": "a red circle"}
+    fn = VLMSample(pre, get_template("chatml"), max_seq_len=18, caption_prompt="what is this")
+    with pytest.raises(Overlong, match="no target"):
+        fn(sample)
+
+
+def test_image_token_typed_in_raw_text_is_refused(pre):
+    """Only placeholders may produce image tokens; otherwise counts and positions disagree."""
+    tok = pre.tokenizer
+    other = Image.new("RGB", (32, 32))
+    buf = io.BytesIO()
+    other.save(buf, format="PNG")
+    sample = {"__key__": "t", "png": buf.getvalue(), "txt": "a red circle"}
+    fn = VLMSample(pre, get_template("plain"), max_seq_len=64)
+    assert fn(sample)["image_tokens"] == [16]
+    raw_id = tok.convert_tokens_to_ids("circle")
+    fooled = VLMPreprocess(**{**pre.__dict__, "image_token_id": raw_id})
+    with pytest.raises(ValueError, match="image token itself"):
+        VLMSample(fooled, get_template("plain"), max_seq_len=64)(sample)

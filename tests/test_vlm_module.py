@@ -248,3 +248,39 @@ def test_native_resolution_encodes_each_aspect_at_its_own_grid(shapes):
     with torch.no_grad():
         assert torch.isfinite(model(batch).loss)
     assert packed_vs_alone(model, items, 96) < 1e-4
+
+
+def test_text_only_batch_still_gives_every_trainable_weight_a_gradient(shapes):
+    """DDP needs a gradient for every trainable parameter; a frozen LLM needs a graph."""
+    model = tiny_vlm(shapes, trainable=["connector.*"])
+    model.configure_model()
+    model.train()
+    assert not model.vision.training  # frozen tower stays in eval mode
+    enc = model.preprocess.tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(enc)
+    row = pack_row(
+        [
+            {
+                "input_ids": ids,
+                "labels": ids.clone(),
+                "images": [],
+                "image_tokens": [],
+                "key": "t",
+                "truncated": 0,
+            }
+        ],
+        8,
+        model.preprocess.pad_id,
+    )
+    batch = collate(model, [row])
+    assert not batch.images
+    model.training_step(batch, 0).backward()
+    grads = [p.grad for p in model.connector.parameters()]
+    assert all(g is not None and not g.any() for g in grads)
+
+
+def test_row_end_embedding_trains_with_the_connector(shapes):
+    model = tiny_vlm(shapes, resolution=AnyResTiles(32, 8, 4), trainable=["connector.*"])
+    model.configure_model()
+    assert model.image_newline.requires_grad
+    assert "image_newline" in model.connector.state_dict()

@@ -94,6 +94,7 @@ class PerceiverResampler(nn.Module):
         self.vision_dim = vision_dim
         self.llm_dim = llm_dim
         self.num_latents = num_latents
+        self.depth, self.heads, self.ff_mult = depth, heads, ff_mult
         self.proj_in = nn.Linear(vision_dim, llm_dim)
         self.latents = nn.Parameter(torch.randn(num_latents, llm_dim) * 0.02)
         self.layers = nn.ModuleList(_ResamplerLayer(llm_dim, heads, ff_mult) for _ in range(depth))
