@@ -20,6 +20,7 @@ BUILD_KINDS: dict[str, Callable[..., Any]] = {"image-text": build_image_text_sha
 EPILOG = """examples:
   mmpt data synth --kind image-text --out data/shapes
   mmpt data synth --kind interleaved --out data/docs --max-images 3
+  mmpt data synth --kind video-text --out data/clips --num-frames 16
   mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
   mmpt data inspect shards/ --check
 """
@@ -46,19 +47,27 @@ def _parser() -> argparse.ArgumentParser:
         "--train-samples",
         type=int,
         metavar="N",
-        help="training samples (default: image-text 6000, interleaved 2000)",
+        help="training samples (default: image-text 6000, interleaved 2000, video-text 1200)",
     )
     synth.add_argument(
-        "--val-samples", type=int, metavar="N", help="validation documents (interleaved; 192)"
+        "--val-samples",
+        type=int,
+        metavar="N",
+        help="validation samples (default: interleaved 192, video-text 180)",
+    )
+    synth.add_argument(
+        "--mcq-samples", type=int, metavar="N", help="multiple-choice questions (video-text; 200)"
     )
     synth.add_argument(
         "--image-size", type=int, metavar="PX", help="image side in pixels (default 64)"
     )
+    synth.add_argument("--num-frames", type=int, metavar="N", help="frames per clip (video; 8)")
+    synth.add_argument("--fps", type=int, metavar="N", help="clip frame rate (video; 8)")
     synth.add_argument(
         "--samples-per-shard",
         type=int,
         metavar="N",
-        help="samples per shard (default: image-text 1000, interleaved 500)",
+        help="samples per shard (default: image-text 1000, interleaved and video-text 500)",
     )
     synth.add_argument(
         "--min-images", type=int, metavar="N", help="fewest images per document (interleaved; 1)"
@@ -142,7 +151,10 @@ def _synth(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "train_samples": args.train_samples,
         "val_samples": args.val_samples,
+        "mcq_samples": args.mcq_samples,
         "image_size": args.image_size,
+        "num_frames": args.num_frames,
+        "fps": args.fps,
         "samples_per_shard": args.samples_per_shard,
         "min_images": args.min_images,
         "max_images": args.max_images,
@@ -150,7 +162,7 @@ def _synth(args: argparse.Namespace) -> int:
     }
     result = fn(args.out, **_options(fn, args.kind, given))
     print(f"wrote {args.kind} synthetic data to {args.out}")
-    for split in ("train", "val"):
+    for split in ("train", "val", "mcq"):
         if split in result:
             n, shards = result.get(f"{split}_samples", "?"), result.get(f"{split}_shards", "?")
             print(f"  {split}: {n} samples in {shards} shard(s) at {result[split]}")

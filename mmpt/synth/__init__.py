@@ -40,6 +40,7 @@ SYNTH_KINDS: dict[str, Callable[..., dict]] = {
     "image-text": _Lazy("mmpt.synth.image_text", "synth_image_text"),
     "interleaved": _Lazy("mmpt.synth.interleaved", "synth_interleaved"),
     "text": _Lazy("mmpt.synth.interleaved", "synth_text"),
+    "video-text": _Lazy("mmpt.synth.video_text", "synth_video_text"),
 }
 
 

@@ -27,7 +27,9 @@ def synth_texts() -> Iterator[str]:
 
     Yields:
         Captions of all 192 combinations in both phrasings, the zero-shot prompts (every
-        template filled with every class name), the interleaved intro and filler sentences.
+        template filled with every class name), the interleaved intro and filler sentences,
+        the video narrations of all 180 (colour, shape, action) combinations in both
+        phrasings, and the video noun and verb names.
 
     """
     # imported here: the generators import this module to write their tokenizer
@@ -39,6 +41,7 @@ def synth_texts() -> Iterator[str]:
         combo_attributes,
     )
     from mmpt.synth.interleaved import FILLER_SENTENCES, INTRO_SENTENCES
+    from mmpt.synth.video_text import COMBOS, NOUNS, VERBS, narrations_for
 
     for combo in range(NUM_COMBOS):
         yield from captions_for(combo_attributes(combo))
@@ -46,6 +49,10 @@ def synth_texts() -> Iterator[str]:
         yield from (template.format(name) for name in CLASSNAMES)
     yield from INTRO_SENTENCES
     yield from FILLER_SENTENCES
+    for color, shape, action in COMBOS:
+        yield from narrations_for(color, shape, action)
+    yield from NOUNS
+    yield from VERBS
     yield from PROMPT_TEXTS
 
 
