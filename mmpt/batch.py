@@ -110,3 +110,42 @@ class VLMBatch:
     def fill_fraction(self) -> float:
         """Non-pad tokens / all tokens."""
         return self.num_real_tokens / max(1, self.input_ids.numel())
+
+
+@dataclass
+class VideoTextBatch:
+    """A collated batch of video clips with one or more narrations each (EgoClip-style).
+
+    Training batches hold 2B clips for EgoNCE's scene-aware negatives: rows ``0..B-1`` are the
+    anchors and row ``B + i`` is a clip of the same video as anchor ``i`` (within the
+    neighbour window) when one was available, else a clip of another video (counted in
+    ``no_neighbour``). Both halves are ordinary pairs for the loss.
+
+    Attributes:
+        videos: (N, T, C, H, W) uint8 frames from the workers; normalised float32 on the device
+            after ``on_after_batch_transfer``.
+        text_tokens: Long tensor (M, L) of token ids, M >= N (several narrations per clip in
+            evaluation).
+        text_to_video: Long tensor (M,), index into ``videos`` for each narration.
+        nouns: (N, num_nouns) float multi-hot noun tags (all zero when the data has none).
+        verbs: (N, num_verbs) float multi-hot verb tags.
+        keys: ``__key__`` of each clip.
+        video_uids: The source video of each clip.
+        skipped: Samples dropped as corrupt or incomplete since the previous batch.
+        clamped: Clips whose time window ran past the video and was clamped.
+        no_neighbour: Anchors for which no same-video clip was at hand.
+    """
+
+    videos: torch.Tensor
+    text_tokens: torch.Tensor
+    text_to_video: torch.Tensor
+    nouns: torch.Tensor
+    verbs: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+    video_uids: list[str] = field(default_factory=list)
+    skipped: int = 0
+    clamped: int = 0
+    no_neighbour: int = 0
+
+    def __len__(self) -> int:
+        return self.videos.shape[0]
