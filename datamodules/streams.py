@@ -96,6 +96,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             (``mmpt.datamodules.vlm.PackedBatcher``); default ``batch_size`` items a batch.
             With a batcher the batch count is unknown in plain mode (one pass an epoch), and
             in resampled mode ``epoch_samples`` counts what the batcher batches (rows).
+        batcher_exact: The batcher makes one batch of every ``batch_size`` items it takes
+            (it may add rows, e.g. scene-aware partners), so batch counts and per-worker
+            quotas are those of plain batching (dropping a last short batch).
     """
 
     def __init__(
@@ -111,9 +114,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         world_size: int = 1,
         num_workers: int = 0,
         batcher: Callable[[Iterator[Any]], Iterator[list[Any]]] | None = None,
+        batcher_exact: bool = False,
     ) -> None:
         super().__init__()
         self.batcher = batcher
+        self.counted = batcher is None or batcher_exact  # batch counts follow sample counts
         self.sources, self.config = sources, config
         self.sample_fn, self.collate_fn = sample_fn, collate_fn
         self.batch_size, self.partial, self.seed = batch_size, partial, seed
@@ -153,7 +158,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.config.resampled:
             per_worker = self.config.epoch_samples // (self.world_size * self.batch_size)
             return [max(1, per_worker // self.num_workers)] * self.num_workers
-        if self.counts is None or self.partial or self.batcher is not None:
+        if self.counts is None or self.partial or not self.counted:
             return None
         quotas = self._worker_batches(rank)
         target = min(sum(self._worker_batches(r)) for r in range(self.world_size))
@@ -166,7 +171,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         quotas = self.worker_quotas(rank)
         if quotas is not None:
             return sum(quotas)
-        if self.counts is None or self.batcher is not None:
+        if self.counts is None or not self.counted:
             return None
         return sum(self._worker_batches(rank))
 
@@ -250,7 +255,7 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False)
 
 def _report_uneven_ranks(stream: ShardStream) -> None:
     """Warn when plain-mode ranks hold unequal data, so equal step counts drop samples."""
-    if stream.config.resampled or stream.partial or stream.counts is None or stream.batcher:
+    if stream.config.resampled or stream.partial or stream.counts is None or not stream.counted:
         return
     own = [sum(stream._worker_batches(r)) for r in range(stream.world_size)]
     if len(set(own)) > 1:

@@ -29,6 +29,7 @@ export:
 evaluation (JSON report + PNG plot):
   eval retrieval  zero-shot image<->text retrieval mmpt eval retrieval -c CFG --ckpt CKPT --data DIR
   eval zeroshot   zero-shot classification         mmpt eval zeroshot -c CFG --ckpt CKPT --data DIR
+  eval mcq        EgoMCQ video multiple choice     mmpt eval mcq -c CFG --ckpt CKPT --data DIR
 
 `mmpt <command> --help` shows the options of each command.
 """

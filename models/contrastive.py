@@ -14,6 +14,28 @@ from mmpt.models.schedules import Schedule
 from mmpt.preprocess import Preprocess
 
 
+def first_text_per_item(text_to_video: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Index of the first caption of every image or clip.
+
+    Args:
+        text_to_video: Long tensor (M,), the item of each caption.
+        num_items: Number of items N; each needs at least one caption.
+
+    Returns:
+        Long tensor (N,), indices into the M captions.
+
+    Raises:
+        ValueError: An item has no caption.
+    """
+    m = text_to_video.shape[0]
+    idx = torch.arange(m, device=text_to_video.device)
+    first = torch.full((num_items,), m, dtype=torch.long, device=text_to_video.device)
+    first.scatter_reduce_(0, text_to_video.long(), idx, "amin")
+    if bool((first == m).any()):
+        raise ValueError("every image or clip of a batch needs at least one caption")
+    return first
+
+
 class ContrastiveModule(MMPTModule):
     """A vision tower and a text tower trained to agree on matching pairs.
 
@@ -68,16 +90,8 @@ class ContrastiveModule(MMPTModule):
     def _pair_loss(
         self, img: torch.Tensor, txt: torch.Tensor, batch: ImageTextBatch, gather: bool = True
     ) -> torch.Tensor:
-        if txt.shape[0] != img.shape[0]:  # several captions per image: use each image's first
-            first = torch.zeros(img.shape[0], dtype=torch.long, device=txt.device)
-            first.scatter_reduce_(
-                0,
-                batch.text_to_image,
-                torch.arange(txt.shape[0], device=txt.device),
-                "amin",
-                include_self=False,
-            )
-            txt = txt[first]
+        if txt.shape[0] != img.shape[0]:  # several captions per item: use each one's first
+            txt = txt[first_text_per_item(batch.text_to_image, img.shape[0])]
         return self.loss(img, txt, gather=gather)
 
     def training_step(self, batch: ImageTextBatch, batch_idx: int) -> torch.Tensor:

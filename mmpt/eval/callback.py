@@ -71,7 +71,7 @@ class ZeroShotEvalCallback(L.Callback):
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if len(self._acc) == 0:
             return
-        emb = _gather(self._acc.result())
+        emb = gather_embeddings(self._acc.result())
         meta = getattr(trainer.datamodule, "val_meta", {}) if trainer.datamodule else {}
         zeroshot = meta.get("zeroshot") if self.classification else None
         tokenizer = pl_module.preprocess.tokenizer
@@ -109,7 +109,7 @@ def write_reports(result: EvalResult, out_dir: Path, name: str, **context: Any) 
     return paths
 
 
-def _gather(emb: Embeddings) -> Embeddings:
+def gather_embeddings(emb: Embeddings) -> Embeddings:
     """Concatenate every rank's embeddings (ranks may hold different counts)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return emb

@@ -1,4 +1,4 @@
-"""``mmpt eval {retrieval,zeroshot}``: evaluate a checkpoint on shards, write JSON + PNG."""
+"""``mmpt eval {retrieval,zeroshot,mcq}``: evaluate a checkpoint on shards, write JSON + PNG."""
 
 from __future__ import annotations
 
@@ -6,38 +6,44 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mmpt.datamodules.video import VIDEO_BACKENDS
 from mmpt.eval.callback import write_reports
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
-from mmpt.eval.report import print_metrics
+from mmpt.eval.report import print_metrics, write_json
+
+
+def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
+    """Arguments every ``mmpt eval`` task takes: config, checkpoint, data, output, device."""
+    s.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        required=True,
+        help="the training config(s) the checkpoint was made with (compose like fit)",
+    )
+    s.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) to evaluate")
+    s.add_argument("--data", required=True, help="evaluation shards: folder, file, pattern or URL")
+    s.add_argument("--out", default=None, help="report folder (default: <ckpt folder>/eval)")
+    s.add_argument("--batch-size", type=int, default=batch_size)
+    s.add_argument("--num-workers", type=int, default=2)
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpt eval", description=__doc__)
-    sub = p.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot}")
+    sub = p.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot,mcq}")
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
         ("zeroshot", "zero-shot classification with prompt ensembling: top-1/5, per-class recall"),
     ):
         s = sub.add_parser(task, help=help_, description=help_)
-        s.add_argument(
-            "-c",
-            "--config",
-            action="append",
-            required=True,
-            help="the training config(s) the checkpoint was made with (compose like fit)",
-        )
-        s.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) to evaluate")
-        s.add_argument(
-            "--data", required=True, help="evaluation shards: folder, file, pattern or URL"
-        )
-        s.add_argument("--out", default=None, help="report folder (default: <ckpt folder>/eval)")
-        s.add_argument("--batch-size", type=int, default=256)
-        s.add_argument("--num-workers", type=int, default=2)
+        _common_args(s, batch_size=256)
         s.add_argument(
             "--text-key",
             default=None,
@@ -45,7 +51,17 @@ def _parser() -> argparse.ArgumentParser:
         )
         s.add_argument("--classnames", default=None, help="text file, one class name a line")
         s.add_argument("--templates", default=None, help="text file, one prompt template a line")
-        s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    help_ = "EgoMCQ: pick the clip (of 5) a narration describes; inter/intra-video accuracy"
+    s = sub.add_parser("mcq", help=help_, description=help_)
+    _common_args(s, batch_size=8)
+    s.add_argument("--num-frames", type=int, default=16, help="frames per clip (EgoVLP: 16)")
+    s.add_argument("--backend", default="decord", choices=VIDEO_BACKENDS)
+    s.add_argument(
+        "--type-names",
+        default=None,
+        help='type id -> name, e.g. \'{"1": "inter", "2": "intra"}\' '
+        "(default: the shards' meta.mcq_types)",
+    )
     return p
 
 
@@ -59,17 +75,51 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+def _build(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any]:
+    """The model (checkpoint loaded) and datamodule of the training config."""
     from mmpt.cli import build_cli
-    from mmpt.datamodules.streams import StreamConfig, make_loader
     from mmpt.models.module import load_checkpoint
 
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     cli_args = [a for c in args.config for a in ("-c", c)] + ["--trainer.logger=false", *overrides]
     cli = build_cli(cli_args, run=False)
-    model, dm = cli.model, cli.datamodule
-    load_checkpoint(model, args.ckpt)
+    load_checkpoint(cli.model, args.ckpt)
+    return cli.model, cli.datamodule
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    )
+
+
+def _progress() -> Progress:
+    columns = [
+        TextColumn("[bold]embedding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
+    return Progress(*columns, transient=True)
+
+
+def _print_paths(paths: dict[str, Path]) -> None:
+    console = Console()
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval"
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.task == "mcq":
+        return _run_mcq(args, overrides)
+    from mmpt.datamodules.streams import StreamConfig, make_loader
+
+    model, dm = _build(args, overrides)
     if args.text_key:
         dm.val_text_key = args.text_key
     dm.val_batch_size = args.batch_size
@@ -82,20 +132,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
             "pass --classnames FILE and --templates FILE"
         )
     loader = make_loader(stream, args.num_workers)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = _device(args.device)
     model.to(device).eval()
 
     acc = EmbeddingAccumulator()
     total = _safe_len(loader)
-    columns = [
-        TextColumn("[bold]embedding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    ]
-    with Progress(*columns, transient=True) as bar, torch.no_grad():
+    with _progress() as bar, torch.no_grad():
         task = bar.add_task("eval", total=total)
         for batch in loader:
             batch.images = batch.images.to(device)
@@ -126,10 +168,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     )
     if args.task == "zeroshot" and not result.metrics:
         raise ValueError("no labelled samples for zero-shot classification (data.label_key)")
-    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval"
     paths = write_reports(
         result,
-        out,
+        _out_dir(args),
         args.task,
         checkpoint=str(args.ckpt),
         data=args.data,
@@ -137,9 +178,49 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         num_texts=emb.text.shape[0],
     )
     print_metrics(result.metrics, title=f"mmpt eval {args.task}: {args.data}")
-    console = Console()
-    for kind, path in paths.items():
-        console.print(f"{kind}: {path}")
+    _print_paths(paths)
+    return 0
+
+
+def _run_mcq(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mmpt.datamodules.streams import make_loader
+    from mmpt.eval.mcq import evaluate_mcq, mcq_stream, parse_type_names, plot_mcq_accuracy
+
+    model, _ = _build(args, overrides)
+    if not (hasattr(model, "encode_video") and hasattr(model, "encode_text")):
+        raise ValueError(
+            f"{type(model).__name__} has no encode_video/encode_text: eval mcq needs a "
+            "video-text model (mmpt.models.video_text.VideoTextModule)"
+        )
+    pre = model.preprocess
+    if args.num_frames < 1:
+        raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
+    stream = mcq_stream(
+        args.data, pre.tokenizer, pre.image, args.num_frames, args.backend, args.batch_size
+    )
+    type_names = parse_type_names(args.type_names, stream.sources[0].meta)  # before the work
+    loader = make_loader(stream, args.num_workers)
+    device = _device(args.device)
+    model.to(device).eval()
+    with _progress() as bar:
+        task = bar.add_task("eval", total=_safe_len(loader))
+        result = evaluate_mcq(
+            model, loader, type_names, pre.image, device, on_batch=lambda: bar.advance(task)
+        )
+    out = _out_dir(args)
+    context = {
+        "checkpoint": str(args.ckpt),
+        "data": args.data,
+        "num_frames": args.num_frames,
+        "backend": args.backend,
+        "type_names": type_names,
+    }
+    paths = {
+        "json": write_json(out / "mcq.json", result.metrics, **context),
+        "accuracy_plot": plot_mcq_accuracy(result.metrics, out / "mcq_accuracy.png"),
+    }
+    print_metrics(result.metrics, title=f"mmpt eval mcq: {args.data}")
+    _print_paths(paths)
     return 0
 
 

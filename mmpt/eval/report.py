@@ -58,14 +58,14 @@ def write_json(path: str | Path, metrics: dict[str, Any], **context: Any) -> Pat
     return path
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """Create a figure drawn by the Agg canvas, without pyplot or a global backend switch."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Save a figure as PNG (parent folders created) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def plot_recall_curves(
     """
     ks = torch.arange(1, max_k + 1)
     marked = [k for k in _MARKED_KS if k <= max_k]
-    fig = _new_figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.add_subplot()
     for k in marked:
         ax.axvline(k, color="grey", linestyle=":", linewidth=0.8)
@@ -113,7 +113,7 @@ def plot_recall_curves(
     ax.set(xlabel="k", ylabel="recall@k (%)", ylim=(0, 101), title=title or "Retrieval recall")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def first_caption_similarity(
@@ -154,12 +154,12 @@ def plot_similarity_heatmap(sim: Tensor, path: str | Path, title: str = "") -> P
 
     """
     sim = sim.detach().float().cpu()[:64, :64]
-    fig = _new_figure(6.0, 5.0)
+    fig = new_figure(6.0, 5.0)
     ax = fig.add_subplot()
     image = ax.imshow(sim.numpy(), cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="cosine similarity")
     ax.set(xlabel="caption (first of image j)", ylabel="image i", title=title or "Similarity")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(cm: Tensor, classnames: list[str], path: str | Path) -> Path:
@@ -183,7 +183,7 @@ def plot_confusion_matrix(cm: Tensor, classnames: list[str], path: str | Path) -
         raise ValueError(f"cm {tuple(cm.shape)} does not match {len(classnames)} class names")
     rates = cm.double() / cm.sum(1, keepdim=True).clamp(min=1)
     side = min(4.0 + 0.35 * c, 16.0)
-    fig = _new_figure(side, side)
+    fig = new_figure(side, side)
     ax = fig.add_subplot()
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(image, ax=ax, label="fraction of true class", shrink=0.8)
@@ -196,7 +196,7 @@ def plot_confusion_matrix(cm: Tensor, classnames: list[str], path: str | Path) -
                 color = "white" if rates[i, j] > 0.5 else "black"
                 ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color=color)
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _format(value: Any) -> str:
