@@ -70,3 +70,49 @@ TINY_LLM_CONFIG = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 512,
 }
+
+
+def write_tiny_bert(path: Path, words: list[str]) -> Path:
+    """A 3-layer BERT (width 24, no dropout) + WordLevel tokenizer with [MASK], saved to path.
+
+    ``words`` must start with [PAD], [UNK], [CLS], [SEP], [MASK] (ids 0-4).
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    names = ("pad", "unk", "cls", "sep", "mask")
+    specials = {f"{n}_token": f"[{n.upper()}]" for n in names}
+    PreTrainedTokenizerFast(tokenizer_object=raw, **specials).save_pretrained(str(path))
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(words),
+        hidden_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
+    BertModel(cfg).save_pretrained(str(path))
+    return path
+
+
+TINY_BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "#c", "c", "a", "the", "opens"]
+TINY_VIDEO = {
+    "class_path": "mmpt.models.encoders.VideoViTTower",
+    "init_args": {
+        "model_name": "vit_tiny_patch16_224",
+        "image_size": 32,
+        "num_frames": 2,
+        "embed_dim": 16,
+        "model_kwargs": {"patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    },
+}

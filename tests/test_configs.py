@@ -14,7 +14,14 @@ import yaml
 
 from mmpt.cli import build_cli, main
 from mmpt.synth.vocab import write_synth_tokenizer
-from tests.helpers import TINY_LLM_CONFIG, TINY_TEXT, TINY_VISION
+from tests.helpers import (
+    TINY_BERT_WORDS,
+    TINY_LLM_CONFIG,
+    TINY_TEXT,
+    TINY_VIDEO,
+    TINY_VISION,
+    write_tiny_bert,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -40,9 +47,19 @@ def tiny_variant(cfg: dict[str, Any], shards: Path) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     model = cfg["model"]["init_args"]
     if "vision" in model:
-        model["vision"] = TINY_VISION
+        video = model["vision"]["class_path"].endswith("VideoViTTower")
+        model["vision"] = TINY_VIDEO if video else TINY_VISION
     if "text" in model:
-        model["text"] = TINY_TEXT
+        if model["text"]["class_path"].endswith("HFTextTower"):
+            bert = write_tiny_bert(shards.parent / "bert", TINY_BERT_WORDS)
+            model["text"] = {
+                "class_path": "mmpt.models.encoders.HFTextTower",
+                "init_args": {"path": str(bert), "embed_dim": 16, "context_length": 12},
+            }
+        else:
+            model["text"] = TINY_TEXT
+    if "fusion_layers" in model:  # the tiny towers have 2 blocks
+        model["fusion_layers"] = 1
     if "llm" in model:
         model["llm"] = tiny_llm(write_synth_tokenizer(shards.parent / "tokenizer"))
         model.pop("init_from", None)
@@ -98,11 +115,15 @@ def test_config_instantiates_with_tiny_overrides(
     model, dm = cli.model, cli.datamodule
     assert type(model) is import_class(written["model"]["class_path"])
     assert type(dm) is import_class(written["data"]["class_path"])
-    assert type(model.vision) is import_class(TINY_VISION["class_path"])
-    text_model = model.text if hasattr(model, "text") else model.llm
-    assert type(text_model) is import_class(
-        TINY_TEXT["class_path"] if hasattr(model, "text") else "mmpt.models.llm.CausalLM"
+    assert type(model.vision) is import_class(
+        tiny_variant(written, shards)["model"]["init_args"]["vision"]["class_path"]
     )
+    text_model = model.text if hasattr(model, "text") else model.llm
+    tiny_model = tiny_variant(written, shards)["model"]["init_args"]
+    expected = (
+        tiny_model["text"]["class_path"] if "text" in tiny_model else "mmpt.models.llm.CausalLM"
+    )
+    assert type(text_model) is import_class(expected)
 
     # The model's preprocessing reached the datamodule (link_arguments), not a default.
     assert dm.preprocess is not None
