@@ -16,7 +16,10 @@ from mmpt.models.schedules import Schedule, WarmupCosine
 
 log = logging.getLogger("mmpt.models")
 
-NO_DECAY_NAMES = ("bias", "logit_scale", "logit_bias", "norm", "ln_", ".ln", "bn")
+NO_DECAY_NAMES = (
+    *("bias", "logit_scale", "logit_bias", "norm", "ln_", ".ln", "bn"),
+    *("pos_embed", "cls_token", "reg_token", "image_newline"),  # embeddings, not matrices
+)
 
 
 class MMPTModule(L.LightningModule):

@@ -253,6 +253,8 @@ def test_no_decay_group_holds_scales_biases_and_norms(run: dict[str, Any]) -> No
     assert "vision.model.head.weight" in decay and "text.text.text_projection" in decay
     assert all(dict(model.named_parameters())[n].ndim >= 2 for n in decay)
     assert not any("bias" in n or "norm" in n or "ln_" in n for n in decay)
+    # position embeddings and the class token are embeddings, not weight matrices
+    assert {"vision.model.pos_embed", "vision.model.cls_token"} <= set(no_decay)
 
 
 def test_trainer_follows_the_schedule(run: dict[str, Any]) -> None:
