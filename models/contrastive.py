@@ -101,16 +101,7 @@ class ContrastiveModule(MMPTModule):
         bs = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", self.loss.scale, batch_size=bs)
-        # Samples dropped as corrupt this epoch, summed over ranks (one sync, at epoch end).
-        self.log(
-            "data/skipped",
-            float(batch.skipped),
-            on_step=False,
-            on_epoch=True,
-            reduce_fx="sum",
-            sync_dist=True,
-            batch_size=bs,
-        )
+        self.log_data_counts(batch, ("skipped",), bs)  # samples dropped as corrupt
         return loss
 
     def on_train_batch_end(self, *args, **kwargs) -> None:

@@ -301,14 +301,5 @@ class EgoVLPv2Module(VideoTextModule):
             self.log(f"train/{name}", value, batch_size=bs)
         vtm_acc = (vtm_logits.argmax(-1) == labels).float().mean()
         self.log("train/vtm_acc", vtm_acc, batch_size=bs)
-        for name in DATA_COUNTERS:
-            self.log(
-                f"data/{name}",
-                float(getattr(batch, name)),
-                on_step=False,
-                on_epoch=True,
-                reduce_fx="sum",
-                sync_dist=True,
-                batch_size=bs,
-            )
+        self.log_data_counts(batch, DATA_COUNTERS, bs)
         return loss

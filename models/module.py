@@ -66,6 +66,19 @@ class MMPTModule(L.LightningModule):
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
 
+    def log_data_counts(self, batch: object, names: tuple[str, ...], batch_size: int) -> None:
+        """Log ``batch.<name>`` counts as ``data/<name>``: per epoch, summed over ranks."""
+        for name in names:
+            self.log(
+                f"data/{name}",
+                float(getattr(batch, name)),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+                sync_dist=True,
+                batch_size=batch_size,
+            )
+
     def configure_optimizers(self) -> dict:
         """Optimizer over trainable parameters (decay/no-decay groups) + per-step schedule."""
         decay, no_decay = [], []

@@ -91,16 +91,7 @@ class VideoTextModule(ContrastiveModule):
         bs = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", self.loss.scale.to(loss.device), batch_size=bs)
-        for name in DATA_COUNTERS:  # per epoch, summed over ranks (one sync, at epoch end)
-            self.log(
-                f"data/{name}",
-                float(getattr(batch, name)),
-                on_step=False,
-                on_epoch=True,
-                reduce_fx="sum",
-                sync_dist=True,
-                batch_size=bs,
-            )
+        self.log_data_counts(batch, DATA_COUNTERS, bs)
         return loss
 
     def predict_step(self, batch: VideoTextBatch, batch_idx: int) -> dict:
