@@ -12,16 +12,25 @@ from pathlib import Path
 from typing import Any
 
 from mmpt.shards.build import build_image_text_shards
+from mmpt.shards.video_build import build_video_text_shards
 from mmpt.synth import SYNTH_KINDS
 
 #: ``mmpt data build --kind`` -> builder(source, out, **options). Later modalities add a line.
-BUILD_KINDS: dict[str, Callable[..., Any]] = {"image-text": build_image_text_shards}
+BUILD_KINDS: dict[str, Callable[..., Any]] = {
+    "image-text": build_image_text_shards,
+    "video-text": build_video_text_shards,
+}
+
+#: Option names whose flag is not ``--`` + the name with dashes.
+_FLAGS = {"images_root": "--images", "videos_root": "--videos"}
 
 EPILOG = """examples:
   mmpt data synth --kind image-text --out data/shapes
   mmpt data synth --kind interleaved --out data/docs --max-images 3
   mmpt data synth --kind video-text --out data/clips --num-frames 16
   mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
+  mmpt data build --kind video-text --from egoclip.tsv --videos ego4d/chunks/ \
+      --out shards/egoclip --reencode-short 256 --workers 8
   mmpt data inspect shards/ --check
 """
 
@@ -77,19 +86,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
 
-    build = sub.add_parser("build", help="raw files -> img2dataset-style shards + index.json")
+    build = sub.add_parser(
+        "build", help="raw files -> shards + index.json (image-text pairs, video-text clips)"
+    )
     build.add_argument(
         "--from",
         dest="source",
         required=True,
         type=Path,
         metavar="SOURCE",
-        help="a .csv/.tsv/.jsonl table or a folder of image + same-stem .txt pairs",
+        help="a .csv/.tsv/.jsonl table or a folder of image + same-stem .txt pairs; video-text: "
+        "an EgoClip-style table (video_uid, clip_start, clip_end, clip_text[, tag_noun, tag_verb, "
+        "video_path, clip_uid])",
     )
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="output shard folder")
     kinds = ", ".join(BUILD_KINDS)
     build.add_argument(
-        "--kind", default="image-text", help=f"data kind: {kinds} (default image-text)"
+        "--kind",
+        default="image-text",
+        metavar="{" + ",".join(BUILD_KINDS) + "}",
+        help=f"data kind: {kinds} (default image-text)",
     )
     build.add_argument(
         "--images",
@@ -99,7 +115,29 @@ def _parser() -> argparse.ArgumentParser:
         help="root of relative image paths",
     )
     build.add_argument(
-        "--samples-per-shard", type=int, metavar="N", help="samples per shard (default 10000)"
+        "--videos",
+        dest="videos_root",
+        type=Path,
+        metavar="DIR",
+        help="video-text: root of the source videos (<video_uid>.mp4 or video_path)",
+    )
+    build.add_argument(
+        "--reencode-short",
+        type=int,
+        metavar="N",
+        help="video-text: scale clips so the short side is N (even; default: keep the size)",
+    )
+    build.add_argument(
+        "--nouns", type=Path, metavar="FILE", help="video-text: noun names, one per line"
+    )
+    build.add_argument(
+        "--verbs", type=Path, metavar="FILE", help="video-text: verb names, one per line"
+    )
+    build.add_argument(
+        "--samples-per-shard",
+        type=int,
+        metavar="N",
+        help="samples per shard (default: image-text 10000, video-text 1000)",
     )
     build.add_argument("--image-column", metavar="COL", help="table column holding image paths")
     build.add_argument("--caption-column", metavar="COL", help="table column holding captions")
@@ -131,7 +169,7 @@ def _options(fn: Callable[..., Any], kind: str, given: dict[str, Any]) -> dict[s
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return options
-    unknown = ["--" + k.replace("_", "-") for k in options if k not in params]
+    unknown = [_FLAGS.get(k, "--" + k.replace("_", "-")) for k in options if k not in params]
     if unknown:
         raise ValueError(f"{', '.join(unknown)} does not apply to --kind {kind}")
     return options
@@ -175,6 +213,10 @@ def _build(args: argparse.Namespace) -> int:
     fn = _lookup(BUILD_KINDS, args.kind, "build")
     given = {
         "images_root": args.images_root,
+        "videos_root": args.videos_root,
+        "reencode_short": args.reencode_short,
+        "nouns": args.nouns,
+        "verbs": args.verbs,
         "samples_per_shard": args.samples_per_shard,
         "image_column": args.image_column,
         "caption_column": args.caption_column,
@@ -186,6 +228,8 @@ def _build(args: argparse.Namespace) -> int:
     options = _options(fn, args.kind, given)
     report = fn(args.source, args.out, progress=not args.no_progress, **options)
     print(f"wrote {report.written} samples in {len(report.shards)} shard(s) to {report.out}")
+    if getattr(report, "clamped", 0):
+        print(f"clamped {report.clamped} window(s) reaching past the end of their video (kept)")
     if report.total_skipped:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.skipped.items()))
         print(f"skipped {report.total_skipped}: {reasons}")

@@ -104,7 +104,8 @@ def _process(row: Row, resize_short_side: int | None, jpeg_quality: int) -> Row:
     return row
 
 
-def _progress(enabled: bool, total: int | None) -> Any:
+def build_progress(enabled: bool, total: int | None) -> Any:
+    """A rich progress bar over ``total`` items (a no-op context when not ``enabled``)."""
     if not enabled:
         return contextlib.nullcontext(None)
     from rich.console import Console
@@ -199,10 +200,10 @@ def build_image_text_shards(
     with (
         multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool,
         writer,
-        _progress(progress, total) as bar,
+        build_progress(progress, total) as bar,
     ):
         for res in pool.imap(work, rows, chunksize=8) if pool else map(work, rows):
-            _record(report, writer, res)
+            record_result(report, writer, res)
             if bar is not None:
                 bar.advance(bar.task_ids[0])
         writer.index.meta["skipped"] = dict(report.skipped)
@@ -246,7 +247,7 @@ def _check_args(
             raise ValueError(f"{name} is out of range: got {value}")
 
 
-def _record(report: BuildReport, writer: ShardWriter, res: Row) -> None:
+def record_result(report: BuildReport, writer: ShardWriter, res: Row) -> None:
     """Write one processed item, or count and log it as skipped."""
     if res.problem is not None:
         reason, detail = res.problem

@@ -58,7 +58,7 @@ def _resolve(value: Any, root: Path) -> tuple[str, tuple[str, str] | None]:
     return str(path if path.is_absolute() else root / path), None
 
 
-def _records(source: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
+def read_records(source: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """(line number, record) for each row of a table; None for a line that is not an object."""
     if source.suffix.lower() == ".jsonl":
         with source.open(encoding="utf-8") as f:
@@ -79,7 +79,7 @@ def table_rows(
     source: Path, root: Path, image_column: str | None, caption_column: str | None
 ) -> tuple[Iterator[Row], dict[str, str]]:
     """Open a CSV/TSV/JSONL table; returns its rows and the columns chosen."""
-    records = _records(source)
+    records = read_records(source)
     first = next(records, None)
     if first is None:
         raise ValueError(f"{source} has no rows; it needs a header row (CSV) or JSON objects")
