@@ -21,6 +21,7 @@ already reports N. A separate class would duplicate that and add nothing.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,12 @@ class ImageCrops:
     def num_tokens(self, tokens_for_grid: TokensForGrid) -> int:
         """LLM tokens: the connector's tokens for every crop plus the row-end tokens."""
         return sum(tokens_for_grid(g) for g in self.grids) + self.row_end_tokens
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, read from the header without decoding pixels."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
 
 
 def _to_uint8(img: Image.Image) -> torch.Tensor:

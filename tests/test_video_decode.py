@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import pickle
 import random
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -385,24 +383,3 @@ def test_corrupt_video_is_a_counted_skip(clip10: bytes, backend: str) -> None:
     handler = SkipCounter()
     out = list(map_skipping(samples, lambda s: dec(s["mp4"])[0], handler))
     assert len(out) == 2 and handler.total == 1
-
-
-# --- timing (reported, not asserted) ---------------------------------------------------------
-
-
-def test_decode_time_per_clip() -> None:
-    data = encode(64, fps=25, size=(128, 96))
-    print(f"\n64-frame 128x96 mpeg4 clip, {len(data)} bytes (min / median of 10 calls)")
-    for backend in VIDEO_BACKENDS:
-        for num_frames in (4, 16):
-            dec = VideoClipDecoder(num_frames=num_frames, train=True, backend=backend, size=64)
-            dec(data, rng=random.Random(0))  # warm-up (imports, codec tables)
-            times = []
-            for r in range(10):
-                t0 = time.perf_counter()
-                dec(data, rng=random.Random(r))
-                times.append((time.perf_counter() - t0) * 1e3)
-            print(
-                f"  {backend:6s} {num_frames:2d} frames: {min(times):6.2f} / "
-                f"{statistics.median(times):6.2f} ms per clip"
-            )

@@ -16,10 +16,10 @@ from transformers import AutoTokenizer
 
 from mmpt.batch import VLMBatch
 from mmpt.datamodules.packing import IGNORE_INDEX, pack_row
-from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeResolution
+from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeResolution, header_size
 from mmpt.datamodules.streams import StreamConfig
 from mmpt.datamodules.templates import get_template
-from mmpt.datamodules.vlm import Overlong, VLMCollate, VLMDataModule, VLMSample, image_size
+from mmpt.datamodules.vlm import Overlong, VLMCollate, VLMDataModule, VLMSample
 from mmpt.preprocess import ImagePreprocess, VLMPreprocess
 from mmpt.shards import ShardWriter, load_index
 from mmpt.synth import make_synthetic
@@ -389,7 +389,7 @@ def truncated_jpeg() -> bytes:
 
 def test_corrupt_image_passes_the_header_read():
     bad = truncated_jpeg()
-    assert image_size(bad) == (40, 40)
+    assert header_size(bad) == (40, 40)
     with pytest.raises(OSError):
         Image.open(io.BytesIO(bad)).convert("RGB")
 

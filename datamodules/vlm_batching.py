@@ -1,0 +1,127 @@
+"""Packed VLM batches: samples -> rows (online FFD packing or padding) -> :class:`VLMBatch`.
+
+Images travel undecoded through packing (their token counts come from the header); the collate
+function decodes the images of the rows it emits and groups crops by size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mmpt.batch import ImageLayout, VLMBatch
+from mmpt.datamodules.decode import decode_image
+from mmpt.datamodules.packing import collate_packed, pack_row, pack_stream
+from mmpt.datamodules.resolution import header_size
+from mmpt.datamodules.stages import batched
+from mmpt.preprocess import VLMPreprocess
+
+log = logging.getLogger("mmpt.data")
+
+
+class PackedBatcher:
+    """Samples -> lists of rows: online FFD packing into ``max_seq_len`` rows, or padding.
+
+    Args:
+        max_seq_len: Row length when packing.
+        pad_id: Padding id.
+        rows: Rows per batch (packing) or samples per batch (no packing).
+        packing: Pack several samples per row; False pads each sample to the batch's longest.
+        buffer_size: Samples the packer looks at together.
+        min_fill: Fill a row needs to leave the buffer before the stream ends.
+        partial: Keep a last short batch.
+    """
+
+    def __init__(
+        self,
+        max_seq_len: int,
+        pad_id: int,
+        rows: int,
+        packing: bool = True,
+        buffer_size: int = 256,
+        min_fill: float = 0.95,
+        partial: bool = True,
+    ) -> None:
+        self.max_seq_len, self.pad_id, self.rows, self.packing = max_seq_len, pad_id, rows, packing
+        self.buffer_size, self.min_fill, self.partial = buffer_size, min_fill, partial
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """Yield lists of ``pack_row`` rows."""
+        if self.packing:
+            rows = pack_stream(
+                samples,
+                self.max_seq_len,
+                self.pad_id,
+                self.buffer_size,
+                "drop",
+                min_fill=self.min_fill,
+            )
+            yield from batched(rows, self.rows, self.partial)
+            return
+        for group in batched(samples, self.rows, self.partial):
+            longest = max(int(s["input_ids"].shape[0]) for s in group)
+            yield [pack_row([s], longest, self.pad_id) for s in group]
+
+
+class VLMCollate:
+    """Rows -> :class:`VLMBatch`: decode the rows' images and group crops by size. Picklable.
+
+    An image that fails to decode becomes a black image of its header size (its tokens are
+    already in the row) and is counted in ``skipped``.
+    """
+
+    def __init__(self, preprocess: VLMPreprocess, template: str) -> None:
+        self.pre, self.template = preprocess, template
+
+    def __call__(self, rows: list[dict[str, Any]]) -> VLMBatch:
+        """Collate packed rows (see ``collate_packed``) and their images."""
+        packed = collate_packed(rows)
+        groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+        layouts, failed = [], 0
+        for images, counts in zip(packed["images"], packed["image_tokens"], strict=True):
+            for data, count in zip(images, counts, strict=True):
+                try:
+                    img = decode_image(data)
+                except Exception as e:  # noqa: BLE001 - keep the row; count the bad image
+                    log.warning("image failed to decode (%s); using a black image", e)
+                    img, failed = Image.new("RGB", header_size(data)), failed + 1
+                crops = self.pre.policy(img)
+                if self.pre.image_tokens(crops) != count:
+                    raise RuntimeError(
+                        f"resolution policy {type(self.pre.policy).__name__} gave "
+                        f"{self.pre.image_tokens(crops)} tokens for an image it budgeted "
+                        f"{count} for: its num_tokens() disagrees with its crops"
+                    )
+                refs = []
+                for crop in crops.pixels:
+                    group = groups.setdefault(tuple(crop.shape[1:]), [])
+                    refs.append((list(groups).index(tuple(crop.shape[1:])), len(group)))
+                    group.append(crop)
+                layouts.append(
+                    ImageLayout(
+                        refs,
+                        list(crops.grids),
+                        crops.row_end_tokens,
+                        crops.tiles,
+                        crops.global_view,
+                    )
+                )
+        return VLMBatch(
+            input_ids=packed["input_ids"],
+            labels=packed["labels"],
+            position_ids=packed["position_ids"],
+            cu_seqlens=packed["cu_seqlens"],
+            max_seqlen=packed["max_seqlen"],
+            pixels=[torch.stack(g) for g in groups.values()],
+            images=layouts,
+            keys=packed["key"],
+            template=self.template,
+            num_samples=packed["num_samples"],
+            num_real_tokens=packed["num_real_tokens"],
+            num_truncated=sum(packed["truncated"]),
+            skipped=failed + packed["num_dropped"],
+        )
