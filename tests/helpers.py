@@ -116,3 +116,28 @@ TINY_VIDEO = {
         "model_kwargs": {"patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2},
     },
 }
+
+
+def init_gloo(rank: int, init_file: str, world_size: int) -> None:
+    """Join a CPU (gloo) process group through a shared file, with a 60 s timeout."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+
+
+def ddp_average_(grads: dict) -> dict:
+    """DDP's gradient reduction by hand: all-reduce SUM, then divide by world size (in place)."""
+    import torch.distributed as dist
+
+    for g in grads.values():
+        dist.all_reduce(g)
+        g /= dist.get_world_size()
+    return grads

@@ -10,7 +10,6 @@ encoder gradients averaged over ranks (DDP's reduction, by hand) equal the globa
 from __future__ import annotations
 
 import math
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpt.models.losses import ClipLoss, EgoNCELoss
+from tests.helpers import ddp_average_, init_gloo
 
 N_NOUNS, N_VERBS = 5, 3
 # Tags of a batch of 6 narrations, as id lists (the direct formula uses set intersection).
@@ -250,21 +250,11 @@ class TwoTower(nn.Module):
 def encoder_grads(model: nn.Module, xv, xt, nouns, verbs, average: bool = False) -> dict:
     model(xv, xt, nouns, verbs).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    if average:  # DDP's reduction, by hand: all-reduce SUM, then divide by world size
-        for g in grads.values():
-            dist.all_reduce(g)
-            g /= dist.get_world_size()
-    return grads
+    return ddp_average_(grads) if average else grads
 
 
 def worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, init_file, WORLD)
     try:
         data = global_data()
         local = {k: v[rank * B : (rank + 1) * B] for k, v in data.items()}

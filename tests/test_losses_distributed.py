@@ -14,7 +14,6 @@ first use imports torch._dynamo, several seconds per process).
 from __future__ import annotations
 
 import math
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mmpt.models.losses import ClipLoss, SigLipLoss, gather_with_grad
+from tests.helpers import ddp_average_, init_gloo
 
 WORLD, B, D, D_IN = 2, 3, 8, 5
 N = WORLD * B
@@ -75,21 +75,11 @@ def model_grads(
 ) -> dict:
     model(x_img, x_txt).backward()
     grads = {k.removeprefix("module."): p.grad.clone() for k, p in model.named_parameters()}
-    if average:  # DDP's reduction, by hand: all-reduce SUM, then divide by world size
-        for g in grads.values():
-            dist.all_reduce(g)
-            g /= dist.get_world_size()
-    return grads
+    return ddp_average_(grads) if average else grads
 
 
 def worker(rank: int, init_file: str, out_dir: str, use_ddp: bool) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, init_file, WORLD)
     try:
         data = global_batch()
         rows = slice(rank * B, (rank + 1) * B)
