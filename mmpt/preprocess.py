@@ -38,17 +38,27 @@ class Tokenizer(Protocol):
 class ImagePreprocess:
     """Image preprocessing a vision tower was built for.
 
+    RGB images (``bands`` None) arrive as uint8 and are normalised as ``(x / 255 - mean) /
+    std``. Multispectral tiles (``bands`` set) arrive as float raw values (e.g. Sentinel-2
+    digital numbers) in the model's band order and are normalised as ``(x * scale - mean) /
+    std``, with mean/std in scaled units.
+
     Attributes:
-        size: Square input size in pixels.
-        mean: Per-channel mean subtracted after scaling to [0, 1].
+        size: Square input size in pixels (tiles of other sizes are resized to it).
+        mean: Per-channel mean subtracted after scaling.
         std: Per-channel std divided by after the mean.
-        channels: Input channel count (3 for RGB).
+        channels: Input channel count (3 for RGB, ``len(bands)`` for tiles).
+        bands: Band names the model takes, in channel order; None for RGB images.
+        scale: Multiplier applied to raw tile values before mean/std (1e-4 for Sentinel-2
+            digital numbers); unused for RGB.
     """
 
     size: int = 224
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     channels: int = 3
+    bands: tuple[str, ...] | None = None
+    scale: float = 1.0
 
 
 @dataclass

@@ -166,6 +166,8 @@ class MAEModule(MMPTModule):
     masking -> prefix (class) tokens with their position embedding -> blocks -> norm.
     """
 
+    image_tower_attr = "encoder"
+
     def __init__(
         self,
         encoder: TimmVisionTower,

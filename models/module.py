@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import math
@@ -22,8 +23,18 @@ NO_DECAY_NAMES = (
 )
 
 
+#: Checkpoint entry describing the image tower (rebuilds it for ``mmpt eval probe`` and
+#: ``init_from`` without the training config).
+TOWER_KEY = "mmpt_image_tower"
+
+
 class MMPTModule(L.LightningModule):
     """Shared behaviour of every mmpt training family.
+
+    Every checkpoint records the model's image tower under :data:`TOWER_KEY`: the attribute
+    holding it, the ``class_path``/``init_args`` that rebuild it (``describe()``) and its
+    preprocessing (size, bands, scale, per-band mean/std), so evaluation re-applies exactly the
+    pretraining preprocessing.
 
     Args:
         optimizer: Optimizer factory (``class_path: torch.optim.AdamW`` + ``init_args`` in YAML).
@@ -35,6 +46,9 @@ class MMPTModule(L.LightningModule):
         init_from: A checkpoint (Lightning ``.ckpt`` or a state dict file) whose matching
             weights initialise this model, e.g. the previous stage's ``last.ckpt``.
     """
+
+    #: Attribute holding the image tower (recorded in checkpoints when it has ``describe``).
+    image_tower_attr: str = "vision"
 
     def __init__(
         self,
@@ -59,6 +73,16 @@ class MMPTModule(L.LightningModule):
         if self.init_from:
             load_matching(self, self.init_from)
         apply_trainable(self, self.trainable_patterns, self.freeze_patterns)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record the image tower's architecture and preprocessing under :data:`TOWER_KEY`."""
+        tower = getattr(self, self.image_tower_attr, None)
+        if tower is not None and hasattr(tower, "describe"):
+            checkpoint[TOWER_KEY] = {
+                "attr": self.image_tower_attr,
+                "tower": tower.describe(),
+                "preprocess": dataclasses.asdict(tower.image_preprocess),
+            }
 
     def on_train_epoch_start(self) -> None:
         """Tell the datamodule the epoch (shard order and shuffles follow it)."""

@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from mmpt.bands import band_stats, resolve_bands, resolve_groups
 from mmpt.preprocess import ImagePreprocess
 
 from . import class_path, resolve_feature_layer
@@ -151,6 +152,15 @@ def timm_patch_features(model: nn.Module, images: torch.Tensor, index: int) -> t
     return tokens
 
 
+def _groups_by_name(
+    groups: tuple[tuple[int, ...], ...] | None, bands: tuple[str, ...] | None
+) -> list[list[str]] | None:
+    """Band groups as names (for ``describe``), from channel indices."""
+    if groups is None or bands is None:
+        return None
+    return [[bands[i] for i in g] for g in groups]
+
+
 class _KeyReport(logging.Handler):
     """Collects the missing/unexpected key lists that timm's ``load_pretrained`` logs."""
 
@@ -209,6 +219,11 @@ class TimmVisionTower(nn.Module):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         feature_layer: int = -2,
+        bands: str | list[str] | None = None,
+        band_groups: str | list[list[str]] | None = None,
+        scale: float = 1.0,
+        stats_from: str | None = None,
+        init_from: str | None = None,
     ) -> None:
         """Build the model and optionally load local weights.
 
@@ -228,6 +243,19 @@ class TimmVisionTower(nn.Module):
             feature_layer: Block whose output ``patch_features`` returns: -1 the last block,
                 -2 the second-to-last (LLaVA/VILA), 0 the first. Checked when the model is
                 ViT-style.
+            bands: Multispectral input: a sensor (``s2_l1c`` 13 bands, ``s2_l2a`` 12, ``s1``
+                2) or a list of band names (``mmpt.bands``); sets ``in_chans``. None: RGB.
+            band_groups: One patch embedding per band group (SatMAE): ``satmae`` or lists of
+                band names; each group gives its own token per patch (G x more tokens). None:
+                one patch embedding over all bands.
+            scale: Raw tile values are multiplied by this before mean/std (1e-4 for
+                Sentinel-2 digital numbers).
+            stats_from: Shard folder (or its ``index.json``) whose per-band statistics give
+                ``mean``/``std`` when those are not set (raw units, multiplied by ``scale``).
+            init_from: Checkpoint whose ViT weights initialise this tower (MAE -> contrastive,
+                MAWS): an mmpt checkpoint (its recorded image tower), a timm state dict or a
+                folder holding one; position and patch embeddings are resized and channels
+                matched by band name (``mmpt.models.encoders.vit_init``).
 
         Raises:
             FileNotFoundError: When ``pretrained`` does not exist.
@@ -241,6 +269,22 @@ class TimmVisionTower(nn.Module):
             if key in kwargs:
                 raise ValueError(f"Set `{arg}` instead of model_kwargs[{key!r}].")
         kwargs.update(num_classes=embed_dim, img_size=image_size)
+        band_names = None if bands is None else resolve_bands(bands)
+        if band_names is not None:
+            if kwargs.get("in_chans", len(band_names)) != len(band_names):
+                raise ValueError(
+                    f"model_kwargs.in_chans={kwargs['in_chans']} but {len(band_names)} bands "
+                    f"{list(band_names)}: drop in_chans, the bands set it"
+                )
+            kwargs["in_chans"] = len(band_names)
+        self.band_groups = None
+        if band_groups is not None:
+            if band_names is None:
+                raise ValueError("band_groups needs `bands` (the band names the groups refer to)")
+            from .group_embed import group_embed_layer
+
+            self.band_groups = resolve_groups(band_groups, band_names)
+            kwargs["embed_layer"] = group_embed_layer(self.band_groups)
         if pretrained is None:
             self.model = timm.create_model(model_name, pretrained=False, **kwargs)
         else:
@@ -250,6 +294,17 @@ class TimmVisionTower(nn.Module):
 
         cfg = self.model.pretrained_cfg
         channels = int(kwargs.get("in_chans", 3))
+        if stats_from is not None and (mean is None or std is None):
+            if band_names is None:
+                raise ValueError("stats_from needs `bands` (statistics are looked up by band)")
+            raw_mean, raw_std = band_stats(stats_from, band_names)
+            mean = mean if mean is not None else [m * scale for m in raw_mean]
+            std = std if std is not None else [v * scale for v in raw_std]
+        if band_names is not None and (mean is None or std is None):
+            raise ValueError(
+                f"{len(band_names)} bands {list(band_names)}: set `mean` and `std` per band "
+                "(in scaled units) or `stats_from: <shard folder>` to read them from index.json"
+            )
         mean = list(mean if mean is not None else cfg.get("mean", ()))
         std = list(std if std is not None else cfg.get("std", ()))
         if len(mean) != channels or len(std) != channels:
@@ -258,7 +313,12 @@ class TimmVisionTower(nn.Module):
                 "channels; pass `mean` and `std` with one value per channel."
             )
         self.image_preprocess = ImagePreprocess(
-            size=image_size, mean=tuple(mean), std=tuple(std), channels=channels
+            size=image_size,
+            mean=tuple(mean),
+            std=tuple(std),
+            channels=channels,
+            bands=band_names,
+            scale=float(scale) if band_names is not None else 1.0,
         )
         self.feature_layer = feature_layer
         blocks = timm_block_count(self.model)
@@ -274,7 +334,17 @@ class TimmVisionTower(nn.Module):
             "mean": [float(m) for m in mean],
             "std": [float(s) for s in std],
             "feature_layer": feature_layer,
+            "bands": None if band_names is None else list(band_names),
+            "band_groups": _groups_by_name(self.band_groups, band_names),
+            "scale": float(scale),
+            "stats_from": None,  # resolved into mean/std above
+            "init_from": None,  # weights travel separately
         }
+        self.init_report = None
+        if init_from is not None:
+            from .vit_init import init_vit_from
+
+            self.init_report = init_vit_from(self.model, init_from, bands=band_names)
 
     @staticmethod
     def _create_pretrained(model_name: str, pretrained: str, kwargs: dict) -> nn.Module:
@@ -316,8 +386,47 @@ class TimmVisionTower(nn.Module):
         Returns:
             (B, output_dim) pooled and projected features, not normalised.
 
+        Raises:
+            ValueError: The input has another channel count than the model was built for.
+
         """
-        return self.model(images)
+        return self.model(self.check_channels(images))
+
+    def check_channels(self, images: torch.Tensor) -> torch.Tensor:
+        """Return ``images`` (B, C, H, W) after checking C against the model's input bands.
+
+        Raises:
+            ValueError: Wrong channel count, naming the bands the model was pretrained on.
+        """
+        pre = self.image_preprocess
+        if images.ndim != 4 or images.shape[1] != pre.channels:
+            what = f"bands {list(pre.bands)}" if pre.bands else "RGB channels"
+            raise ValueError(
+                f"this model takes {pre.channels} input channels ({what}), got input of shape "
+                f"{tuple(images.shape)}: feed tiles with the model's bands (the datamodule "
+                "selects them by name from the tile metadata)"
+            )
+        return images
+
+    def pooled_features(self, images: torch.Tensor, pool: str | None = None) -> torch.Tensor:
+        """Frozen-feature embedding for probes: the pooled features before the head.
+
+        Args:
+            images: (B, C, H, W) normalised pixels.
+            pool: None: the model's own pooling (class token for timm ViTs) after the final
+                norm; ``avg``: mean of the final-normed patch tokens (prefix tokens left out).
+
+        Returns:
+            (B, D) features, not normalised.
+        """
+        feats = self.model.forward_features(self.check_channels(images))
+        if pool is None:
+            return self.model.forward_head(feats, pre_logits=True)
+        if pool != "avg":
+            raise ValueError(f"pool must be None or 'avg', got {pool!r}")
+        if feats.ndim == 4:  # (B, C, H, W) feature maps of CNNs
+            return feats.mean(dim=(2, 3))
+        return feats[:, getattr(self.model, "num_prefix_tokens", 0) :].mean(dim=1)
 
     def _require_patches(self) -> int:
         if self._layer_index is None:
@@ -344,7 +453,8 @@ class TimmVisionTower(nn.Module):
             ValueError: For a non-ViT model or an input size the model cannot take.
 
         """
-        return timm_patch_features(self.model, images, self._require_patches())
+        index = self._require_patches()
+        return timm_patch_features(self.model, self.check_channels(images), index)
 
     @property
     def feature_dim(self) -> int:

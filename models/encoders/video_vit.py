@@ -104,6 +104,7 @@ class VideoViTTower(nn.Module):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         max_frames: int = 16,
+        init_from: str | None = None,
     ) -> None:
         """Build the image model (optionally from local image weights) and the temporal parts.
 
@@ -122,6 +123,8 @@ class VideoViTTower(nn.Module):
             std: Per-channel normalisation std; defaults to the model's pretrained_cfg.
             max_frames: Rows of the temporal position embedding: the most frames ``forward``
                 accepts.
+            init_from: Checkpoint whose image ViT weights initialise the spatial model (e.g. an
+                MAE checkpoint), as :class:`TimmVisionTower` ``init_from``.
 
         Raises:
             FileNotFoundError: When ``pretrained`` does not exist.
@@ -141,7 +144,9 @@ class VideoViTTower(nn.Module):
             mean=mean,
             std=std,
             feature_layer=-1,
+            init_from=init_from,
         )
+        self.init_report = image.init_report
         model = image.model
         if not isinstance(model, VisionTransformer):
             raise ValueError(
@@ -164,8 +169,9 @@ class VideoViTTower(nn.Module):
         )
         self.temporal_pos_embed = nn.Parameter(torch.zeros(max_frames, dim))
         self.grad_checkpointing = False
-        init_args = {k: v for k, v in image._init_args.items() if k != "feature_layer"}
-        init_args.update(num_frames=num_frames, max_frames=max_frames)
+        own = ("model_name", "embed_dim", "image_size", "pretrained", "model_kwargs", "mean", "std")
+        init_args = {k: image._init_args[k] for k in own}
+        init_args.update(num_frames=num_frames, max_frames=max_frames, init_from=None)
         self._init_args: dict[str, Any] = init_args
 
     def frame_tokens(self, videos: torch.Tensor) -> torch.Tensor:
