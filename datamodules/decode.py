@@ -90,3 +90,17 @@ def read_captions(sample: dict[str, Any], spec: str) -> list[str]:
     if not captions:
         raise MissingField(f"empty caption in {spec!r}")
     return captions
+
+
+def read_label(sample: dict[str, Any], spec: str | None) -> int:
+    """A class id from ``spec`` (e.g. ``json:label``); -1 when ``spec`` is None or absent.
+
+    Raises:
+        ValueError: The field is there but not an integer (a bad sample).
+    """
+    if not spec:
+        return -1
+    try:
+        return int(read_field(sample, spec))
+    except KeyError:
+        return -1

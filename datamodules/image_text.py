@@ -1,9 +1,15 @@
-"""Image-text pairs from WebDataset shards (img2dataset / open_clip layout) as ImageTextBatch."""
+"""Image-text pairs from WebDataset shards (img2dataset / open_clip layout) as ImageTextBatch.
+
+Images are RGB (``jpg``, ``png`` ...) or multispectral tiles (``npy``, ``tif``, see
+:mod:`mmpt.datamodules.tiles`), whichever the model's preprocessing takes. The split/stream/
+loader plumbing shared with the other shard datamodules is :class:`ShardDataModule`.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,9 +18,9 @@ import lightning as L
 import torch
 
 from mmpt.batch import ImageTextBatch
-from mmpt.datamodules.decode import decode_image, first_key, read_captions, read_field
+from mmpt.datamodules.decode import read_captions, read_label
 from mmpt.datamodules.streams import ShardStream, StreamConfig, make_loader
-from mmpt.datamodules.transforms import image_transform, normalize_images
+from mmpt.datamodules.transforms import image_reader, normalize_for
 from mmpt.preprocess import ImagePreprocess, Preprocess, Tokenizer
 
 log = logging.getLogger("mmpt.data")
@@ -70,35 +76,33 @@ def synthetic_specs(value: Any) -> list[SyntheticData]:
 
 
 class ImageTextSample:
-    """Raw sample dict -> (image (C,H,W), captions, label, key). Picklable for workers."""
+    """Raw sample dict -> (image (C,H,W), captions, label, key). Picklable for workers.
+
+    Args:
+        read_image: Sample -> image tensor (:func:`~mmpt.datamodules.transforms.image_reader`:
+            uint8 RGB or float32 tile).
+        text_key: Caption field(s), see :func:`~mmpt.datamodules.decode.read_field`.
+        label_key: Class id field, None for none.
+        all_captions: Keep every caption (evaluation) instead of one at random (training).
+    """
 
     def __init__(
         self,
-        transform: Any,
-        image_key: str,
+        read_image: Callable[[dict[str, Any]], torch.Tensor],
         text_key: str,
         label_key: str | None,
         all_captions: bool,
-        min_size: int,
     ) -> None:
-        self.transform, self.image_key, self.text_key = transform, image_key, text_key
-        self.label_key, self.all_captions, self.min_size = label_key, all_captions, min_size
+        self.read_image, self.text_key = read_image, text_key
+        self.label_key, self.all_captions = label_key, all_captions
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[str], int, str]:
         """Decode one sample; raises (and so is skipped and counted) when a field is bad."""
         captions = read_captions(sample, self.text_key)
         if not self.all_captions:
             captions = [random.choice(captions)]
-        image = self.transform(
-            decode_image(sample[first_key(sample, self.image_key)], self.min_size)
-        )
-        label = -1
-        if self.label_key:
-            try:
-                label = int(read_field(sample, self.label_key))
-            except KeyError:
-                label = -1
-        return image, captions, label, sample["__key__"]
+        image = self.read_image(sample)
+        return image, captions, read_label(sample, self.label_key), sample["__key__"]
 
 
 class ImageTextCollate:
@@ -120,56 +124,56 @@ class ImageTextCollate:
         )
 
 
-class ImageTextDataModule(L.LightningDataModule):
-    """Image-text shards -> :class:`~mmpt.batch.ImageTextBatch`.
+class ShardDataModule(L.LightningDataModule):
+    """Train/val/test shard streams -> typed batches; subclasses say how to read a split.
+
+    A subclass implements :meth:`stream` (one split's :class:`ShardStream`) and
+    :meth:`normalize` (per batch, on the device); this class resolves the splits at setup,
+    renders synthetic data, advances epochs and builds the loaders.
 
     Args:
-        train: Training stream (sources, mixing, epoch size).
-        val: Validation stream; every caption of an image is kept when ``val_text_key`` lists
-            several (retrieval with several captions per image).
-        test: Test stream for ``mmpt test`` and ``mmpt predict`` (read like ``val``; predict
-            falls back to ``val`` when no test stream is set).
-        batch_size: Samples per batch per rank (the global batch is this x world size).
+        train: Training stream, or None.
+        val: Validation stream, or None.
+        test: Test stream (``mmpt test``/``predict``; falls back to ``val``), or None.
+        batch_size: Samples per batch per rank.
         val_batch_size: Validation batch size (default: ``batch_size``).
-        num_workers: DataLoader worker processes (decode happens there).
-        image_key: Image extensions to look for, ``;``-separated.
-        text_key: Caption field: ``txt`` or ``json:<field>``; alternatives ``;``-separated.
-        val_text_key: Caption field for validation (e.g. ``json:captions``); default text_key.
-        label_key: Class id field for zero-shot classification, None for none.
+        num_workers: DataLoader worker processes.
         seed: Base seed of shard order, shuffles and resampling.
-        synthetic: Synthetic set(s) to generate first when missing (one, or a list for mixes).
-        preprocess: Filled by the CLI from the model (image size, normalisation, tokenizer).
+        synthetic: Synthetic set(s) to generate first when missing.
+        preprocess: Filled by the CLI from the model.
     """
 
     def __init__(
         self,
-        train: StreamConfig | None = None,
-        val: StreamConfig | None = None,
-        test: StreamConfig | None = None,
-        batch_size: int = 256,
-        val_batch_size: int | None = None,
-        num_workers: int = 4,
-        image_key: str = "jpg;jpeg;png;webp",
-        text_key: str = "txt;json:caption",
-        val_text_key: str | None = None,
-        label_key: str | None = "json:label",
-        seed: int = 0,
-        synthetic: SyntheticData | list[SyntheticData] | None = None,
-        preprocess: Preprocess | None = None,
+        train: StreamConfig | None,
+        val: StreamConfig | None,
+        test: StreamConfig | None,
+        batch_size: int,
+        val_batch_size: int | None,
+        num_workers: int,
+        seed: int,
+        synthetic: SyntheticData | list[SyntheticData] | None,
+        preprocess: Any,
     ) -> None:
         super().__init__()
         self.train_cfg, self.val_cfg, self.test_cfg = train, val, test
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
-        self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
-        self.val_text_key = val_text_key or text_key
         self.synthetic = synthetic
         self.preprocess = preprocess
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
         self.test_stream: ShardStream | None = None
         self.val_meta: dict = {}
+
+    def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
+        """Build the stream of one split (``field`` names it in errors)."""
+        raise NotImplementedError
+
+    def normalize(self, batch: Any) -> Any:
+        """Turn a batch's worker-side pixels into model inputs (on the device)."""
+        raise NotImplementedError
 
     def prepare_data(self) -> None:
         """Render the synthetic set (rank 0 only) if it is configured and missing."""
@@ -179,37 +183,6 @@ class ImageTextDataModule(L.LightningDataModule):
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "_trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
-        """Build the stream of one split (also used by ``mmpt eval`` on arbitrary shards)."""
-        pre = self.preprocess or Preprocess()
-        if pre.tokenizer is None or pre.image is None:
-            raise ValueError(
-                "the model gives no tokenizer/image preprocessing: ImageTextDataModule needs a "
-                "model with an image and a text tower (data.preprocess is linked from the model)"
-            )
-        image_pre: ImagePreprocess = pre.image
-        sample_fn = ImageTextSample(
-            transform=image_transform(image_pre, train=train),
-            image_key=self.image_key,
-            text_key=self.text_key if train else self.val_text_key,
-            label_key=self.label_key,
-            all_captions=not train,
-            min_size=image_pre.size,
-        )
-        rank, world = self._world()
-        return ShardStream(
-            config.sources(field),
-            config,
-            sample_fn,
-            ImageTextCollate(pre.tokenizer),
-            batch_size=self.batch_size if train else self.val_batch_size,
-            partial=not train,
-            seed=self.seed,
-            rank=rank,
-            world_size=world,
-            num_workers=self.num_workers,
-        )
 
     def setup(self, stage: str | None = None) -> None:
         """Resolve and check every source (missing shards fail here, before training)."""
@@ -231,15 +204,9 @@ class ImageTextDataModule(L.LightningDataModule):
         if self.train_stream is not None:
             self.train_stream.set_epoch(epoch)
 
-    def on_after_batch_transfer(self, batch: ImageTextBatch, dataloader_idx: int) -> ImageTextBatch:
-        """Normalise the uint8 images on the device (once per batch)."""
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise the batch on the device (once per batch)."""
         return self.normalize(batch)
-
-    def normalize(self, batch: ImageTextBatch) -> ImageTextBatch:
-        """uint8 images -> normalised float, with the model's mean and std."""
-        pre = (self.preprocess or Preprocess()).image or ImagePreprocess()
-        batch.images = normalize_images(batch.images, pre.mean, pre.std)
-        return batch
 
     def _pin(self) -> bool:
         return torch.cuda.is_available()
@@ -251,7 +218,7 @@ class ImageTextDataModule(L.LightningDataModule):
         return make_loader(self.train_stream, self.num_workers, self._pin())
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
-        """Validation batches (all captions per image), or none."""
+        """Validation batches, or none."""
         if self.val_stream is None:
             return []
         return make_loader(self.val_stream, self.num_workers, self._pin())
@@ -265,3 +232,90 @@ class ImageTextDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         """Prediction batches: the test stream (``data.test``, else ``data.val``)."""
         return self.test_dataloader()
+
+
+class ImageTextDataModule(ShardDataModule):
+    """Image-text shards -> :class:`~mmpt.batch.ImageTextBatch`.
+
+    RGB images (uint8 in the batch) or, for a model whose preprocessing names ``bands``,
+    multispectral tiles (float32 raw values, bands matched by name; remote-sensing image-text
+    pairs with json ``caption``).
+
+    Args:
+        train: Training stream (sources, mixing, epoch size).
+        val: Validation stream; every caption of an image is kept when ``val_text_key`` lists
+            several (retrieval with several captions per image).
+        test: Test stream for ``mmpt test`` and ``mmpt predict`` (read like ``val``; predict
+            falls back to ``val`` when no test stream is set).
+        batch_size: Samples per batch per rank (the global batch is this x world size).
+        val_batch_size: Validation batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes (decode happens there).
+        image_key: Image extensions to look for, ``;``-separated; None: ``jpg;jpeg;png;webp``
+            for RGB models, ``npy;tif;tiff`` for multispectral ones.
+        text_key: Caption field: ``txt`` or ``json:<field>``; alternatives ``;``-separated.
+        val_text_key: Caption field for validation (e.g. ``json:captions``); default text_key.
+        label_key: Class id field for zero-shot classification, None for none.
+        seed: Base seed of shard order, shuffles and resampling.
+        synthetic: Synthetic set(s) to generate first when missing (one, or a list for mixes).
+        preprocess: Filled by the CLI from the model (image size, normalisation, tokenizer).
+    """
+
+    def __init__(
+        self,
+        train: StreamConfig | None = None,
+        val: StreamConfig | None = None,
+        test: StreamConfig | None = None,
+        batch_size: int = 256,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        image_key: str | None = None,
+        text_key: str = "txt;json:caption",
+        val_text_key: str | None = None,
+        label_key: str | None = "json:label",
+        seed: int = 0,
+        synthetic: SyntheticData | list[SyntheticData] | None = None,
+        preprocess: Preprocess | None = None,
+    ) -> None:
+        super().__init__(
+            train, val, test, batch_size, val_batch_size, num_workers, seed, synthetic, preprocess
+        )
+        self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
+        self.val_text_key = val_text_key or text_key
+
+    def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
+        """Build the stream of one split (also used by ``mmpt eval`` on arbitrary shards)."""
+        pre = self.preprocess or Preprocess()
+        if pre.tokenizer is None or pre.image is None:
+            raise ValueError(
+                "the model gives no tokenizer/image preprocessing: ImageTextDataModule needs a "
+                "model with an image and a text tower (data.preprocess is linked from the model)"
+            )
+        sample_fn = ImageTextSample(
+            read_image=image_reader(pre.image, train, self.image_key),
+            text_key=self.text_key if train else self.val_text_key,
+            label_key=self.label_key,
+            all_captions=not train,
+        )
+        rank, world = self._world()
+        return ShardStream(
+            config.sources(field),
+            config,
+            sample_fn,
+            ImageTextCollate(pre.tokenizer),
+            batch_size=self.batch_size if train else self.val_batch_size,
+            partial=not train,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+        )
+
+    def normalize(self, batch: ImageTextBatch) -> ImageTextBatch:
+        """Worker pixels -> normalised float32, with the model's scale, mean and std.
+
+        uint8 RGB images become ``(x / 255 - mean) / std`` (float passes through); raw tiles
+        become ``(x * scale - mean) / std`` (see :func:`.transforms.normalize_for`).
+        """
+        pre = (self.preprocess or Preprocess()).image or ImagePreprocess()
+        batch.images = normalize_for(batch.images, pre)
+        return batch

@@ -16,6 +16,15 @@ from mmpt.datamodules.urls import open_url
 log = logging.getLogger("mmpt.data")
 
 
+class DataError(Exception):
+    """The data does not fit the model (e.g. a tile lacks bands the model takes).
+
+    Unlike a corrupt or incomplete sample, this is not skipped and counted: every sample
+    would fail the same way, so it stops the run with its message (:func:`map_skipping`
+    re-raises it).
+    """
+
+
 class SharedEpoch:
     """An epoch counter shared with (persistent) DataLoader worker processes."""
 
@@ -181,14 +190,22 @@ def _with_location(exn: Exception, where: str) -> Exception:
 def map_skipping(
     data: Iterable[dict[str, Any]], fn: Callable[[dict[str, Any]], Any], handler: SkipCounter
 ) -> Iterator[Any]:
-    """Apply ``fn`` to every sample; a sample whose ``fn`` raises is skipped and counted."""
+    """Apply ``fn`` to every sample; a sample whose ``fn`` raises is skipped and counted.
+
+    Raises:
+        DataError: ``fn`` raised one (a data/model mismatch stops the run), with the sample's
+            key and shard added to its message.
+    """
     for sample in data:
         try:
             out = fn(sample)
         except Exception as e:  # noqa: BLE001 - every per-sample failure is a counted skip
             key = sample.get("__key__", "?")
             url = sample.get("__url__", "?")
-            handler(_with_location(e, f"sample {key!r} in {url}"))
+            located = _with_location(e, f"sample {key!r} in {url}")
+            if isinstance(e, DataError):
+                raise located from e
+            handler(located)
             continue
         yield out
 

@@ -16,8 +16,9 @@ class ImageTextBatch:
     training each image has exactly one caption, so ``text_to_image == arange(B)``.
 
     Attributes:
-        images: (B, C, H, W) uint8 pixels as produced by the workers; the datamodule turns them
-            into normalised float32 on the device (``on_after_batch_transfer``).
+        images: (B, C, H, W) uint8 pixels (RGB) or float32 raw values (multispectral tiles) as
+            produced by the workers; the datamodule turns them into normalised float32 on the
+            device (``on_after_batch_transfer``).
         text_tokens: Long tensor (M, L) of token ids, M >= B.
         text_to_image: Long tensor (M,), index into ``images`` for each caption.
         keys: The ``__key__`` of each image sample, length B.
@@ -41,6 +42,29 @@ class ImageTextBatch:
     def num_texts(self) -> int:
         """Number of captions M in the batch."""
         return self.text_tokens.shape[0]
+
+
+@dataclass
+class ImageBatch:
+    """A collated batch of images with optional class labels (MAE pretraining, probes).
+
+    Attributes:
+        images: (B, C, H, W) uint8 pixels (RGB) or float32 raw values (multispectral tiles) as
+            produced by the workers; normalised float32 on the device after
+            ``on_after_batch_transfer``.
+        labels: Long tensor (B,) of class ids, -1 when a sample has no label.
+        keys: The ``__key__`` of each sample, length B.
+        skipped: Samples the producing worker dropped as corrupt or incomplete since its
+            previous batch (summed and logged as ``data/skipped``).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpt.shards.build import build_image_text_shards
+from mmpt.shards.multispectral_build import build_multispectral_shards
 from mmpt.shards.video_build import build_video_text_shards
 from mmpt.synth import SYNTH_KINDS
 
@@ -19,6 +20,7 @@ from mmpt.synth import SYNTH_KINDS
 BUILD_KINDS: dict[str, Callable[..., Any]] = {
     "image-text": build_image_text_shards,
     "video-text": build_video_text_shards,
+    "multispectral": build_multispectral_shards,
 }
 
 #: Option names whose flag is not ``--`` + the name with dashes.
@@ -28,9 +30,13 @@ EPILOG = """examples:
   mmpt data synth --kind image-text --out data/shapes
   mmpt data synth --kind interleaved --out data/docs --max-images 3
   mmpt data synth --kind video-text --out data/clips --num-frames 16
+  mmpt data synth --kind multispectral --out data/landcover --image-size 32
   mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
   mmpt data build --kind video-text --from egoclip.tsv --videos ego4d/chunks/ \
       --out shards/egoclip --reencode-short 256 --workers 8
+  mmpt data build --kind multispectral --from ssl4eo-s12/ --sensor s2_l1c \
+      --out shards/ssl4eo --size 256 --workers 8
+  mmpt data build --kind multispectral --from EuroSAT_MS/ --out shards/eurosat --format tif
   mmpt data inspect shards/ --check
 """
 
@@ -65,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
         help="validation samples (default: interleaved 192, video-text 180)",
     )
     synth.add_argument(
+        "--test-samples", type=int, metavar="N", help="test samples (multispectral; 350)"
+    )
+    synth.add_argument(
+        "--sensor", metavar="NAME", help="multispectral: s2_l1c or s2_l2a (default s2_l1c)"
+    )
+    synth.add_argument(
         "--mcq-samples", type=int, metavar="N", help="multiple-choice questions (video-text; 200)"
     )
     synth.add_argument(
@@ -87,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
 
     build = sub.add_parser(
-        "build", help="raw files -> shards + index.json (image-text pairs, video-text clips)"
+        "build",
+        help="raw files -> shards + index.json (image-text pairs, video-text clips, "
+        "multispectral tiles)",
     )
     build.add_argument(
         "--from",
@@ -97,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="a .csv/.tsv/.jsonl table or a folder of image + same-stem .txt pairs; video-text: "
         "an EgoClip-style table (video_uid, clip_start, clip_end, clip_text[, tag_noun, tag_verb, "
-        "video_path, clip_uid])",
+        "video_path, clip_uid]); multispectral: an SSL4EO-S12 root or sensor folder, class "
+        "folders or a flat folder of .tif/.npy tiles",
     )
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="output shard folder")
     kinds = ", ".join(BUILD_KINDS)
@@ -135,9 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--samples-per-shard",
+        "--shard-size",
         type=int,
         metavar="N",
-        help="samples per shard (default: image-text 10000, video-text 1000)",
+        help="samples per shard (default: image-text 10000, video-text 1000, multispectral 500)",
     )
     build.add_argument("--image-column", metavar="COL", help="table column holding image paths")
     build.add_argument("--caption-column", metavar="COL", help="table column holding captions")
@@ -149,6 +165,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument(
         "--workers", type=int, metavar="N", help="decode/encode processes (default 1)"
+    )
+    build.add_argument(
+        "--sensor",
+        metavar="NAME",
+        help="multispectral: s2_l1c, s2_l2a, s1 or a band list B4,B3,B2,B8 (default: inferred)",
+    )
+    build.add_argument(
+        "--format", choices=("npy", "tif"), help="multispectral: tile file format (default npy)"
+    )
+    build.add_argument(
+        "--size", type=int, metavar="N", help="multispectral: resize every tile to N x N"
     )
     build.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -189,6 +216,8 @@ def _synth(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "train_samples": args.train_samples,
         "val_samples": args.val_samples,
+        "test_samples": args.test_samples,
+        "sensor": args.sensor,
         "mcq_samples": args.mcq_samples,
         "image_size": args.image_size,
         "num_frames": args.num_frames,
@@ -200,7 +229,7 @@ def _synth(args: argparse.Namespace) -> int:
     }
     result = fn(args.out, **_options(fn, args.kind, given))
     print(f"wrote {args.kind} synthetic data to {args.out}")
-    for split in ("train", "val", "mcq"):
+    for split in ("train", "val", "test", "mcq"):
         if split in result:
             n, shards = result.get(f"{split}_samples", "?"), result.get(f"{split}_shards", "?")
             print(f"  {split}: {n} samples in {shards} shard(s) at {result[split]}")
@@ -223,6 +252,9 @@ def _build(args: argparse.Namespace) -> int:
         "resize_short_side": args.resize_short_side,
         "jpeg_quality": args.jpeg_quality,
         "workers": args.workers,
+        "sensor": args.sensor,
+        "format": args.format,
+        "size": args.size,
         "overwrite": args.overwrite,
     }
     options = _options(fn, args.kind, given)

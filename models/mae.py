@@ -9,15 +9,21 @@ tower: MAE does not use a projection head, which would get no gradient (DDP woul
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from mmpt.eval.report import save_figure
 from mmpt.models.encoders.timm_vit import TimmVisionTower
+from mmpt.models.mae_figure import figure_pixels, reconstruction_figure
 from mmpt.models.module import MMPTModule
 from mmpt.models.schedules import Schedule
+from mmpt.preprocess import Preprocess
 
 
 def random_masking(
@@ -78,6 +84,28 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (target - mean) / (var + eps) ** 0.5
 
 
+def patch_errors(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
+    """Mean squared error of every patch, in float32.
+
+    Args:
+        pred: (B, N, p * p * C) predicted patches.
+        target: (B, N, p * p * C) patches of the input (:func:`patchify`).
+        norm_pix: Compare with per-patch normalised target pixels (:func:`normalize_patches`).
+
+    Returns:
+        (B, N) per-patch MSE.
+    """
+    if norm_pix:
+        target = normalize_patches(target)
+    return (pred.float() - target.float()).pow(2).mean(dim=-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, N) ``values`` over the entries where the (B, N) ``mask`` is 1 (scalar)."""
+    mask = mask.float()
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 def mae_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True
 ) -> torch.Tensor:
@@ -92,24 +120,22 @@ def mae_loss(
     Returns:
         Scalar, the per-patch MSE averaged over the masked patches.
     """
-    if norm_pix:
-        target = normalize_patches(target)
-    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
-    mask = mask.float()
-    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+    return masked_mean(patch_errors(pred, target, norm_pix), mask)
 
 
 class MAEDecoder(nn.Module):
     """Light transformer that predicts the pixels of every patch from the visible latents.
 
     The position embedding is learned (truncated normal, std 0.02) rather than the fixed 2-D
-    sin-cos of the paper, so any patch count (non-square grids included) works.
+    sin-cos of the paper, so any patch count (non-square grids included) works. With band
+    groups (``patch_dim`` a sequence) the N tokens are G group-major blocks of N / G tokens and
+    each group has its own prediction head (``heads``) instead of the single ``head``.
     """
 
     def __init__(
         self,
         num_patches: int,
-        patch_dim: int,
+        patch_dim: int | Sequence[int],
         encoder_dim: int,
         dim: int = 512,
         depth: int = 8,
@@ -120,6 +146,7 @@ class MAEDecoder(nn.Module):
 
         Args:
             num_patches, patch_dim, encoder_dim: N, pixels per patch (p * p * C), latent width.
+                ``patch_dim`` as one value per band group (p * p * C_g) gives one head per group.
             dim, depth, heads: Width, number of timm ``Block``s, attention heads per block.
             num_prefix_tokens: Leading (class/register) tokens of the latent sequence.
         """
@@ -132,7 +159,12 @@ class MAEDecoder(nn.Module):
             Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, patch_dim)
+        if isinstance(patch_dim, int):
+            self.head = nn.Linear(dim, patch_dim)
+        else:
+            if not patch_dim or num_patches % len(patch_dim):
+                raise ValueError(f"{num_patches} tokens do not split into groups {patch_dim}")
+            self.heads = nn.ModuleList(nn.Linear(dim, d) for d in patch_dim)
         for param in (self.pos_embed, self.mask_token):
             trunc_normal_(param, std=0.02)
         for m in self.modules():
@@ -140,12 +172,18 @@ class MAEDecoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """Predict all patches in the original order: (B, N, patch_dim).
+    def forward(
+        self, latent: torch.Tensor, ids_restore: torch.Tensor
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Predict all patches in the original order.
 
         Args:
             latent: (B, P + N_keep, D_enc) encoder output, P prefix (class) tokens first.
             ids_restore: (B, N) from :func:`random_masking`.
+
+        Returns:
+            (B, N, patch_dim); with band groups a list of G tensors (B, N / G, p * p * C_g),
+            the predictions of each group's tokens.
         """
         x = self.embed(latent)
         prefix, visible = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
@@ -156,7 +194,12 @@ class MAEDecoder(nn.Module):
         x = torch.cat([prefix, full], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))[:, self.num_prefix_tokens :]
+        x = self.norm(x)[:, self.num_prefix_tokens :]
+        if not hasattr(self, "heads"):
+            return self.head(x)
+        return [
+            head(t) for head, t in zip(self.heads, x.chunk(len(self.heads), dim=1), strict=True)
+        ]
 
 
 class MAEModule(MMPTModule):
@@ -164,6 +207,14 @@ class MAEModule(MMPTModule):
 
     The encoder runs only on the visible patches: patch_embed -> position embedding ->
     masking -> prefix (class) tokens with their position embedding -> blocks -> norm.
+
+    With band groups (a tower built with ``band_groups``, SatMAE) every patch gives one token
+    per group, group-major; masking runs over all G * N tokens (independently per group), each
+    group has its own decoder head and a token's target is its group's channels of its patch.
+
+    Each validation epoch (rank 0, after the sanity check) draws the reconstructions of the
+    first ``log_reconstructions`` images of the first validation batch, masked with a fixed
+    seed, to ``<log_dir>/reconstructions/epochEEE.png`` (and to TensorBoard when logging there).
     """
 
     image_tower_attr = "encoder"
@@ -176,7 +227,8 @@ class MAEModule(MMPTModule):
         decoder_depth: int = 8,
         decoder_heads: int = 16,
         norm_pix_loss: bool = True,
-        optimizer=torch.optim.AdamW,  # noqa: ANN001 - OptimizerCallable
+        log_reconstructions: int = 4,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: Schedule | None = None,
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
@@ -186,10 +238,11 @@ class MAEModule(MMPTModule):
 
         Args:
             encoder: Vision tower whose timm model is a ``VisionTransformer`` with a fixed
-                input size and square patches.
-            mask_ratio: Fraction of patches masked per image.
+                input size and square patches (``band_groups`` set or not).
+            mask_ratio: Fraction of tokens masked per image.
             decoder_dim, decoder_depth, decoder_heads: Decoder width, blocks, attention heads.
             norm_pix_loss: Regress per-patch normalised pixels.
+            log_reconstructions: Images drawn per validation epoch; 0 turns drawing off.
             optimizer, lr_schedule, freeze, trainable, init_from: See :class:`MMPTModule`.
 
         Raises:
@@ -209,21 +262,36 @@ class MAEModule(MMPTModule):
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
+        self.log_reconstructions = int(log_reconstructions)
         self.patch_size = int(ph)
-        self.channels = int(vit.patch_embed.proj.in_channels)
-        patch_dim, dec = self.patch_size**2 * self.channels, (decoder_dim, decoder_depth)
+        #: Channel indices of each band group, None without groups.
+        self.band_groups: tuple[tuple[int, ...], ...] | None = getattr(encoder, "band_groups", None)
+        if self.band_groups is None:
+            self.channels = int(vit.patch_embed.proj.in_channels)
+            patch_dim: int | list[int] = self.patch_size**2 * self.channels
+        else:
+            self.channels = int(vit.in_chans)
+            patch_dim = [self.patch_size**2 * len(g) for g in self.band_groups]
+        dec = (decoder_dim, decoder_depth, decoder_heads)
         self.decoder = MAEDecoder(
-            num_patches, patch_dim, vit.embed_dim, *dec, decoder_heads, vit.num_prefix_tokens
+            num_patches, patch_dim, vit.embed_dim, *dec, num_prefix_tokens=vit.num_prefix_tokens
         )
+        self._recon_images: torch.Tensor | None = None
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """Image preprocessing of the encoder (no tokenizer: MAE reads no text)."""
+        return Preprocess(image=self.encoder.image_preprocess, tokenizer=None)
 
     def encode(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode the visible patches of a random mask of (B, C, H, W) normalised images.
+        """Encode the visible tokens of a random mask of (B, C, H, W) normalised images.
 
         Returns:
             latent: (B, P + N_keep, D) normed tokens, P prefix (class/register) tokens first.
-            mask, ids_restore: (B, N) each, as from :func:`random_masking`.
+            mask, ids_restore: (B, N) each, as from :func:`random_masking`; N counts tokens
+                (G * h * w with band groups, group-major).
         """
         vit = self.encoder.model
         # _pos_embed prepends prefix tokens and adds pos embeds; masking after it is equivalent
@@ -235,20 +303,31 @@ class MAEModule(MMPTModule):
             x = block(x)
         return vit.norm(x), mask, ids_restore
 
+    def _groups(self) -> tuple[tuple[int, ...], ...]:
+        """Channel groups whose patches are the targets: every channel as one group if none."""
+        return self.band_groups or (tuple(range(self.channels)),)
+
     def forward(
         self, images: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor], torch.Tensor]:
         """MAE loss of (B, C, H, W) normalised images, masked with ``generator`` if given.
 
         Returns:
-            loss: Scalar.
-            pred: (B, N, p * p * C) predictions (per-patch normalised when ``norm_pix_loss``).
-            mask: (B, N), 1 = masked.
+            loss: Scalar, the mean over masked tokens of each token's own per-patch MSE.
+            pred: (B, N, p * p * C) predictions (per-patch normalised when ``norm_pix_loss``);
+                with band groups a list of G tensors (B, h * w, p * p * C_g).
+            mask: (B, N) over all tokens (N = G * h * w with band groups), 1 = masked.
         """
         latent, mask, ids_restore = self.encode(images, generator)
         pred = self.decoder(latent, ids_restore)
-        loss = mae_loss(pred, patchify(images, self.patch_size), mask, self.norm_pix_loss)
-        return loss, pred, mask
+        if self.band_groups is None:
+            loss = mae_loss(pred, patchify(images, self.patch_size), mask, self.norm_pix_loss)
+            return loss, pred, mask
+        errors = [
+            patch_errors(pg, patchify(images[:, list(g)], self.patch_size), self.norm_pix_loss)
+            for pg, g in zip(pred, self.band_groups, strict=True)
+        ]
+        return masked_mean(torch.cat(errors, dim=1), mask), pred, mask
 
     @staticmethod
     def _images(batch: object) -> torch.Tensor:
@@ -264,10 +343,44 @@ class MAEModule(MMPTModule):
         return loss
 
     def validation_step(self, batch: object, batch_idx: int = 0) -> torch.Tensor:
-        """Rank-local loss on one batch, logged as ``val/loss``."""
+        """Rank-local loss on one batch, logged as ``val/loss``; keeps images to draw."""
         loss = self(images := self._images(batch))[0]
         self.log("val/loss", loss, batch_size=images.shape[0], sync_dist=True)
+        trainer = self._trainer
+        if (
+            batch_idx == 0
+            and self.log_reconstructions > 0
+            and self._recon_images is None
+            and trainer is not None
+            and not trainer.sanity_checking
+            and trainer.is_global_zero
+        ):
+            with torch.inference_mode(False):  # a plain tensor, usable outside validation
+                self._recon_images = images[: self.log_reconstructions].detach().cpu().clone()
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """Draw the kept images' reconstructions (rank 0; skipped in the sanity check)."""
+        trainer = self._trainer
+        if self.log_reconstructions <= 0 or trainer is None or trainer.sanity_checking:
+            return
+        root = trainer.log_dir or trainer.default_root_dir  # log_dir: every rank must call it
+        if not trainer.is_global_zero or self._recon_images is None:
+            return
+        images = self._recon_images.to(self.device)
+        generator = torch.Generator(device=images.device).manual_seed(0)
+        rec, mask_images = self.reconstruct(images, generator)
+        fig = reconstruction_figure(
+            images, rec, mask_images, self.encoder.image_preprocess, f"epoch {self.current_epoch}"
+        )
+        save_figure(fig, Path(root) / "reconstructions" / f"epoch{self.current_epoch:03d}.png")
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_image"):
+                rgb = figure_pixels(fig)
+                experiment.add_image(
+                    "val/reconstructions", rgb, self.global_step, dataformats="HWC"
+                )
 
     @torch.no_grad()
     def reconstruct(
@@ -278,24 +391,37 @@ class MAEModule(MMPTModule):
         With ``norm_pix_loss`` the model predicts normalised patches whose true mean and
         variance are unknown to it; as in the MAE visualisation, each masked patch is mapped
         back with the mean/std of the ORIGINAL patch (information the model never saw), so
-        only the structure within a patch is the model's. Visible patches are the input.
+        only the structure within a patch is the model's. Visible patches are the input, and
+        so are channels in no band group.
 
         Returns:
             pred_images: (B, C, H, W) in [0, 1]-scaled pixel space (normalisation undone with
                 ``encoder.image_preprocess`` mean/std), not clamped.
-            mask_images: (B, 1, H, W), 1 = masked pixel; ``images * (1 - mask_images)`` is the
-                masked input.
+            mask_images: (B, 1, H, W), 1 = masked pixel; with band groups (B, C, H, W), each
+                channel masked as its group (channels in no group never).
+                ``images * (1 - mask_images)`` is the masked input.
         """
         _, pred, mask = self(images, generator)
-        target = patchify(images, self.patch_size)
-        pred = pred.to(target.dtype)
-        if self.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            pred = pred * (var + 1e-6) ** 0.5 + mean
-        m = mask.unsqueeze(-1).to(target.dtype)
-        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-        out = unpatchify(pred * m + target * (1 - m), self.patch_size, grid)
-        mask_images = unpatchify(m.expand(-1, -1, self.patch_size**2), self.patch_size, grid)
+        preds = pred if isinstance(pred, list) else [pred]
+        p = self.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        out, masks = images.clone(), []
+        for group, pg, m in zip(self._groups(), preds, mask.chunk(len(preds), dim=1), strict=True):
+            idx = list(group)
+            target = patchify(images[:, idx], p)
+            pg = pg.to(target.dtype)
+            if self.norm_pix_loss:
+                mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+                pg = pg * (var + 1e-6) ** 0.5 + mean
+            m = m.unsqueeze(-1).to(target.dtype)
+            out[:, idx] = unpatchify(pg * m + target * (1 - m), p, grid)
+            masks.append(unpatchify(m.expand(-1, -1, p * p), p, grid))
+        if self.band_groups is None:
+            mask_images = masks[0]
+        else:
+            mask_images = torch.zeros_like(images)
+            for group, m in zip(self.band_groups, masks, strict=True):
+                mask_images[:, list(group)] = m.expand(-1, len(group), -1, -1)
         pp = self.encoder.image_preprocess
         mean, std = (out.new_tensor(v).view(1, -1, 1, 1) for v in (pp.mean, pp.std))
         return out * std + mean, mask_images

@@ -19,7 +19,7 @@ log = logging.getLogger("mmpt.models")
 
 NO_DECAY_NAMES = (
     *("bias", "logit_scale", "logit_bias", "norm", "ln_", ".ln", "bn"),
-    *("pos_embed", "cls_token", "reg_token", "image_newline"),  # embeddings, not matrices
+    *("pos_embed", "cls_token", "reg_token", "image_newline", "group_embed"),  # embeddings
 )
 
 

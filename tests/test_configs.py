@@ -42,13 +42,45 @@ def tiny_llm(tokenizer: Path) -> dict[str, Any]:
     }
 
 
-def tiny_variant(cfg: dict[str, Any], shards: Path) -> dict[str, Any]:
-    """The recipe with tiny towers, the test shards and a one-CPU fp32 trainer."""
+def tiles_of(cfg: dict[str, Any]) -> bool:
+    """Whether the recipe's image tower takes multispectral tiles."""
+    model = cfg["model"]["init_args"]
+    tower = model.get("vision") or model.get("encoder") or {}
+    return bool(tower.get("init_args", {}).get("bands"))
+
+
+def tiny_tower(written: dict[str, Any], embed_dim: int, tiles: Path) -> dict[str, Any]:
+    """TINY_VISION with the written tower's bands, band groups and scale (stats from tiles)."""
+    tower = copy.deepcopy(TINY_VISION)
+    args = written.get("init_args", {})
+    tower["init_args"]["embed_dim"] = embed_dim
+    for key in ("bands", "band_groups", "scale"):
+        if args.get(key) is not None:
+            tower["init_args"][key] = args[key]
+    if args.get("bands"):
+        tower["init_args"]["stats_from"] = str(tiles / "train")
+    return tower
+
+
+def tiny_variant(cfg: dict[str, Any], shards: Path, tiles: Path | None = None) -> dict[str, Any]:
+    """The recipe with tiny towers, the test shards and a one-CPU fp32 trainer.
+
+    Recipes with a multispectral tower read ``tiles`` (synthetic land-cover shards).
+    """
     cfg = copy.deepcopy(cfg)
+    if tiles_of(cfg):
+        assert tiles is not None, "a multispectral recipe needs the tile shards"
+        shards = tiles / "train"
     model = cfg["model"]["init_args"]
     if "vision" in model:
         video = model["vision"]["class_path"].endswith("VideoViTTower")
-        model["vision"] = TINY_VIDEO if video else TINY_VISION
+        if video:
+            model["vision"] = TINY_VIDEO
+        else:
+            model["vision"] = tiny_tower(model["vision"], 16, shards.parent)
+    if "encoder" in model:  # MAE: no projection head
+        model["encoder"] = tiny_tower(model["encoder"], 0, shards.parent)
+        model.update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
     if "text" in model:
         if model["text"]["class_path"].endswith("HFTextTower"):
             bert = write_tiny_bert(shards.parent / "bert", TINY_BERT_WORDS)
@@ -102,34 +134,51 @@ def test_config_parses_as_written(
     assert printed["data"]["class_path"] == written["data"]["class_path"]
 
 
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic 13-band land-cover tiles: 40 training tiles in 8 shards of 5."""
+    from mmpt.synth import make_synthetic
+
+    out = tmp_path_factory.mktemp("tiles")
+    make_synthetic(
+        "multispectral", out, train_samples=40, val_samples=7, test_samples=7,
+        image_size=16, samples_per_shard=5,
+    )  # fmt: skip
+    return out
+
+
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=IDS)
 def test_config_instantiates_with_tiny_overrides(
-    path: Path, shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    path: Path, shards: Path, tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     written = yaml.safe_load(path.read_text())
     tiny = tmp_path / "tiny.yaml"
-    tiny.write_text(yaml.safe_dump(tiny_variant(written, shards)))
+    tiny_cfg = tiny_variant(written, shards, tiles)
+    tiny.write_text(yaml.safe_dump(tiny_cfg))
 
     cli = build_cli(["-c", str(tiny)], run=False)
     model, dm = cli.model, cli.datamodule
     assert type(model) is import_class(written["model"]["class_path"])
     assert type(dm) is import_class(written["data"]["class_path"])
-    assert type(model.vision) is import_class(
-        tiny_variant(written, shards)["model"]["init_args"]["vision"]["class_path"]
-    )
-    text_model = model.text if hasattr(model, "text") else model.llm
-    tiny_model = tiny_variant(written, shards)["model"]["init_args"]
-    expected = (
-        tiny_model["text"]["class_path"] if "text" in tiny_model else "mmpt.models.llm.CausalLM"
-    )
-    assert type(text_model) is import_class(expected)
+    tiny_model = tiny_cfg["model"]["init_args"]
+    tower = getattr(model, model.image_tower_attr)
+    assert type(tower) is import_class(tiny_model[model.image_tower_attr]["class_path"])
+    text_model = getattr(model, "text", None) or getattr(model, "llm", None)
+    if text_model is not None:
+        llm = "mmpt.models.llm.CausalLM"
+        expected = tiny_model["text"]["class_path"] if "text" in tiny_model else llm
+        assert type(text_model) is import_class(expected)
 
     # The model's preprocessing reached the datamodule (link_arguments), not a default.
     assert dm.preprocess is not None
-    assert dm.preprocess.tokenizer is text_model.tokenizer
-    assert dm.preprocess.image == model.vision.image_preprocess
+    assert dm.preprocess.tokenizer is (text_model.tokenizer if text_model is not None else None)
+    assert dm.preprocess.image == tower.image_preprocess
     assert dm.preprocess.image.size == TINY_VISION["init_args"]["image_size"]
+    if tiles_of(written):  # bands and scale as written, statistics read from the shards
+        written_tower = written["model"]["init_args"][model.image_tower_attr]["init_args"]
+        assert dm.preprocess.image.scale == written_tower["scale"]
+        assert dm.preprocess.image.channels == len(dm.preprocess.image.bands) == 13
 
     # Everything else in the recipe is kept.
     data = written["data"]["init_args"]
@@ -149,6 +198,12 @@ def test_config_instantiates_with_tiny_overrides(
 
     dm.setup("fit")  # the swapped sources resolve
     sources = written["data"]["init_args"]["train"]["urls"]
+    if tiles_of(written):  # a real batch of tiles goes through the model
+        dm.batch_size = 4  # the recipe's batch is larger than the 40 test tiles
+        dm.train_stream = dm.stream(dm.train_cfg, train=True, field="data.train")
+        batch = dm.normalize(next(iter(dm.train_dataloader())))
+        out = model.training_step(batch, 0) if hasattr(model, "encoder") else model(batch)
+        assert out is not None
     assert len(dm.train_stream.urls) == 8 * (len(sources) if isinstance(sources, list) else 1)
 
 

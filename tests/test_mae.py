@@ -1,13 +1,27 @@
-"""MAE: masking, patchify, loss, visible-only encoder, training and multispectral input."""
+"""MAE: masking, patchify, loss, encoder, training, multispectral and band-group input, figures."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from mmpt.batch import ImageTextBatch
 from mmpt.models.encoders.timm_vit import TimmVisionTower
-from mmpt.models.mae import MAEModule, mae_loss, patchify, random_masking, unpatchify
+from mmpt.models.mae import (
+    MAEModule,
+    mae_loss,
+    patchify,
+    random_masking,
+    unpatchify,
+)
+from mmpt.models.mae_figure import display_tiles
+from mmpt.preprocess import ImagePreprocess
 
 
 def _tower(in_chans: int = 3) -> TimmVisionTower:
@@ -150,3 +164,183 @@ def test_rejects_non_vit() -> None:
     tower.model = torch.nn.Linear(2, 2)  # stands in for any non-ViT timm model
     with pytest.raises(TypeError, match="VisionTransformer"):
         MAEModule(tower)
+
+
+# --- band groups (SatMAE) -------------------------------------------------------------------
+
+GROUP_MEAN = [0.1 * i for i in range(13)]
+GROUP_STD = [1.0 + 0.05 * i for i in range(13)]
+
+
+def _group_mae(**kwargs: object) -> MAEModule:
+    torch.manual_seed(0)
+    tower = TimmVisionTower(
+        "vit_tiny_patch16_224",
+        image_size=32,
+        embed_dim=0,
+        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        bands="s2_l1c",
+        band_groups="satmae",
+        mean=GROUP_MEAN,
+        std=GROUP_STD,
+        scale=1e-4,
+    )
+    return MAEModule(tower, decoder_dim=16, decoder_depth=1, decoder_heads=2, **kwargs)
+
+
+def _smooth(n: int, channels: int, seed: int = 0) -> torch.Tensor:
+    coarse = torch.randn(n, channels, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=32, mode="bilinear")
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_grouped_loss_matches_direct_formula(norm_pix: bool) -> None:
+    model = _group_mae(norm_pix_loss=norm_pix)
+    groups = model.band_groups
+    assert groups == ((1, 2, 3, 7), (4, 5, 6, 8), (11, 12))
+    assert len(model.decoder.heads) == 3 and not hasattr(model.decoder, "head")
+    images = torch.randn(2, 13, 32, 32) * 2 + 0.5
+    loss, pred, mask = model(images, torch.Generator().manual_seed(3))
+    assert [p.shape for p in pred] == [(2, 16, 64 * len(g)) for g in groups]
+    # the mask is one random-shuffle mask over all 3 * 16 tokens, as for plain MAE
+    want_mask = random_masking(torch.zeros(2, 48, 1), 0.75, torch.Generator().manual_seed(3))[1]
+    assert torch.equal(mask, want_mask)
+    total, count = 0.0, 0
+    for g, group in enumerate(groups):
+        for b in range(2):
+            for r in range(4):
+                for c in range(4):
+                    if mask[b, g * 16 + r * 4 + c] == 0:
+                        continue
+                    block = images[b, list(group), 8 * r : 8 * r + 8, 8 * c : 8 * c + 8]
+                    t = block.permute(1, 2, 0).reshape(-1).double()  # (row, column, channel)
+                    if norm_pix:
+                        t = (t - t.mean()) / (t.var(unbiased=True) + 1e-6).sqrt()
+                    total += (pred[g][b, r * 4 + c].double() - t).pow(2).mean().item()
+                    count += 1
+    assert count == 2 * 36
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_grouped_masking_keeps_exact_token_count() -> None:
+    model = _group_mae(mask_ratio=0.6)
+    lengths: list[int] = []
+    for block in model.encoder.model.blocks:
+        block.register_forward_hook(lambda m, i, o: lengths.append(o.shape[1]))
+    _, _, mask = model(torch.randn(3, 13, 32, 32))
+    keep = int(3 * 16 * (1 - 0.6))
+    assert lengths == [1 + keep] * 2
+    assert torch.equal(mask.sum(1), torch.full((3,), 48.0 - keep))
+
+
+def test_grouped_mae_trains() -> None:
+    model = _group_mae()
+    images = _smooth(2, 13)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(images, torch.Generator().manual_seed(0))[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_grouped_reconstruct_and_preprocess() -> None:
+    model = _group_mae()
+    assert model.preprocess.image is model.encoder.image_preprocess
+    assert model.preprocess.tokenizer is None
+    images = torch.randn(2, 13, 32, 32)
+    rec, mask_images = model.reconstruct(images, torch.Generator().manual_seed(0))
+    assert rec.shape == images.shape and mask_images.shape == images.shape
+    mean, std = (
+        torch.tensor(GROUP_MEAN).view(1, -1, 1, 1),
+        torch.tensor(GROUP_STD).view(1, -1, 1, 1),
+    )
+    pixels = images * std + mean
+    ungrouped = [0, 9, 10]  # B1, B9, B10
+    assert torch.allclose(rec[:, ungrouped], pixels[:, ungrouped], atol=1e-5)
+    assert not mask_images[:, ungrouped].any()
+    for group in model.band_groups:
+        m = mask_images[:, list(group)]
+        assert torch.equal(m, m[:, :1].expand_as(m))  # one mask per group
+        assert 0 < m.mean() < 1
+    visible = mask_images == 0
+    assert torch.allclose(rec[visible], pixels[visible], atol=1e-5)
+    assert not torch.allclose(rec[~visible], pixels[~visible], atol=1e-2)
+    # groups are masked independently
+    assert not torch.equal(mask_images[:, 1], mask_images[:, 4])
+
+
+def test_display_tiles_stretch_and_rgb_clip() -> None:
+    model = _group_mae()
+    pre = model.encoder.image_preprocess
+    original = torch.rand(2, 13, 32, 32) * torch.tensor([1.0, 10.0]).view(2, 1, 1, 1)
+    masked, recon, orig = display_tiles([original * 0, original * 2, original], pre)
+    assert orig.shape == (2, 32, 32, 3)
+    # B4, B3, B2 shown as RGB; one 2-98 percentile stretch per image over those three bands
+    shown = original[:, [3, 2, 1]].permute(0, 2, 3, 1)
+    for i in range(2):
+        lo, hi = torch.quantile(shown[i].flatten(), torch.tensor([0.02, 0.98]))
+        torch.testing.assert_close(orig[i], ((shown[i] - lo) / (hi - lo)).clamp(0, 1))
+        torch.testing.assert_close(recon[i], ((2 * shown[i] - lo) / (hi - lo)).clamp(0, 1))
+    assert torch.equal(masked, torch.zeros_like(masked))
+    rgb = ImagePreprocess(size=32)
+    (tile,) = display_tiles([torch.tensor([-0.5, 0.3, 1.5]).view(1, 3, 1, 1)], rgb)
+    assert tile.flatten().tolist() == pytest.approx([0.0, 0.3, 1.0])
+
+
+class _FakeBoard(Logger):
+    """Stands in for TensorBoard: records ``experiment.add_image`` calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[str, torch.Tensor, int, str]] = []
+
+    name, version, save_dir = "fake", 0, None
+
+    @property
+    def experiment(self) -> _FakeBoard:
+        return self
+
+    def add_image(self, tag: str, image: torch.Tensor, step: int, dataformats: str) -> None:
+        self.images.append((tag, image, step, dataformats))
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("board", [False, True])
+def test_fit_writes_reconstruction_png(tmp_path: Path, board: bool) -> None:
+    model = _group_mae(log_reconstructions=3)
+    data = DataLoader(_smooth(4, 13), batch_size=2)  # 2 images in the first val batch
+    logger = _FakeBoard() if board else False
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, data, data)
+    png = tmp_path / "reconstructions" / "epoch000.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 100  # tiles drawn, not a blank canvas
+    assert model._recon_images.shape == (2, 13, 32, 32)
+    if board:
+        ((tag, image, step, fmt),) = logger.images  # once: nothing during the sanity check
+        assert (tag, step, fmt) == ("val/reconstructions", 2, "HWC")
+        assert image.ndim == 3 and image.shape[-1] == 3 and image.dtype == torch.uint8

@@ -1,4 +1,4 @@
-"""``mmpt eval {retrieval,zeroshot,mcq}``: evaluate a checkpoint on shards, write JSON + PNG."""
+"""``mmpt eval {retrieval,zeroshot,mcq,probe}``: evaluate a checkpoint, write JSON + PNG."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mmpt.datamodules.video import VIDEO_BACKENDS
 from mmpt.eval.callback import write_reports
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
+from mmpt.eval.probe_cli import add_parser as add_probe_parser
+from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
 
 
@@ -37,7 +39,7 @@ def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpt eval", description=__doc__)
-    sub = p.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot,mcq}")
+    sub = p.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot,mcq,probe}")
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
         ("zeroshot", "zero-shot classification with prompt ensembling: top-1/5, per-class recall"),
@@ -62,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         help='type id -> name, e.g. \'{"1": "inter", "2": "intra"}\' '
         "(default: the shards' meta.mcq_types)",
     )
+    add_probe_parser(sub)
     return p
 
 
@@ -115,6 +118,10 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.task == "probe":
+        if overrides:
+            raise ValueError(f"unknown arguments for eval probe: {' '.join(overrides)}")
+        return run_probe(args, _device(args.device))
     if args.task == "mcq":
         return _run_mcq(args, overrides)
     from mmpt.datamodules.streams import StreamConfig, make_loader

@@ -41,6 +41,7 @@ SYNTH_KINDS: dict[str, Callable[..., dict]] = {
     "interleaved": _Lazy("mmpt.synth.interleaved", "synth_interleaved"),
     "text": _Lazy("mmpt.synth.interleaved", "synth_text"),
     "video-text": _Lazy("mmpt.synth.video_text", "synth_video_text"),
+    "multispectral": _Lazy("mmpt.synth.multispectral", "synth_multispectral"),
 }
 
 

@@ -18,6 +18,7 @@ from mmpt.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
 
 from . import class_path, resolve_feature_layer
 from .tokenizers import resolve_hf_path
+from .vit_init import InitReport, Rename, init_converted_from, renames, token_rename
 
 FLAG = "--model.init_args.vision.init_args"
 EXAMPLE_REPO, EXAMPLE_DIR = "google/siglip-so400m-patch14-384", "/models/siglip-so400m-384"
@@ -28,6 +29,53 @@ VISION_TYPES = {
     "clip_vision_model": "clip",
 }
 _NOT_ARCHITECTURE = ("transformers_version", "architectures", "_name_or_path", "dtype")
+
+#: timm ViT module -> Hugging Face SigLIP/CLIP vision module (weight and bias each).
+_HF_LAYERS = {
+    "patch_embed.proj": "embeddings.patch_embedding",
+    "norm_pre": "pre_layrnorm",  # CLIP only (sic)
+    "blocks.{i}.norm1": "encoder.layers.{i}.layer_norm1",
+    "blocks.{i}.attn.proj": "encoder.layers.{i}.self_attn.out_proj",
+    "blocks.{i}.norm2": "encoder.layers.{i}.layer_norm2",
+    "blocks.{i}.mlp.fc1": "encoder.layers.{i}.mlp.fc1",
+    "blocks.{i}.mlp.fc2": "encoder.layers.{i}.mlp.fc2",
+    "norm": "post_layernorm",
+}
+
+
+def hf_vit_table(linear_patch: tuple[int, int] | None = None) -> list[Rename]:
+    """Names of a timm ViT in SigLIP/SigLIP2/CLIP vision models (entries a model lacks: skipped).
+
+    timm's ``qkv`` is split into ``q_proj``, ``k_proj``, ``v_proj``; SigLIP has no class
+    token (the source's prefix rows of the position embedding are dropped).
+
+    Args:
+        linear_patch: (patch, channels) for SigLIP2, whose patch embedding is a linear layer
+            over (p, p, C)-ordered pixels; None for a conv patch embedding.
+    """
+    table = [
+        token_rename("cls_token", "embeddings.class_embedding"),
+        token_rename("pos_embed", "embeddings.position_embedding.weight"),
+        *(
+            Rename(
+                f"blocks.{{i}}.attn.qkv.{p}",
+                tuple(f"encoder.layers.{{i}}.self_attn.{x}_proj.{p}" for x in "qkv"),
+            )
+            for p in ("weight", "bias")
+        ),
+        *renames(_HF_LAYERS),
+    ]
+    if linear_patch is not None:
+        p, c = linear_patch
+        table.append(  # replaces the conv entry of _HF_LAYERS
+            Rename(
+                "patch_embed.proj.weight",
+                ("embeddings.patch_embedding.weight",),
+                to_timm=lambda w: w.reshape(w.shape[0], p, p, c).permute(0, 3, 1, 2),
+                from_timm=lambda w, shape: w.permute(0, 2, 3, 1).reshape(shape),
+            ),
+        )
+    return table
 
 
 def _missing_weights(path: str) -> FileNotFoundError:
@@ -111,6 +159,7 @@ class HFVisionTower(nn.Module):
         output_dim: ``hidden_size`` (width of ``forward`` and of ``patch_features``).
         image_preprocess: Size, mean, std and channel count the model expects.
         feature_layer: Block whose output ``patch_features`` returns (python-style index).
+        init_report: What ``init_from`` loaded (:class:`~.vit_init.InitReport`), else None.
 
     """
 
@@ -122,6 +171,7 @@ class HFVisionTower(nn.Module):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         image_size: int | None = None,
+        init_from: str | None = None,
     ) -> None:
         """Load or build the vision model.
 
@@ -138,9 +188,14 @@ class HFVisionTower(nn.Module):
             std: Per-channel normalisation std, defaulting like ``mean``.
             image_size: Square input size for preprocessing; default ``config.image_size``
                 (SigLIP2: ``sqrt(num_patches) * patch_size``).
+            init_from: Checkpoint whose ViT weights initialise the model after it is built
+                (MAE -> contrastive, MAWS): an mmpt checkpoint of a timm-based tower, a timm
+                state dict or a folder holding one, converted from timm names; position and
+                patch embeddings are resized (``mmpt.models.encoders.vit_init``). The SigLIP
+                pooling head stays at init. The report is ``init_report``.
 
         Raises:
-            FileNotFoundError: When the weights are not available offline.
+            FileNotFoundError: When the weights or ``init_from`` are not available.
             ValueError: For both or neither of ``pretrained``/``config``, an unsupported model
                 type, a checkpoint missing weights or an out-of-range ``feature_layer``.
 
@@ -193,7 +248,20 @@ class HFVisionTower(nn.Module):
             "mean": [float(m) for m in mean],
             "std": [float(s) for s in std],
             "image_size": int(image_size),
+            "init_from": None,  # weights travel separately
         }
+        self.init_report = None if init_from is None else self._init_from(init_from)
+
+    def _init_from(self, path: str) -> InitReport:
+        cfg = self.model.config
+        if self._family == "siglip2":
+            side = math.isqrt(cfg.num_patches)
+            table = hf_vit_table(linear_patch=(cfg.patch_size, cfg.num_channels))
+        else:
+            side = cfg.image_size // cfg.patch_size
+            table = hf_vit_table()
+        inner = getattr(self.model, "vision_model", self.model)  # transformers < 5 nests it
+        return init_converted_from(inner, path, table, (side, side), flag=f"{FLAG}.init_from")
 
     def _encode(self, images: torch.Tensor, hidden_states: bool) -> BaseModelOutputWithPooling:
         """Run the HF model on (B, C, H, W) pixels, patchifying them for SigLIP2."""

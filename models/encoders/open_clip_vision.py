@@ -24,10 +24,39 @@ from .timm_vit import (
     timm_patch_features,
     timm_patch_grid,
 )
+from .vit_init import InitReport, Rename, init_converted_from, init_vit_from, renames, token_rename
 
 log = logging.getLogger(__name__)
 
 VISION_FLAG = "--model.init_args.vision.init_args.pretrained"
+INIT_FLAG = "--model.init_args.vision.init_args.init_from"
+
+#: timm ViT module -> open_clip ``VisionTransformer`` module (weight and bias each).
+_OPEN_CLIP_LAYERS = {
+    "norm_pre": "ln_pre",
+    "blocks.{i}.norm1": "transformer.resblocks.{i}.ln_1",
+    "blocks.{i}.attn.proj": "transformer.resblocks.{i}.attn.out_proj",
+    "blocks.{i}.norm2": "transformer.resblocks.{i}.ln_2",
+    "blocks.{i}.mlp.fc1": "transformer.resblocks.{i}.mlp.c_fc",
+    "blocks.{i}.mlp.fc2": "transformer.resblocks.{i}.mlp.c_proj",
+    "norm": "ln_post",
+}
+
+
+def open_clip_vit_table() -> list[Rename]:
+    """Names of a timm ViT in an open_clip ``VisionTransformer`` (its patch conv has no bias).
+
+    ``in_proj_weight``/``in_proj_bias`` stack q, k, v along dim 0 exactly like timm's ``qkv``.
+    """
+    qkv = "transformer.resblocks.{i}.attn.in_proj_"
+    return [
+        token_rename("cls_token", "class_embedding"),
+        token_rename("pos_embed", "positional_embedding"),
+        Rename("patch_embed.proj.weight", ("conv1.weight",)),
+        Rename("blocks.{i}.attn.qkv.weight", (qkv + "weight",)),
+        Rename("blocks.{i}.attn.qkv.bias", (qkv + "bias",)),
+        *renames(_OPEN_CLIP_LAYERS),
+    ]
 
 
 def open_clip_model_cfg(model_name: str) -> dict[str, Any]:
@@ -174,6 +203,7 @@ class OpenCLIPVisionTower(nn.Module):
         output_dim: Projection width.
         image_preprocess: Input size from the config, mean/std of its pretrained tags.
         feature_layer: Block whose output ``patch_features`` returns (python-style index).
+        init_report: What ``init_from`` loaded (:class:`~.vit_init.InitReport`), else None.
 
     """
 
@@ -184,6 +214,7 @@ class OpenCLIPVisionTower(nn.Module):
         pretrained: str | None = None,
         vision_cfg: dict | None = None,
         feature_layer: int = -2,
+        init_from: str | None = None,
     ) -> None:
         """Build the tower and optionally load local weights.
 
@@ -199,9 +230,15 @@ class OpenCLIPVisionTower(nn.Module):
             feature_layer: Block whose output ``patch_features`` returns: -1 the last block,
                 -2 the second-to-last (LLaVA/VILA), 0 the first. Checked for towers with patch
                 tokens.
+            init_from: Checkpoint whose ViT weights initialise the tower (MAE -> contrastive,
+                MAWS), applied after ``pretrained``: an mmpt checkpoint of a timm-based tower,
+                a timm state dict or a folder holding one. A timm trunk loads it directly, an
+                open_clip ViT through a name converter (``ln_pre`` and ``proj`` stay at init
+                unless the source has them); position and patch embeddings are resized
+                (``mmpt.models.encoders.vit_init``). The report is ``init_report``.
 
         Raises:
-            FileNotFoundError: When ``pretrained`` does not exist.
+            FileNotFoundError: When ``pretrained`` or ``init_from`` does not exist.
             ValueError: For an open_clip tag as ``pretrained``, a checkpoint that does not fit or
                 an out-of-range ``feature_layer``.
 
@@ -232,6 +269,7 @@ class OpenCLIPVisionTower(nn.Module):
         self.image_preprocess = ImagePreprocess(size=int(size), mean=mean, std=std, channels=3)
         if file is not None:
             self._load(file)
+        self.init_report = None if init_from is None else self._init_from(init_from)
         self.feature_layer = feature_layer
         blocks = self._block_count()
         self._layer_index = (
@@ -243,7 +281,18 @@ class OpenCLIPVisionTower(nn.Module):
             "pretrained": None,
             "vision_cfg": copy.deepcopy(vcfg),
             "feature_layer": feature_layer,
+            "init_from": None,  # weights travel separately
         }
+
+    def _init_from(self, path: str) -> InitReport:
+        if isinstance(self.visual, TimmModel):
+            return init_vit_from(self.visual.trunk, path, flag=INIT_FLAG)
+        if not isinstance(self.visual, VisionTransformer):
+            raise ValueError(
+                f"init_from needs an open_clip ViT or timm trunk, not {type(self.visual).__name__}"
+            )
+        grid = tuple(int(g) for g in self.visual.grid_size)
+        return init_converted_from(self.visual, path, open_clip_vit_table(), grid, flag=INIT_FLAG)
 
     def _block_count(self) -> int | None:
         """Transformer blocks of a tower with patch tokens, None for the others."""

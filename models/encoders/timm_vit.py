@@ -283,6 +283,12 @@ class TimmVisionTower(nn.Module):
                 raise ValueError("band_groups needs `bands` (the band names the groups refer to)")
             from .group_embed import group_embed_layer
 
+            if pretrained is not None:
+                raise ValueError(
+                    "band_groups builds one patch embedding per group, which timm checkpoints "
+                    "do not have: start from an (MAE) checkpoint with `init_from` instead of "
+                    "`pretrained`"
+                )
             self.band_groups = resolve_groups(band_groups, band_names)
             kwargs["embed_layer"] = group_embed_layer(self.band_groups)
         if pretrained is None:

@@ -1,0 +1,419 @@
+"""Initialise an image ViT from the ViT weights of another checkpoint (MAE -> contrastive: MAWS)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models import adapt_input_conv
+from torch import nn
+
+from mmpt.bands import RGB
+
+from .timm_vit import resolve_checkpoint_file
+
+log = logging.getLogger(__name__)
+
+INIT_FLAG = "--model.init_args.vision.init_args.init_from"
+#: Where a timm ViT sits in a checkpoint that records no image tower, tried in this order.
+PREFIXES = ("encoder.model.", "vision.model.", "vision.visual.trunk.", "model.", "")
+#: One colour, two names: RGB images and Sentinel-2 bands.
+BAND_ALIASES = {"R": "B4", "G": "B3", "B": "B2", "B4": "R", "B3": "G", "B2": "B"}
+PATCH_KEY = "patch_embed.proj.weight"
+
+
+@dataclass
+class InitReport:
+    """What :func:`init_vit_from` (or :func:`init_converted_from`) did.
+
+    Attributes:
+        source: Checkpoint file read.
+        prefix: Key prefix of the ViT in that file (``""`` for a bare timm state dict).
+        loaded: Model keys set from the checkpoint.
+        missing: Model keys left at their initialisation.
+        unexpected: Source keys under ``prefix`` (prefix stripped) that were not used.
+        resized: Model key (timm name) -> how its source tensor was adapted.
+        mismatched: Source key -> why it was not loaded (a shape no rule adapts).
+    """
+
+    source: str
+    prefix: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    resized: dict[str, str] = field(default_factory=dict)
+    mismatched: dict[str, str] = field(default_factory=dict)
+
+    def summary(self, limit: int = 5) -> str:
+        """One line: counts, the first ``limit`` names of each list and every adaptation."""
+
+        def few(names: Sequence[str]) -> str:
+            return f" {list(names[:limit])}{' ...' if len(names) > limit else ''}" if names else ""
+
+        parts = [
+            f"init_from {self.source} (prefix {self.prefix!r}): loaded {len(self.loaded)}",
+            f"missing {len(self.missing)}{few(self.missing)}",
+            f"unexpected {len(self.unexpected)}{few(self.unexpected)}",
+        ]
+        parts += [f"{k}: {how}" for k, how in self.resized.items()]
+        parts += [f"{k} not loaded: {why}" for k, why in self.mismatched.items()]
+        return "; ".join(parts)
+
+
+@dataclass
+class _Source:
+    file: str
+    prefix: str
+    tried: tuple[str, ...]
+    state: dict[str, torch.Tensor]  # prefix stripped
+    bands: tuple[str, ...] | None
+    sample: list[str]
+
+
+def _clean(key: str) -> str:
+    key = key.replace("_orig_mod.", "")  # torch.compile wrappers
+    return key.removeprefix("module.")  # DDP
+
+
+def _choose_prefix(keys: Collection[str], own: Collection[str], candidates: Sequence[str]) -> str:
+    """The candidate under which most keys are model keys (the earliest on a tie)."""
+    hits = [sum(k[len(p) :] in own for k in keys if k.startswith(p)) for p in candidates]
+    return candidates[hits.index(max(hits))]
+
+
+def _recorded(tower: dict) -> tuple[str, tuple[str, ...] | None]:
+    """Prefix and bands of the image tower an mmpt checkpoint records."""
+    cls = str(tower.get("tower", {}).get("class_path", ""))
+    inner = "visual.trunk." if cls.endswith("OpenCLIPVisionTower") else "model."
+    pre = tower.get("preprocess") or {}
+    bands = pre.get("bands")
+    if bands is None and pre.get("channels", 3) == 3:
+        bands = RGB  # an mmpt tower without bands takes RGB images
+    return f"{tower.get('attr', 'vision')}.{inner}", None if bands is None else tuple(bands)
+
+
+def _checkpoint_file(path: str, flag: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{flag}: no checkpoint at {path!r} (an mmpt/Lightning .ckpt, a timm state dict "
+            ".pth/.safetensors or a folder holding one)"
+        )
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "last.ckpt")):
+        return os.path.join(path, "last.ckpt")
+    return resolve_checkpoint_file(path, flag)
+
+
+def read_vit_source(path: str, own: Collection[str], flag: str = INIT_FLAG) -> _Source:
+    """Open a checkpoint and pick the ViT weights in it, memory-mapped where possible.
+
+    Args:
+        path: mmpt/Lightning checkpoint, timm state dict file or a folder holding one.
+        own: timm-style key names of the model to initialise (choose the prefix).
+        flag: Command-line flag quoted in errors.
+
+    Returns:
+        The file, prefix, prefixes tried, ViT tensors (prefix stripped) and source band names.
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+    """
+    file = _checkpoint_file(path, flag)
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            raw = {_clean(k): k for k in f.keys()}  # noqa: SIM118
+            prefix = _choose_prefix(raw, own, PREFIXES)
+            state = {
+                k[len(prefix) :]: f.get_tensor(r) for k, r in raw.items() if k.startswith(prefix)
+            }
+        return _Source(file, prefix, PREFIXES, state, None, sorted(raw)[:5])
+    full = file.endswith(".ckpt")  # Lightning checkpoints pickle hyper-parameters
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=not full, mmap=True)
+    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
+        obj = torch.load(file, map_location="cpu", weights_only=not full)
+    candidates, bands = PREFIXES, None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        from mmpt.models.module import TOWER_KEY  # Lightning is imported only here
+
+        if isinstance(obj.get(TOWER_KEY), dict):
+            recorded, bands = _recorded(obj[TOWER_KEY])
+            candidates = (recorded, *(p for p in PREFIXES if p != recorded))
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # official MAE / DeiT releases
+    tensors = {_clean(k): v for k, v in obj.items() if torch.is_tensor(v)}
+    prefix = _choose_prefix(tensors, own, candidates)
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return _Source(file, prefix, candidates, state, bands, sorted(tensors)[:5])
+
+
+def _resize_pos_embed(
+    value: torch.Tensor, target: torch.Tensor, grid: tuple[int, int], src_prefix: int
+) -> tuple[torch.Tensor, str] | None:
+    """Resample (1, P_src + h*w, D) to the target's (1, P + H*W, D); None when it cannot."""
+    if value.ndim != 3 or target.ndim != 3 or value.shape[-1] != target.shape[-1]:
+        return None
+    rows, own_prefix = value.shape[1], target.shape[1] - grid[0] * grid[1]
+    square = [p for p in (src_prefix, 0) if rows > p and math.isqrt(rows - p) ** 2 == rows - p]
+    if not square or own_prefix < 0:
+        return None
+    side = math.isqrt(rows - square[0])
+    body = resample_abs_pos_embed(
+        value[:, square[0] :], new_size=list(grid), old_size=[side, side], num_prefix_tokens=0
+    )
+    keep = min(square[0], own_prefix)
+    out = torch.cat([value[:, :keep], target[:, keep:own_prefix].to(value.dtype), body], dim=1)
+    how = f"grid {side}x{side} -> {grid[0]}x{grid[1]} (timm resample_abs_pos_embed)"
+    if square[0] > own_prefix:
+        how += f", {square[0] - own_prefix} prefix row(s) dropped"
+    elif square[0] < own_prefix:
+        how += f", {own_prefix - square[0]} prefix row(s) kept at init"
+    return out, how
+
+
+def _map_bands(
+    weight: torch.Tensor, src: Sequence[str], own: Sequence[str]
+) -> tuple[torch.Tensor, str] | None:
+    """(D, C_src, p, p) -> (D, C_own, p, p) by band name; None when already in order."""
+    index = {b: i for i, b in enumerate(src)}
+    picks = [index.get(b, index.get(BAND_ALIASES.get(b, ""))) for b in own]
+    if picks == list(range(len(src))):
+        return None
+    mean = weight.mean(dim=1)
+    out = torch.stack([mean if i is None else weight[:, i] for i in picks], dim=1)
+    filled = [b for b, i in zip(own, picks, strict=True) if i is None]
+    how = f"bands {list(src)} -> {list(own)} by name"
+    return out, how + (f", {filled} = mean of the source bands" if filled else "")
+
+
+def _adapt_patch(
+    value: torch.Tensor,
+    target: torch.Tensor,
+    src_bands: Sequence[str] | None,
+    own_bands: Sequence[str] | None,
+) -> tuple[torch.Tensor, list[str]]:
+    """Match input channels (by band name or timm adapt_input_conv) and kernel size."""
+    notes: list[str] = []
+    if value.ndim != 4 or target.ndim != 4 or value.shape[0] != target.shape[0]:
+        return value, notes
+    c_src, c_own = value.shape[1], target.shape[1]
+    own_bands = own_bands or (RGB if c_own == 3 else None)
+    mapped = None
+    if src_bands and own_bands and len(src_bands) == c_src and len(own_bands) == c_own:
+        mapped = _map_bands(value, src_bands, own_bands)
+    if mapped is not None:
+        value, how = mapped
+        notes.append(how)
+    elif c_src != c_own:
+        value = adapt_input_conv(c_own, value)
+        notes.append(f"input channels {c_src} -> {c_own} (timm adapt_input_conv)")
+    if value.shape[-2:] != target.shape[-2:]:
+        old = tuple(value.shape[-2:])
+        value = resample_patch_embed(value, list(target.shape[-2:]))
+        notes.append(f"kernel {old} -> {tuple(target.shape[-2:])} (timm resample_patch_embed)")
+    return value, notes
+
+
+def adapt_vit_state(
+    source: _Source,
+    own: dict[str, torch.Tensor],
+    grid: tuple[int, int],
+    bands: Sequence[str] | None,
+    report: InitReport,
+) -> dict[str, torch.Tensor]:
+    """Source tensors that fit ``own`` (timm names), adapted; fills ``report``'s lists.
+
+    Args:
+        source: Opened checkpoint (:func:`read_vit_source`).
+        own: The model's tensors by timm name.
+        grid: The model's patch grid (h, w) the position embedding must cover.
+        bands: The model's input band names (None: RGB for 3 channels, else unnamed).
+        report: Filled in place (``loaded``/``missing`` in timm names).
+
+    Returns:
+        Tensors to load, by timm name, in the model's shapes and dtypes.
+    """
+    state = source.state
+    src_prefix = int("cls_token" in state)
+    src_prefix += state["reg_token"].shape[1] if "reg_token" in state else 0
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        target, notes = own[key], []
+        if key == "pos_embed" and value.shape != target.shape:
+            resized = _resize_pos_embed(value, target, grid, src_prefix)
+            if resized is not None:
+                value, how = resized
+                notes.append(how)
+        elif key == PATCH_KEY:
+            value, notes = _adapt_patch(value, target, source.bands, bands)
+        if value.shape != target.shape:
+            report.mismatched[key] = f"{tuple(state[key].shape)} vs model {tuple(target.shape)}"
+            report.unexpected.append(key)
+            continue
+        if notes:
+            report.resized[key] = "; ".join(notes)
+        out[key] = value.to(target.dtype)
+    report.loaded = list(out)
+    report.missing = [k for k in own if k not in out]
+    return out
+
+
+def _finish(report: InitReport, source: _Source, path: str, flag: str) -> InitReport:
+    if not report.loaded:
+        raise ValueError(
+            f"{flag}={path!r}: no ViT weight of {source.file} fits this model (prefixes tried: "
+            f"{list(source.tried)}; source keys e.g. {source.sample}; shape mismatches: "
+            f"{dict(list(report.mismatched.items())[:3])}). init_from reads timm-named ViT "
+            "weights: an mmpt checkpoint of a timm-based tower or a timm state dict."
+        )
+    log.info("%s", report.summary())
+    return report
+
+
+def _grid(model: nn.Module, own: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """Patch grid of a timm ViT (from its patch embedding, else its position embedding)."""
+    size = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if size is not None:
+        return int(size[0]), int(size[1])
+    rows = own["pos_embed"].shape[1] if "pos_embed" in own else 0
+    rows -= 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
+    return math.isqrt(max(rows, 0)), math.isqrt(max(rows, 0))
+
+
+def init_vit_from(
+    model: nn.Module, path: str, bands: Sequence[str] | None = None, flag: str = INIT_FLAG
+) -> InitReport:
+    """Load the ViT weights of a checkpoint into a timm ``VisionTransformer``, adapting shapes.
+
+    The position embedding (1, P + h*w, D) is resampled to the model's grid (prefix rows
+    dropped or left at init when the class/register tokens differ), the patch kernel
+    (D, C, p, p) resampled to the model's patch size and its input channels copied by band
+    name (``R``/``G``/``B`` = ``B4``/``B3``/``B2``; bands the source lacks get the mean over
+    its bands) or, without names, adapted by ``timm.models.adapt_input_conv``. Other tensors
+    load when name and shape match; the rest is reported.
+
+    Args:
+        model: timm ViT (``patch_embed``, ``pos_embed``, ``blocks``...).
+        path: mmpt/Lightning checkpoint (its recorded image tower gives prefix and bands; else
+            ``encoder.model.``, ``vision.model.``, ``vision.visual.trunk.``, ``model.``, ``""``
+            are tried), a timm ``.pth``/``.safetensors`` state dict or a folder holding one.
+        bands: The model's input band names; None: RGB for 3 channels, else unnamed.
+        flag: Command-line flag quoted in errors.
+
+    Returns:
+        The report (also logged at INFO).
+
+    Raises:
+        FileNotFoundError: No checkpoint at ``path``.
+        ValueError: No weight of the checkpoint fits the model.
+    """
+    own = model.state_dict()
+    source = read_vit_source(path, own.keys(), flag)
+    report = InitReport(source.file, source.prefix)
+    tensors = adapt_vit_state(source, own, _grid(model, own), bands, report)
+    _finish(report, source, path, flag)
+    model.load_state_dict(tensors, strict=False)
+    return report
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(D,) or (N, D) -> timm's (1, N, D) token layout."""
+    return t.reshape(1, -1, t.shape[-1])
+
+
+@dataclass(frozen=True)
+class Rename:
+    """One timm ViT tensor and its name(s) in another implementation.
+
+    Attributes:
+        timm: timm name; ``{i}`` stands for the block index.
+        theirs: Name(s) in the other module; several: the timm tensor is their tensors
+            concatenated along dim 0 (timm ``qkv`` = q, k, v projections).
+        to_timm: Their (concatenated) tensor -> timm layout; None: unchanged.
+        from_timm: (timm tensor, their concatenated shape) -> their layout; None: reshape.
+    """
+
+    timm: str
+    theirs: tuple[str, ...]
+    to_timm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    from_timm: Callable[[torch.Tensor, torch.Size], torch.Tensor] | None = None
+
+
+def renames(layers: dict[str, str]) -> list[Rename]:
+    """``weight`` and ``bias`` renames for each timm module -> their module name pair."""
+    return [
+        Rename(f"{t}.{p}", (f"{o}.{p}",)) for t, o in layers.items() for p in ("weight", "bias")
+    ]
+
+
+def token_rename(timm_name: str, theirs: str) -> Rename:
+    """A class token (D,) or position embedding (N, D) stored flat in the other module."""
+    return Rename(timm_name, (theirs,), to_timm=_tokens)
+
+
+def init_converted_from(
+    module: nn.Module,
+    path: str,
+    table: Sequence[Rename],
+    grid: tuple[int, int],
+    bands: Sequence[str] | None = None,
+    flag: str = INIT_FLAG,
+) -> InitReport:
+    """:func:`init_vit_from` for a ViT with other parameter names (open_clip, Hugging Face).
+
+    The module's tensors named in ``table`` are viewed in timm names and layouts, adapted like
+    a timm model's, then converted back and loaded. Blocks are counted from the module.
+
+    Args:
+        module: The ViT to initialise.
+        path: Checkpoint, as for :func:`init_vit_from`.
+        table: timm <-> module names; entries whose names the module lacks are skipped, a
+            later entry for the same timm name replaces an earlier one.
+        grid: The module's patch grid (h, w).
+        bands: The module's input band names; None: RGB for 3 channels.
+        flag: Command-line flag quoted in errors.
+
+    Returns:
+        The report; ``loaded``/``missing`` in the module's names, the rest in timm names.
+
+    Raises:
+        FileNotFoundError: No checkpoint at ``path``.
+        ValueError: No weight of the checkpoint fits the module.
+    """
+    own = module.state_dict()
+    entries: dict[str, tuple[tuple[str, ...], Rename]] = {}
+    for rule in table:
+        for i in itertools.count() if "{i}" in rule.timm else (0,):
+            theirs = tuple(n.format(i=i) for n in rule.theirs)
+            if not all(n in own for n in theirs):
+                break
+            entries[rule.timm.format(i=i)] = (theirs, rule)
+    canon = {}
+    for name, (theirs, rule) in entries.items():
+        joined = torch.cat([own[n] for n in theirs]) if len(theirs) > 1 else own[theirs[0]]
+        canon[name] = rule.to_timm(joined) if rule.to_timm else joined
+    source = read_vit_source(path, canon.keys(), flag)
+    report = InitReport(source.file, source.prefix)
+    tensors = adapt_vit_state(source, canon, grid, bands, report)
+    out: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        theirs, rule = entries[name]
+        shape = torch.Size([sum(own[n].shape[0] for n in theirs), *own[theirs[0]].shape[1:]])
+        value = rule.from_timm(value, shape) if rule.from_timm else value.reshape(shape)
+        out.update(zip(theirs, value.chunk(len(theirs)), strict=True))
+    report.loaded = list(out)
+    report.missing = [k for k in own if k not in out]
+    _finish(report, source, path, flag)
+    module.load_state_dict(out, strict=False)
+    return report

@@ -1,0 +1,506 @@
+"""MAE training-step benchmark: mmpt's MAEModule vs a full-sequence masked-image-modelling ViT.
+
+Two variants, same timm ViT encoder, same decoder, same loss, same batch, same optimizer,
+side by side in one process:
+
+1. **mmpt MAE**: :class:`mmpt.models.mae.MAEModule` at ``--mask-ratio`` (default 0.75); its
+   encoder runs only on the visible patches (``P + int(N * (1 - ratio))`` tokens, P prefix
+   tokens), its decoder fills the masked positions with a mask token.
+2. **full-sequence baseline** (written here, SimMIM/BEiT-style): the same encoder over ALL
+   ``P + N`` tokens, masked patch embeddings replaced by a learned mask token before the
+   position embedding; the same :class:`MAEDecoder` (fed the full latent, nothing left to
+   fill) and the same :func:`mae_loss` on the masked patches only (same mask ratio).
+
+Both start from the same initial weights (same seed). A training step is ``zero_grad``,
+forward (under bf16 autocast with ``--dtype bf16``), backward and an AdamW step; after
+``--warmup`` untimed steps of each, ``--steps`` timed steps are run, variants interleaved
+(order alternating); ``torch.cuda.synchronize`` around each step on CUDA. Reported: median and
+IQR (q1-q3) ms per step, images/s at the median, the encoder-only forward time (``no_grad``,
+mask drawing included, timed the same way) and the speedup (baseline ms / mmpt ms). Peak
+memory (CUDA only): params + AdamW state, plus the step's ``torch.cuda.max_memory_allocated``
+above what was allocated before it (activations, gradients, temporaries); on the CPU memory is
+not measured.
+
+Presets: ``mae-base`` (default on CUDA): ViT-B/16 at 224, decoder 512 x 8 blocks (16 heads) as
+in MAE, batch 64. ``cpu-small`` (default on CPU): ViT-Ti/16 at 224 cut to 6 blocks, decoder
+128 x 2 (4 heads), batch 8; well under two minutes on a 2-core CPU. Flags override presets.
+
+    python scripts/bench_mae.py --json /tmp/bench_mae.json                  # CUDA, bf16
+    python scripts/bench_mae.py --preset cpu-small --device cpu --json /tmp/bench_mae_cpu.json
+
+On a CPU shared with other work add ``--threads 1``: torch's threads fight the other processes
+for the cores and multi-threaded steps then slow down several-fold and vary widely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+from timm.layers import trunc_normal_
+from torch import nn
+
+from mmpt.models.encoders.timm_vit import TimmVisionTower
+from mmpt.models.mae import MAEDecoder, MAEModule, mae_loss, patchify
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mae-base": {
+        "model": "vit_base_patch16_224",
+        "image_size": 224,
+        "depth": None,
+        "decoder_dim": 512,
+        "decoder_depth": 8,
+        "decoder_heads": 16,
+        "batch_size": 64,
+        "steps": 20,
+        "warmup": 5,
+    },
+    "cpu-small": {
+        "model": "vit_tiny_patch16_224",
+        "image_size": 224,
+        "depth": 6,
+        "decoder_dim": 128,
+        "decoder_depth": 2,
+        "decoder_heads": 4,
+        "batch_size": 8,
+        "steps": 10,
+        "warmup": 2,
+    },
+}
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+MMPT, FULL = "mmpt_mae", "full_sequence"
+LABELS = {
+    MMPT: "mmpt MAE (visible only)",
+    FULL: "full-seq ViT (mask tokens)",
+}
+console = Console(width=150, highlight=False, markup=False)
+
+
+# ----------------------------------------------------------------------------- the baseline
+
+
+class FullSequenceMIM(nn.Module):
+    """Masked image modelling with the encoder over every patch (SimMIM/BEiT-style input).
+
+    Masked patch embeddings are replaced by a learned mask token before the position
+    embedding; the encoder runs on all ``P + N`` tokens; an :class:`MAEDecoder` predicts every
+    patch from the full latent and :func:`mae_loss` counts the masked patches only.
+    """
+
+    def __init__(
+        self,
+        encoder: TimmVisionTower,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        vit = encoder.model
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.patch_size = int(vit.patch_embed.patch_size[0])
+        self.num_patches = int(vit.patch_embed.num_patches)
+        patch_dim = self.patch_size**2 * int(vit.patch_embed.proj.in_channels)
+        self.decoder = MAEDecoder(
+            self.num_patches, patch_dim, vit.embed_dim, decoder_dim, decoder_depth,
+            decoder_heads, vit.num_prefix_tokens,
+        )  # fmt: skip
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, vit.embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def random_mask(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(B, N) float, 1 = masked; exactly ``N - int(N * (1 - ratio))`` masked per image."""
+        keep = int(self.num_patches * (1 - self.mask_ratio))
+        order = torch.rand(batch, self.num_patches, device=device).argsort(dim=1)
+        mask = torch.ones(batch, self.num_patches, device=device)
+        return mask.scatter_(1, order[:, :keep], 0.0)
+
+    def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, P + N, D) normed latent of all tokens, masked patches given as the mask token."""
+        vit = self.encoder.model
+        x = vit.patch_embed(images)
+        x = torch.where(mask.bool().unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = vit.norm_pre(vit._pos_embed(x))
+        for block in vit.blocks:
+            x = block(x)
+        return vit.norm(x)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, pred (B, N, p * p * C), mask (B, N)), as ``MAEModule.forward``."""
+        b = images.shape[0]
+        mask = self.random_mask(b, images.device)
+        latent = self.encode(images, mask)
+        # nothing to fill in: the identity order makes MAEDecoder use the latent as is
+        identity = torch.arange(self.num_patches, device=images.device).expand(b, -1)
+        pred = self.decoder(latent, identity)
+        loss = mae_loss(pred, patchify(images, self.patch_size), mask, self.norm_pix_loss)
+        return loss, pred, mask
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timed:
+    """Step times (s) and the largest CUDA memory a step allocated above its start (bytes)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.peak = 0
+
+    def run(self, fn: Callable[[], Any], device: torch.device, record: bool) -> None:
+        cuda = device.type == "cuda"
+        sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        dt = time.perf_counter() - t0
+        if cuda:
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(device) - base)
+        if record:
+            self.times.append(dt)
+
+    def stats(self) -> dict[str, float]:
+        """Median, q1, q3 and IQR in ms."""
+        ms = [1e3 * t for t in self.times]
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else ms * 3
+        return {"median": statistics.median(ms), "q1": q1, "q3": q3, "iqr": q3 - q1}
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], steps: int, warmup: int, device: torch.device
+) -> dict[str, Timed]:
+    """``warmup`` untimed steps of each, then ``steps`` timed, interleaved (order alternating)."""
+    res = {name: Timed() for name in fns}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            res[name].run(fn, device, record=False)
+    names = list(fns)
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            res[name].run(fns[name], device, record=True)
+    return res
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_tower(a: argparse.Namespace) -> TimmVisionTower:
+    kwargs = {} if a.depth is None else {"depth": a.depth}
+    return TimmVisionTower(
+        a.model,
+        embed_dim=0,
+        image_size=a.image_size,
+        model_kwargs=kwargs,
+        mean=MEAN,
+        std=STD,
+        feature_layer=-1,  # unused by MAE; -1 is valid at any depth
+    )
+
+
+def build(a: argparse.Namespace) -> dict[str, nn.Module]:
+    """Both variants from the same seed: identical encoder and decoder initial weights."""
+    dec = {"decoder_dim": a.decoder_dim, "decoder_depth": a.decoder_depth}
+    torch.manual_seed(a.seed)
+    mmpt = MAEModule(make_tower(a), a.mask_ratio, decoder_heads=a.decoder_heads, **dec)
+    torch.manual_seed(a.seed)
+    full = FullSequenceMIM(make_tower(a), a.mask_ratio, decoder_heads=a.decoder_heads, **dec)
+    return {MMPT: mmpt.to(a.device).train(), FULL: full.to(a.device).train()}
+
+
+def same_init(m: nn.Module, f: nn.Module) -> bool:
+    """Encoder and decoder weights equal (the baseline's extra mask token aside)."""
+    for part in ("encoder", "decoder"):
+        sm, sf = getattr(m, part).state_dict(), getattr(f, part).state_dict()
+        if sm.keys() != sf.keys() or any(not torch.equal(sm[k], sf[k]) for k in sm):
+            return False
+    return True
+
+
+def state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Parameters plus optimizer state tensors (gradients are counted in the step peak)."""
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for state in opt.state.values():
+        n += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    return n
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="bf16: autocast, fp32 weights; auto: bf16 on CUDA, fp32 on CPU",
+    )
+    p.add_argument(
+        "--preset", choices=list(PRESETS), help="default: mae-base on CUDA, cpu-small on CPU"
+    )
+    p.add_argument("--model", help="timm ViT name (preset: vit_base_patch16_224)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument(
+        "--depth", type=int, help="encoder blocks (preset cpu-small: 6; mae-base: the model's)"
+    )
+    p.add_argument("--decoder-dim", type=int)
+    p.add_argument("--decoder-depth", type=int)
+    p.add_argument("--decoder-heads", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--steps", type=int, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant first")
+    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--lr", type=float, default=1.5e-4, help="AdamW lr (betas 0.9/0.95, wd 0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the results here")
+    a = p.parse_args(argv)
+    a.device = torch.device(a.device)
+    cuda = a.device.type == "cuda"
+    a.preset = a.preset or ("mae-base" if cuda else "cpu-small")
+    for key, value in PRESETS[a.preset].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.dtype == "auto":
+        a.dtype = "bf16" if cuda else "fp32"
+    if a.steps < 1 or a.warmup < 0 or a.batch_size < 1:
+        p.error("need --steps >= 1, --warmup >= 0, --batch-size >= 1")
+    return a
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns what ``--json`` writes."""
+    a = parse_args(argv)
+    threads = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        return bench(a, sys.argv[1:] if argv is None else list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
+    command = "python " + shlex.join(["scripts/bench_mae.py", *args])
+    dev, cuda = a.device, a.device.type == "cuda"
+    load_start = os.getloadavg()
+    models = build(a)
+    m, f = models[MMPT], models[FULL]
+    vit = m.encoder.model
+    n, prefix = f.num_patches, vit.num_prefix_tokens
+    g = torch.Generator().manual_seed(a.seed)
+    images = torch.randn(a.batch_size, 3, a.image_size, a.image_size, generator=g).to(dev)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if a.dtype == "bf16":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # checks: token counts, mask ratio, same initial weights, finite losses
+    with torch.no_grad(), autocast():
+        latent, mask_m, _ = m.encode(images)
+        mask_f = f.random_mask(a.batch_size, dev)
+        full_latent = f.encode(images, mask_f)
+        loss_m, loss_f = m(images)[0].item(), f(images)[0].item()
+    expected = prefix + int(n * (1 - a.mask_ratio))
+    checks = {
+        "num_patches": n,
+        "prefix_tokens": prefix,
+        "mmpt_encoder_tokens": int(latent.shape[1]),
+        "expected_mmpt_tokens": expected,
+        "full_encoder_tokens": int(full_latent.shape[1]),
+        "tokens_ok": int(latent.shape[1]) == expected and int(full_latent.shape[1]) == prefix + n,
+        "masked_fraction": {MMPT: mask_m.float().mean().item(), FULL: mask_f.mean().item()},
+        "same_initial_weights": same_init(m, f),
+        "initial_loss": {MMPT: loss_m, FULL: loss_f},
+    }
+    del latent, full_latent
+
+    opts = {
+        k: torch.optim.AdamW(v.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.05)
+        for k, v in models.items()
+    }
+    last_loss: dict[str, torch.Tensor] = {}
+
+    def train_step(name: str) -> Callable[[], None]:
+        model, opt = models[name], opts[name]
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = model(images)[0]
+            loss.backward()
+            opt.step()
+            last_loss[name] = loss.detach()
+
+        return step
+
+    def encoder_fwd(name: str) -> Callable[[], None]:
+        def step() -> None:
+            with torch.no_grad(), autocast():
+                if name == MMPT:
+                    m.encode(images)
+                else:
+                    f.encode(images, f.random_mask(a.batch_size, dev))
+
+        return step
+
+    t0 = time.perf_counter()
+    train = time_interleaved({k: train_step(k) for k in models}, a.steps, a.warmup, dev)
+    for opt in opts.values():
+        opt.zero_grad(set_to_none=True)
+    enc = time_interleaved({k: encoder_fwd(k) for k in models}, a.steps, a.warmup, dev)
+    bench_s = time.perf_counter() - t0
+
+    rows = []
+    for name, model in models.items():
+        st, es = train[name].stats(), enc[name].stats()
+        state = state_bytes(model, opts[name])
+        tokens = checks["mmpt_encoder_tokens"] if name == MMPT else checks["full_encoder_tokens"]
+        rows.append({
+            "variant": name, "label": LABELS[name], "encoder_tokens": tokens,
+            "params": sum(p.numel() for p in model.parameters()),
+            "steps_timed": len(train[name].times),
+            "step_ms": st["median"], "step_ms_q1": st["q1"], "step_ms_q3": st["q3"],
+            "step_ms_iqr": st["iqr"], "images_per_s": a.batch_size / (st["median"] / 1e3),
+            "encoder_fwd_ms": es["median"], "encoder_fwd_ms_q1": es["q1"],
+            "encoder_fwd_ms_q3": es["q3"], "encoder_fwd_ms_iqr": es["iqr"],
+            "state_mib": state / 2**20 if cuda else None,
+            "step_peak_mib": train[name].peak / 2**20 if cuda else None,
+            "peak_mib": (state + train[name].peak) / 2**20 if cuda else None,
+            "final_loss": last_loss[name].item(),
+        })  # fmt: skip
+    by = {r["variant"]: r for r in rows}
+    speedup = {
+        "train_step": by[FULL]["step_ms"] / by[MMPT]["step_ms"],
+        "encoder_fwd": by[FULL]["encoder_fwd_ms"] / by[MMPT]["encoder_fwd_ms"],
+    }
+    config = {
+        k: getattr(a, k)
+        for k in (
+            "preset",
+            "model",
+            "image_size",
+            "depth",
+            "decoder_dim",
+            "decoder_depth",
+            "decoder_heads",
+            "batch_size",
+            "mask_ratio",
+            "steps",
+            "warmup",
+            "lr",
+            "seed",
+            "dtype",
+        )  # fmt: skip
+    }
+    config.update(
+        encoder_depth=len(vit.blocks), embed_dim=vit.embed_dim, patch_size=m.patch_size,
+        optimizer="AdamW(betas=(0.9, 0.95), weight_decay=0.05)",
+    )  # fmt: skip
+    result = {
+        "command": command,
+        "machine": machine_info(dev),
+        "load_avg_start": [round(x, 2) for x in load_start],
+        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+        "config": config,
+        "checks": checks,
+        "bench_s": round(bench_s, 1),
+        "variants": rows,
+        "speedup": speedup,
+    }
+    report(result)
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def report(r: dict[str, Any]) -> None:
+    c, k, mc = r["config"], r["checks"], r["machine"]
+    console.print(f"command: {r['command']}")
+    console.print(
+        f"machine: {mc['device_name'] or mc['cpu']}, {mc['usable_cores']} usable cores, torch "
+        f"threads {mc['torch_threads']}; python {mc['python']}, torch {mc['torch']}, timm "
+        f"{mc['timm']}; load avg {r['load_avg_start']} -> {r['load_avg_end']}"
+    )
+    console.print(
+        f"model: {c['model']} at {c['image_size']} px ({c['encoder_depth']} blocks, width "
+        f"{c['embed_dim']}, patch {c['patch_size']}), decoder {c['decoder_dim']} x "
+        f"{c['decoder_depth']} ({c['decoder_heads']} heads); batch {c['batch_size']}, mask "
+        f"ratio {c['mask_ratio']}, {c['dtype']} on {mc['device']}, {c['optimizer']}; "
+        f"{c['warmup']} warm-up + {c['steps']} timed steps per variant, interleaved"
+    )
+    ok = "ok" if k["tokens_ok"] else "MISMATCH"
+    console.print(
+        f"check: mmpt encoder tokens {k['mmpt_encoder_tokens']} = {k['prefix_tokens']} + "
+        f"int({k['num_patches']} * {1 - c['mask_ratio']:g}) = {k['expected_mmpt_tokens']} "
+        f"[{ok}]; full-sequence encoder tokens {k['full_encoder_tokens']}; masked fraction "
+        f"mmpt {k['masked_fraction'][MMPT]:.4f}, full {k['masked_fraction'][FULL]:.4f}; same "
+        f"initial weights: {k['same_initial_weights']}; initial loss mmpt "
+        f"{k['initial_loss'][MMPT]:.4f}, full {k['initial_loss'][FULL]:.4f}"
+    )
+    table = Table(title=f"MAE training step, {c['model']}, batch {c['batch_size']}")
+    cols = ("variant", "enc tokens", "params M", "step ms median", "IQR (q1-q3)", "images/s",
+            "enc fwd ms median", "IQR (q1-q3)", "peak MiB", "final loss")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for row in r["variants"]:
+        peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:,.0f}"
+        table.add_row(
+            row["label"], str(row["encoder_tokens"]), f"{row['params'] / 1e6:.1f}",
+            f"{row['step_ms']:.1f}", f"{row['step_ms_iqr']:.1f} "
+            f"({row['step_ms_q1']:.1f}-{row['step_ms_q3']:.1f})", f"{row['images_per_s']:.1f}",
+            f"{row['encoder_fwd_ms']:.1f}", f"{row['encoder_fwd_ms_iqr']:.1f} "
+            f"({row['encoder_fwd_ms_q1']:.1f}-{row['encoder_fwd_ms_q3']:.1f})", peak,
+            f"{row['final_loss']:.4f}",
+        )  # fmt: skip
+    console.print(table)
+    s = r["speedup"]
+    console.print(
+        f"speedup mmpt vs full-sequence: training step {s['train_step']:.2f}x, encoder forward "
+        f"{s['encoder_fwd']:.2f}x (benchmark {r['bench_s']} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
