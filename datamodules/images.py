@@ -118,7 +118,7 @@ class ImageDataModule(ShardDataModule):
         """
         pre = self.image_preprocess()
         crop_scale = tuple(self.train_crop_scale) if self.train_crop_scale else None
-        read = image_reader(pre, train, self.image_key, None, crop_scale, self.train_flip)
+        read = image_reader(pre, train, self.image_key, pre.size, crop_scale, self.train_flip)
         rank, world = self._world()
         return ShardStream(
             config.sources(field),

@@ -185,8 +185,11 @@ class TileTransform:
         self.flip = flip
 
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """The (top, left, h, w) region to resize: random in training, whole in eval."""
-        if self.train:
+        """The (top, left, h, w) region to resize: random in training, whole in eval.
+
+        ``scale`` (1, 1) never crops: flips only, the tile's ground sampling distance kept.
+        """
+        if self.train and self.scale[0] < 1.0:
             area = height * width
             log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
             for _ in range(10):

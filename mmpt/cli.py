@@ -102,8 +102,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The streams' lengths are exact per rank and worker (tests/test_datamodule_pipeline.py).
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-    build_cli(None if from_shell else argv)
+    from mmpt.datamodules.stages import DataError
+
+    try:
+        build_cli(None if from_shell else argv)
+    except DataError as e:  # the data does not fit the model: say why, without a traceback
+        print(f"error: {data_error_message(e)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def data_error_message(error: BaseException) -> str:
+    """The message of a :class:`DataError`, without the worker traceback DataLoader adds."""
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    prefix = f"{type(error).__module__}.{type(error).__name__}: "
+    for name in (prefix, f"{type(error).__name__}: "):
+        last = last.removeprefix(name)
+    return last
 
 
 if __name__ == "__main__":

@@ -71,8 +71,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mmpt eval``; returns an exit code (2 for bad input)."""
     args, overrides = _parser().parse_known_args(argv)
+    from mmpt.cli import data_error_message
+    from mmpt.datamodules.stages import DataError
+
     try:
         return _run(args, overrides)
+    except DataError as e:
+        print(f"error: {data_error_message(e)}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
