@@ -291,7 +291,8 @@ class ImageTextDataModule(ShardDataModule):
                 "model with an image and a text tower (data.preprocess is linked from the model)"
             )
         sample_fn = ImageTextSample(
-            read_image=image_reader(pre.image, train, self.image_key),
+            # no flips: captions say left and right (tiles too: "river in the north")
+            read_image=image_reader(pre.image, train, self.image_key, pre.image.size, flip=False),
             text_key=self.text_key if train else self.val_text_key,
             label_key=self.label_key,
             all_captions=not train,

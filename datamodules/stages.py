@@ -187,15 +187,25 @@ def _with_location(exn: Exception, where: str) -> Exception:
         return RuntimeError(f"{type(exn).__name__}: {exn} ({where})")
 
 
+#: Failures before the first decoded sample that mean the data cannot feed this model.
+MAX_LEADING_FAILURES = 1000
+
+
 def map_skipping(
-    data: Iterable[dict[str, Any]], fn: Callable[[dict[str, Any]], Any], handler: SkipCounter
+    data: Iterable[dict[str, Any]],
+    fn: Callable[[dict[str, Any]], Any],
+    handler: SkipCounter,
+    max_leading_failures: int = MAX_LEADING_FAILURES,
 ) -> Iterator[Any]:
     """Apply ``fn`` to every sample; a sample whose ``fn`` raises is skipped and counted.
 
     Raises:
         DataError: ``fn`` raised one (a data/model mismatch stops the run), with the sample's
-            key and shard added to its message.
+            key and shard added to its message; or the first ``max_leading_failures`` samples
+            all failed (e.g. jpg shards for a multispectral model): corruption is never that
+            uniform, and a training stream that tops up its quota would retry forever.
     """
+    decoded, failures = False, 0
     for sample in data:
         try:
             out = fn(sample)
@@ -206,7 +216,15 @@ def map_skipping(
             if isinstance(e, DataError):
                 raise located from e
             handler(located)
+            failures += 1
+            if not decoded and failures >= max_leading_failures:
+                raise DataError(
+                    f"the first {failures} samples all failed to decode, the last with "
+                    f"{type(located).__name__}: {located}. The shards do not fit this model "
+                    "(image_key, tile layout or bands?)"
+                ) from e
             continue
+        decoded = True
         yield out
 
 

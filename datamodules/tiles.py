@@ -114,7 +114,10 @@ def read_tile(
     if array.ndim != 3:
         raise ValueError(f"a tile must be (C, H, W), got shape {array.shape}")
     if names is not None and len(names) != array.shape[0]:
-        raise ValueError(f"tile has {array.shape[0]} channels but its json names {names}")
+        raise BandMismatch(
+            f"tile of shape {array.shape} has {array.shape[0]} channels but its json names "
+            f"{len(names)} bands {names}: tiles must be (C, H, W) with one channel per band"
+        )
     return array, names
 
 

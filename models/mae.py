@@ -340,6 +340,8 @@ class MAEModule(MMPTModule):
         """Loss on an ``ImageTextBatch`` (text ignored) or a (B, C, H, W) tensor."""
         loss = self(images := self._images(batch))[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        if hasattr(batch, "skipped"):  # samples dropped as corrupt
+            self.log_data_counts(batch, ("skipped",), images.shape[0])
         return loss
 
     def validation_step(self, batch: object, batch_idx: int = 0) -> torch.Tensor:

@@ -125,3 +125,26 @@ def test_checkpoint_without_a_tower_record_is_a_clear_error(tmp_path, tiles, cap
     assert "records no image tower" in capsys.readouterr().err
     assert main([*args[:2], str(tmp_path / "missing.ckpt"), *args[3:]]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_a_tower_without_pooled_features_is_a_clear_error(tmp_path, tiles, capsys):
+    import dataclasses
+
+    from mmpt.models.encoders import VideoViTTower
+    from mmpt.models.module import TOWER_KEY
+    from tests.helpers import TINY_VIDEO
+
+    video = VideoViTTower(**TINY_VIDEO["init_args"])
+    ckpt = {
+        "state_dict": {f"vision.{k}": v for k, v in video.state_dict().items()},
+        TOWER_KEY: {
+            "attr": "vision",
+            "tower": video.describe(),
+            "preprocess": dataclasses.asdict(video.image_preprocess),
+        },
+    }
+    torch.save(ckpt, tmp_path / "video.ckpt")
+    args = ["probe", "--ckpt", str(tmp_path / "video.ckpt"), "--train", str(tiles / "train")]
+    assert main([*args, "--test", str(tiles / "test")]) == 2
+    err = capsys.readouterr().err
+    assert "VideoViTTower has no pooled_features" in err and "Traceback" not in err

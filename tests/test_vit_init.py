@@ -254,3 +254,43 @@ def test_hf_siglip_forward_matches_timm_source(tmp_path, model_type):
         expected = timm_patch_features(src, images, 1)
         assert torch.allclose(hf.patch_features(images), expected, atol=1e-5)
     assert not hf.init_report.resized and not hf.init_report.unexpected
+
+
+def grouped_tower(init_from: str | None = None) -> TimmVisionTower:
+    """The 2-block tower over 13 bands with SatMAE band groups."""
+    return TimmVisionTower(
+        "vit_tiny_patch16_224",
+        embed_dim=0,
+        image_size=32,
+        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        bands="s2_l1c",
+        band_groups="satmae",
+        mean=[0.0] * 13,
+        std=[1.0] * 13,
+        init_from=init_from,
+    )
+
+
+def test_plain_pos_embed_is_repeated_for_each_band_group(tmp_path):
+    """A plain 13-band MAE into a SatMAE-grouped tower: every group gets the spatial grid."""
+    mae, path = mae_ckpt(tmp_path / "mae.ckpt", bands="s2_l1c")
+    grouped = grouped_tower(init_from=path)
+    src = mae.encoder.model.pos_embed.detach()  # (1, 1 + 16, 32) at 32 px / patch 8
+    got = grouped.model.pos_embed.detach()
+    assert got.shape == (1, 1 + 3 * 16, 32)
+    assert torch.equal(got[:, :1], src[:, :1])
+    for g in range(3):
+        assert torch.equal(got[:, 1 + 16 * g : 1 + 16 * (g + 1)], src[:, 1:]), g
+    assert "repeated for 3 band groups" in grouped.init_report.resized["pos_embed"]
+
+
+def test_grouped_pos_embed_is_not_forced_onto_a_plain_tower(tmp_path):
+    """1 + 3 * 16 = 49 rows would pass for a 7 x 7 grid: it must be reported, not loaded."""
+    torch.manual_seed(0)
+    mae = MAEModule(grouped_tower(), decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    ckpt: dict = {"state_dict": mae.state_dict()}
+    mae.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path := str(tmp_path / "grouped.ckpt"))
+    plain = tower(bands="s2_l1c", init_from=path)
+    assert "pos_embed" in plain.init_report.mismatched
+    assert "pos_embed" not in plain.init_report.loaded

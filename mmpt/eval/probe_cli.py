@@ -115,6 +115,11 @@ def run_probe(args: argparse.Namespace, device: torch.device) -> int:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     methods = METHODS if args.method == "both" else (args.method,)
     variants = {"pretrained": tower_from_checkpoint(args.ckpt)}
+    if not hasattr(variants["pretrained"], "pooled_features"):
+        raise ValueError(
+            f"{type(variants['pretrained']).__name__} has no pooled_features: eval probe "
+            "supports TimmVisionTower image towers (MAE, timm-based contrastive and VLM towers)"
+        )
     if args.baseline:
         torch.manual_seed(args.seed)
         variants["random_init"] = tower_from_checkpoint(args.ckpt, load_weights=False)

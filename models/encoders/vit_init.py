@@ -162,7 +162,7 @@ def _resize_pos_embed(
     if value.ndim != 3 or target.ndim != 3 or value.shape[-1] != target.shape[-1]:
         return None
     rows, own_prefix = value.shape[1], target.shape[1] - grid[0] * grid[1]
-    square = [p for p in (src_prefix, 0) if rows > p and math.isqrt(rows - p) ** 2 == rows - p]
+    square = [p for p in (src_prefix,) if rows > p and math.isqrt(rows - p) ** 2 == rows - p]
     if not square or own_prefix < 0:
         return None
     side = math.isqrt(rows - square[0])
@@ -222,6 +222,38 @@ def _adapt_patch(
     return value, notes
 
 
+GROUP_KEY = "patch_embed.group_embed"
+
+
+def _resize_grouped_pos_embed(
+    value: torch.Tensor,
+    target: torch.Tensor,
+    grid: tuple[int, int],
+    src_prefix: int,
+    state: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, str] | None:
+    """:func:`_resize_pos_embed` aware of band-group towers (tokens group-major, grid (G*h, w)).
+
+    A plain source into a grouped model is resampled to the spatial grid (h, w) and repeated
+    for every group; a grouped source is not mapped onto another layout (None: reported).
+    """
+    if GROUP_KEY in state:
+        return None
+    if GROUP_KEY not in own:
+        return _resize_pos_embed(value, target, grid, src_prefix)
+    groups = own[GROUP_KEY].shape[0]
+    spatial = (grid[0] // groups, grid[1])
+    prefix = target.shape[1] - grid[0] * grid[1]
+    one = target[:, : prefix + spatial[0] * spatial[1]]
+    resized = _resize_pos_embed(value, one, spatial, src_prefix)
+    if resized is None:
+        return None
+    out, how = resized
+    body = out[:, prefix:].repeat(1, groups, 1)
+    return torch.cat([out[:, :prefix], body], dim=1), f"{how}, repeated for {groups} band groups"
+
+
 def adapt_vit_state(
     source: _Source,
     own: dict[str, torch.Tensor],
@@ -251,7 +283,7 @@ def adapt_vit_state(
             continue
         target, notes = own[key], []
         if key == "pos_embed" and value.shape != target.shape:
-            resized = _resize_pos_embed(value, target, grid, src_prefix)
+            resized = _resize_grouped_pos_embed(value, target, grid, src_prefix, state, own)
             if resized is not None:
                 value, how = resized
                 notes.append(how)
