@@ -7,6 +7,7 @@ loader plumbing shared with the other shard datamodules is :class:`ShardDataModu
 
 from __future__ import annotations
 
+import abc
 import logging
 import random
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import torch
 from mmpt.batch import ImageTextBatch
 from mmpt.datamodules.decode import read_captions, read_label
 from mmpt.datamodules.streams import ShardStream, StreamConfig, make_loader
-from mmpt.datamodules.transforms import image_reader, normalize_for
+from mmpt.datamodules.transforms import ImageReader, normalize_for
 from mmpt.preprocess import ImagePreprocess, Preprocess, Tokenizer
 
 log = logging.getLogger("mmpt.data")
@@ -79,7 +80,7 @@ class ImageTextSample:
     """Raw sample dict -> (image (C,H,W), captions, label, key). Picklable for workers.
 
     Args:
-        read_image: Sample -> image tensor (:func:`~mmpt.datamodules.transforms.image_reader`:
+        read_image: Sample -> image tensor (:class:`~mmpt.datamodules.transforms.ImageReader`:
             uint8 RGB or float32 tile).
         text_key: Caption field(s), see :func:`~mmpt.datamodules.decode.read_field`.
         label_key: Class id field, None for none.
@@ -124,7 +125,7 @@ class ImageTextCollate:
         )
 
 
-class ShardDataModule(L.LightningDataModule):
+class ShardDataModule(L.LightningDataModule, abc.ABC):
     """Train/val/test shard streams -> typed batches; subclasses say how to read a split.
 
     A subclass implements :meth:`stream` (one split's :class:`ShardStream`) and
@@ -167,13 +168,13 @@ class ShardDataModule(L.LightningDataModule):
         self.test_stream: ShardStream | None = None
         self.val_meta: dict = {}
 
+    @abc.abstractmethod
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
         """Build the stream of one split (``field`` names it in errors)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def normalize(self, batch: Any) -> Any:
         """Turn a batch's worker-side pixels into model inputs (on the device)."""
-        raise NotImplementedError
 
     def prepare_data(self) -> None:
         """Render the synthetic set (rank 0 only) if it is configured and missing."""
@@ -292,7 +293,7 @@ class ImageTextDataModule(ShardDataModule):
             )
         sample_fn = ImageTextSample(
             # no flips: captions say left and right (tiles too: "river in the north")
-            read_image=image_reader(pre.image, train, self.image_key, pre.image.size, flip=False),
+            read_image=ImageReader(pre.image, train, self.image_key, pre.image.size, flip=False),
             text_key=self.text_key if train else self.val_text_key,
             label_key=self.label_key,
             all_captions=not train,

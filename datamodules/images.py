@@ -11,7 +11,7 @@ from mmpt.batch import ImageBatch
 from mmpt.datamodules.decode import read_label
 from mmpt.datamodules.image_text import ShardDataModule, SyntheticData
 from mmpt.datamodules.streams import ShardStream, StreamConfig
-from mmpt.datamodules.transforms import image_reader, normalize_for
+from mmpt.datamodules.transforms import ImageReader, normalize_for
 from mmpt.preprocess import ImagePreprocess, Preprocess
 
 
@@ -19,7 +19,7 @@ class ImageSample:
     """Raw sample dict -> (image (C, H, W), label, key). Picklable for workers.
 
     Args:
-        read_image: Sample -> image tensor (:func:`~mmpt.datamodules.transforms.image_reader`).
+        read_image: Sample -> image tensor (:class:`~mmpt.datamodules.transforms.ImageReader`).
         label_key: Class id field; a sample without it gets -1. None: every label is -1.
     """
 
@@ -118,7 +118,7 @@ class ImageDataModule(ShardDataModule):
         """
         pre = self.image_preprocess()
         crop_scale = tuple(self.train_crop_scale) if self.train_crop_scale else None
-        read = image_reader(pre, train, self.image_key, pre.size, crop_scale, self.train_flip)
+        read = ImageReader(pre, train, self.image_key, pre.size, crop_scale, self.train_flip)
         rank, world = self._world()
         return ShardStream(
             config.sources(field),

@@ -1,7 +1,7 @@
 """Image transforms: fused crop + resize in the workers (uint8 out), per-batch normalisation.
 
 RGB images and multispectral tiles (:mod:`mmpt.datamodules.tiles`) share one entry point each
-side: :func:`image_reader` in the workers and :func:`normalize_for` on the device.
+side: :class:`ImageReader` in the workers and :func:`normalize_for` on the device.
 
 Keeping images uint8 until they reach the accelerator makes worker output and host->device
 copies 4x smaller than float32. Normalising a whole batch on the GPU is one fused elementwise
@@ -177,15 +177,3 @@ class ImageReader:
             return self.transform(decode_image(data, self.min_size))
         array, have = read_tile(sample, self.image_key)
         return self.transform(select_bands(array, have, self.bands, sample["__key__"]))
-
-
-def image_reader(
-    pre: ImagePreprocess,
-    train: bool,
-    image_key: str | None = None,
-    min_size: int | None = None,
-    crop_scale: tuple[float, float] | None = None,
-    flip: bool | None = None,
-) -> ImageReader:
-    """The worker-side image reader of a model's preprocessing (see :class:`ImageReader`)."""
-    return ImageReader(pre, train, image_key, min_size, crop_scale, flip)

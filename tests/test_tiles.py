@@ -26,7 +26,7 @@ from mmpt.datamodules.tiles import (
     read_tile,
     select_bands,
 )
-from mmpt.datamodules.transforms import image_reader, normalize_for, normalize_images
+from mmpt.datamodules.transforms import ImageReader, normalize_for, normalize_images
 from mmpt.preprocess import ImagePreprocess
 
 
@@ -175,7 +175,7 @@ def tile_stream(shards: Path, bands: tuple[str, ...]) -> Any:
 
     pre = ImagePreprocess(size=8, mean=(0.0,) * len(bands), std=(1.0,) * len(bands))
     pre.channels, pre.bands = len(bands), bands
-    read = image_reader(pre, train=False)
+    read = ImageReader(pre, train=False)
 
     def collate(items: list[tuple[torch.Tensor, str]]) -> ImageBatch:
         images = torch.stack([im for im, _ in items])
@@ -284,13 +284,13 @@ def test_image_reader_dispatches_by_mode() -> None:
     import pickle
 
     s2 = ImagePreprocess(size=8, mean=(0.0,) * 2, std=(1.0,) * 2, channels=2, bands=("B8", "B2"))
-    read = pickle.loads(pickle.dumps(image_reader(s2, train=False)))
+    read = pickle.loads(pickle.dumps(ImageReader(s2, train=False)))
     array = tile(13, h=8, w=8)
     got = read(sample("npy", npy_bytes(array), {"sensor": "s2_l1c"}))
     assert torch.equal(got, torch.from_numpy(array[[7, 1]].astype(np.float32)))
     with pytest.raises(KeyError, match="npy;tif;tiff"):
         read(sample("jpg", b"", {"sensor": "s2_l1c"}))
-    rgb = image_reader(ImagePreprocess(size=8), train=False)
+    rgb = ImageReader(ImagePreprocess(size=8), train=False)
     with pytest.raises(KeyError, match="jpg;jpeg;png;webp"):
         rgb(sample("npy", npy_bytes(array)))
 
