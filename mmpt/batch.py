@@ -68,6 +68,40 @@ class ImageBatch:
 
 
 @dataclass
+class AudioTextBatch:
+    """A collated batch of audio clips with one or more captions (or transcripts) each.
+
+    Attributes:
+        audio: (B, N) float32 mono waveforms at the model's sample rate, zero-padded after
+            each clip's true length; standardised per clip on the device after
+            ``on_after_batch_transfer`` when the model asks for it.
+        audio_lengths: Long tensor (B,), the true length of each clip in samples.
+        text_tokens: Long tensor (M, L) of token ids, M >= B; (0, 0) when the model takes no
+            text (self-supervised speech pretraining).
+        text_to_audio: Long tensor (M,), index into ``audio`` for each caption.
+        keys: The ``__key__`` of each clip, length B.
+        labels: Optional long tensor (B,) of class ids, -1 when a clip has no label.
+        skipped: Samples dropped as corrupt, empty or too short since the previous batch.
+    """
+
+    audio: torch.Tensor
+    audio_lengths: torch.Tensor
+    text_tokens: torch.Tensor
+    text_to_audio: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+    labels: torch.Tensor | None = None
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.audio.shape[0]
+
+    @property
+    def num_texts(self) -> int:
+        """Number of captions M in the batch."""
+        return self.text_tokens.shape[0]
+
+
+@dataclass
 class ImageLayout:
     """Where one image's crops are in a :class:`VLMBatch` and how its tokens are arranged.
 
@@ -111,6 +145,10 @@ class VLMBatch:
         num_real_tokens: Non-pad tokens.
         num_truncated: Samples cut to ``max_seq_len``.
         skipped: Samples dropped as corrupt, incomplete or overlong since the previous batch.
+        audio: (A, N) float32 waveforms of the batch's audio clips in token order (audio
+            token runs in row-major order over ``input_ids`` are clip 0, 1 ...), zero-padded;
+            None when the batch has no audio.
+        audio_lengths: Long tensor (A,), true length of each clip in samples.
     """
 
     input_ids: torch.Tensor
@@ -126,6 +164,8 @@ class VLMBatch:
     num_real_tokens: int = 0
     num_truncated: int = 0
     skipped: int = 0
+    audio: torch.Tensor | None = None
+    audio_lengths: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -62,16 +62,52 @@ class ImagePreprocess:
 
 
 @dataclass
+class AudioPreprocess:
+    """Audio preprocessing a speech/audio tower was built for.
+
+    Workers decode every clip to mono float32 at ``sample_rate`` (resampling when the file's
+    rate differs), crop it to ``max_seconds`` (a random window in training, the start in
+    evaluation) and keep its true length; batches are zero-padded to their longest clip. On
+    the device, ``normalize`` standardises each clip over its true length (zero mean, unit
+    variance, as wav2vec 2.0's feature extractor does with ``do_normalize``); padding stays 0.
+
+    Attributes:
+        sample_rate: Rate the tower takes, in Hz (16000 for wav2vec 2.0).
+        max_seconds: Longest clip fed to the tower; longer clips are cropped.
+        min_seconds: Shorter clips are skipped and counted (a tower's convolutions need a
+            minimum length; wav2vec 2.0 needs 400 samples = 25 ms).
+        normalize: Per-clip zero-mean unit-variance standardisation.
+    """
+
+    sample_rate: int = 16000
+    max_seconds: float = 10.0
+    min_seconds: float = 0.025
+    normalize: bool = True
+
+    @property
+    def max_samples(self) -> int:
+        """``max_seconds`` in samples."""
+        return int(round(self.max_seconds * self.sample_rate))
+
+    @property
+    def min_samples(self) -> int:
+        """``min_seconds`` in samples (at least 1)."""
+        return max(1, int(round(self.min_seconds * self.sample_rate)))
+
+
+@dataclass
 class Preprocess:
     """Everything a datamodule must do to feed a given model.
 
     Attributes:
         image: Image preprocessing, None for models without an image input.
         tokenizer: Text tokenizer, None for models without a text input.
+        audio: Audio preprocessing, None for models without an audio input.
     """
 
     image: ImagePreprocess | None = field(default_factory=ImagePreprocess)
     tokenizer: Tokenizer | None = None
+    audio: AudioPreprocess | None = None
 
 
 @dataclass
@@ -86,16 +122,23 @@ class VLMPreprocess:
         policy: Resolution policy (``mmpt.datamodules.resolution``): image -> crops, counts.
         tokens_for_grid: Picklable (h, w) patch grid of one crop -> connector tokens; None
             when the model fuses images by cross-attention (one marker token per image).
-        image: Normalisation (mean/std) of the vision tower.
+        image: Normalisation (mean/std) of the vision tower; None for a speech-only model.
+        audio_token_id: Id of the audio placeholder token (models with a speech encoder).
+        tokens_for_samples: Picklable clip length in samples -> LLM tokens of the clip
+            (encoder frames after the adapter's subsampling).
+        audio: Audio preprocessing of the speech encoder.
     """
 
     tokenizer: Any
-    image_token_id: int
+    image_token_id: int | None
     pad_id: int
     eos: str
     policy: Any
     tokens_for_grid: Callable[[tuple[int, int]], int] | None
-    image: ImagePreprocess
+    image: ImagePreprocess | None
+    audio_token_id: int | None = None
+    tokens_for_samples: Callable[[int], int] | None = None
+    audio: AudioPreprocess | None = None
 
     def image_tokens(self, crops: Any) -> int:
         """LLM tokens of one image's ``ImageCrops`` (1 marker token under fusion)."""
