@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mmpt.shards.audio_build import build_audio_text_shards
 from mmpt.shards.build import build_image_text_shards
 from mmpt.shards.multispectral_build import build_multispectral_shards
 from mmpt.shards.video_build import build_video_text_shards
@@ -21,22 +22,26 @@ BUILD_KINDS: dict[str, Callable[..., Any]] = {
     "image-text": build_image_text_shards,
     "video-text": build_video_text_shards,
     "multispectral": build_multispectral_shards,
+    "audio-text": build_audio_text_shards,
 }
 
 #: Option names whose flag is not ``--`` + the name with dashes.
-_FLAGS = {"images_root": "--images", "videos_root": "--videos"}
+_FLAGS = {"images_root": "--images", "videos_root": "--videos", "audio_root": "--audio"}
 
 EPILOG = """examples:
   mmpt data synth --kind image-text --out data/shapes
   mmpt data synth --kind interleaved --out data/docs --max-images 3
   mmpt data synth --kind video-text --out data/clips --num-frames 16
   mmpt data synth --kind multispectral --out data/landcover --image-size 32
+  mmpt data synth --kind audio-text --out data/tones --train-samples 100
   mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
   mmpt data build --kind video-text --from egoclip.tsv --videos ego4d/chunks/ \
       --out shards/egoclip --reencode-short 256 --workers 8
   mmpt data build --kind multispectral --from ssl4eo-s12/ --sensor s2_l1c \
       --out shards/ssl4eo --size 256 --workers 8
   mmpt data build --kind multispectral --from EuroSAT_MS/ --out shards/eurosat --format tif
+  mmpt data build --kind audio-text --from transcripts.jsonl --audio clips/ \
+      --out shards/speech --resample 16000 --workers 8
   mmpt data inspect shards/ --check
 """
 
@@ -62,13 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         "--train-samples",
         type=int,
         metavar="N",
-        help="training samples (default: image-text 6000, interleaved 2000, video-text 1200)",
+        help="training samples (default: image-text 6000, interleaved 2000, video-text 1200, "
+        "audio-text 3000)",
     )
     synth.add_argument(
         "--val-samples",
         type=int,
         metavar="N",
-        help="validation samples (default: interleaved 192, video-text 180)",
+        help="validation samples (default: interleaved 192, video-text 180, audio-text 300)",
     )
     synth.add_argument(
         "--test-samples", type=int, metavar="N", help="test samples (multispectral; 350)"
@@ -96,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--max-images", type=int, metavar="N", help="most images per document (interleaved; 4)"
     )
+    synth.add_argument(
+        "--sample-rate", type=int, metavar="HZ", help="audio-text: clip sample rate (16000)"
+    )
+    synth.add_argument(
+        "--spoken", action="store_true", help="audio-text: espeak-ng speaks the captions"
+    )
     synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
 
     build = sub.add_parser(
@@ -112,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
         help="a .csv/.tsv/.jsonl table or a folder of image + same-stem .txt pairs; video-text: "
         "an EgoClip-style table (video_uid, clip_start, clip_end, clip_text[, tag_noun, tag_verb, "
         "video_path, clip_uid]); multispectral: an SSL4EO-S12 root or sensor folder, class "
-        "folders or a flat folder of .tif/.npy tiles",
+        "folders or a flat folder of .tif/.npy tiles; audio-text: a table with audio paths and "
+        "transcripts, or a folder of audio + same-stem .txt pairs",
     )
     build.add_argument("--out", required=True, type=Path, metavar="DIR", help="output shard folder")
     kinds = ", ".join(BUILD_KINDS)
@@ -137,6 +150,13 @@ def _parser() -> argparse.ArgumentParser:
         help="video-text: root of the source videos (<video_uid>.mp4 or video_path)",
     )
     build.add_argument(
+        "--audio",
+        dest="audio_root",
+        type=Path,
+        metavar="DIR",
+        help="audio-text: root of relative audio paths (default: the table's folder)",
+    )
+    build.add_argument(
         "--reencode-short",
         type=int,
         metavar="N",
@@ -153,10 +173,21 @@ def _parser() -> argparse.ArgumentParser:
         "--shard-size",
         type=int,
         metavar="N",
-        help="samples per shard (default: image-text 10000, video-text 1000, multispectral 500)",
+        help="samples per shard (default: image-text 10000, video-text 1000, multispectral 500, "
+        "audio-text 2000)",
     )
     build.add_argument("--image-column", metavar="COL", help="table column holding image paths")
     build.add_argument("--caption-column", metavar="COL", help="table column holding captions")
+    build.add_argument("--audio-column", metavar="COL", help="audio-text: column of audio paths")
+    build.add_argument(
+        "--text-column", metavar="COL", help="audio-text: column of transcripts/captions"
+    )
+    build.add_argument(
+        "--resample",
+        type=int,
+        metavar="HZ",
+        help="audio-text: decode, downmix to mono, resample and store as 16-bit FLAC",
+    )
     build.add_argument(
         "--resize-short-side", type=int, metavar="PX", help="downscale to this short side"
     )
@@ -225,6 +256,8 @@ def _synth(args: argparse.Namespace) -> int:
         "samples_per_shard": args.samples_per_shard,
         "min_images": args.min_images,
         "max_images": args.max_images,
+        "sample_rate": args.sample_rate,
+        "spoken": args.spoken,
         "overwrite": args.overwrite,
     }
     result = fn(args.out, **_options(fn, args.kind, given))
@@ -243,12 +276,16 @@ def _build(args: argparse.Namespace) -> int:
     given = {
         "images_root": args.images_root,
         "videos_root": args.videos_root,
+        "audio_root": args.audio_root,
         "reencode_short": args.reencode_short,
         "nouns": args.nouns,
         "verbs": args.verbs,
         "samples_per_shard": args.samples_per_shard,
         "image_column": args.image_column,
         "caption_column": args.caption_column,
+        "audio_column": args.audio_column,
+        "text_column": args.text_column,
+        "resample": args.resample,
         "resize_short_side": args.resize_short_side,
         "jpeg_quality": args.jpeg_quality,
         "workers": args.workers,
@@ -305,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"synth": _synth, "build": _build, "inspect": _inspect}
     try:
         return commands[args.command](args)
-    except (OSError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

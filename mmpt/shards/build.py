@@ -7,7 +7,7 @@ import functools
 import io
 import logging
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,14 +68,10 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def _process(row: Row, resize_short_side: int | None, jpeg_quality: int) -> Row:
     """Check, and where needed resize and re-encode, one image (runs in pool workers)."""
-    if row.problem is None and not row.caption:
-        row.problem = ("empty_caption", "caption is empty")
-    if row.problem is not None:
-        return row
-    try:
-        data = Path(row.url).read_bytes()
-    except OSError as e:
-        row.problem = ("missing_image", e.strerror or type(e).__name__)
+    data = read_item(
+        row, row.url, row.caption, ("empty_caption", "caption is empty"), "missing_image"
+    )
+    if data is None:
         return row
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -175,14 +171,10 @@ def build_image_text_shards(
     source, out = Path(source), Path(out)
     _check_args(source, images_root, samples_per_shard, resize_short_side, jpeg_quality, workers)
     prepare_out_dir(out, overwrite)
-    total: int | None = None
-    if source.is_dir():
-        pairs = folder_rows(source)
-        rows: Iterator[Row] = iter(pairs)
-        total, columns = len(pairs), {}
-    else:
-        root = Path(images_root) if images_root is not None else source.parent
-        rows, columns = table_rows(source, root, image_column, caption_column)
+    rows, columns, total = open_source(
+        source, images_root, folder_rows,
+        lambda table, root: table_rows(table, root, image_column, caption_column),
+    )  # fmt: skip
     params = {
         "images_root": None if images_root is None else str(images_root),
         **columns,
@@ -196,22 +188,11 @@ def build_image_text_shards(
         _process, resize_short_side=resize_short_side, jpeg_quality=jpeg_quality
     )
     writer = ShardWriter(out, samples_per_shard, modalities=["image", "text"], meta=meta)
-    # The pool forks before the progress bar starts its refresh thread.
-    with (
-        multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool,
-        writer,
-        build_progress(progress, total) as bar,
-    ):
-        for res in pool.imap(work, rows, chunksize=8) if pool else map(work, rows):
-            record_result(report, writer, res)
-            if bar is not None:
-                bar.advance(bar.task_ids[0])
+    with writer:
+        write_rows(rows, work, writer, report, workers, progress, total, chunksize=8)
         writer.index.meta["skipped"] = dict(report.skipped)
     report.shards = [str(out / s.name) for s in writer.index.shards]
-    if report.skipped:
-        n = report.total_skipped
-        logger.warning("skipped %d of %d items from %s: %s", n, n + report.written, source,
-                       report.skipped)  # fmt: skip
+    warn_skipped(report, source)
     return report
 
 
@@ -223,18 +204,9 @@ def _check_args(
     jpeg_quality: int,
     workers: int,
 ) -> None:
-    if not source.exists():
-        raise FileNotFoundError(
-            f"{source} does not exist; give a .csv/.tsv/.jsonl file or a folder of "
-            "image + .txt pairs"
-        )
-    if source.is_file() and source.suffix.lower() not in TABLE_SUFFIXES:
-        raise ValueError(
-            f"{source}: unsupported source type {source.suffix!r}; give a "
-            f"{'/'.join(TABLE_SUFFIXES)} file or a folder of image + same-stem .txt pairs"
-        )
-    if images_root is not None and not Path(images_root).is_dir():
-        raise FileNotFoundError(f"images folder (--images) {images_root} does not exist")
+    check_source(
+        source, "a .csv/.tsv/.jsonl file", "image", images_root, "images folder (--images)"
+    )
     short_ok = resize_short_side is None or resize_short_side >= 1
     checks = [
         ("samples_per_shard (--samples-per-shard)", samples_per_shard, samples_per_shard >= 1),
@@ -242,9 +214,7 @@ def _check_args(
         ("jpeg_quality (1-100)", jpeg_quality, 1 <= jpeg_quality <= 100),
         ("workers (--workers)", workers, workers >= 1),
     ]  # fmt: skip
-    for name, value, ok in checks:
-        if not ok:
-            raise ValueError(f"{name} is out of range: got {value}")
+    check_ranges(checks)
 
 
 def record_result(report: BuildReport, writer: ShardWriter, res: Row) -> None:
@@ -280,3 +250,138 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> None:
         )
     for path in [*existing, out / INDEX_NAME] if existing else []:
         path.unlink(missing_ok=True)
+
+
+def write_rows(
+    rows: Iterable[Any],
+    work: Callable[[Any], Any],
+    writer: ShardWriter,
+    report: BuildReport,
+    workers: int,
+    progress: bool,
+    total: int | None,
+    *,
+    write: Callable[[Any, ShardWriter, Any], None] = record_result,
+    initializer: Callable[[], None] | None = None,
+    chunksize: int = 1,
+    batched: bool = False,
+) -> None:
+    """Run ``work`` over ``rows`` (in a pool when ``workers > 1``) and write each result.
+
+    Results come back in the order of ``rows``; each goes to ``write(report, writer, result)``
+    (default :func:`record_result`) and advances a progress bar over ``total`` items (None:
+    unknown) by one. ``initializer`` runs in each pool worker, ``chunksize`` items go to a
+    worker at a time, and with ``batched`` ``work`` returns a list of results.
+    """
+    # The pool forks before the progress bar starts its refresh thread.
+    with (
+        multiprocessing.Pool(workers, initializer)
+        if workers > 1
+        else contextlib.nullcontext() as pool,
+        build_progress(progress, total) as bar,
+    ):
+        for res in pool.imap(work, rows, chunksize) if pool else map(work, rows):
+            for item in res if batched else (res,):
+                write(report, writer, item)
+                if bar is not None:
+                    bar.advance(bar.task_ids[0])
+
+
+def warn_skipped(
+    report: BuildReport, source: str | Path, what: str = "items", log: logging.Logger = logger
+) -> None:
+    """Log one warning that sums up the skipped ``what`` by reason, if any were skipped."""
+    if report.skipped:
+        n = report.total_skipped
+        log.warning("skipped %d of %d %s from %s: %s", n, n + report.written, what, source,
+                    report.skipped)  # fmt: skip
+
+
+def check_ranges(checks: list[tuple[str, Any, bool]]) -> None:
+    """Raise for the first ``(name, value, ok)`` that is not ``ok``.
+
+    Raises:
+        ValueError: ``"{name} is out of range: got {value}"``.
+
+    """
+    for name, value, ok in checks:
+        if not ok:
+            raise ValueError(f"{name} is out of range: got {value}")
+
+
+def one_torch_thread() -> None:
+    """Pool initializer: one torch thread, as in DataLoader workers.
+
+    A forked child whose parent already ran a parallel torch op would otherwise wait forever
+    on the parent's GNU OpenMP thread team at its first parallel op.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def check_source(
+    source: Path, given: str, kind: str, root: str | Path | None, root_name: str
+) -> None:
+    """Check a table-or-folder source and the folder its relative paths resolve against.
+
+    Args:
+        source: The table file or folder of pairs.
+        given: What a table source is, as told in the error (``"a .csv/.tsv/.jsonl file"``).
+        kind: What each pair holds besides its ``.txt`` (``"image"``).
+        root: The folder relative paths resolve against, if given.
+        root_name: How the error names ``root`` (``"images folder (--images)"``).
+
+    Raises:
+        FileNotFoundError: ``source`` or ``root`` does not exist.
+        ValueError: ``source`` is a file that is not a table.
+
+    """
+    if not source.exists():
+        raise FileNotFoundError(
+            f"{source} does not exist; give {given} or a folder of {kind} + .txt pairs"
+        )
+    if source.is_file() and source.suffix.lower() not in TABLE_SUFFIXES:
+        raise ValueError(
+            f"{source}: unsupported source type {source.suffix!r}; give a "
+            f"{'/'.join(TABLE_SUFFIXES)} file or a folder of {kind} + same-stem .txt pairs"
+        )
+    if root is not None and not Path(root).is_dir():
+        raise FileNotFoundError(f"{root_name} {root} does not exist")
+
+
+def open_source(
+    source: Path,
+    root: str | Path | None,
+    folder: Callable[[Path], list[Any]],
+    table: Callable[[Path, Path], tuple[Iterator[Any], dict[str, str]]],
+) -> tuple[Iterator[Any], dict[str, str], int | None]:
+    """Rows of a folder (``folder(source)``) or a table (``table(source, root)``).
+
+    Returns:
+        The rows, the table columns chosen (none for a folder) and the number of rows when
+        known in advance (a folder's).
+
+    """
+    if source.is_dir():
+        items = folder(source)
+        return iter(items), {}, len(items)
+    rows, columns = table(source, Path(root) if root is not None else source.parent)
+    return rows, columns, None
+
+
+def read_item(row: Any, path: str, text: str, empty: tuple[str, str], missing: str) -> bytes | None:
+    """Read one item's file, or set ``row.problem`` and return None (runs in pool workers).
+
+    An item whose ``row.problem`` is already set, or whose ``text`` is empty (the ``empty``
+    problem), is not read; an unreadable file sets the ``missing`` reason.
+    """
+    if row.problem is None and not text:
+        row.problem = empty
+    if row.problem is not None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        row.problem = (missing, e.strerror or type(e).__name__)
+        return None

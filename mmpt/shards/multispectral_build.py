@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-import itertools
 import json
 import logging
-import multiprocessing
 import re
 import sys
 from collections.abc import Sequence
@@ -19,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from mmpt.bands import SENSORS, resolve_bands
-from mmpt.shards.build import BuildReport, build_progress, prepare_out_dir, record_result
+from mmpt.shards.build import (
+    BuildReport,
+    check_ranges,
+    prepare_out_dir,
+    record_result,
+    warn_skipped,
+    write_rows,
+)
 from mmpt.shards.sources import Row
 from mmpt.shards.writer import ShardWriter
 
@@ -169,7 +173,9 @@ def _band_name(stem: str) -> str:
 
 
 def _load(tile: Tile, bands: tuple[str, ...], size: int | None) -> Tile:
-    """Read, resample and stack one tile (runs in pool workers)."""
+    """Read, resample and stack one tile (runs in pool workers); skipped tiles pass through."""
+    if tile.problem is not None:
+        return tile
     try:
         if len(tile.files) == 1 and tile.files[0][0] == "":
             raw = read_array(tile.files[0][1])
@@ -439,9 +445,7 @@ def build_multispectral_shards(
               ("samples_per_shard (--shard-size)", samples_per_shard, samples_per_shard >= 1),
               ("size (--size)", size, size is None or size >= 1),
               ("workers (--workers)", workers, workers >= 1)]  # fmt: skip
-    for name, value, ok in checks:
-        if not ok:
-            raise ValueError(f"{name} is out of range: got {value}")
+    check_ranges(checks)
     groups = find_tiles(source, sensor)
     params = {"sensor": sensor, "format": format, "samples_per_shard": samples_per_shard,
               "size": size, "workers": workers}  # fmt: skip
@@ -457,10 +461,7 @@ def build_multispectral_shards(
                  "command": command}  # fmt: skip
         _write_group(group, folder, meta, report, size, format, samples_per_shard, workers,
                      progress)  # fmt: skip
-    if report.skipped:
-        n = report.total_skipped
-        logger.warning("skipped %d of %d tiles from %s: %s", n, n + report.written, source,
-                       report.skipped)  # fmt: skip
+    warn_skipped(report, source, "tiles", logger)
     return report
 
 
@@ -477,31 +478,26 @@ def _write_group(
 ) -> None:
     bands, tiles = tuple(group["bands"]), group["tiles"]
     stats = BandStats(bands)
-    todo = [t for t in tiles if t.problem is None]
-    done = iter(t for t in tiles if t.problem is not None)
+    # tiles already skipped come first, then the loaded ones, in order
+    ordered = [t for t in tiles if t.problem is not None] + [t for t in tiles if t.problem is None]
     work = functools.partial(_load, bands=bands, size=size)
+
+    def write(report: BuildReport, writer: ShardWriter, tile: Tile) -> None:
+        if tile.problem is not None:
+            record_result(report, writer, Row(tile.source, "", tile.problem))
+            return
+        stats.update(tile.array)
+        info = {"key": tile.key, "bands": list(bands), "sensor": group["sensor"],
+                "season": tile.season, "source": tile.source}  # fmt: skip
+        extra = {"label": tile.label, "class": tile.classname, "caption": tile.caption}
+        info |= {k: v for k, v in extra.items() if v is not None}
+        writer.write({"__key__": tile.key, format: encode_tile(tile.array, format),
+                      "json": info})  # fmt: skip
+        report.written += 1
+
     writer = ShardWriter(folder, samples_per_shard, modalities=["image"], meta=meta)
-    with (
-        multiprocessing.Pool(workers, _one_thread)
-        if workers > 1
-        else contextlib.nullcontext() as pool,
-        writer,
-        build_progress(progress, len(tiles)) as bar,
-    ):
-        loaded = pool.imap(work, todo, chunksize=4) if pool else map(work, todo)
-        for tile in itertools.chain(done, loaded):
-            if tile.problem is not None:
-                record_result(report, writer, Row(tile.source, "", tile.problem))
-            else:
-                stats.update(tile.array)
-                info = {"key": tile.key, "bands": list(bands), "sensor": group["sensor"],
-                        "season": tile.season, "source": tile.source}  # fmt: skip
-                extra = {"label": tile.label, "class": tile.classname, "caption": tile.caption}
-                info |= {k: v for k, v in extra.items() if v is not None}
-                writer.write({"__key__": tile.key, format: encode_tile(tile.array, format),
-                              "json": info})  # fmt: skip
-                report.written += 1
-            if bar is not None:
-                bar.advance(bar.task_ids[0])
+    with writer:
+        write_rows(ordered, work, writer, report, workers, progress, len(tiles), write=write,
+                   initializer=_one_thread, chunksize=4)  # fmt: skip
         writer.index.meta |= {"band_stats": stats.to_dict(), "skipped": dict(report.skipped)}
     report.shards += [str(folder / s.name) for s in writer.index.shards]

@@ -75,10 +75,24 @@ def read_records(source: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
             yield from enumerate(csv.DictReader(f, delimiter=delimiter), 2)
 
 
-def table_rows(
-    source: Path, root: Path, image_column: str | None, caption_column: str | None
-) -> tuple[Iterator[Row], dict[str, str]]:
-    """Open a CSV/TSV/JSONL table; returns its rows and the columns chosen."""
+def open_table(
+    source: Path, wanted: dict[str, tuple[str | None, tuple[str, ...], str]]
+) -> tuple[Iterator[tuple[int, dict[str, Any] | None]], dict[str, str]]:
+    """Open a CSV/TSV/JSONL table and pick its columns from the first row.
+
+    Args:
+        source: The table.
+        wanted: Role (``"image_column"`` ...) -> (column given by the user or None, default
+            candidates tried in order, the flag naming it in error messages).
+
+    Returns:
+        All (line number, record) pairs of :func:`read_records`, and role -> chosen column.
+
+    Raises:
+        ValueError: The table is empty, its first row is not an object, or a column is
+            missing.
+
+    """
     records = read_records(source)
     first = next(records, None)
     if first is None:
@@ -86,11 +100,28 @@ def table_rows(
     if first[1] is None:
         raise ValueError(f"{source}:{first[0]} is not a JSON object; give one object per line")
     columns = list(first[1])
-    img_col = _pick_column(columns, image_column, IMAGE_COLUMNS, "--image-column", source)
-    cap_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "--caption-column", source)
+    chosen = {
+        role: _pick_column(columns, given, candidates, flag, source)
+        for role, (given, candidates, flag) in wanted.items()
+    }
+    return itertools.chain([first], records), chosen
+
+
+def table_rows(
+    source: Path, root: Path, image_column: str | None, caption_column: str | None
+) -> tuple[Iterator[Row], dict[str, str]]:
+    """Open a CSV/TSV/JSONL table; returns its rows and the columns chosen."""
+    records, chosen = open_table(
+        source,
+        {
+            "image_column": (image_column, IMAGE_COLUMNS, "--image-column"),
+            "caption_column": (caption_column, CAPTION_COLUMNS, "--caption-column"),
+        },
+    )
+    img_col, cap_col = chosen["image_column"], chosen["caption_column"]
 
     def rows() -> Iterator[Row]:
-        for n, rec in itertools.chain([first], records):
+        for n, rec in records:
             if rec is None:
                 yield Row(f"{source}:{n}", "", ("bad_row", "not a JSON object"))
                 continue
@@ -98,17 +129,24 @@ def table_rows(
             caption = rec.get(cap_col)
             yield Row(url, "" if caption is None else str(caption).strip(), problem)
 
-    return rows(), {"image_column": img_col, "caption_column": cap_col}
+    return rows(), chosen
 
 
-def folder_rows(folder: Path) -> list[Row]:
-    """Images under ``folder`` (recursively, sorted) with their same-stem ``.txt`` captions."""
-    images = sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+def folder_rows(
+    folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, what: str = "image"
+) -> list[Row]:
+    """Media files under ``folder`` (recursively, sorted) with same-stem ``.txt`` captions.
+
+    Args:
+        folder: Folder to search.
+        suffixes: Lower-case suffixes of the media files (default images).
+        what: Name of one media file in error messages.
+
+    """
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     if not images:
         raise ValueError(
-            f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); give a folder of image + "
+            f"{folder} holds no {what}s ({', '.join(suffixes)}); give a folder of {what} + "
             "same-stem .txt pairs, or a .csv/.tsv/.jsonl table"
         )
     rows = []

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import itertools
 import json
 import logging
 import math
-import multiprocessing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from mmpt.shards.build import BuildReport, build_progress, prepare_out_dir, record_result
+from mmpt.shards.build import (
+    BuildReport,
+    check_ranges,
+    one_torch_thread,
+    prepare_out_dir,
+    record_result,
+    warn_skipped,
+    write_rows,
+)
 from mmpt.shards.sources import TABLE_SUFFIXES, Row, read_records
 from mmpt.shards.writer import ShardWriter
 
@@ -200,17 +206,6 @@ def _encode_window(
     return buf.getvalue(), (stream.width, stream.height)
 
 
-def _one_thread() -> None:
-    """Pool initializer: one torch thread, as in DataLoader workers.
-
-    A forked child whose parent already ran a parallel torch op would otherwise wait forever
-    on the parent's GNU OpenMP thread team at its first parallel op (frame indexing).
-    """
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _cut_group(rows: list[ClipRow], reencode_short: int | None, crf: int) -> list[ClipRow]:
     """Cut every row's window out of their shared source video (runs in pool workers)."""
     from mmpt.datamodules.video import clip_frames, probe
@@ -272,9 +267,7 @@ def _check_args(
         ("crf (0-51)", crf, 0 <= crf <= 51),
         ("workers (--workers)", workers, workers >= 1),
     ]  # fmt: skip
-    for name, value, ok in checks:
-        if not ok:
-            raise ValueError(f"{name} is out of range: got {value}")
+    check_ranges(checks)
     import av
 
     try:
@@ -360,25 +353,12 @@ def build_video_text_shards(
     report = VideoBuildReport(out=str(out))
     work = functools.partial(_cut_group, reencode_short=reencode_short, crf=crf)
     writer = ShardWriter(out, samples_per_shard, modalities=["video", "text"], meta=meta)
-    with (
-        multiprocessing.Pool(workers, _one_thread)
-        if workers > 1
-        else contextlib.nullcontext() as pool,
-        writer,
-        build_progress(progress, None) as bar,
-    ):
-        groups = _groups(rows)
-        for group in pool.imap(work, groups) if pool else map(work, groups):
-            for row in group:
-                _write(report, writer, row)
-                if bar is not None:
-                    bar.advance(bar.task_ids[0])
+    with writer:
+        write_rows(_groups(rows), work, writer, report, workers, progress, None, write=_write,
+                   initializer=one_torch_thread, batched=True)  # fmt: skip
         writer.index.meta |= {"skipped": dict(report.skipped), "clamped": report.clamped}
     report.shards = [str(out / s.name) for s in writer.index.shards]
-    if report.skipped:
-        n = report.total_skipped
-        logger.warning("skipped %d of %d rows from %s: %s", n, n + report.written, source,
-                       report.skipped)  # fmt: skip
+    warn_skipped(report, source, "rows", logger)
     return report
 
 

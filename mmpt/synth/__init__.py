@@ -42,6 +42,7 @@ SYNTH_KINDS: dict[str, Callable[..., dict]] = {
     "text": _Lazy("mmpt.synth.interleaved", "synth_text"),
     "video-text": _Lazy("mmpt.synth.video_text", "synth_video_text"),
     "multispectral": _Lazy("mmpt.synth.multispectral", "synth_multispectral"),
+    "audio-text": _Lazy("mmpt.synth.audio_text", "synth_audio_text"),
 }
 
 

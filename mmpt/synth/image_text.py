@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +214,53 @@ def clear_previous(folder: Path, overwrite: bool, generator: str = GENERATOR_NAM
     prepare_out_dir(folder, overwrite=overwrite or ours)
 
 
+def check_minimums(checks: dict[str, tuple[int, int]]) -> None:
+    """Raise for the first ``name: (value, low)`` whose value is below ``low``.
+
+    Raises:
+        ValueError: ``"{name} must be >= {low} (--{flag}), got {value}"``.
+
+    """
+    for name, (value, low) in checks.items():
+        if value < low:
+            raise ValueError(f"{name} must be >= {low} (--{name.replace('_', '-')}), got {value}")
+
+
+def split_folders(
+    out: Path, splits: Iterable[str], overwrite: bool, generator: str = GENERATOR_NAME
+) -> dict[str, Path]:
+    """``out/<split>`` for each split, each cleared for ``generator`` by :func:`clear_previous`."""
+    folders = {split: out / split for split in splits}
+    for folder in folders.values():
+        clear_previous(folder, overwrite, generator=generator)
+    return folders
+
+
+@contextlib.contextmanager
+def split_writer(
+    result: dict[str, Any],
+    split: str,
+    folder: Path,
+    count: int,
+    samples_per_shard: int,
+    modalities: list[str],
+    meta: dict[str, Any],
+) -> Iterator[ShardWriter]:
+    """A :class:`ShardWriter` for one split's folder, recording the split in ``result``.
+
+    Once the writer closes, ``result`` gets ``{split}`` (the folder), ``{split}_samples``
+    (``count``) and ``{split}_shards``.
+    """
+    writer = ShardWriter(folder, samples_per_shard, modalities=modalities, meta=meta)
+    with writer:
+        yield writer
+    result |= {
+        split: str(folder),
+        f"{split}_samples": count,
+        f"{split}_shards": len(writer.index.shards),
+    }
+
+
 def _write_split(
     folder: Path,
     split: str,
@@ -275,18 +324,15 @@ def synth_image_text(
         ValueError: A parameter is out of range, or the output folders hold other shards.
 
     """
-    if train_samples < 1:
-        raise ValueError(f"train_samples must be >= 1 (--train-samples), got {train_samples}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 (--image-size), got {image_size}")
-    if samples_per_shard < 1:
-        raise ValueError(
-            f"samples_per_shard must be >= 1 (--samples-per-shard), got {samples_per_shard}"
-        )
+    check_minimums(
+        {
+            "train_samples": (train_samples, 1),
+            "image_size": (image_size, 16),
+            "samples_per_shard": (samples_per_shard, 1),
+        }
+    )
     out = Path(out)
-    folders = {"train": out / "train", "val": out / "val"}
-    for folder in folders.values():
-        clear_previous(folder, overwrite)
+    folders = split_folders(out, ("train", "val"), overwrite)
     generator = {
         "name": GENERATOR_NAME,
         "seed": seed,

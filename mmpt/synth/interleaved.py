@@ -11,10 +11,11 @@ from mmpt.shards.writer import ShardWriter
 from mmpt.synth.image_text import (
     NUM_COMBOS,
     captions_for,
-    clear_previous,
+    check_minimums,
     combo_attributes,
     make_noise_bank,
     render_sample,
+    split_folders,
 )
 from mmpt.synth.vocab import write_synth_tokenizer
 
@@ -202,14 +203,9 @@ def _synth(
         "min_images": (min_images, 1),
         "max_images": (max_images, min_images),
     }
-    for name, (value, low) in checks.items():
-        if value < low:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{name} must be >= {low} ({flag}), got {value}")
+    check_minimums(checks)
     out = Path(out)
-    folders = {"train": out / "train", "val": out / "val"}
-    for folder in folders.values():
-        clear_previous(folder, overwrite, generator=GENERATOR_NAME)
+    folders = split_folders(out, ("train", "val"), overwrite, GENERATOR_NAME)
     options = {
         "seed": seed,
         "image_size": image_size,

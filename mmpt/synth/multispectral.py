@@ -11,7 +11,7 @@ import numpy as np
 from mmpt.bands import S2_L1C, SENSORS
 from mmpt.shards.multispectral_build import TEMPLATES, BandStats, resize_matrix, tile_meta
 from mmpt.shards.writer import ShardWriter
-from mmpt.synth.image_text import clear_previous
+from mmpt.synth.image_text import check_minimums, clear_previous
 from mmpt.synth.vocab import synth_vocabulary, write_word_tokenizer
 
 GENERATOR_NAME = "mmpt.synth.multispectral"
@@ -245,11 +245,8 @@ def synth_multispectral(
     if sensor not in ("s2_l1c", "s2_l2a"):
         raise ValueError(f"sensor (--sensor) must be s2_l1c or s2_l2a, got {sensor!r}")
     counts = {"train": train_samples, "val": val_samples, "test": test_samples}
-    for split, n in counts.items():
-        if n < 1:
-            raise ValueError(f"{split}_samples must be >= 1 (--{split}-samples), got {n}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 (--image-size), got {image_size}")
+    check_minimums({f"{k}_samples": (n, 1) for k, n in counts.items()}
+                   | {"image_size": (image_size, 16)})  # fmt: skip
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     out, bands = Path(out), SENSORS[sensor]

@@ -22,8 +22,10 @@ from mmpt.synth.image_text import (
     SHAPES,
     _place,
     _shape_points,
-    clear_previous,
+    check_minimums,
     make_noise_bank,
+    split_folders,
+    split_writer,
 )
 from mmpt.synth.vocab import write_synth_tokenizer
 
@@ -418,24 +420,21 @@ def synth_video_text(
         ValueError: A parameter is out of range, or the output folders hold other shards.
 
     """
-    checks = {
-        "train_samples": (train_samples, 1),
-        "val_samples": (val_samples, 1),
-        "mcq_samples": (mcq_samples, 1),
-        "image_size": (image_size, 32),
-        "num_frames": (num_frames, 4),
-        "fps": (fps, 1),
-        "samples_per_shard": (samples_per_shard, 1),
-    }
-    for name, (value, low) in checks.items():
-        if value < low:
-            raise ValueError(f"{name} must be >= {low} (--{name.replace('_', '-')}), got {value}")
+    check_minimums(
+        {
+            "train_samples": (train_samples, 1),
+            "val_samples": (val_samples, 1),
+            "mcq_samples": (mcq_samples, 1),
+            "image_size": (image_size, 32),
+            "num_frames": (num_frames, 4),
+            "fps": (fps, 1),
+            "samples_per_shard": (samples_per_shard, 1),
+        }
+    )
     if image_size % 2:
         raise ValueError(f"image_size must be even for yuv420p (--image-size), got {image_size}")
     out = Path(out)
-    folders = {split: out / split for split in _SPLIT_STREAM}
-    for folder in folders.values():
-        clear_previous(folder, overwrite, generator=GENERATOR_NAME)
+    folders = split_folders(out, _SPLIT_STREAM, overwrite, GENERATOR_NAME)
     spec = ClipSpec(image_size, num_frames, fps, pick_codec())
     counts = {"train": train_samples, "val": val_samples, "mcq": mcq_samples}
     generator = {
@@ -471,18 +470,11 @@ def synth_video_text(
             }
         if split == "mcq":
             extra["chance_accuracy"] = 1 / NUM_CANDIDATES
-        writer = ShardWriter(
-            folder, samples_per_shard, modalities=["video", "text"], meta=meta | extra
-        )
-        with writer:
+        with split_writer(result, split, folder, counts[split], samples_per_shard,
+                          ["video", "text"], meta | extra) as writer:  # fmt: skip
             if split == "mcq":
                 _write_mcq(writer, counts[split], spec, rng)
             else:
                 result[f"{split}_videos"] = _write_clips(writer, split, counts[split], spec, rng)
-        result |= {
-            split: str(folder),
-            f"{split}_samples": counts[split],
-            f"{split}_shards": len(writer.index.shards),
-        }
     result["tokenizer"] = str(write_synth_tokenizer(out / "tokenizer"))
     return result

@@ -29,10 +29,12 @@ def synth_texts() -> Iterator[str]:
         Captions of all 192 combinations in both phrasings, the zero-shot prompts (every
         template filled with every class name), the interleaved intro and filler sentences,
         the video narrations of all 180 (colour, shape, action) combinations in both
-        phrasings, and the video noun and verb names.
+        phrasings, the video noun and verb names, and the audio captions and continuations
+        of all 512 tone combinations with their zero-shot prompts.
 
     """
     # imported here: the generators import this module to write their tokenizer
+    from mmpt.synth import audio_text
     from mmpt.synth.image_text import (
         CLASSNAMES,
         NUM_COMBOS,
@@ -53,6 +55,10 @@ def synth_texts() -> Iterator[str]:
         yield from narrations_for(color, shape, action)
     yield from NOUNS
     yield from VERBS
+    for combo in range(audio_text.NUM_COMBOS):
+        yield from audio_text.texts_for(audio_text.combo_attributes(combo))
+    for template in audio_text.TEMPLATES:
+        yield from (template.format(name) for name in audio_text.CLASSNAMES)
     yield from PROMPT_TEXTS
 
 
