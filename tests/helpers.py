@@ -60,6 +60,29 @@ TINY_TEXT = {
     },
 }
 
+#: Tiny HF wav2vec 2.0 config (3 conv layers: 400 samples per frame), with codebooks.
+TINY_WAV2VEC2 = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "conv_dim": [32, 32, 32],
+    "conv_kernel": [10, 3, 3],
+    "conv_stride": [5, 4, 4],
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4,
+    "codevector_dim": 32,
+    "proj_codevector_dim": 16,
+    "num_codevectors_per_group": 32,
+    "num_codevector_groups": 2,
+    "mask_time_length": 2,
+}
+
+TINY_LOG_MEL = {
+    "class_path": "mmpt.models.encoders.LogMelTower",
+    "init_args": {"n_mels": 16, "width": 32, "depth": 1, "heads": 2, "subsample": 2},
+}
+
 TINY_LLM_CONFIG = {
     "model_type": "qwen2",
     "vocab_size": 128,

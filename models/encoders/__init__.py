@@ -10,23 +10,27 @@ if TYPE_CHECKING:
 
     from .hf_text import HFTextTower as HFTextTower
     from .hf_vision import HFVisionTower as HFVisionTower
+    from .log_mel import LogMelTower as LogMelTower
     from .open_clip_text import OpenCLIPTextTower as OpenCLIPTextTower
     from .open_clip_vision import OpenCLIPVisionTower as OpenCLIPVisionTower
     from .timm_vit import TimmVisionTower as TimmVisionTower
     from .tokenizers import HFTokenizer as HFTokenizer
     from .tokenizers import OpenCLIPTokenizer as OpenCLIPTokenizer
     from .video_vit import VideoViTTower as VideoViTTower
+    from .wav2vec2 import Wav2Vec2Tower as Wav2Vec2Tower
 
 # name -> submodule; importing a tokenizer must not pull in timm/open_clip/transformers.
 _EXPORTS = {
     "HFTextTower": "hf_text",
     "HFTokenizer": "tokenizers",
     "HFVisionTower": "hf_vision",
+    "LogMelTower": "log_mel",
     "OpenCLIPTextTower": "open_clip_text",
     "OpenCLIPTokenizer": "tokenizers",
     "OpenCLIPVisionTower": "open_clip_vision",
     "TimmVisionTower": "timm_vit",
     "VideoViTTower": "video_vit",
+    "Wav2Vec2Tower": "wav2vec2",
 }
 
 __all__ = sorted(_EXPORTS)
