@@ -7,13 +7,15 @@ A sample is a list of messages ``{"role": ..., "content": ...}``. Roles:
 - ``text``: raw text (an interleaved document, a caption in pretraining, text-only data),
   a target with no chat markers in every template.
 
-``<image>`` placeholders may appear in any content; each expands to the image's token count
-and is never a target. A template turns messages into :class:`Segment` s; :func:`encode`
-tokenises them piece by piece, so label masks follow segment boundaries exactly.
+``<image>`` and ``<audio>`` placeholders may appear in any content; each expands to its
+image's or clip's token count and is never a target. A template turns messages into
+:class:`Segment` s; :func:`encode` tokenises them piece by piece, so label masks follow
+segment boundaries exactly.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,8 @@ import torch
 from mmpt.datamodules.packing import IGNORE_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
+AUDIO_PLACEHOLDER = "<audio>"
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})")
 ROLES = ("system", "user", "assistant", "text")
 
 
@@ -125,46 +129,58 @@ def get_template(name: str, field: str = "data.template") -> Template:
 def encode(
     segments: Sequence[Segment],
     tokenizer: Any,
-    image_token_id: int,
+    image_token_id: int | None,
     image_tokens: Sequence[int],
+    audio_token_id: int | None = None,
+    audio_tokens: Sequence[int] = (),
 ) -> dict[str, torch.Tensor]:
-    """Tokenise rendered segments, expanding the i-th ``<image>`` to ``image_tokens[i]`` ids.
+    """Tokenise rendered segments, expanding placeholders into runs of media token ids.
 
-    Text between placeholders is tokenised without special tokens (the template spells them).
+    The i-th ``<image>`` becomes ``image_tokens[i]`` copies of ``image_token_id`` and the i-th
+    ``<audio>`` ``audio_tokens[i]`` copies of ``audio_token_id``. Text between placeholders is
+    tokenised without special tokens (the template spells them).
 
     Args:
         segments: Output of ``Template.render``.
         tokenizer: HF tokenizer.
-        image_token_id: Id that marks image positions.
+        image_token_id: Id that marks image positions (None when there is no image).
         image_tokens: Token count of each image, in order of appearance.
+        audio_token_id: Id that marks audio positions (None when there is no audio).
+        audio_tokens: Token count of each audio clip, in order of appearance.
 
     Returns:
         ``input_ids`` (L,) and ``labels`` (L,) long; labels are the ids on target text and
-        -100 elsewhere (prompts, markers, image tokens).
+        -100 elsewhere (prompts, markers, media tokens).
 
     Raises:
-        ValueError: The placeholder count differs from ``len(image_tokens)``.
+        ValueError: A placeholder count differs from its list of token counts.
     """
+    media = {
+        IMAGE_PLACEHOLDER: (image_token_id, list(image_tokens)),
+        AUDIO_PLACEHOLDER: (audio_token_id, list(audio_tokens)),
+    }
+    for placeholder, (_, counts) in media.items():
+        found = sum(seg.text.count(placeholder) for seg in segments)
+        if found != len(counts):
+            kind = "images" if placeholder == IMAGE_PLACEHOLDER else "audio clips"
+            raise ValueError(
+                f"sample has {found} {placeholder} placeholders for {len(counts)} {kind}"
+            )
     ids: list[int] = []
     labels: list[int] = []
-    image = 0
+    used = dict.fromkeys(media, 0)
     for seg in segments:
-        for j, piece in enumerate(seg.text.split(IMAGE_PLACEHOLDER)):
-            if j:
-                if image >= len(image_tokens):
-                    break
-                ids += [image_token_id] * image_tokens[image]
-                labels += [IGNORE_INDEX] * image_tokens[image]
-                image += 1
-            if piece:
+        for piece in _PLACEHOLDERS.split(seg.text):
+            if piece in media:
+                token_id, counts = media[piece]
+                n = counts[used[piece]]
+                used[piece] += 1
+                ids += [int(token_id)] * n  # type: ignore[arg-type]
+                labels += [IGNORE_INDEX] * n
+            elif piece:
                 toks = tokenizer(piece, add_special_tokens=False)["input_ids"]
                 ids += toks
                 labels += toks if seg.target else [IGNORE_INDEX] * len(toks)
-    found = sum(seg.text.count(IMAGE_PLACEHOLDER) for seg in segments)
-    if found != len(image_tokens):
-        raise ValueError(
-            f"sample has {found} {IMAGE_PLACEHOLDER} placeholders for {len(image_tokens)} images"
-        )
     return {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from mmpt.batch import ImageLayout, VLMBatch
+from mmpt.datamodules.audio import pad_audio
 from mmpt.datamodules.decode import decode_image
 from mmpt.datamodules.packing import collate_packed, pack_row, pack_stream
 from mmpt.datamodules.resolution import header_size
@@ -68,7 +69,9 @@ class PackedBatcher:
 
 
 class VLMCollate:
-    """Rows -> :class:`VLMBatch`: decode the rows' images and group crops by size. Picklable.
+    """Rows -> :class:`VLMBatch`: decode the rows' images, group crops by size, pad clips.
+
+    Picklable.
 
     An image that fails to decode becomes a black image of its header size (its tokens are
     already in the row) and is counted in ``skipped``.
@@ -110,7 +113,11 @@ class VLMCollate:
                         crops.global_view,
                     )
                 )
+        clips = [c for per_sample in packed.get("audio", []) for c in per_sample]
+        audio, audio_lengths = pad_audio(clips) if clips else (None, None)
         return VLMBatch(
+            audio=audio,
+            audio_lengths=audio_lengths,
             input_ids=packed["input_ids"],
             labels=packed["labels"],
             position_ids=packed["position_ids"],

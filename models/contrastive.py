@@ -1,4 +1,4 @@
-"""CLIP-style dual-encoder pretraining (InfoNCE or SigLIP) of an image tower and a text tower."""
+"""CLIP-style dual-encoder pretraining (InfoNCE or SigLIP): image or audio tower + text tower."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from mmpt.batch import ImageTextBatch
+from mmpt.batch import AudioTextBatch, ImageTextBatch
 from mmpt.models.losses import ClipLoss
 from mmpt.models.module import MMPTModule
 from mmpt.models.schedules import Schedule
@@ -36,8 +36,17 @@ def first_text_per_item(text_to_video: torch.Tensor, num_items: int) -> torch.Te
     return first
 
 
+def text_owner(batch: ImageTextBatch | AudioTextBatch) -> torch.Tensor:
+    """Long tensor (M,): the image or clip each caption of ``batch`` belongs to."""
+    return batch.text_to_audio if isinstance(batch, AudioTextBatch) else batch.text_to_image
+
+
 class ContrastiveModule(MMPTModule):
-    """A vision tower and a text tower trained to agree on matching pairs.
+    """A vision (or audio) tower and a text tower trained to agree on matching pairs.
+
+    With ``audio`` instead of ``vision`` it is CLAP-like audio-text pretraining on
+    ``AudioTextBatch`` es; evaluation (zero-shot retrieval and classification) is the same code
+    as for images.
 
     Args:
         vision: Image tower: ``(B, C, H, W) -> (B, D)``, with ``image_preprocess``.
@@ -48,53 +57,85 @@ class ContrastiveModule(MMPTModule):
         freeze: Patterns to freeze, e.g. ``["vision.*"]`` for LiT (locked image tuning).
         trainable: Patterns that alone train.
         init_from: Checkpoint to initialise from.
+        audio: Audio tower instead of ``vision``: ``(B, N), (B,) -> (B, D)`` (waveforms and
+            their lengths), with ``audio_preprocess`` (``LogMelTower``, ``Wav2Vec2Tower``).
     """
 
     def __init__(
         self,
-        vision: nn.Module,
-        text: nn.Module,
+        vision: nn.Module | None = None,
+        text: nn.Module | None = None,
         loss: nn.Module | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: Schedule | None = None,
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
-        init_from: str | None = None,
+        init_from: str | list[str] | None = None,
+        audio: nn.Module | None = None,
     ) -> None:
         super().__init__(optimizer, lr_schedule, freeze, trainable, init_from)
-        self.vision, self.text = vision, text
-        self.loss = loss if loss is not None else ClipLoss()
-        if vision.output_dim != text.output_dim:
+        if text is None or (vision is None) == (audio is None):
             raise ValueError(
-                f"vision tower embeds to {vision.output_dim} but text tower to "
+                "ContrastiveModule needs model.text and exactly one of model.vision (image-text) "
+                "or model.audio (audio-text)"
+            )
+        self.vision, self.text, self.audio = vision, text, audio
+        self.loss = loss if loss is not None else ClipLoss()
+        media = vision if vision is not None else audio
+        if media.output_dim != text.output_dim:
+            kind = "vision" if vision is not None else "audio"
+            raise ValueError(
+                f"{kind} tower embeds to {media.output_dim} but text tower to "
                 f"{text.output_dim}: set the same embed_dim on both"
             )
 
     @property
     def preprocess(self) -> Preprocess:
-        """Image preprocessing of the vision tower and the text tower's tokenizer."""
-        return Preprocess(image=self.vision.image_preprocess, tokenizer=self.text.tokenizer)
+        """The media tower's preprocessing (image or audio) and the text tower's tokenizer."""
+        return Preprocess(
+            image=self.vision.image_preprocess if self.vision is not None else None,
+            tokenizer=self.text.tokenizer,
+            audio=self.audio.audio_preprocess if self.audio is not None else None,
+        )
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings: (B, C, H, W) -> (B, D)."""
         return F.normalize(self.vision(images), dim=-1)
 
+    def encode_audio(self, audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """L2-normalised audio embeddings: (B, N) waveforms, (B,) lengths -> (B, D)."""
+        return F.normalize(self.audio(audio, lengths), dim=-1)
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised text embeddings: (M, L) -> (M, D)."""
         return F.normalize(self.text(tokens), dim=-1)
 
-    def forward(self, batch: ImageTextBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of the batch's images (B, D) and captions (M, D)."""
-        return self.encode_image(batch.images), self.encode_text(batch.text_tokens)
+    def encode_media(self, batch: ImageTextBatch | AudioTextBatch) -> torch.Tensor:
+        """L2-normalised embeddings (B, D) of the batch's images or audio clips."""
+        if isinstance(batch, AudioTextBatch):
+            if self.audio is None:
+                raise ValueError("an audio batch for a model without an audio tower")
+            return self.encode_audio(batch.audio, batch.audio_lengths)
+        if self.vision is None:
+            raise ValueError("an image batch for a model without a vision tower")
+        return self.encode_image(batch.images)
+
+    def forward(self, batch: ImageTextBatch | AudioTextBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of the batch's images or clips (B, D) and captions (M, D)."""
+        return self.encode_media(batch), self.encode_text(batch.text_tokens)
 
     def _pair_loss(
-        self, img: torch.Tensor, txt: torch.Tensor, batch: ImageTextBatch, gather: bool = True
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        batch: ImageTextBatch | AudioTextBatch,
+        gather: bool = True,
     ) -> torch.Tensor:
         if txt.shape[0] != img.shape[0]:  # several captions per item: use each one's first
-            txt = txt[first_text_per_item(batch.text_to_image, img.shape[0])]
+            txt = txt[first_text_per_item(text_owner(batch), img.shape[0])]
         return self.loss(img, txt, gather=gather)
 
-    def training_step(self, batch: ImageTextBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: ImageTextBatch | AudioTextBatch, batch_idx: int) -> torch.Tensor:
         """Contrastive loss on one batch; logs loss, logit scale and skipped samples."""
         img, txt = self(batch)
         loss = self._pair_loss(img, txt, batch)
@@ -108,34 +149,41 @@ class ContrastiveModule(MMPTModule):
         """Clamp the logit scale after every optimizer step (CLIP: at most ln 100)."""
         self.loss.clamp_()
 
-    def validation_step(self, batch: ImageTextBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+    def validation_step(
+        self, batch: ImageTextBatch | AudioTextBatch, batch_idx: int
+    ) -> dict[str, torch.Tensor]:
         """Rank-local validation loss; returns embeddings for the zero-shot callback.
 
         No collective here: ranks may hold different validation batch sizes and counts.
         """
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: ImageTextBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+    def test_step(
+        self, batch: ImageTextBatch | AudioTextBatch, batch_idx: int
+    ) -> dict[str, torch.Tensor]:
         """As :meth:`validation_step`, logged under ``test/``."""
         return self._eval_step(batch, "test")
 
-    def predict_step(self, batch: ImageTextBatch, batch_idx: int) -> dict:
+    def predict_step(self, batch: ImageTextBatch | AudioTextBatch, batch_idx: int) -> dict:
         """Normalised embeddings with the sample keys, for export."""
         img, txt = self(batch)
         return {
             "keys": batch.keys,
-            "image_emb": img,
+            "image_emb" if self.audio is None else "audio_emb": img,
             "text_emb": txt,
-            "text_to_image": batch.text_to_image,
+            "text_to_image" if self.audio is None else "text_to_audio": text_owner(batch),
         }
 
-    def _eval_step(self, batch: ImageTextBatch, stage: str) -> dict[str, torch.Tensor]:
+    def _eval_step(
+        self, batch: ImageTextBatch | AudioTextBatch, stage: str
+    ) -> dict[str, torch.Tensor]:
         img, txt = self(batch)
         loss = self._pair_loss(img, txt, batch, gather=False)
         self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
+        # the evaluation code names the embedded items "images", whatever they are
         return {
             "image_emb": img.detach(),
             "text_emb": txt.detach(),
-            "text_to_image": batch.text_to_image,
+            "text_to_image": text_owner(batch),
             "labels": batch.labels if batch.labels is not None else torch.full((len(batch),), -1),
         }

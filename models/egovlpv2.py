@@ -179,7 +179,7 @@ class EgoVLPv2Module(VideoTextModule):
         lr_schedule: Schedule | None = None,
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
-        init_from: str | None = None,
+        init_from: str | list[str] | None = None,
         fusion_layers: int = 6,
         fusion_ff_mult: int = 4,
         egonce_weight: float = 1.0,

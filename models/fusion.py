@@ -30,6 +30,8 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from mmpt.batch import VLMBatch
+
 BLOCK_ATTR = "gated_cross_attn"
 
 
@@ -297,3 +299,49 @@ def insert_gated_cross_attention(
         layer.register_forward_pre_hook(_run_gated_block, with_kwargs=True)
         blocks.append(block)
     return blocks
+
+
+def fusion_context(
+    fusion: FusionBlocks,
+    batch: VLMBatch,
+    tokens: list[torch.Tensor],
+    marks: torch.Tensor,
+    ref: torch.Tensor,
+) -> None:
+    """Set the blocks' visual tokens per row and masks: a token sees its sample's earlier images.
+
+    Args:
+        fusion: The gated cross-attention blocks.
+        batch: Packed rows (``input_ids`` (R, L), ``cu_seqlens``).
+        tokens: One (K_i, D) tensor per image, in marker order.
+        marks: Bool (R, L), True at each image's marker token.
+        ref: Any LLM-width embedding tensor: gives the dtype and device of the features.
+
+    Raises:
+        ValueError: Marker and image counts differ.
+    """
+    rows, length = batch.input_ids.shape
+    pos = marks.reshape(-1).nonzero().squeeze(1)
+    if pos.numel() != len(tokens):
+        raise ValueError(f"{pos.numel()} image markers for {len(tokens)} images")
+    flat = torch.arange(rows * length, device=marks.device)
+    segment = torch.searchsorted(batch.cu_seqlens[1:].to(flat), flat, right=True)
+    segment = segment.view(rows, length)
+    per_row = [0] * rows
+    for p, t in zip(pos.tolist(), tokens, strict=True):
+        per_row[p // length] += t.shape[0]
+    width = max([*per_row, 1])
+    feats = ref.new_zeros(rows, width, ref.shape[-1])
+    visual = torch.zeros(rows, width, dtype=torch.bool, device=marks.device)
+    cross = torch.zeros(rows, length, width, dtype=torch.bool, device=marks.device)
+    fill = [0] * rows
+    cols = torch.arange(length, device=marks.device)
+    for p, t in zip(pos.tolist(), tokens, strict=True):
+        r, c = divmod(p, length)
+        a, b = fill[r], fill[r] + t.shape[0]
+        feats[r, a:b] = t.to(feats.dtype)
+        visual[r, a:b] = True
+        sees = (segment[r] == segment[r, c]) & (cols >= c)
+        cross[r, :, a:b] = sees.unsqueeze(1)
+        fill[r] = b
+    fusion.context.set(feats, visual, cross.any(-1), cross)

@@ -123,7 +123,7 @@ class CausalLM(nn.Module):
         )
         self.tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
         self.image_token = image_token
-        self.image_token_id = self._ensure_image_token(image_token)
+        self.image_token_id = self.add_token(image_token)
         if len(self.tokenizer) > self.vocab_size:
             log.warning(
                 "tokenizer has %d tokens but the embeddings %d rows: resized to fit",
@@ -137,8 +137,12 @@ class CausalLM(nn.Module):
             prefix = "activation" if new_api else "gradient"
             getattr(self.model, f"{prefix}_checkpointing_enable")()
 
-    def _ensure_image_token(self, token: str) -> int:
-        """Add ``token`` to the tokenizer if missing and grow the embeddings to fit; its id."""
+    def add_token(self, token: str) -> int:
+        """Add a placeholder token (``<image>``, ``<audio>``) if missing; its id.
+
+        A missing token is added as a special token, the embeddings grow to fit it and the
+        change is logged as a warning.
+        """
         if token in self.tokenizer.get_vocab():
             return int(self.tokenizer.convert_tokens_to_ids(token))
         old_vocab = len(self.tokenizer)
@@ -154,7 +158,7 @@ class CausalLM(nn.Module):
         else:
             resized = f"the {rows}-row embedding matrix already has room, not resized"
         log.warning(
-            "tokenizer had no image token %r: added it as a special token (id %d), "
+            "tokenizer had no token %r: added it as a special token (id %d), "
             "tokenizer vocab %d -> %d; %s",
             token,
             token_id,

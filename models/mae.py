@@ -232,7 +232,7 @@ class MAEModule(MMPTModule):
         lr_schedule: Schedule | None = None,
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
-        init_from: str | None = None,
+        init_from: str | list[str] | None = None,
     ) -> None:
         """Build encoder and decoder.
 

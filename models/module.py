@@ -44,7 +44,9 @@ class MMPTModule(L.LightningModule):
         trainable: If given, ONLY parameters matching these patterns train (applied before
             ``freeze``). Stages differ by these two lists in YAML.
         init_from: A checkpoint (Lightning ``.ckpt`` or a state dict file) whose matching
-            weights initialise this model, e.g. the previous stage's ``last.ckpt``.
+            weights initialise this model, e.g. the previous stage's ``last.ckpt``; or a list
+            of them, loaded in order (a later file wins where two hold the same weight), e.g.
+            a speech encoder from one run and the LLM from another.
     """
 
     #: Attribute holding the image tower (recorded in checkpoints when it has ``describe``).
@@ -56,7 +58,7 @@ class MMPTModule(L.LightningModule):
         lr_schedule: Schedule | None = None,
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
-        init_from: str | None = None,
+        init_from: str | list[str] | None = None,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
@@ -70,8 +72,9 @@ class MMPTModule(L.LightningModule):
         if getattr(self, "_mmpt_configured", False):
             return
         self._mmpt_configured = True
-        if self.init_from:
-            load_matching(self, self.init_from)
+        paths = [self.init_from] if isinstance(self.init_from, str) else self.init_from or []
+        for path in paths:
+            load_matching(self, path)
         apply_trainable(self, self.trainable_patterns, self.freeze_patterns)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

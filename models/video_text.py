@@ -52,7 +52,7 @@ class VideoTextModule(ContrastiveModule):
         lr_schedule: Schedule | None = None,
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
-        init_from: str | None = None,
+        init_from: str | list[str] | None = None,
     ) -> None:
         super().__init__(
             vision,

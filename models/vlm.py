@@ -2,32 +2,30 @@
 
 Stages differ only in YAML (``trainable``, LR, data): stage 1 trains the connector, stage 2
 the connector and the LLM on interleaved documents and pairs, stage 3 fine-tunes on chat data.
+
+Speech is one more modality of the same model (BLSP): a speech encoder -> ``SpeechAdapter``
+-> the same LLM, its tokens injected at ``<audio>`` placeholders of the same packed rows.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
-import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from safetensors.torch import save_file
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmpt.batch import ImageLayout, VLMBatch
 from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeResolution
 from mmpt.datamodules.templates import check_targets
-from mmpt.io import atomic_write_text
 from mmpt.models.attention import hf_packing_kwargs
-from mmpt.models.connectors import MLP2xGelu
-from mmpt.models.fusion import FusionBlocks, insert_gated_cross_attention
+from mmpt.models.connectors import MLP2xGelu, SpeechAdapter
+from mmpt.models.fusion import FusionBlocks, fusion_context, insert_gated_cross_attention
 from mmpt.models.llm import CausalLM
 from mmpt.models.module import MMPTModule
 from mmpt.models.schedules import Schedule
@@ -65,22 +63,18 @@ class ConnectorTokens:
         return int(self.connector.num_output_tokens(grid[0] * grid[1], tuple(grid)))
 
 
-def _init_args(obj: Any) -> dict[str, Any]:
-    """Constructor arguments of ``obj`` that it keeps as attributes (for export configs)."""
-    names = inspect.signature(type(obj).__init__).parameters
-    out = {n: getattr(obj, n) for n in names if n != "self" and hasattr(obj, n)}
-    return json.loads(json.dumps(out, default=list))
-
-
 class VLMModule(MMPTModule):
-    """A vision tower, a connector and a causal LM trained on packed multimodal rows.
+    """Vision and/or speech encoders, their connectors and a causal LM on packed multimodal rows.
+
+    With neither ``vision`` nor ``audio`` it is a plain LM on text (e.g. teaching a tiny LLM
+    the text task before a frozen-LLM adapter stage).
 
     Args:
         llm: The LLM backbone and its tokenizer.
         vision: Vision tower with ``patch_features`` (B, C, H, W) -> (B, N, D) from its
             ``feature_layer``, ``patch_grid``, ``patch_size``, ``feature_dim`` and
             ``image_preprocess`` (``TimmVisionTower``, ``OpenCLIPVisionTower``,
-            ``HFVisionTower``).
+            ``HFVisionTower``); None for a speech-only or text-only model.
         connector: ``(vision_dim, llm_dim) -> connector`` (YAML: a ``class_path`` with the
             other ``init_args``); default ``MLP2xGelu``.
         resolution: Dynamic resolution policy; default ``FixedResolution`` at the tower's size.
@@ -88,28 +82,48 @@ class VLMModule(MMPTModule):
         val_shuffled_images: Also compute the validation loss with images shuffled across
             samples (``val/loss_shuffled_images``, ``val/image_gain``): how much the model uses
             the image.
+        audio: Speech encoder with ``frame_features`` (B, N), (B,) -> (B, T, D), (B,),
+            ``lengths``, ``feature_dim`` and ``audio_preprocess`` (``Wav2Vec2Tower``,
+            ``LogMelTower``); None for no speech input.
+        audio_adapter: ``(audio_dim, llm_dim) -> adapter`` with ``lengths`` (YAML: a
+            ``class_path`` with the other ``init_args``); default ``SpeechAdapter``.
+        audio_token: Placeholder token of one clip (added to the tokenizer when missing).
+        val_no_audio: Also compute the validation loss with every audio token zeroed
+            (``val/loss_no_audio``, ``val/audio_gain``): the no-audio baseline of the same
+            rows, i.e. how much the model uses the speech.
         optimizer: See :class:`~mmpt.models.module.MMPTModule`.
         lr_schedule: See :class:`~mmpt.models.module.MMPTModule`.
-        freeze: Patterns to freeze (``vision.*``, ``llm.*``, ``connector.*``, ``fusion.*``).
-        trainable: Patterns that alone train (stage 1: ``["connector.*"]``).
+        freeze: Patterns to freeze (``vision.*``, ``llm.*``, ``connector.*``, ``fusion.*``,
+            ``audio.*``, ``audio_adapter.*``).
+        trainable: Patterns that alone train (stage 1: ``["connector.*"]``; BLSP:
+            ``["audio_adapter.*"]``).
         init_from: The previous stage's checkpoint.
     """
 
     def __init__(
         self,
         llm: CausalLM,
-        vision: nn.Module,
+        vision: nn.Module | None = None,
         connector: Callable[[int, int], nn.Module] | None = None,
         resolution: ResolutionPolicy | None = None,
         fusion: FusionConfig | None = None,
         val_shuffled_images: bool = True,
+        audio: nn.Module | None = None,
+        audio_adapter: Callable[[int, int], nn.Module] | None = None,
+        audio_token: str = "<audio>",
+        val_no_audio: bool = True,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: Schedule | None = None,
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
-        init_from: str | None = None,
+        init_from: str | list[str] | None = None,
     ) -> None:
         super().__init__(optimizer, lr_schedule, freeze, trainable, init_from)
+        if fusion is not None and (vision is None or audio is not None):
+            raise ValueError(
+                "model.fusion (gated cross-attention) fuses images: it needs model.vision and "
+                "no model.audio (speech tokens are injected into the sequence)"
+            )
         self.fusion_config = fusion
         if fusion is not None:  # registered first, so its parameters are named fusion.*
             self.fusion: FusionBlocks | None = insert_gated_cross_attention(
@@ -118,11 +132,20 @@ class VLMModule(MMPTModule):
         else:
             self.fusion = None
         self.llm, self.vision = llm, vision
+        self.val_shuffled_images, self.val_no_audio = val_shuffled_images, val_no_audio
+        self.audio = audio
+        if audio is not None:
+            self.audio_adapter = (audio_adapter or SpeechAdapter)(
+                int(audio.feature_dim), llm.hidden_size
+            )
+            self.audio_token, self.audio_token_id = audio_token, llm.add_token(audio_token)
+        if vision is None:
+            self.connector, self.resolution = None, None
+            return
         self.connector = (connector or MLP2xGelu)(int(vision.feature_dim), llm.hidden_size)
         self.resolution = resolution or FixedResolution(
             vision.image_preprocess.size, int(vision.patch_size)
         )
-        self.val_shuffled_images = val_shuffled_images
         if getattr(self.resolution, "row_end_token", False) and fusion is None:
             self._check_grid_preserving()
             width = llm.hidden_size
@@ -136,24 +159,26 @@ class VLMModule(MMPTModule):
         return getattr(self.connector, "image_newline", None)
 
     def train(self, mode: bool = True) -> VLMModule:
-        """Train mode, except for a frozen vision tower (its dropout/norm stats stay fixed)."""
+        """Train mode, except for frozen encoders (their dropout/norm stats stay fixed)."""
         super().train(mode)
-        if mode and not any(p.requires_grad for p in self.vision.parameters()):
-            self.vision.eval()
+        for tower in (self.vision, self.audio):
+            if mode and tower is not None and not _trains(tower):
+                tower.eval()
         return self
 
-    def _zero_for_unused(self) -> torch.Tensor:
-        """0 x every trainable image-side weight, to add to the loss of an image-less batch.
+    def _zero_for_unused(self, batch: VLMBatch) -> torch.Tensor:
+        """0 x every trainable weight of a modality the batch lacks, to add to its loss.
 
         It gives those weights a (zero) gradient, so DDP's reducer and the backward of a
-        frozen LLM do not fail on text-only rows.
+        frozen LLM do not fail on rows without images or without audio.
         """
+        unused: list[nn.Module | None] = []
+        if not batch.images:
+            unused += [self.vision, self.connector, self.fusion]
+        if batch.audio is None and self.audio is not None:
+            unused += [self.audio, self.audio_adapter]
         params = [
-            p
-            for mod in (self.vision, self.connector, self.fusion)
-            if mod is not None
-            for p in mod.parameters()
-            if p.requires_grad
+            p for mod in unused if mod is not None for p in mod.parameters() if p.requires_grad
         ]
         return sum((p.sum() * 0.0 for p in params), torch.zeros(()))
 
@@ -168,17 +193,25 @@ class VLMModule(MMPTModule):
 
     @property
     def preprocess(self) -> VLMPreprocess:
-        """Tokenizer, image token, resolution policy and token counts for the datamodule."""
+        """Tokenizer, media tokens, resolution policy and token counts for the datamodule."""
         tok = self.llm.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        vision, audio = self.vision is not None, self.audio is not None
         return VLMPreprocess(
             tokenizer=tok,
-            image_token_id=self.llm.image_token_id,
+            image_token_id=self.llm.image_token_id if vision else None,
             pad_id=int(pad if pad is not None else 0),
             eos=tok.eos_token or "",
             policy=self.resolution,
-            tokens_for_grid=None if self.fusion is not None else ConnectorTokens(self.connector),
-            image=self.vision.image_preprocess,
+            tokens_for_grid=(
+                ConnectorTokens(self.connector) if vision and self.fusion is None else None
+            ),
+            image=self.vision.image_preprocess if vision else None,
+            audio_token_id=self.audio_token_id if audio else None,
+            tokens_for_samples=(
+                self.audio.lengths.then(self.audio_adapter.lengths) if audio else None
+            ),
+            audio=self.audio.audio_preprocess if audio else None,
         )
 
     # ---- images -> LLM-width tokens -------------------------------------------------------
@@ -192,9 +225,9 @@ class VLMModule(MMPTModule):
         """
         if not batch.images:
             return []
-        train_vision = torch.is_grad_enabled() and any(
-            p.requires_grad for p in self.vision.parameters()
-        )
+        if self.vision is None:
+            raise ValueError("the batch has images but the model has no vision tower")
+        train_vision = torch.is_grad_enabled() and _trains(self.vision)
         groups = []
         for pixels in batch.pixels:
             with torch.set_grad_enabled(train_vision):
@@ -220,6 +253,22 @@ class VLMModule(MMPTModule):
         canvas = torch.cat([canvas, newline], dim=1).reshape(-1, dim)
         return torch.cat([*crops[:start], canvas])
 
+    def audio_tokens(self, batch: VLMBatch) -> list[torch.Tensor]:
+        """Adapter tokens of every audio clip of the batch, in token order.
+
+        Returns:
+            One (K_i, llm_dim) tensor per clip, ``K_i = tokens_for_samples(length_i)``.
+        """
+        if batch.audio is None:
+            return []
+        if self.audio is None:
+            raise ValueError("the batch has audio but the model has no speech encoder")
+        assert batch.audio_lengths is not None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(self.audio)):
+            frames, frame_lengths = self.audio.frame_features(batch.audio, batch.audio_lengths)
+        tokens, counts = self.audio_adapter(frames, frame_lengths)
+        return [t[:n] for t, n in zip(tokens, counts.tolist(), strict=True)]
+
     @staticmethod
     def shuffle_images(tokens: list[torch.Tensor]) -> list[torch.Tensor]:
         """Give every image the tokens of another image with the same token count.
@@ -238,16 +287,19 @@ class VLMModule(MMPTModule):
 
     # ---- forward ----------------------------------------------------------------------------
 
-    def forward(self, batch: VLMBatch, shuffle_images: bool = False) -> CausalLMOutputWithPast:
+    def forward(
+        self, batch: VLMBatch, shuffle_images: bool = False, zero_audio: bool = False
+    ) -> CausalLMOutputWithPast:
         """LLM output (logits (R, L, vocab), loss) on a packed batch.
 
         Args:
-            batch: Packed rows and their images.
+            batch: Packed rows and their images and audio clips.
             shuffle_images: Swap images between samples (a control: the loss it gives
                 minus the true loss is how much the model relies on the images).
+            zero_audio: Replace every audio token by zeros (the no-audio baseline).
 
         Raises:
-            ValueError: Image token and image counts disagree; packed rows with an LLM
+            ValueError: Media token and media counts disagree; packed rows with an LLM
                 attention that would let packed samples see each other.
         """
         impl = getattr(self.llm.model.config, "_attn_implementation", None)
@@ -262,7 +314,8 @@ class VLMModule(MMPTModule):
         packing = hf_packing_kwargs(batch.cu_seqlens, batch.max_seqlen)
         marks = batch.input_ids == self.llm.image_token_id
         if self.fusion is not None:
-            self._set_fusion(batch, tokens, marks)
+            ref = self.llm.embed(batch.input_ids[:1, :1])
+            fusion_context(self.fusion, batch, tokens, marks, ref)
             return self.llm(
                 input_ids=batch.input_ids,
                 position_ids=batch.position_ids,
@@ -270,17 +323,13 @@ class VLMModule(MMPTModule):
                 use_cache=False,
                 **packing,
             )
-        embeds = self.llm.embed(batch.input_ids)
-        n_marks = int(marks.sum())
-        n_tokens = sum(t.shape[0] for t in tokens)
-        if n_marks != n_tokens:
-            raise ValueError(
-                f"{n_marks} image tokens in the text but {n_tokens} image tokens from "
-                f"{len(tokens)} images: the data and the model disagree on token counts"
-            )
-        if tokens:
-            flat = torch.cat(tokens).to(embeds.dtype)
-            embeds = embeds.masked_scatter(marks.unsqueeze(-1), flat)
+        embeds = _splice(self.llm.embed(batch.input_ids), marks, tokens, "image")
+        if self.audio is not None:
+            clips = self.audio_tokens(batch)
+            if zero_audio:
+                clips = [torch.zeros_like(t) for t in clips]
+            audio_marks = batch.input_ids == self.audio_token_id
+            embeds = _splice(embeds, audio_marks, clips, "audio")
         return self.llm(
             inputs_embeds=embeds,
             position_ids=batch.position_ids,
@@ -289,45 +338,13 @@ class VLMModule(MMPTModule):
             **packing,
         )
 
-    def _set_fusion(self, batch: VLMBatch, tokens: list[torch.Tensor], marks: torch.Tensor) -> None:
-        """Visual tokens per row and the masks: a token sees its own sample's earlier images."""
-        assert self.fusion is not None
-        rows, length = batch.input_ids.shape
-        pos = marks.reshape(-1).nonzero().squeeze(1)
-        if pos.numel() != len(tokens):
-            raise ValueError(f"{pos.numel()} image markers for {len(tokens)} images")
-        flat = torch.arange(rows * length, device=marks.device)
-        segment = torch.searchsorted(batch.cu_seqlens[1:].to(flat), flat, right=True)
-        segment = segment.view(rows, length)
-        per_row = [0] * rows
-        for p, t in zip(pos.tolist(), tokens, strict=True):
-            per_row[p // length] += t.shape[0]
-        width = max([*per_row, 1])
-        dim = self.llm.hidden_size
-        ref = self.llm.embed(batch.input_ids[:1, :1])
-        feats = ref.new_zeros(rows, width, dim)
-        visual = torch.zeros(rows, width, dtype=torch.bool, device=marks.device)
-        cross = torch.zeros(rows, length, width, dtype=torch.bool, device=marks.device)
-        fill = [0] * rows
-        cols = torch.arange(length, device=marks.device)
-        for p, t in zip(pos.tolist(), tokens, strict=True):
-            r, c = divmod(p, length)
-            a, b = fill[r], fill[r] + t.shape[0]
-            feats[r, a:b] = t.to(feats.dtype)
-            visual[r, a:b] = True
-            sees = (segment[r] == segment[r, c]) & (cols >= c)
-            cross[r, :, a:b] = sees.unsqueeze(1)
-            fill[r] = b
-        self.fusion.context.set(feats, visual, cross.any(-1), cross)
-
     # ---- steps ------------------------------------------------------------------------------
 
     def training_step(self, batch: VLMBatch, batch_idx: int) -> torch.Tensor:
         """Next-token loss on target text; logs fill fraction, skipped and truncated samples."""
         check_targets(batch.labels, batch.template)
         loss = self(batch).loss
-        if not batch.images:
-            loss = loss + self._zero_for_unused().to(loss)
+        loss = loss + self._zero_for_unused(batch).to(loss)
         n = batch.num_samples
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/fill_fraction", batch.fill_fraction, batch_size=n)
@@ -345,6 +362,10 @@ class VLMModule(MMPTModule):
             shuffled = self(batch, shuffle_images=True).loss
             self.log(f"{stage}/loss_shuffled_images", shuffled, batch_size=n)
             self.log(f"{stage}/image_gain", shuffled - loss, batch_size=n)
+        if self.val_no_audio and batch.audio is not None:
+            silent = self(batch, zero_audio=True).loss
+            self.log(f"{stage}/loss_no_audio", silent, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/audio_gain", silent - loss, batch_size=n, sync_dist=True)
 
     def validation_step(self, batch: VLMBatch, batch_idx: int) -> None:
         """Held-out loss, and the loss with images shuffled across samples."""
@@ -357,11 +378,7 @@ class VLMModule(MMPTModule):
     # ---- export -----------------------------------------------------------------------------
 
     def export_hf(self, path: str | Path) -> Path:
-        """Write an HF-style folder of the model.
-
-        The LLM and tokenizer (``save_pretrained``) at the root, ``connector.safetensors``
-        (with ``image_newline`` when used), ``vision.safetensors`` and ``mmpt_vlm.json``
-        (connector, vision tower, resolution policy and fusion configs).
+        """Write an HF-style folder of the model (see :func:`~mmpt.models.vlm_export.export_vlm`).
 
         Args:
             path: Output folder.
@@ -369,29 +386,39 @@ class VLMModule(MMPTModule):
         Returns:
             The folder.
         """
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        self.llm.save_pretrained(out)
-        contiguous = lambda m: {k: v.detach().contiguous().cpu() for k, v in m.items()}  # noqa: E731
-        save_file(contiguous(self.connector.state_dict()), out / "connector.safetensors")
-        save_file(contiguous(self.vision.state_dict()), out / "vision.safetensors")
-        cls = lambda o: f"{type(o).__module__}.{type(o).__qualname__}"  # noqa: E731
-        config = {
-            "format": "mmpt-vlm/1",
-            "image_token": self.llm.image_token,
-            "image_token_id": self.llm.image_token_id,
-            "connector": {
-                "class_path": cls(self.connector),
-                "init_args": _init_args(self.connector),
-            },
-            "vision": self.vision.describe(),
-            "feature_layer": getattr(self.vision, "feature_layer", None),
-            "resolution": {
-                "class_path": cls(self.resolution),
-                "init_args": _init_args(self.resolution),
-            },
-            "fusion": asdict(self.fusion_config) if self.fusion_config else None,
-        }
-        atomic_write_text(out / "mmpt_vlm.json", json.dumps(config, indent=2) + "\n")
-        log.info("exported VLM to %s", out)
-        return out
+        from mmpt.models.vlm_export import export_vlm
+
+        return export_vlm(self, path)
+
+
+def _trains(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` trains."""
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _splice(
+    embeds: torch.Tensor, marks: torch.Tensor, tokens: list[torch.Tensor], what: str
+) -> torch.Tensor:
+    """Put media tokens at their placeholder positions.
+
+    Args:
+        embeds: (R, L, D) token embeddings.
+        marks: Bool (R, L), True at the media's placeholder ids.
+        tokens: One (K_i, D) tensor per image or clip, in row-major placeholder order.
+        what: ``image`` or ``audio``, for the error.
+
+    Returns:
+        (R, L, D) embeddings with the tokens in place.
+
+    Raises:
+        ValueError: The placeholder count differs from the token count.
+    """
+    n_marks, n_tokens = int(marks.sum()), sum(t.shape[0] for t in tokens)
+    if n_marks != n_tokens:
+        raise ValueError(
+            f"{n_marks} {what} tokens in the text but {n_tokens} {what} tokens from "
+            f"{len(tokens)} {what} inputs: the data and the model disagree on token counts"
+        )
+    if not tokens:
+        return embeds
+    return embeds.masked_scatter(marks.unsqueeze(-1), torch.cat(tokens).to(embeds.dtype))

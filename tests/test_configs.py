@@ -17,9 +17,11 @@ from mmpt.synth.vocab import write_synth_tokenizer
 from tests.helpers import (
     TINY_BERT_WORDS,
     TINY_LLM_CONFIG,
+    TINY_LOG_MEL,
     TINY_TEXT,
     TINY_VIDEO,
     TINY_VISION,
+    TINY_WAV2VEC2,
     write_tiny_bert,
 )
 
@@ -49,6 +51,26 @@ def tiles_of(cfg: dict[str, Any]) -> bool:
     return bool(tower.get("init_args", {}).get("bands"))
 
 
+def audio_of(cfg: dict[str, Any]) -> bool:
+    """Whether the recipe reads audio (an audio tower, or speech samples for an LLM)."""
+    model = cfg["model"]["init_args"]
+    encoder = model.get("encoder", {}).get("class_path", "")
+    speech = cfg["data"]["init_args"].get("speech_input") is not None
+    return "audio" in model or encoder.endswith("Wav2Vec2Tower") or speech
+
+
+def tiny_audio(written: dict[str, Any], embed_dim: int) -> dict[str, Any]:
+    """A tiny tower of the written audio tower's class (wav2vec 2.0 keeps its head flag)."""
+    if written["class_path"].endswith("LogMelTower"):
+        tower = copy.deepcopy(TINY_LOG_MEL)
+        tower["init_args"]["embed_dim"] = embed_dim
+        return tower
+    head = written.get("init_args", {}).get("pretraining_head", False)
+    config = {**TINY_WAV2VEC2, "feat_extract_norm": "layer", "do_stable_layer_norm": True}
+    args = {"config": config, "pretraining_head": head, "embed_dim": embed_dim}
+    return {"class_path": "mmpt.models.encoders.Wav2Vec2Tower", "init_args": args}
+
+
 def tiny_tower(written: dict[str, Any], embed_dim: int, tiles: Path) -> dict[str, Any]:
     """TINY_VISION with the written tower's bands, band groups and scale (stats from tiles)."""
     tower = copy.deepcopy(TINY_VISION)
@@ -62,23 +84,33 @@ def tiny_tower(written: dict[str, Any], embed_dim: int, tiles: Path) -> dict[str
     return tower
 
 
-def tiny_variant(cfg: dict[str, Any], shards: Path, tiles: Path | None = None) -> dict[str, Any]:
+def tiny_variant(
+    cfg: dict[str, Any], shards: Path, tiles: Path | None = None, tones: Path | None = None
+) -> dict[str, Any]:
     """The recipe with tiny towers, the test shards and a one-CPU fp32 trainer.
 
-    Recipes with a multispectral tower read ``tiles`` (synthetic land-cover shards).
+    Recipes with a multispectral tower read ``tiles`` (synthetic land-cover shards); audio
+    recipes read ``tones`` (synthetic audio-text shards).
     """
     cfg = copy.deepcopy(cfg)
     if tiles_of(cfg):
         assert tiles is not None, "a multispectral recipe needs the tile shards"
         shards = tiles / "train"
+    if audio_of(cfg):
+        assert tones is not None, "an audio recipe needs the audio shards"
+        shards = tones / "train"
     model = cfg["model"]["init_args"]
+    if "audio" in model:
+        model["audio"] = tiny_audio(model["audio"], 16 if "text" in model else 0)
     if "vision" in model:
         video = model["vision"]["class_path"].endswith("VideoViTTower")
         if video:
             model["vision"] = TINY_VIDEO
         else:
             model["vision"] = tiny_tower(model["vision"], 16, shards.parent)
-    if "encoder" in model:  # MAE: no projection head
+    if model.get("encoder", {}).get("class_path", "").endswith("Wav2Vec2Tower"):
+        model["encoder"] = tiny_audio(model["encoder"], 0)
+    elif "encoder" in model:  # MAE: no projection head
         model["encoder"] = tiny_tower(model["encoder"], 0, shards.parent)
         model.update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
     if "text" in model:
@@ -147,14 +179,29 @@ def tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic audio-text clips: 40 training clips in 8 shards of 5."""
+    from mmpt.synth import make_synthetic
+
+    out = tmp_path_factory.mktemp("tones")
+    make_synthetic("audio-text", out, train_samples=40, val_samples=5, samples_per_shard=5)
+    return out
+
+
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=IDS)
 def test_config_instantiates_with_tiny_overrides(
-    path: Path, shards: Path, tiles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    path: Path,
+    shards: Path,
+    tiles: Path,
+    tones: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     written = yaml.safe_load(path.read_text())
     tiny = tmp_path / "tiny.yaml"
-    tiny_cfg = tiny_variant(written, shards, tiles)
+    tiny_cfg = tiny_variant(written, shards, tiles, tones)
     tiny.write_text(yaml.safe_dump(tiny_cfg))
 
     cli = build_cli(["-c", str(tiny)], run=False)
@@ -162,8 +209,9 @@ def test_config_instantiates_with_tiny_overrides(
     assert type(model) is import_class(written["model"]["class_path"])
     assert type(dm) is import_class(written["data"]["class_path"])
     tiny_model = tiny_cfg["model"]["init_args"]
-    tower = getattr(model, model.image_tower_attr)
-    assert type(tower) is import_class(tiny_model[model.image_tower_attr]["class_path"])
+    tower = getattr(model, model.image_tower_attr, None)
+    if tower is not None:
+        assert type(tower) is import_class(tiny_model[model.image_tower_attr]["class_path"])
     text_model = getattr(model, "text", None) or getattr(model, "llm", None)
     if text_model is not None:
         llm = "mmpt.models.llm.CausalLM"
@@ -173,8 +221,12 @@ def test_config_instantiates_with_tiny_overrides(
     # The model's preprocessing reached the datamodule (link_arguments), not a default.
     assert dm.preprocess is not None
     assert dm.preprocess.tokenizer is (text_model.tokenizer if text_model is not None else None)
-    assert dm.preprocess.image == tower.image_preprocess
-    assert dm.preprocess.image.size == TINY_VISION["init_args"]["image_size"]
+    if tower is not None:
+        assert dm.preprocess.image == tower.image_preprocess
+        assert dm.preprocess.image.size == TINY_VISION["init_args"]["image_size"]
+    audio_tower = getattr(model, "audio", None) or getattr(model, "encoder", None)
+    if hasattr(audio_tower, "audio_preprocess"):
+        assert dm.preprocess.audio == model.preprocess.audio is not None
     if tiles_of(written):  # bands and scale as written, statistics read from the shards
         written_tower = written["model"]["init_args"][model.image_tower_attr]["init_args"]
         assert dm.preprocess.image.scale == written_tower["scale"]
@@ -198,8 +250,8 @@ def test_config_instantiates_with_tiny_overrides(
 
     dm.setup("fit")  # the swapped sources resolve
     sources = written["data"]["init_args"]["train"]["urls"]
-    if tiles_of(written):  # a real batch of tiles goes through the model
-        dm.batch_size = 4  # the recipe's batch is larger than the 40 test tiles
+    if tiles_of(written) or audio_of(written):  # a real batch goes through the model
+        dm.batch_size, dm.num_workers = 4, 0  # the recipe's batch is larger than the test set
         dm.train_stream = dm.stream(dm.train_cfg, train=True, field="data.train")
         batch = dm.normalize(next(iter(dm.train_dataloader())))
         out = model.training_step(batch, 0) if hasattr(model, "encoder") else model(batch)

@@ -130,7 +130,10 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         return run_probe(args, _device(args.device))
     if args.task == "mcq":
         return _run_mcq(args, overrides)
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
     from mmpt.datamodules.streams import StreamConfig, make_loader
+    from mmpt.models.contrastive import text_owner
 
     model, dm = _build(args, overrides)
     if args.text_key:
@@ -153,15 +156,14 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     with _progress() as bar, torch.no_grad():
         task = bar.add_task("eval", total=total)
         for batch in loader:
-            batch.images = batch.images.to(device)
-            dm.normalize(batch)
-            img = model.encode_image(batch.images)
-            txt = model.encode_text(batch.text_tokens.to(device))
+            batch = dm.normalize(move_data_to_device(batch, device))
+            img = model.encode_media(batch)  # images or audio clips
+            txt = model.encode_text(batch.text_tokens)
             acc.add(
                 {
                     "image_emb": img,
                     "text_emb": txt,
-                    "text_to_image": batch.text_to_image,
+                    "text_to_image": text_owner(batch).cpu(),
                     "labels": batch.labels,
                 }
             )

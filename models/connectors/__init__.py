@@ -1,5 +1,7 @@
 """Vision-to-LLM connectors: (B, N, vision_dim) patch features -> (B, M, llm_dim) LLM tokens.
 
+The speech adapter (:mod:`.speech`) is the audio counterpart: frames -> fewer LLM tokens.
+
 Every connector takes ``(vision_dim, llm_dim, ...)`` plain typed arguments (so YAML picks one by
 ``class_path``) and shares one contract:
 
@@ -13,12 +15,14 @@ from mmpt.models.connectors.avgpool import AvgPoolMLP
 from mmpt.models.connectors.downsample import MLPDownsample, merge_2x2, patch_grid
 from mmpt.models.connectors.mlp import MLP2xGelu
 from mmpt.models.connectors.perceiver import PerceiverResampler
+from mmpt.models.connectors.speech import SpeechAdapter
 
 __all__ = [
     "AvgPoolMLP",
     "MLP2xGelu",
     "MLPDownsample",
     "PerceiverResampler",
+    "SpeechAdapter",
     "merge_2x2",
     "patch_grid",
 ]
