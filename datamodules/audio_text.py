@@ -119,7 +119,9 @@ class AudioTextDataModule(ShardDataModule):
         val_text_key: Caption field for validation (e.g. ``json:captions``); default text_key.
         label_key: Class id field (audio classification probes), None for none; a clip
             without it gets -1.
-        bucket_batches: Training batches per length-sorted buffer (see
+        bucket_batches: Training batches per length-sorted buffer (its decoded clips stay in
+            worker memory: ``batch_size x bucket_batches x max_seconds`` float32 samples, e.g.
+            64 x 16 x 10 s at 16 kHz = 655 MB per worker; lower it for long clips) (see
             :class:`~mmpt.datamodules.audio.LengthBucketBatcher`); 0 or 1: plain batching.
         seed: Base seed of shard order, shuffles and resampling.
         synthetic: Synthetic set(s) to generate first when missing (one, or a list for mixes).

@@ -26,7 +26,6 @@ from mmpt.datamodules.packing import IGNORE_INDEX
 
 IMAGE_PLACEHOLDER = "<image>"
 AUDIO_PLACEHOLDER = "<audio>"
-_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})")
 ROLES = ("system", "user", "assistant", "text")
 
 
@@ -143,9 +142,11 @@ def encode(
     Args:
         segments: Output of ``Template.render``.
         tokenizer: HF tokenizer.
-        image_token_id: Id that marks image positions (None when there is no image).
+        image_token_id: Id that marks image positions; None for a model without images
+            (``<image>`` is then plain text).
         image_tokens: Token count of each image, in order of appearance.
-        audio_token_id: Id that marks audio positions (None when there is no audio).
+        audio_token_id: Id that marks audio positions; None for a model without audio
+            (``<audio>`` is then plain text).
         audio_tokens: Token count of each audio clip, in order of appearance.
 
     Returns:
@@ -155,10 +156,16 @@ def encode(
     Raises:
         ValueError: A placeholder count differs from its list of token counts.
     """
+    # a placeholder of a modality the model lacks (token id None) is plain text
     media = {
-        IMAGE_PLACEHOLDER: (image_token_id, list(image_tokens)),
-        AUDIO_PLACEHOLDER: (audio_token_id, list(audio_tokens)),
+        placeholder: (token_id, list(counts))
+        for placeholder, token_id, counts in (
+            (IMAGE_PLACEHOLDER, image_token_id, image_tokens),
+            (AUDIO_PLACEHOLDER, audio_token_id, audio_tokens),
+        )
+        if token_id is not None or counts
     }
+    split = re.compile("(" + "|".join(map(re.escape, media)) + ")") if media else None
     for placeholder, (_, counts) in media.items():
         found = sum(seg.text.count(placeholder) for seg in segments)
         if found != len(counts):
@@ -170,7 +177,7 @@ def encode(
     labels: list[int] = []
     used = dict.fromkeys(media, 0)
     for seg in segments:
-        for piece in _PLACEHOLDERS.split(seg.text):
+        for piece in split.split(seg.text) if split else [seg.text]:
             if piece in media:
                 token_id, counts = media[piece]
                 n = counts[used[piece]]

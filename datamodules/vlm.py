@@ -16,7 +16,7 @@ from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.templates import get_template
 from mmpt.datamodules.transforms import normalize_images
 from mmpt.datamodules.vlm_batching import PackedBatcher, VLMCollate
-from mmpt.datamodules.vlm_sample import SPEECH_INPUTS, Overlong, VLMSample
+from mmpt.datamodules.vlm_sample import Overlong, VLMSample, check_speech_input
 from mmpt.preprocess import Preprocess, VLMPreprocess
 
 log = logging.getLogger("mmpt.data")
@@ -100,8 +100,7 @@ class VLMDataModule(ImageTextDataModule):
         self.max_seq_len, self.packing, self.overlong = max_seq_len, packing, overlong
         self.max_images, self.caption_prompt = max_images, caption_prompt
         self.buffer_size, self.min_fill = buffer_size, min_fill
-        if speech_input not in SPEECH_INPUTS:
-            raise ValueError(f"data.speech_input must be one of {SPEECH_INPUTS}: {speech_input!r}")
+        check_speech_input(speech_input)
         self.speech = {
             "audio_key": audio_key,
             "speech_input": speech_input,

@@ -51,6 +51,12 @@ _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 SPEECH_INPUTS = ("audio", "transcript")
 
 
+def check_speech_input(value: str) -> None:
+    """Raise a clear error unless ``value`` is a known ``data.speech_input``."""
+    if value not in SPEECH_INPUTS:
+        raise ValueError(f"data.speech_input must be one of {SPEECH_INPUTS}, got {value!r}")
+
+
 class Overlong(ValueError):
     """A sample longer than ``max_seq_len`` under ``overlong: drop`` (counted as a skip)."""
 
@@ -96,8 +102,7 @@ class VLMSample:
     ) -> None:
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"data.overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
-        if speech_input not in SPEECH_INPUTS:
-            raise ValueError(f"data.speech_input must be one of {SPEECH_INPUTS}: {speech_input!r}")
+        check_speech_input(speech_input)
         self.pre, self.template, self.max_seq_len = preprocess, template, max_seq_len
         self.overlong, self.max_images, self.caption_prompt = overlong, max_images, caption_prompt
         self.image_key, self.text_key = image_key, text_key
@@ -108,7 +113,7 @@ class VLMSample:
         )
         self.speech_target_key, self.transcript_key = speech_target_key, transcript_key
         self.audio_reader = None
-        if preprocess.audio is not None:  # clips are never cropped: the text follows all of it
+        if preprocess.audio is not None:  # never cropped (the text follows all of it): skipped
             whole = dataclasses.replace(preprocess.audio, max_seconds=1e9)
             self.audio_reader = AudioReader(whole, train=False, audio_key=audio_key)
 
@@ -162,7 +167,14 @@ class VLMSample:
                 "set data.speech_input: transcript to train the LLM on the transcripts"
             )
         else:
-            spoken, clips = AUDIO_PLACEHOLDER, [self.audio_reader.read(sample[ext], ext)]
+            clip = self.audio_reader.read(sample[ext], ext)
+            limit = self.pre.audio.max_samples  # type: ignore[union-attr]
+            if clip.shape[0] > limit:
+                raise Overlong(
+                    f"clip of {clip.shape[0]} samples is longer than the speech encoder's "
+                    f"max_seconds ({limit} samples); speech samples are never cropped"
+                )
+            spoken, clips = AUDIO_PLACEHOLDER, [clip]
         prompt = f"{self.speech_prompt}\n{spoken}" if self.speech_prompt else spoken
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": target}]
         return messages, [], clips

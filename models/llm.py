@@ -238,3 +238,31 @@ class CausalLM(nn.Module):
         """
         self.model.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
+
+
+def splice_tokens(
+    embeds: torch.Tensor, marks: torch.Tensor, tokens: list[torch.Tensor], what: str
+) -> torch.Tensor:
+    """Put media tokens at their placeholder positions.
+
+    Args:
+        embeds: (R, L, D) token embeddings.
+        marks: Bool (R, L), True at the media's placeholder ids.
+        tokens: One (K_i, D) tensor per image or clip, in row-major placeholder order.
+        what: ``image`` or ``audio``, for the error.
+
+    Returns:
+        (R, L, D) embeddings with the tokens in place.
+
+    Raises:
+        ValueError: The placeholder count differs from the token count.
+    """
+    n_marks, n_tokens = int(marks.sum()), sum(t.shape[0] for t in tokens)
+    if n_marks != n_tokens:
+        raise ValueError(
+            f"{n_marks} {what} tokens in the text but {n_tokens} {what} tokens from "
+            f"{len(tokens)} {what} inputs: the data and the model disagree on token counts"
+        )
+    if not tokens:
+        return embeds
+    return embeds.masked_scatter(marks.unsqueeze(-1), torch.cat(tokens).to(embeds.dtype))

@@ -218,3 +218,8 @@ def load_checkpoint(model: nn.Module, ckpt: str) -> None:
             f"weights missing (first: {result.missing_keys[:3]}). "
             "Pass the config it was trained with."
         )
+
+
+def trains(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` trains."""
+    return any(p.requires_grad for p in module.parameters())

@@ -26,8 +26,8 @@ from mmpt.datamodules.templates import check_targets
 from mmpt.models.attention import hf_packing_kwargs
 from mmpt.models.connectors import MLP2xGelu, SpeechAdapter
 from mmpt.models.fusion import FusionBlocks, fusion_context, insert_gated_cross_attention
-from mmpt.models.llm import CausalLM
-from mmpt.models.module import MMPTModule
+from mmpt.models.llm import CausalLM, splice_tokens
+from mmpt.models.module import MMPTModule, trains
 from mmpt.models.schedules import Schedule
 from mmpt.preprocess import VLMPreprocess
 
@@ -162,7 +162,7 @@ class VLMModule(MMPTModule):
         """Train mode, except for frozen encoders (their dropout/norm stats stay fixed)."""
         super().train(mode)
         for tower in (self.vision, self.audio):
-            if mode and tower is not None and not _trains(tower):
+            if mode and tower is not None and not trains(tower):
                 tower.eval()
         return self
 
@@ -177,6 +177,8 @@ class VLMModule(MMPTModule):
             unused += [self.vision, self.connector, self.fusion]
         if batch.audio is None and self.audio is not None:
             unused += [self.audio, self.audio_adapter]
+        elif self.audio is not None:  # frame features never reach the pooled projection
+            unused.append(getattr(self.audio, "proj", None))
         params = [
             p for mod in unused if mod is not None for p in mod.parameters() if p.requires_grad
         ]
@@ -227,7 +229,7 @@ class VLMModule(MMPTModule):
             return []
         if self.vision is None:
             raise ValueError("the batch has images but the model has no vision tower")
-        train_vision = torch.is_grad_enabled() and _trains(self.vision)
+        train_vision = torch.is_grad_enabled() and trains(self.vision)
         groups = []
         for pixels in batch.pixels:
             with torch.set_grad_enabled(train_vision):
@@ -264,7 +266,7 @@ class VLMModule(MMPTModule):
         if self.audio is None:
             raise ValueError("the batch has audio but the model has no speech encoder")
         assert batch.audio_lengths is not None
-        with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(self.audio)):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains(self.audio)):
             frames, frame_lengths = self.audio.frame_features(batch.audio, batch.audio_lengths)
         tokens, counts = self.audio_adapter(frames, frame_lengths)
         return [t[:n] for t, n in zip(tokens, counts.tolist(), strict=True)]
@@ -323,13 +325,13 @@ class VLMModule(MMPTModule):
                 use_cache=False,
                 **packing,
             )
-        embeds = _splice(self.llm.embed(batch.input_ids), marks, tokens, "image")
+        embeds = splice_tokens(self.llm.embed(batch.input_ids), marks, tokens, "image")
         if self.audio is not None:
             clips = self.audio_tokens(batch)
             if zero_audio:
                 clips = [torch.zeros_like(t) for t in clips]
             audio_marks = batch.input_ids == self.audio_token_id
-            embeds = _splice(embeds, audio_marks, clips, "audio")
+            embeds = splice_tokens(embeds, audio_marks, clips, "audio")
         return self.llm(
             inputs_embeds=embeds,
             position_ids=batch.position_ids,
@@ -363,9 +365,10 @@ class VLMModule(MMPTModule):
             self.log(f"{stage}/loss_shuffled_images", shuffled, batch_size=n)
             self.log(f"{stage}/image_gain", shuffled - loss, batch_size=n)
         if self.val_no_audio and batch.audio is not None:
+            # not synced either: a rank whose batches hold no audio never logs these keys
             silent = self(batch, zero_audio=True).loss
-            self.log(f"{stage}/loss_no_audio", silent, batch_size=n, sync_dist=True)
-            self.log(f"{stage}/audio_gain", silent - loss, batch_size=n, sync_dist=True)
+            self.log(f"{stage}/loss_no_audio", silent, batch_size=n)
+            self.log(f"{stage}/audio_gain", silent - loss, batch_size=n)
 
     def validation_step(self, batch: VLMBatch, batch_idx: int) -> None:
         """Held-out loss, and the loss with images shuffled across samples."""
@@ -389,36 +392,3 @@ class VLMModule(MMPTModule):
         from mmpt.models.vlm_export import export_vlm
 
         return export_vlm(self, path)
-
-
-def _trains(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` trains."""
-    return any(p.requires_grad for p in module.parameters())
-
-
-def _splice(
-    embeds: torch.Tensor, marks: torch.Tensor, tokens: list[torch.Tensor], what: str
-) -> torch.Tensor:
-    """Put media tokens at their placeholder positions.
-
-    Args:
-        embeds: (R, L, D) token embeddings.
-        marks: Bool (R, L), True at the media's placeholder ids.
-        tokens: One (K_i, D) tensor per image or clip, in row-major placeholder order.
-        what: ``image`` or ``audio``, for the error.
-
-    Returns:
-        (R, L, D) embeddings with the tokens in place.
-
-    Raises:
-        ValueError: The placeholder count differs from the token count.
-    """
-    n_marks, n_tokens = int(marks.sum()), sum(t.shape[0] for t in tokens)
-    if n_marks != n_tokens:
-        raise ValueError(
-            f"{n_marks} {what} tokens in the text but {n_tokens} {what} tokens from "
-            f"{len(tokens)} {what} inputs: the data and the model disagree on token counts"
-        )
-    if not tokens:
-        return embeds
-    return embeds.masked_scatter(marks.unsqueeze(-1), torch.cat(tokens).to(embeds.dtype))

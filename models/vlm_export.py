@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mmpt.vlm")
 
+#: Model attribute of each modality's encoder.
+_TOWERS = {"image": "vision", "audio": "audio"}
+
 
 def _init_args(obj: Any) -> dict[str, Any]:
     """Constructor arguments of ``obj`` that it keeps as attributes (for export configs)."""
@@ -47,7 +50,8 @@ def export_vlm(model: VLMModule, path: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.llm.save_pretrained(out)
     cls = lambda o: f"{type(o).__module__}.{type(o).__qualname__}"  # noqa: E731
-    config: dict[str, Any] = {"format": "mmpt-vlm/1"}
+    modalities = [m for m in ("image", "audio") if getattr(model, _TOWERS[m]) is not None]
+    config: dict[str, Any] = {"format": "mmpt-vlm/2", "modalities": modalities}
     if model.vision is not None:
         config |= {
             "image_token": model.llm.image_token,

@@ -77,8 +77,6 @@ class Wav2Vec2PretrainModule(MMPTModule):
     ``Wav2Vec2ForPreTraining`` (save them with ``encoder.save_pretrained`` for other tools).
     """
 
-    image_tower_attr = "_no_image_tower"  # a speech model: no image tower to record
-
     def __init__(
         self,
         encoder: Wav2Vec2Tower,

@@ -193,3 +193,47 @@ def test_fusion_needs_vision(tones):
 
     with pytest.raises(ValueError, match="fusion"):
         speech_lm(tones, fusion=FusionConfig())
+
+
+def test_packed_rows_keep_clips_in_placeholder_order(tones):
+    model = speech_lm(tones).eval()
+    rows, dm = items(model, tones, n=6)
+    pre = model.preprocess
+    batcher = PackedBatcher(128, pre.pad_id, rows=2, packing=True, buffer_size=6, min_fill=0.0)
+    packed = [r for batch in batcher(iter(rows)) for r in batch]
+    batch = dm.normalize(VLMCollate(pre, "plain")(packed))
+    assert batch.num_samples == 6 and len(batch) < 6  # several samples share a row
+    flat = (batch.input_ids == pre.audio_token_id).reshape(-1).int()
+    starts = ((flat[1:] - flat[:-1]) == 1).nonzero().squeeze(1) + 1
+    runs = []
+    for s in ([0] if flat[0] else []) + starts.tolist():
+        n = 0
+        while s + n < flat.numel() and flat[s + n]:
+            n += 1
+        runs.append(n)
+    assert runs == [pre.tokens_for_samples(int(n)) for n in batch.audio_lengths]
+    with torch.no_grad():
+        assert torch.isfinite(model(batch).loss)
+
+
+def test_clip_longer_than_the_encoder_takes_is_a_counted_skip(tones):
+    from mmpt.datamodules.vlm import Overlong
+
+    torch.manual_seed(0)
+    llm = CausalLM(config=TINY_LLM_CONFIG, tokenizer=str(tones / "tokenizer"))
+    short = LogMelTower(n_mels=16, width=32, depth=1, heads=2, max_seconds=0.5)
+    model = VLMModule(llm, audio=short)
+    with pytest.raises(Overlong, match="max_seconds"):
+        items(model, tones, n=1)
+
+
+def test_placeholders_of_a_missing_modality_are_plain_text(tones):
+    from mmpt.datamodules.templates import Segment, encode
+
+    tok = CausalLM(config=TINY_LLM_CONFIG, tokenizer=str(tones / "tokenizer")).tokenizer
+    segments = [Segment("a <audio> tone then <image>", True)]
+    image_only = encode(segments, tok, 5, [3])  # an image VLM: <audio> is text, not skipped
+    assert int((image_only["input_ids"] == 5).sum()) == 3
+    assert image_only["input_ids"].shape[0] > 3 + len(["a", "tone", "then"])
+    with pytest.raises(ValueError, match="1 <audio> placeholders for 0 audio clips"):
+        encode(segments, tok, 5, [3], audio_token_id=7, audio_tokens=[])

@@ -160,16 +160,37 @@ def render_tones(
     return (clip + noise_std * rng.standard_normal(frames)).astype(np.float32), bases
 
 
+class _LazyResampler:
+    """One cached :class:`~mmpt.datamodules.audio.Resampler` for every spoken clip."""
+
+    def __init__(self) -> None:
+        self._resampler: Any = None
+
+    def __call__(self, wave: Any, orig: int, new: int) -> Any:
+        if self._resampler is None:  # torch is imported only when speech is rendered
+            from mmpt.datamodules.audio import Resampler
+
+            self._resampler = Resampler()
+        return self._resampler(wave, orig, new)
+
+
+_RESAMPLER = _LazyResampler()
+
+
 def speak(text: str, rate: int, rng: np.random.Generator, tmp: Path) -> np.ndarray:
     """espeak-ng saying ``text`` at a random speed and pitch, (frames,) float32 at ``rate``."""
-    from mmpt.datamodules.audio import Resampler, decode_audio
+    from mmpt.datamodules.audio import decode_audio
 
     speed, pitch = int(rng.integers(*_SPEED, endpoint=True)), int(rng.integers(*_PITCH))
     wav = tmp / "say.wav"
-    cmd = ["espeak-ng", "-w", str(wav), "-s", str(speed), "-p", str(pitch), text]
-    subprocess.run(cmd, check=True, capture_output=True)
+    cmd = ["espeak-ng", "-w", str(wav), "-s", str(speed), "-p", str(pitch), "--", text]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        err = getattr(e, "stderr", b"") or b""
+        raise RuntimeError(f"espeak-ng failed on {text!r}: {err.decode(errors='replace')}") from e
     wave, source_rate = decode_audio(wav.read_bytes(), "wav", fallback=False)
-    audio = Resampler()(wave.mean(dim=0), source_rate, rate).numpy()
+    audio = _RESAMPLER(wave.mean(dim=0), source_rate, rate).numpy()
     return audio * (rng.uniform(*_AMPLITUDE) / max(float(np.abs(audio).max()), 1e-6))
 
 

@@ -17,7 +17,7 @@ from .hf_vision import _NOT_ARCHITECTURE, _preprocessor_config
 from .lengths import ConvLengths, length_mask, pool_frames
 from .tokenizers import resolve_hf_path
 
-FLAG = "--model.encoder"
+FLAG = "--model.<audio|encoder>"  # the tower is model.audio (BLSP, CLAP) or model.encoder
 EXAMPLE_REPO = "facebook/wav2vec2-xls-r-300m"
 SOURCES = ("hf", "torchaudio")
 
@@ -172,7 +172,14 @@ class Wav2Vec2Tower(nn.Module):
                 preprocessor = _preprocessor_config(pretrained)
             else:
                 fields = dict(config or {})
-                cfg = AutoConfig.for_model(fields.pop("model_type", "wav2vec2"), **fields)
+                cfg = AutoConfig.for_model(fields.pop("model_type", "wav2vec2"))
+                unknown = sorted(set(fields) - set(cfg.to_dict()))
+                if unknown:  # from_config would silently keep a typo as an unused attribute
+                    raise ValueError(
+                        f"{FLAG}.config: {unknown} are not {type(cfg).__name__} fields "
+                        "(check the spelling)"
+                    )
+                cfg = AutoConfig.for_model(cfg.model_type, **fields)
                 self.model = (
                     Wav2Vec2ForPreTraining(cfg) if pretraining_head else AutoModel.from_config(cfg)
                 )
