@@ -1,4 +1,4 @@
-"""The ``mmpt`` command: LightningCLI for fit/validate/test/predict, plus ``data`` and ``eval``."""
+"""The ``mmpt`` command: LightningCLI for fit/validate/test/predict, plus data, eval and tools."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ data:
   data build      raw files -> WebDataset shards   mmpt data build --from captions.csv --out DIR
   data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
 
-export:
+export and checkpoints:
   export          VLM checkpoint -> HF-style folder mmpt export -c CFG --ckpt CKPT --out DIR
+  merge           weighted average of checkpoints   mmpt merge --ckpt A B --weights 0.5 0.5 --out M
+  schedule        plot a config's LR schedule (PNG) mmpt schedule -c CONFIG [--total-steps N]
 
 evaluation (JSON report + PNG plot):
   eval retrieval  zero-shot image<->text retrieval mmpt eval retrieval -c CFG --ckpt CKPT --data DIR
@@ -97,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         from mmpt.eval.cli import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[0] == "merge":
+        from mmpt.merge_cli import main as merge_main
+
+        return merge_main(argv[1:])
+    if argv[0] == "schedule":
+        from mmpt.schedule_cli import main as schedule_main
+
+        return schedule_main(argv[1:])
     if argv[0] not in ("fit", "validate", "test", "predict"):
         print(f"mmpt: unknown command {argv[0]!r}\n\n{TOP_HELP}", file=sys.stderr)
         return 2

@@ -163,3 +163,36 @@ def test_tokenizer_written_deterministically_and_covers_captions(
     for s in _samples(Path(synth["val"]))[:20]:
         ids = tok(s["txt"])["input_ids"]
         assert tok.unk_token_id not in ids and len(ids) == len(s["txt"].replace(":", " :").split())
+
+
+def test_shifted_domain_redraws_colours_on_stripes(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmpt.synth import make_synthetic
+    from mmpt.synth.image_text import COLORS, combo_attributes, render_sample
+
+    attrs = {**combo_attributes(0), "size": "large", "position": "top left"}
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    plain = np.asarray(Image.open(io.BytesIO(render_sample(attrs, 64, rng()))), dtype=float)
+    shifted = np.asarray(
+        Image.open(io.BytesIO(render_sample(attrs, 64, rng(), domain="shifted"))), dtype=float
+    )
+    names = list(COLORS)
+    drawn = np.array(COLORS[names[(names.index(attrs["color"]) + 1) % len(names)]])
+    true = np.array(COLORS[attrs["color"]])
+
+    def share(image, rgb):  # fraction of top-left-quadrant pixels near the colour
+        quad = image[:32, :32].reshape(-1, 3)
+        return float((np.abs(quad - rgb).max(1) < 40).mean())
+
+    assert share(shifted, drawn) > 0.2 and share(shifted, true) < 0.02
+    assert share(plain, true) > 0.2 and share(plain, drawn) < 0.02
+    corner = shifted[40:, 40:].mean()  # bottom right: background only, light stripes
+    assert corner > 150 and shifted[40:, 40:].std() > 10
+    info = make_synthetic("image-text-shifted", tmp_path, train_samples=8, image_size=16)
+    assert info["val_samples"] == 192
+    with pytest.raises(ValueError, match="domain"):
+        make_synthetic("image-text", tmp_path / "x", train_samples=8, domain="night")

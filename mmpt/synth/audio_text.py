@@ -13,7 +13,7 @@ import numpy as np
 
 from mmpt.shards.audio_build import encode_pcm16
 from mmpt.shards.writer import ShardWriter
-from mmpt.synth.image_text import check_minimums, split_folders, split_writer
+from mmpt.synth.common import check_minimums, split_folders, split_writer
 from mmpt.synth.vocab import write_synth_tokenizer
 
 CONTOURS = ("rising", "falling", "flat", "warbling")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import re
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from mmpt.shards.build import prepare_out_dir
-from mmpt.shards.index import load_index
 from mmpt.shards.writer import ShardWriter
+from mmpt.synth.common import check_minimums, split_folders
 from mmpt.synth.vocab import write_synth_tokenizer
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -54,7 +50,13 @@ _BACKGROUND_GREY = (25, 110)
 _NOISE_STD = 4.0
 _NOISE_OFFSET = 128
 _SUPERSAMPLE = 2
-_SPLIT_STREAM = {"train": 1, "val": 2}  # separate random streams: val jitter differs from train
+_SPLIT_STREAM = {"train": 1, "val": 2}
+#: Visual domains: "plain" (grey background, true colours); "shifted" (light diagonal stripes,
+#: and every colour word drawn in the next colour of the palette: a new domain whose colour
+#: grounding conflicts with the plain one, to measure forgetting in continual pretraining).
+DOMAINS = ("plain", "shifted")
+_STRIPE = (170, 230)  # light stripe tones of the shifted background
+_STRIPE_PERIOD = 6  # output pixels  # separate random streams: val jitter differs from train
 
 
 def combo_attributes(combo: int) -> dict[str, Any]:
@@ -141,8 +143,9 @@ def render_sample(
     image_size: int,
     rng: np.random.Generator,
     noise_bank: list[Image.Image] | None = None,
+    domain: str = "plain",
 ) -> bytes:
-    """Draw one jittered shape on a noisy grey background and encode it as JPEG.
+    """Draw one jittered shape on a noisy background and encode it as JPEG.
 
     Args:
         attrs: Output of :func:`combo_attributes`.
@@ -150,6 +153,8 @@ def render_sample(
         rng: Source of all jitter (position, size, rotation, colours, background, noise).
         noise_bank: Noise tiles from :func:`make_noise_bank`; one is picked at random. None
             draws a fresh tile.
+        domain: ``plain`` (grey background) or ``shifted`` (striped background, colours drawn
+            as the next colour of :data:`COLORS`), see :data:`DOMAINS`.
 
     Returns:
         JPEG bytes (quality 95) of an RGB image (image_size, image_size).
@@ -159,6 +164,11 @@ def render_sample(
     quad = big / 2
     grey = int(rng.integers(*_BACKGROUND_GREY, endpoint=True))
     canvas = Image.new("RGB", (big, big), (grey, grey, grey))
+    color = attrs["color"]
+    if domain == "shifted":
+        canvas = _stripes(big, int(rng.integers(2)))
+        names = list(COLORS)
+        color = names[(names.index(color) + 1) % len(names)]
     scale = _SIZE_FRACTION[attrs["size"]] * rng.uniform(1 - _SIZE_JITTER, 1 + _SIZE_JITTER)
     shape = attrs["shape"]
     r = scale * quad / 2 * _SHAPE_SCALE[shape]
@@ -173,9 +183,7 @@ def render_sample(
     cx = _place(col * quad + margin - min(xs), (col + 1) * quad - margin - max(xs), rng)
     cy = _place(row * quad + margin - min(ys), (row + 1) * quad - margin - max(ys), rng)
     jitter = rng.integers(-_COLOR_JITTER, _COLOR_JITTER, size=3, endpoint=True).tolist()
-    fill = tuple(
-        min(255, max(0, c + j)) for c, j in zip(COLORS[attrs["color"]], jitter, strict=True)
-    )
+    fill = tuple(min(255, max(0, c + j)) for c, j in zip(COLORS[color], jitter, strict=True))
     draw = ImageDraw.Draw(canvas)
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -190,75 +198,13 @@ def render_sample(
     return buf.getvalue()
 
 
-def clear_previous(folder: Path, overwrite: bool, generator: str = GENERATOR_NAME) -> None:
-    """Let a rerun replace a generator's own earlier output; anything else needs ``overwrite``.
-
-    Args:
-        folder: A split folder (``out/train``) about to be written.
-        overwrite: Also delete shards that ``generator`` did not write.
-        generator: Name recorded as ``meta["generator"]["name"]`` in the folder's
-            ``index.json`` by the generator about to write.
-
-    Raises:
-        ValueError: ``folder`` holds other shards and ``overwrite`` is False.
-
-    """
-    try:
-        index = load_index(folder) if folder.is_dir() else None
-    except ValueError:
-        index = None
-    if index is not None:
-        ours = index.meta.get("generator", {}).get("name") == generator
-    else:  # an interrupted run leaves finished shards and no index.json
-        ours = all(re.fullmatch(r"shard-\d{6}\.tar", p.name) for p in folder.glob("*.tar"))
-    prepare_out_dir(folder, overwrite=overwrite or ours)
-
-
-def check_minimums(checks: dict[str, tuple[int, int]]) -> None:
-    """Raise for the first ``name: (value, low)`` whose value is below ``low``.
-
-    Raises:
-        ValueError: ``"{name} must be >= {low} (--{flag}), got {value}"``.
-
-    """
-    for name, (value, low) in checks.items():
-        if value < low:
-            raise ValueError(f"{name} must be >= {low} (--{name.replace('_', '-')}), got {value}")
-
-
-def split_folders(
-    out: Path, splits: Iterable[str], overwrite: bool, generator: str = GENERATOR_NAME
-) -> dict[str, Path]:
-    """``out/<split>`` for each split, each cleared for ``generator`` by :func:`clear_previous`."""
-    folders = {split: out / split for split in splits}
-    for folder in folders.values():
-        clear_previous(folder, overwrite, generator=generator)
-    return folders
-
-
-@contextlib.contextmanager
-def split_writer(
-    result: dict[str, Any],
-    split: str,
-    folder: Path,
-    count: int,
-    samples_per_shard: int,
-    modalities: list[str],
-    meta: dict[str, Any],
-) -> Iterator[ShardWriter]:
-    """A :class:`ShardWriter` for one split's folder, recording the split in ``result``.
-
-    Once the writer closes, ``result`` gets ``{split}`` (the folder), ``{split}_samples``
-    (``count``) and ``{split}_shards``.
-    """
-    writer = ShardWriter(folder, samples_per_shard, modalities=modalities, meta=meta)
-    with writer:
-        yield writer
-    result |= {
-        split: str(folder),
-        f"{split}_samples": count,
-        f"{split}_shards": len(writer.index.shards),
-    }
+def _stripes(size: int, flip: int) -> Image.Image:
+    """Light diagonal stripes (the ``shifted`` domain's background), (size, size) RGB."""
+    yy, xx = np.mgrid[:size, :size]
+    diagonal = (xx - yy) if flip else (xx + yy)
+    band = (diagonal // (_STRIPE_PERIOD * _SUPERSAMPLE)) % 2
+    tone = np.where(band == 0, _STRIPE[0], _STRIPE[1]).astype(np.uint8)
+    return Image.fromarray(np.repeat(tone[..., None], 3, axis=2))
 
 
 def _write_split(
@@ -269,6 +215,7 @@ def _write_split(
     rng: np.random.Generator,
     samples_per_shard: int,
     meta: dict[str, Any],
+    domain: str = "plain",
 ) -> int:
     meta = {**meta, "split": split}
     noise_bank = make_noise_bank(rng, image_size)
@@ -280,7 +227,7 @@ def _write_split(
             attrs = combo_attributes(int(combo))
             captions = captions_for(attrs)
             caption = captions[int(rng.integers(2))] if split == "train" else captions[0]
-            jpg = render_sample(attrs, image_size, rng, noise_bank)
+            jpg = render_sample(attrs, image_size, rng, noise_bank, domain)
             key = f"{i:09d}"
             info = {"key": key, "caption": caption, "captions": captions, **attrs}
             writer.write({"__key__": key, "jpg": jpg, "txt": caption, "json": info})
@@ -294,6 +241,7 @@ def synth_image_text(
     seed: int = 0,
     samples_per_shard: int = 1000,
     overwrite: bool = False,
+    domain: str = "plain",
 ) -> dict[str, Any]:
     """Write a deterministic, learnable image-text dataset as ``out/train`` and ``out/val``.
 
@@ -315,6 +263,8 @@ def synth_image_text(
         samples_per_shard: Samples per ``.tar`` shard.
         overwrite: Replace shards in ``out/train`` / ``out/val`` that this generator did not
             write (its own earlier output is always replaced).
+        domain: Visual domain (:data:`DOMAINS`): ``plain``, or ``shifted`` (striped
+            backgrounds, each colour word drawn in the next palette colour; the same captions).
 
     Returns:
         Dict with ``out``, ``train``, ``val`` and ``tokenizer`` folders, ``train_samples``,
@@ -331,10 +281,13 @@ def synth_image_text(
             "samples_per_shard": (samples_per_shard, 1),
         }
     )
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     out = Path(out)
-    folders = split_folders(out, ("train", "val"), overwrite)
+    folders = split_folders(out, ("train", "val"), overwrite, GENERATOR_NAME)
     generator = {
         "name": GENERATOR_NAME,
+        "domain": domain,
         "seed": seed,
         "image_size": image_size,
         "train_samples": train_samples,
@@ -358,7 +311,7 @@ def synth_image_text(
         if split == "train":
             combos = rng.permutation(combos)
         shards[split] = _write_split(
-            folder, split, combos, image_size, rng, samples_per_shard, meta
+            folder, split, combos, image_size, rng, samples_per_shard, meta, domain
         )
     return {
         "out": str(out),
@@ -371,3 +324,21 @@ def synth_image_text(
         "num_classes": len(CLASSNAMES),
         "tokenizer": str(write_synth_tokenizer(out / "tokenizer")),
     }
+
+
+def synth_image_text_shifted(
+    out: str | Path,
+    train_samples: int = 6000,
+    image_size: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """:func:`synth_image_text` in the ``shifted`` domain (``--kind image-text-shifted``).
+
+    The same captions and classes, striped backgrounds, and each colour word drawn in the
+    next palette colour. Same arguments and return value.
+    """
+    return synth_image_text(
+        out, train_samples, image_size, seed, samples_per_shard, overwrite, domain="shifted"
+    )

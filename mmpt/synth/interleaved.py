@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mmpt.shards.writer import ShardWriter
+from mmpt.synth.common import check_minimums, split_folders
 from mmpt.synth.image_text import (
     NUM_COMBOS,
     captions_for,
-    check_minimums,
     combo_attributes,
     make_noise_bank,
     render_sample,
-    split_folders,
 )
 from mmpt.synth.vocab import write_synth_tokenizer
 

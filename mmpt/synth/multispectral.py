@@ -11,7 +11,7 @@ import numpy as np
 from mmpt.bands import S2_L1C, SENSORS
 from mmpt.shards.multispectral_build import TEMPLATES, BandStats, resize_matrix, tile_meta
 from mmpt.shards.writer import ShardWriter
-from mmpt.synth.image_text import check_minimums, clear_previous
+from mmpt.synth.common import check_minimums, clear_previous
 from mmpt.synth.vocab import synth_vocabulary, write_word_tokenizer
 
 GENERATOR_NAME = "mmpt.synth.multispectral"

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
 from mmpt.shards.writer import ShardWriter
+from mmpt.synth.common import check_minimums, split_folders, split_writer
 from mmpt.synth.image_text import (
     _BACKGROUND_GREY,
     _COLOR_JITTER,
@@ -22,10 +23,7 @@ from mmpt.synth.image_text import (
     SHAPES,
     _place,
     _shape_points,
-    check_minimums,
     make_noise_bank,
-    split_folders,
-    split_writer,
 )
 from mmpt.synth.vocab import write_synth_tokenizer
 
