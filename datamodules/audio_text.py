@@ -126,6 +126,8 @@ class AudioTextDataModule(ShardDataModule):
         seed: Base seed of shard order, shuffles and resampling.
         synthetic: Synthetic set(s) to generate first when missing (one, or a list for mixes).
         preprocess: Filled by the CLI from the model (its ``audio`` part and tokenizer).
+        eval_sets: More validation streams by name, read like ``val`` (e.g. the old and the new
+            domain in continual pretraining); metrics are logged as ``val/<name>/...``.
     """
 
     def __init__(
@@ -144,9 +146,19 @@ class AudioTextDataModule(ShardDataModule):
         seed: int = 0,
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: Preprocess | None = None,
+        eval_sets: dict[str, StreamConfig] | None = None,
     ) -> None:
         super().__init__(
-            train, val, test, batch_size, val_batch_size, num_workers, seed, synthetic, preprocess
+            train,
+            val,
+            test,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            seed,
+            synthetic,
+            preprocess,
+            eval_sets=eval_sets,
         )
         self.audio_key, self.text_key, self.label_key = audio_key, text_key, label_key
         self.val_text_key = val_text_key or text_key

@@ -142,6 +142,9 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         seed: Base seed of shard order, shuffles and resampling.
         synthetic: Synthetic set(s) to generate first when missing.
         preprocess: Filled by the CLI from the model.
+        eval_sets: More validation streams, by name (read like ``val``; e.g. the old and the
+            new domain of a continued pretraining): each is one more validation dataloader,
+            after ``val``, and its metrics are logged as ``val/<name>/...``.
     """
 
     def __init__(
@@ -155,9 +158,13 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         seed: int,
         synthetic: SyntheticData | list[SyntheticData] | None,
         preprocess: Any,
+        eval_sets: dict[str, StreamConfig] | None = None,
     ) -> None:
         super().__init__()
         self.train_cfg, self.val_cfg, self.test_cfg = train, val, test
+        self.eval_sets = dict(eval_sets or {})
+        if "val" in self.eval_sets:
+            raise ValueError("data.eval_sets: 'val' names data.val; give the set another name")
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -166,7 +173,10 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
         self.test_stream: ShardStream | None = None
+        self.eval_streams: dict[str, ShardStream] = {}
         self.val_meta: dict = {}
+        self.val_set_names: list[str] = []
+        self.val_metas: list[dict] = []
 
     @abc.abstractmethod
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
@@ -189,9 +199,8 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         """Resolve and check every source (missing shards fail here, before training)."""
         if stage in (None, "fit") and self.train_cfg is not None:
             self.train_stream = self.stream(self.train_cfg, train=True, field="data.train")
-        if stage in (None, "fit", "validate") and self.val_cfg is not None:
-            self.val_stream = self.stream(self.val_cfg, train=False, field="data.val")
-            self.val_meta = self.val_stream.sources[0].meta
+        if stage in (None, "fit", "validate"):
+            self._setup_validation()
         if stage in (None, "test", "predict"):
             cfg, field = (
                 (self.test_cfg, "data.test") if self.test_cfg else (self.val_cfg, "data.val")
@@ -199,6 +208,25 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
             if cfg is not None:
                 self.test_stream = self.stream(cfg, train=False, field=field)
                 self.val_meta = self.test_stream.sources[0].meta
+
+    def _setup_validation(self) -> None:
+        """Build ``val`` and every eval set's stream; fill ``val_set_names`` and ``val_metas``."""
+        if self.val_cfg is not None:
+            self.val_stream = self.stream(self.val_cfg, train=False, field="data.val")
+        self.eval_streams = {
+            name: self.stream(cfg, train=False, field=f"data.eval_sets.{name}")
+            for name, cfg in self.eval_sets.items()
+        }
+        named = self._val_streams()
+        self.val_set_names = [name for name, _ in named]
+        self.val_metas = [stream.sources[0].meta for _, stream in named]
+        if self.val_metas:  # the plain val set's, else the first eval set's
+            self.val_meta = self.val_metas[0]
+
+    def _val_streams(self) -> list[tuple[str, ShardStream]]:
+        """(name, stream) of every validation set, in dataloader order."""
+        head = [("val", self.val_stream)] if self.val_stream is not None else []
+        return head + list(self.eval_streams.items())
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the model at each training epoch start (shard order, shuffles)."""
@@ -216,13 +244,21 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         """Training batches; errors if no ``data.train`` is configured."""
         if self.train_stream is None:
             raise ValueError("no training data: set data.train.urls (or data.synthetic)")
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:  # mixture schedules given as fractions of the run need its length
+            self.train_stream.set_total_batches(_training_batches(trainer, self.train_stream))
         return make_loader(self.train_stream, self.num_workers, self._pin())
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
-        """Validation batches, or none."""
-        if self.val_stream is None:
-            return []
-        return make_loader(self.val_stream, self.num_workers, self._pin())
+        """Validation batches: one loader (``val`` alone), a list (eval sets), or none.
+
+        With ``eval_sets`` the list is ``[val (if set), *eval sets]``, named by
+        ``val_set_names``.
+        """
+        loaders = [make_loader(s, self.num_workers, self._pin()) for _, s in self._val_streams()]
+        if not self.eval_sets:
+            return loaders[0] if loaders else []
+        return loaders
 
     def test_dataloader(self) -> torch.utils.data.DataLoader:
         """Test batches: ``data.test``, else ``data.val``."""
@@ -233,6 +269,17 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         """Prediction batches: the test stream (``data.test``, else ``data.val``)."""
         return self.test_dataloader()
+
+
+def _training_batches(trainer: L.Trainer, stream: ShardStream) -> int | None:
+    """Training batches of the run per rank (None when it has no known length)."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps * trainer.accumulate_grad_batches
+    try:
+        per_epoch = len(stream)
+    except TypeError:  # a packed stream in plain mode: its batch count is unknown
+        return None
+    return trainer.max_epochs * per_epoch if trainer.max_epochs and trainer.max_epochs > 0 else None
 
 
 class ImageTextDataModule(ShardDataModule):
@@ -259,6 +306,8 @@ class ImageTextDataModule(ShardDataModule):
         seed: Base seed of shard order, shuffles and resampling.
         synthetic: Synthetic set(s) to generate first when missing (one, or a list for mixes).
         preprocess: Filled by the CLI from the model (image size, normalisation, tokenizer).
+        eval_sets: More validation streams by name, read like ``val`` (e.g. old and new domain
+            of a continued pretraining); metrics are logged per set as ``val/<name>/...``.
     """
 
     def __init__(
@@ -276,9 +325,19 @@ class ImageTextDataModule(ShardDataModule):
         seed: int = 0,
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: Preprocess | None = None,
+        eval_sets: dict[str, StreamConfig] | None = None,
     ) -> None:
         super().__init__(
-            train, val, test, batch_size, val_batch_size, num_workers, seed, synthetic, preprocess
+            train,
+            val,
+            test,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            seed,
+            synthetic,
+            preprocess,
+            eval_sets=eval_sets,
         )
         self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
         self.val_text_key = val_text_key or text_key

@@ -66,6 +66,8 @@ class ImageDataModule(ShardDataModule):
         seed: Base seed of shard order, shuffles and resampling.
         synthetic: Synthetic set(s) to generate first when missing (one, or a list for mixes).
         preprocess: Filled by the CLI from the model (only its ``image`` part is used).
+        eval_sets: More validation streams by name, read like ``val`` (e.g. the old and the new
+            domain in continual pretraining); metrics are logged as ``val/<name>/...``.
     """
 
     def __init__(
@@ -83,9 +85,19 @@ class ImageDataModule(ShardDataModule):
         seed: int = 0,
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: Preprocess | None = None,
+        eval_sets: dict[str, StreamConfig] | None = None,
     ) -> None:
         super().__init__(
-            train, val, test, batch_size, val_batch_size, num_workers, seed, synthetic, preprocess
+            train,
+            val,
+            test,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            seed,
+            synthetic,
+            preprocess,
+            eval_sets=eval_sets,
         )
         self.image_key, self.label_key = image_key, label_key
         self.train_crop_scale, self.train_flip = train_crop_scale, train_flip

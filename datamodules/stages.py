@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import random
@@ -145,16 +146,32 @@ def resampled_urls(urls: Sequence[str], rng: random.Random) -> Iterator[str]:
         yield urls[rng.randrange(len(urls))]
 
 
-def mix(streams: list[Iterator[Any]], weights: Sequence[float], rng: random.Random) -> Iterator:
-    """Interleave endless streams, drawing each item's source with probability ~ weight."""
+def mix(
+    streams: list[Iterator[Any]],
+    weights: Sequence[float] | Callable[[], Sequence[float]],
+    rng: random.Random,
+) -> Iterator:
+    """Interleave endless streams, drawing each item's source with probability ~ weight.
+
+    Args:
+        streams: One endless iterator per source.
+        weights: One weight per source, or a callable giving the weights in force for the
+            next draw (a schedule, see :class:`~mmpt.datamodules.mixing.WeightSchedule`).
+        rng: Draws the sources.
+    """
     if len(streams) == 1:
         yield from streams[0]
         return
-    total = float(sum(weights))
-    cum = [sum(weights[: i + 1]) / total for i in range(len(weights))]
+    current = weights if callable(weights) else lambda: weights
+    last: Sequence[float] | None = None
     while True:
+        w = current()
+        if w is not last:  # a schedule returns the same list until the weights change
+            last, total = w, float(sum(w))
+            cum = list(itertools.accumulate(x / total for x in w))
+            top = max(k for k, x in enumerate(w) if x > 0)  # rounding never picks a 0 weight
         r = rng.random()
-        i = next(k for k, c in enumerate(cum) if r < c) if r < cum[-1] else len(cum) - 1
+        i = next((k for k, c in enumerate(cum) if r < c), top)
         yield next(streams[i])
 
 

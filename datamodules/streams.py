@@ -19,22 +19,41 @@ from typing import Any
 
 import torch.utils.data
 
+from mmpt.datamodules.mixing import (
+    BatchClock,
+    MixPoint,
+    ReplayConfig,
+    ScheduledWeights,
+    SourceTally,
+    Tagged,
+    WeightSchedule,
+    as_dataclass,
+    check_replay,
+    check_schedule,
+    check_weights,
+    combined_items,
+    default_names,
+    interleave,
+    resampled_mix,
+    tag,
+)
 from mmpt.datamodules.stages import (
     SharedEpoch,
     SkipCounter,
     Slot,
     batched,
     map_skipping,
-    mix,
     read_shards,
     repeat_passes,
-    resampled_urls,
     shuffle,
     split_shards,
 )
 from mmpt.datamodules.urls import ResolvedSource, resolve_source
 
 log = logging.getLogger("mmpt.data")
+
+#: Offset of the replay streams' seed from the stream's seed (independent of the main draws).
+REPLAY_SEED = 0x5EED
 
 
 @dataclass
@@ -46,9 +65,16 @@ class StreamConfig:
             of sources (mixed by ``weights`` when resampled, concatenated otherwise).
         weights: One weight per source; needs ``resampled: true``.
         resampled: Draw shards with replacement (endless; needs ``epoch_samples``).
-        epoch_samples: Samples per epoch over all ranks (resampled mode).
-        shuffle_buffer: Sample shuffle buffer per worker (0: keep order).
+        epoch_samples: Samples per epoch over all ranks (resampled mode), replay included.
+        shuffle_buffer: Sample shuffle buffer per worker (0: keep order); in resampled mode
+            one per source (and one per replay source), so a schedule acts without delay.
         shuffle_shards: Shuffle each worker's shard order every epoch.
+        names: One name per source for logs (``data/mix/<name>``); default: each source's
+            folder name, made unique.
+        weight_schedule: Weights that change over the run (:class:`MixPoint` list, increasing
+            ``at``); ``weights`` (default: equal) hold before the first point. Needs
+            ``resampled: true``.
+        replay: A fixed fraction of every batch drawn from old data (:class:`ReplayConfig`).
     """
 
     urls: str | list[str]
@@ -57,29 +83,64 @@ class StreamConfig:
     epoch_samples: int | None = None
     shuffle_buffer: int = 1000
     shuffle_shards: bool = True
+    names: list[str] | None = None
+    weight_schedule: list[MixPoint] | None = None
+    replay: ReplayConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight_schedule is not None:
+            self.weight_schedule = [as_dataclass(p, MixPoint) for p in self.weight_schedule]
+        self.replay = as_dataclass(self.replay, ReplayConfig)
+
+    def specs(self) -> list[str]:
+        """The source specs as a list."""
+        return [self.urls] if isinstance(self.urls, str) else list(self.urls)
+
+    def source_names(self) -> list[str]:
+        """The log name of every source (``names``, else derived from the specs)."""
+        return list(self.names) if self.names is not None else default_names(self.specs())
 
     def sources(self, field: str) -> list[ResolvedSource]:
-        """Resolve and check every source (errors name ``field``)."""
-        specs = [self.urls] if isinstance(self.urls, str) else list(self.urls)
+        """Resolve and check every source, replay included (errors name ``field``)."""
+        specs = self.specs()
         if not specs:
             raise ValueError(f"{field}.urls is empty: give at least one shard source")
         if self.weights is not None:
-            if len(self.weights) != len(specs):
-                raise ValueError(
-                    f"{field}.weights has {len(self.weights)} entries for {len(specs)} sources"
-                )
+            check_weights(self.weights, len(specs), f"{field}.weights")
             if not self.resampled:
                 raise ValueError(f"{field}.weights needs {field}.resampled: true")
-            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-                raise ValueError(f"{field}.weights must be >= 0 with a positive sum")
         if self.resampled and not self.epoch_samples:
             raise ValueError(f"{field}.resampled: true needs {field}.epoch_samples (an epoch size)")
+        if self.weight_schedule is not None:
+            if not self.resampled:
+                raise ValueError(f"{field}.weight_schedule needs {field}.resampled: true")
+            check_schedule(self.weight_schedule, len(specs), field)
+        names = self.source_names()
+        if len(names) != len(specs) or len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"{field}.names must be {len(specs)} distinct non-empty names")
+        if self.replay is not None:
+            self.replay_sources(f"{field}.replay", names)
         urls_field = field if field.startswith("--") else f"{field}.urls"
         return [resolve_source(s, urls_field) for s in specs]
+
+    def replay_sources(
+        self, field: str = "replay", names: list[str] | None = None
+    ) -> list[ResolvedSource]:
+        """Check ``replay`` and resolve its sources (errors name ``field``, e.g. ``x.replay``)."""
+        if self.replay is None:
+            return []
+        specs = check_replay(self.replay, field, names or self.source_names())
+        return [resolve_source(s, f"{field}.urls") for s in specs]
 
 
 class ShardStream(torch.utils.data.IterableDataset):
     """Yields collated batches; each batch carries the count of samples skipped before it.
+
+    When the stream mixes (several sources, or replay), each batch also gets ``batch.mix``:
+    ``{source name: items}`` (see :class:`~mmpt.datamodules.mixing.SourceTally` for what
+    "items" means with a batcher). A ``weight_schedule`` is evaluated per item at the global
+    batch index being filled (:class:`~mmpt.datamodules.mixing.BatchClock`); a schedule in
+    fractions of the run needs :meth:`set_total_batches` before iteration.
 
     Args:
         sources: Resolved shard sources.
@@ -126,12 +187,29 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.num_workers = max(1, num_workers)
         self.epoch = SharedEpoch()
         self.urls = [u for s in sources for u in s.urls]
+        self.names = config.source_names()
+        self.url_names = {u: n for s, n in zip(sources, self.names, strict=True) for u in s.urls}
+        self.replay_sources = config.replay_sources()
+        self.total_batches: int | None = None
         counts = [s.counts for s in sources]
         self.counts = None if any(c is None for c in counts) else [n for c in counts for n in c]
 
     def set_epoch(self, epoch: int) -> None:
         """Advance the epoch (changes shard order and shuffles; seen by persistent workers)."""
         self.epoch.set(epoch)
+
+    def set_total_batches(self, n: int | None) -> None:
+        """The run's training batches per rank, for a ``weight_schedule`` in fractions.
+
+        ``ShardDataModule.train_dataloader`` calls it before building the loader, with
+        ``trainer.max_steps * accumulate_grad_batches`` (or ``max_epochs * len(stream)``).
+        """
+        self.total_batches = n
+
+    @property
+    def mixes(self) -> bool:
+        """Whether batches carry ``mix`` (several sources, or replay)."""
+        return len(self.names) > 1 or self.config.replay is not None
 
     def shards_for(self, slot: Slot) -> list[int]:
         """Indices into ``self.urls`` that ``slot`` reads in plain mode (fixed over epochs)."""
@@ -144,6 +222,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         for w in range(self.num_workers):
             slot = Slot(rank, self.world_size, w, self.num_workers)
             n = sum(self.counts[i] for i in self.shards_for(slot))
+            if self.config.replay is not None:  # replay items come on top of the main ones
+                n = combined_items(n, self.config.replay.fraction)
             out.append(math.ceil(n / self.batch_size) if self.partial else n // self.batch_size)
         return out
 
@@ -186,6 +266,17 @@ class ShardStream(torch.utils.data.IterableDataset):
         quotas = self.worker_quotas(self.rank)
         return None if quotas is None else quotas[slot.worker]
 
+    def _main_weights(self, slot: Slot, epoch: int) -> tuple[Any, BatchClock | None]:
+        """Main-source weights (a callable following the clock with a schedule) and the clock."""
+        cfg = self.config
+        base = cfg.weights or [1.0] * len(self.sources)
+        if not cfg.weight_schedule:
+            return base, None
+        schedule = WeightSchedule(base, cfg.weight_schedule, self.total_batches)
+        per_epoch = self.batches_for(self.rank) or 0
+        clock = BatchClock(epoch, per_epoch, slot.worker, slot.num_workers)
+        return ScheduledWeights(schedule, clock), clock
+
     def __iter__(self) -> Iterator[Any]:
         slot = Slot.current(self.rank, self.world_size)
         epoch = self.epoch.get()
@@ -193,36 +284,52 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = random.Random(slot.seed(self.seed, epoch))
         cfg = self.config
         quota = self.worker_quota(slot)
+        clock, buf = None, cfg.shuffle_buffer
         if cfg.resampled:
-            streams = [
-                read_shards(resampled_urls(s.urls, random.Random(rng.random())), counter)
-                for s in self.sources
-            ]
-            samples = mix(streams, cfg.weights or [1.0] * len(streams), rng)
+            weights, clock = self._main_weights(slot, epoch)
+            samples = resampled_mix(self.sources, self.names, weights, buf, rng, counter)
         else:
             mine = [self.urls[i] for i in self.shards_for(slot)]
             if cfg.shuffle_shards:
                 rng.shuffle(mine)
             # Training reads its shards once; only if corrupt samples left it short of its
             # quota does it top up from the start, so every rank runs the same number of steps.
+            # Each pass is shuffled on its own: the buffer never pulls a top-up pass's samples
+            # in ahead of the first pass's last ones.
             passes = 1 if quota is None else None
-            samples = repeat_passes(lambda: read_shards(mine, counter), passes)
-        samples = shuffle(samples, cfg.shuffle_buffer, rng)
-        items = map_skipping(samples, self.sample_fn, counter)
+            samples = repeat_passes(lambda: shuffle(read_shards(mine, counter), buf, rng), passes)
+            samples = tag(samples, self.url_names)
+        pairs = map_skipping(samples, Tagged(self.sample_fn), counter)
+        names = list(self.names)
+        if cfg.replay is not None:
+            replay, n = cfg.replay, len(self.replay_sources)
+            replay_rng = random.Random(slot.seed(self.seed + REPLAY_SEED, epoch))
+            weights = replay.weights or [1.0] * n
+            names_r = [replay.name] * n
+            old = resampled_mix(self.replay_sources, names_r, weights, buf, replay_rng, counter)
+            replayed = map_skipping(old, Tagged(self.sample_fn), counter)
+            pairs = interleave(pairs, replayed, cfg.replay.fraction)
+            names.append(cfg.replay.name)
+        tally = SourceTally(pairs, names)
         if self.batcher is not None:
-            batches = self.batcher(items)
+            batches = self.batcher(iter(tally))
         else:
-            batches = batched(items, self.batch_size, self.partial)
+            batches = batched(tally, self.batch_size, self.partial)
         if quota is not None:
             batches = itertools.islice(batches, quota)
         # Hold each batch back by one, so skips after the last batch are still counted.
         # Added to what collate counted itself (e.g. VLMCollate's undecodable images).
         pending = None
         for items_batch in batches:
+            mixed = tally.take()  # the batcher yields a batch as soon as it is complete
+            if clock is not None:
+                clock.tick()
             if pending is not None:
                 pending.skipped += counter.take()
                 yield pending
             pending = self.collate_fn(items_batch)
+            if self.mixes:
+                pending.mix = mixed
         if pending is not None:
             pending.skipped += counter.take()
             yield pending

@@ -269,7 +269,7 @@ class VideoTextDataModule(ImageTextDataModule):
         resize_short: Short side before cropping; None: the model's image size.
         **kwargs: :class:`ImageTextDataModule` arguments (``train``, ``val``, ``test``,
             ``batch_size``, ``val_batch_size``, ``num_workers``, ``seed``, ``synthetic``,
-            ``preprocess``).
+            ``preprocess``, ``eval_sets``).
     """
 
     def __init__(
@@ -296,6 +296,7 @@ class VideoTextDataModule(ImageTextDataModule):
         seed: int = 0,
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: Preprocess | None = None,
+        eval_sets: dict[str, StreamConfig] | None = None,
     ) -> None:
         super().__init__(
             train=train,
@@ -311,6 +312,7 @@ class VideoTextDataModule(ImageTextDataModule):
             seed=seed,
             synthetic=synthetic,
             preprocess=preprocess,
+            eval_sets=eval_sets,
         )
         self.num_frames, self.eval_num_frames, self.backend = num_frames, eval_num_frames, backend
         self.video_key, self.window, self.resize_short = video_key, window, resize_short

@@ -50,7 +50,7 @@ class VLMDataModule(ImageTextDataModule):
         transcript_key: Transcript field, for ``speech_input: transcript``.
         **kwargs: :class:`ImageTextDataModule` arguments (``train``, ``val``, ``test``,
             ``batch_size``, ``num_workers``, ``image_key``, ``text_key``, ``seed``,
-            ``synthetic``, ``preprocess``).
+            ``synthetic``, ``preprocess``, ``eval_sets``).
     """
 
     def __init__(
@@ -79,6 +79,7 @@ class VLMDataModule(ImageTextDataModule):
         seed: int = 0,
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: VLMPreprocess | Preprocess | None = None,
+        eval_sets: dict[str, StreamConfig] | None = None,
     ) -> None:
         super().__init__(
             train=train,
@@ -93,6 +94,7 @@ class VLMDataModule(ImageTextDataModule):
             seed=seed,
             synthetic=synthetic,
             preprocess=preprocess,  # type: ignore[arg-type]
+            eval_sets=eval_sets,
         )
         self.template = get_template(template)
         if overlong not in OVERLONG_POLICIES:

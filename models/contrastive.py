@@ -8,6 +8,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from mmpt.batch import AudioTextBatch, ImageTextBatch
+from mmpt.eval.forgetting import eval_prefix
 from mmpt.models.losses import ClipLoss
 from mmpt.models.module import MMPTModule
 from mmpt.models.schedules import Schedule
@@ -150,13 +151,14 @@ class ContrastiveModule(MMPTModule):
         self.loss.clamp_()
 
     def validation_step(
-        self, batch: ImageTextBatch | AudioTextBatch, batch_idx: int
+        self, batch: ImageTextBatch | AudioTextBatch, batch_idx: int, dataloader_idx: int = 0
     ) -> dict[str, torch.Tensor]:
         """Rank-local validation loss; returns embeddings for the zero-shot callback.
 
-        No collective here: ranks may hold different validation batch sizes and counts.
+        No collective here: ranks may hold different validation batch sizes and counts. With
+        several validation sets the loss is ``val/<set>/loss``.
         """
-        return self._eval_step(batch, "val")
+        return self._eval_step(batch, eval_prefix(self._trainer, "val", dataloader_idx))
 
     def test_step(
         self, batch: ImageTextBatch | AudioTextBatch, batch_idx: int
@@ -179,7 +181,9 @@ class ContrastiveModule(MMPTModule):
     ) -> dict[str, torch.Tensor]:
         img, txt = self(batch)
         loss = self._pair_loss(img, txt, batch, gather=False)
-        self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
+        self.log(
+            f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True, add_dataloader_idx=False
+        )
         # the evaluation code names the embedded items "images", whatever they are
         return {
             "image_emb": img.detach(),

@@ -18,6 +18,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from mmpt.eval.forgetting import eval_prefix
 from mmpt.eval.report import save_figure
 from mmpt.models.encoders.timm_vit import TimmVisionTower
 from mmpt.models.mae_figure import figure_pixels, reconstruction_figure
@@ -344,13 +345,17 @@ class MAEModule(MMPTModule):
             self.log_data_counts(batch, ("skipped",), images.shape[0])
         return loss
 
-    def validation_step(self, batch: object, batch_idx: int = 0) -> torch.Tensor:
-        """Rank-local loss on one batch, logged as ``val/loss``; keeps images to draw."""
+    def validation_step(
+        self, batch: object, batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> torch.Tensor:
+        """Rank-local loss as ``val/loss`` (``val/<set>/loss``: several sets); keeps images."""
         loss = self(images := self._images(batch))[0]
-        self.log("val/loss", loss, batch_size=images.shape[0], sync_dist=True)
         trainer = self._trainer
+        key = f"{eval_prefix(trainer, 'val', dataloader_idx)}/loss"
+        self.log(key, loss, batch_size=images.shape[0], sync_dist=True, add_dataloader_idx=False)
         if (
             batch_idx == 0
+            and dataloader_idx == 0
             and self.log_reconstructions > 0
             and self._recon_images is None
             and trainer is not None

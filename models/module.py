@@ -7,6 +7,7 @@ import fnmatch
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -93,6 +94,21 @@ class MMPTModule(L.LightningModule):
         if dm is not None and hasattr(dm, "set_epoch"):
             dm.set_epoch(self.current_epoch)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Log the batch's source mixture as ``data/mix/<name>`` (share of its items), per step.
+
+        Only batches of a mixing stream carry ``mix`` (``{source name: items}``, see
+        :class:`~mmpt.datamodules.streams.ShardStream`); others log nothing.
+        """
+        mix: dict[str, int] = getattr(batch, "mix", None) or {}
+        total = sum(mix.values())
+        if total <= 0:
+            return
+        for name, count in mix.items():
+            self.log(
+                f"data/mix/{name}", count / total, on_step=True, on_epoch=False, batch_size=total
+            )
+
     def log_data_counts(self, batch: object, names: tuple[str, ...], batch_size: int) -> None:
         """Log ``batch.<name>`` counts as ``data/<name>``: per epoch, summed over ranks."""
         for name in names:
@@ -118,6 +134,7 @@ class MMPTModule(L.LightningModule):
             raise ValueError("no trainable parameters: check model.trainable / model.freeze")
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = self.optimizer_factory([g for g in groups if g["params"]])
+        self.lr_schedule.bind(opt.defaults["lr"])  # a re-warm needs the new peak LR
         total = _total_steps(self.trainer.estimated_stepping_batches, self.lr_schedule)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: self.lr_schedule.factor(step, total)

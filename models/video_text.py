@@ -8,8 +8,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from mmpt.batch import VideoTextBatch
-from mmpt.eval.callback import gather_embeddings
+from mmpt.eval.callback import gather_optional
 from mmpt.eval.embed import EmbeddingAccumulator
+from mmpt.eval.forgetting import eval_prefix
 from mmpt.eval.video_metrics import video_text_retrieval_metrics
 from mmpt.models.contrastive import ContrastiveModule, first_text_per_item
 from mmpt.models.losses import EgoNCELoss
@@ -28,7 +29,8 @@ class VideoTextModule(ContrastiveModule):
     them. Validation and test log the rank-local loss (on each clip's first narration) and,
     at the epoch end, video-text retrieval over the whole split (all ranks gathered):
     ``val/retrieval/t2v/R@1`` ... ``val/retrieval/v2t/median_rank``, with several
-    narrations per clip counted as in CLIP_benchmark.
+    narrations per clip counted as in CLIP_benchmark. With several validation sets
+    (``data.eval_sets``) each set's loss and retrieval are logged under ``val/<set>/``.
 
     Args:
         vision: Video tower ``(N, T, C, H, W) -> (N, D)`` with ``image_preprocess``
@@ -64,7 +66,7 @@ class VideoTextModule(ContrastiveModule):
             trainable,
             init_from,
         )
-        self._retrieval = EmbeddingAccumulator()
+        self._retrieval: dict[str, EmbeddingAccumulator] = {}  # metric prefix -> its clips
 
     def encode_video(self, videos: torch.Tensor) -> torch.Tensor:
         """L2-normalised clip embeddings: (N, T, C, H, W) normalised frames -> (N, D)."""
@@ -105,12 +107,17 @@ class VideoTextModule(ContrastiveModule):
         }
 
     def _eval_step(self, batch: VideoTextBatch, stage: str) -> dict[str, torch.Tensor]:
-        """Rank-local loss; keeps the embeddings for retrieval at the epoch end."""
+        """Rank-local loss; keeps the embeddings for retrieval at the epoch end.
+
+        ``stage`` is the metric prefix: ``val``, ``val/<set>`` or ``test``.
+        """
         vid, txt = self(batch)
         loss = self._pair_loss(vid, txt, batch, gather=False)
-        self.log(f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True)
+        self.log(
+            f"{stage}/loss", loss, batch_size=len(batch), sync_dist=True, add_dataloader_idx=False
+        )
         out = {"video_emb": vid.detach(), "text_emb": txt.detach()}
-        self._retrieval.add(
+        self._retrieval.setdefault(stage, EmbeddingAccumulator()).add(
             {
                 "image_emb": out["video_emb"],
                 "text_emb": out["text_emb"],
@@ -120,32 +127,43 @@ class VideoTextModule(ContrastiveModule):
         )
         return out | {"text_to_video": batch.text_to_video}
 
-    def retrieval_metrics(self) -> dict[str, float]:
-        """Video-text retrieval over everything validated since the epoch start (all ranks).
+    def retrieval_metrics(self, prefix: str = "val") -> dict[str, float]:
+        """Video-text retrieval over one set's clips validated since the epoch start (all ranks).
+
+        A collective under DDP: every rank calls it, for the same prefixes in the same order.
+
+        Args:
+            prefix: The set's metric prefix (``val``, ``val/<set>`` or ``test``).
 
         Returns:
             ``t2v/R@{1,5,10}``, ``v2t/R@{1,5,10}``, ``{t2v,v2t}/{mean,median}_rank``; empty
-            when no clip was seen.
+            when no rank saw a clip.
         """
-        if len(self._retrieval) == 0:
+        acc = self._retrieval.get(prefix)
+        emb = gather_optional(acc.result() if acc is not None and len(acc) else None)
+        if emb is None:
             return {}
-        emb = gather_embeddings(self._retrieval.result())
         return video_text_retrieval_metrics(emb.image, emb.text, emb.text_to_image, ks=RETRIEVAL_KS)
 
     def _log_retrieval(self, stage: str) -> None:
         # Every rank holds the same gathered set, so the values agree without a sync.
-        for name, value in self.retrieval_metrics().items():
-            self.log(f"{stage}/retrieval/{name}", value)
-        self._retrieval = EmbeddingAccumulator()
+        trainer = self._trainer
+        count = 1
+        if trainer is not None:
+            count = len(trainer.num_val_batches if stage == "val" else trainer.num_test_batches)
+        for prefix in dict.fromkeys(eval_prefix(trainer, stage, i) for i in range(max(count, 1))):
+            for name, value in self.retrieval_metrics(prefix).items():
+                self.log(f"{prefix}/retrieval/{name}", value, add_dataloader_idx=False)
+        self._retrieval = {}
 
     def on_validation_epoch_start(self) -> None:
-        """Start a fresh embedding set."""
-        self._retrieval = EmbeddingAccumulator()
+        """Start fresh embedding sets."""
+        self._retrieval = {}
 
     def on_validation_epoch_end(self) -> None:
         """Log retrieval metrics (not during the sanity check: too few clips to mean much)."""
         if self.trainer.sanity_checking:
-            self._retrieval = EmbeddingAccumulator()
+            self._retrieval = {}
             return
         self._log_retrieval("val")
 

@@ -13,6 +13,7 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from mmpt.batch import ImageLayout, VLMBatch
 from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeResolution
 from mmpt.datamodules.templates import check_targets
+from mmpt.eval.forgetting import eval_prefix
 from mmpt.models.attention import hf_packing_kwargs
 from mmpt.models.connectors import MLP2xGelu, SpeechAdapter
 from mmpt.models.fusion import FusionBlocks, fusion_context, insert_gated_cross_attention
@@ -355,24 +357,26 @@ class VLMModule(MMPTModule):
         return loss
 
     def _eval_step(self, batch: VLMBatch, stage: str) -> None:
+        """Losses under ``stage/`` (the metric prefix: ``val``, ``val/<set>`` or ``test``)."""
         check_targets(batch.labels, batch.template)
         n = batch.num_samples
+        log = partial(self.log, batch_size=n, add_dataloader_idx=False)
         loss = self(batch).loss
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
         if self.val_shuffled_images and len(batch.images) > 1:
             # not synced: a rank whose batches hold < 2 images never logs these keys
             shuffled = self(batch, shuffle_images=True).loss
-            self.log(f"{stage}/loss_shuffled_images", shuffled, batch_size=n)
-            self.log(f"{stage}/image_gain", shuffled - loss, batch_size=n)
+            log(f"{stage}/loss_shuffled_images", shuffled)
+            log(f"{stage}/image_gain", shuffled - loss)
         if self.val_no_audio and batch.audio is not None:
             # not synced either: a rank whose batches hold no audio never logs these keys
             silent = self(batch, zero_audio=True).loss
-            self.log(f"{stage}/loss_no_audio", silent, batch_size=n)
-            self.log(f"{stage}/audio_gain", silent - loss, batch_size=n)
+            log(f"{stage}/loss_no_audio", silent)
+            log(f"{stage}/audio_gain", silent - loss)
 
-    def validation_step(self, batch: VLMBatch, batch_idx: int) -> None:
-        """Held-out loss, and the loss with images shuffled across samples."""
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: VLMBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Held-out loss, and the loss with images shuffled (``val/<set>/`` with several sets)."""
+        self._eval_step(batch, eval_prefix(self._trainer, "val", dataloader_idx))
 
     def test_step(self, batch: VLMBatch, batch_idx: int) -> None:
         """As validation, logged under ``test/``."""

@@ -10,6 +10,7 @@ by the number of masked frames.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
 )
 
 from mmpt.batch import AudioTextBatch
+from mmpt.eval.forgetting import eval_prefix
 from mmpt.models.encoders.lengths import length_mask
 from mmpt.models.encoders.wav2vec2 import Wav2Vec2Tower
 from mmpt.models.module import MMPTModule
@@ -177,20 +179,23 @@ class Wav2Vec2PretrainModule(MMPTModule):
         return outputs, mask
 
     def _step(self, batch: AudioTextBatch, stage: str, seed: int | None) -> torch.Tensor:
-        """Loss per masked frame of ``batch``, logged with its parts under ``stage/``."""
+        """Loss per masked frame of ``batch``, logged with its parts under ``stage/``.
+
+        ``stage`` is ``train`` or a validation prefix (``val`` or ``val/<set>``).
+        """
         outputs, mask = self(batch.audio, batch.audio_lengths, seed)
         num = mask.sum().clamp(min=1).to(outputs.loss.dtype)
         loss = outputs.loss / num
         bs = len(batch)
-        sync = stage == "val"
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=sync)
+        log = partial(self.log, batch_size=bs, sync_dist=stage != "train", add_dataloader_idx=False)
+        log(f"{stage}/loss", loss, prog_bar=True)
         parts = {
             "contrastive_loss": outputs.contrastive_loss / num,
             "diversity_loss": outputs.diversity_loss / num,
             "codevector_perplexity": outputs.codevector_perplexity,
         }
         for name, value in parts.items():
-            self.log(f"{stage}/{name}", value.detach(), batch_size=bs, sync_dist=sync)
+            log(f"{stage}/{name}", value.detach())
         if stage == "train":
             self.log("train/masked_frames", num.detach(), batch_size=bs)
         self.log_data_counts(batch, ("skipped",), bs)
@@ -203,6 +208,12 @@ class Wav2Vec2PretrainModule(MMPTModule):
         self.log("train/gumbel_temperature", temperature, batch_size=len(batch))
         return self._step(batch, "train", seed=None)
 
-    def validation_step(self, batch: AudioTextBatch, batch_idx: int = 0) -> torch.Tensor:
-        """The same loss under masks seeded by ``batch_idx`` (comparable across epochs)."""
-        return self._step(batch, "val", seed=batch_idx)
+    def validation_step(
+        self, batch: AudioTextBatch, batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> torch.Tensor:
+        """The same loss under masks seeded by ``batch_idx`` (comparable across epochs).
+
+        With several validation sets it is logged under ``val/<set>/``.
+        """
+        prefix = eval_prefix(self._trainer, "val", dataloader_idx)
+        return self._step(batch, prefix, seed=batch_idx)

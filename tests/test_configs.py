@@ -28,6 +28,40 @@ from tests.helpers import (
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = CONFIGS.parent
+OVERLAY = "# overlay for: "
+
+
+def overlay_base(path: Path) -> Path | None:
+    """The recipe an overlay file is layered on (its first line names it), else None."""
+    first = path.read_text().splitlines()[0]
+    return ROOT / first[len(OVERLAY) :].strip() if first.startswith(OVERLAY) else None
+
+
+def compose(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``-c base -c overlay`` as a dict: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = compose(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_recipe(path: Path) -> dict[str, Any]:
+    """The recipe as written; an overlay composed on its base."""
+    written = yaml.safe_load(path.read_text())
+    base = overlay_base(path)
+    return compose(load_recipe(base), written) if base is not None else written
+
+
+def config_args(path: Path) -> list[str]:
+    """``-c`` arguments of a recipe: the base first for an overlay."""
+    base = overlay_base(path)
+    return [*(config_args(base) if base is not None else []), "-c", str(path)]
+
+
 ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
 IDS = [str(p.relative_to(CONFIGS)) for p in ALL_CONFIGS]
 
@@ -132,14 +166,17 @@ def tiny_variant(
                 "class_path": "mmpt.datamodules.resolution.FixedResolution",
                 "init_args": {"image_size": 32, "patch_size": 8},
             }
+    model.pop("init_from", None)  # continual recipes start from a run that is not here
+    schedule = model.get("lr_schedule", {}).get("init_args", {})
+    schedule.pop("from_checkpoint", None)
     data = cfg["data"]["init_args"]
     data.pop("synthetic", None)
-    for split in ("train", "val"):
-        if data.get(split):
-            urls = data[split]["urls"]
-            data[split]["urls"] = (
-                [str(shards)] * len(urls) if isinstance(urls, list) else str(shards)
-            )
+    streams = [data.get("train"), data.get("val"), *(data.get("eval_sets") or {}).values()]
+    replay = (data.get("train") or {}).get("replay")
+    for stream in [*streams, replay]:
+        if stream:
+            urls = stream["urls"]
+            stream["urls"] = [str(shards)] * len(urls) if isinstance(urls, list) else str(shards)
     cfg["trainer"].update(
         accelerator="cpu", devices=1, num_nodes=1, strategy="auto", precision="32-true"
     )
@@ -158,10 +195,10 @@ def test_config_parses_as_written(
     """Every class_path imports and every init_args key is accepted (no instantiation)."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "-c", str(path), "--print_config"])
+        main(["fit", *config_args(path), "--print_config"])
     assert exc.value.code == 0, capsys.readouterr().err
     printed = yaml.safe_load(capsys.readouterr().out)
-    written = yaml.safe_load(path.read_text())
+    written = load_recipe(path)
     assert printed["model"]["class_path"] == written["model"]["class_path"]
     assert printed["data"]["class_path"] == written["data"]["class_path"]
 
@@ -199,7 +236,7 @@ def test_config_instantiates_with_tiny_overrides(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    written = yaml.safe_load(path.read_text())
+    written = load_recipe(path)
     tiny = tmp_path / "tiny.yaml"
     tiny_cfg = tiny_variant(written, shards, tiles, tones)
     tiny.write_text(yaml.safe_dump(tiny_cfg))

@@ -1,4 +1,4 @@
-"""Zero-shot retrieval/classification on the validation set at every validation, during fit."""
+"""Zero-shot retrieval/classification on each validation set at every validation, during fit."""
 
 from __future__ import annotations
 
@@ -11,25 +11,37 @@ import torch
 import torch.distributed as dist
 
 from mmpt.eval.embed import EmbeddingAccumulator, Embeddings, EvalResult, evaluate
+from mmpt.eval.forgetting import PLOT_METRICS, ForgettingHistory, eval_prefix, val_set_names
 from mmpt.eval.report import plot_confusion_matrix, plot_recall_curves, write_json
 
 log = logging.getLogger("mmpt.eval")
 
 
 class ZeroShotEvalCallback(L.Callback):
-    """Collects validation embeddings, computes zero-shot metrics and logs them.
+    """Collects validation embeddings, computes zero-shot metrics and logs them, per set.
 
     The model's ``validation_step`` returns ``image_emb``, ``text_emb``, ``text_to_image``
-    and ``labels``; class names and prompt templates come from the validation shards'
-    ``index.json`` (``meta.zeroshot``). Under DDP every rank's embeddings are gathered first,
-    so the metrics are over the whole validation set. After each validation a JSON report and
-    PNG plots are written to ``<log_dir>/eval/``.
+    and ``labels``; class names and prompt templates come from each validation set's
+    ``index.json`` (``meta.zeroshot``, the datamodule's ``val_metas``). Under DDP every rank's
+    embeddings are gathered first, so the metrics are over the whole set. After each validation
+    a JSON report and PNG plots are written to ``<log_dir>/eval/`` (one validation set) or
+    ``<log_dir>/eval/<set>/`` (several, ``data.eval_sets``), whose metrics are logged as
+    ``val/<set>/...``.
+
+    Every validation metric of every set (the model's losses too) is kept with the global
+    step; at the end of fit ``<log_dir>/eval/forgetting.json`` (history, and per set and metric
+    the drop from its best value to its last) and ``forgetting.png`` are written (rank 0), by
+    default only when there are several validation sets.
 
     Args:
         retrieval: Compute retrieval recall@k and ranks.
         classification: Compute zero-shot classification when labels and class names exist.
         ks: Recall cut-offs.
         write_reports: Write JSON + PNG after each validation (rank 0).
+        track_forgetting: Keep the metric history and write the forgetting report: None (the
+            default) with several validation sets only, True always, False never.
+        plot_metrics: Metrics drawn in ``forgetting.png`` (default
+            :data:`~mmpt.eval.forgetting.PLOT_METRICS`), those logged by the run.
     """
 
     def __init__(
@@ -38,28 +50,52 @@ class ZeroShotEvalCallback(L.Callback):
         classification: bool = True,
         ks: list[int] | None = None,
         write_reports: bool = True,
+        track_forgetting: bool | None = None,
+        plot_metrics: list[str] | None = None,
     ) -> None:
         self.retrieval, self.classification = retrieval, classification
         self.ks = tuple(ks or (1, 5, 10))
         self.write_reports = write_reports
-        self._acc = EmbeddingAccumulator()
+        self.track_forgetting = track_forgetting
+        self.plot_metrics = tuple(plot_metrics or PLOT_METRICS)
+        self._accs: dict[int, EmbeddingAccumulator] = {}
+        self.history = ForgettingHistory()
         self.last_report: dict[str, Path] = {}
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Start a fresh accumulator."""
-        self._acc = EmbeddingAccumulator()
+        """Start fresh accumulators (one per dataloader)."""
+        self._accs = {}
 
     def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any, **kw: Any
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
-        """Keep the batch's embeddings."""
+        """Keep the batch's embeddings, in its dataloader's accumulator."""
         if isinstance(outputs, dict) and "image_emb" in outputs:
-            self._acc.add(outputs)
+            self._accs.setdefault(dataloader_idx, EmbeddingAccumulator()).add(outputs)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Gather over ranks, compute, log and write the reports."""
+        """Gather over ranks, compute, log and write the reports, per set."""
         if not trainer.sanity_checking:
             self._finish(trainer, pl_module, "val")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record this validation's metrics (losses included: aggregated by now) per set."""
+        names = val_set_names(trainer)
+        track = len(names) > 1 if self.track_forgetting is None else self.track_forgetting
+        if track and not trainer.sanity_checking and trainer.is_global_zero:
+            self.history.record(trainer.global_step, dict(trainer.callback_metrics), names)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write ``forgetting.json`` and ``forgetting.png`` (rank 0, after any validation)."""
+        out_dir = self._out_dir(trainer)  # log_dir: every rank must call it
+        if trainer.is_global_zero and len(self.history):
+            self.last_report |= self.history.write(out_dir, self.plot_metrics)
 
     on_test_epoch_start = on_validation_epoch_start
     on_test_batch_end = on_validation_batch_end
@@ -68,11 +104,45 @@ class ZeroShotEvalCallback(L.Callback):
         """As for validation, logged under ``test/``."""
         self._finish(trainer, pl_module, "test")
 
+    @staticmethod
+    def _out_dir(trainer: L.Trainer) -> Path:
+        return Path(trainer.log_dir or trainer.default_root_dir) / "eval"
+
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if len(self._acc) == 0:
-            return
-        emb = gather_embeddings(self._acc.result())
-        meta = getattr(trainer.datamodule, "val_meta", {}) if trainer.datamodule else {}
+        """Evaluate every set in dataloader order (the same order and count on every rank)."""
+        num_sets = len(trainer.num_val_batches if stage == "val" else trainer.num_test_batches)
+        dm = trainer.datamodule
+        metas = list(getattr(dm, "val_metas", []) or []) if stage == "val" else []
+        if not metas:  # one set (or no per-set metas): the datamodule's val_meta, as before
+            metas = [getattr(dm, "val_meta", {}) if dm is not None else {}]
+        names = val_set_names(trainer) if stage == "val" else [stage]
+        out_dir = self._out_dir(trainer)  # log_dir: every rank must call it
+        for idx in range(max(num_sets, 1)):
+            acc = self._accs.get(idx, EmbeddingAccumulator())
+            emb = gather_optional(acc.result() if len(acc) else None)
+            if emb is None:
+                continue
+            meta = metas[idx] if idx < len(metas) else {}
+            prefix = eval_prefix(trainer, stage, idx)
+            several = prefix != stage
+            result = self._evaluate(pl_module, emb, meta)
+            for name, value in result.metrics.items():
+                pl_module.log(
+                    f"{prefix}/{name}", value, rank_zero_only=True, add_dataloader_idx=False
+                )
+            if self.write_reports and trainer.is_global_zero:
+                self.last_report = write_reports(
+                    result,
+                    out_dir / names[idx] if several else out_dir,
+                    f"{stage}_step{trainer.global_step}",
+                    num_images=emb.image.shape[0],
+                    num_texts=emb.text.shape[0],
+                    step=trainer.global_step,
+                    **({"set": names[idx]} if several else {}),
+                )
+
+    def _evaluate(self, pl_module: L.LightningModule, emb: Embeddings, meta: dict) -> EvalResult:
+        """Retrieval and zero-shot classification of one set's gathered embeddings."""
         zeroshot = meta.get("zeroshot") if self.classification else None
         tokenizer = pl_module.preprocess.tokenizer
 
@@ -80,18 +150,7 @@ class ZeroShotEvalCallback(L.Callback):
             return pl_module.encode_text(tokenizer(prompts).to(pl_module.device)).float().cpu()
 
         with torch.no_grad():
-            result = evaluate(emb, encode_text, zeroshot, retrieval=self.retrieval, ks=self.ks)
-        for name, value in result.metrics.items():
-            pl_module.log(f"{stage}/{name}", value, rank_zero_only=True)
-        if self.write_reports and trainer.is_global_zero:
-            self.last_report = write_reports(
-                result,
-                Path(trainer.log_dir or trainer.default_root_dir) / "eval",
-                f"{stage}_step{trainer.global_step}",
-                num_images=emb.image.shape[0],
-                num_texts=emb.text.shape[0],
-                step=trainer.global_step,
-            )
+            return evaluate(emb, encode_text, zeroshot, retrieval=self.retrieval, ks=self.ks)
 
 
 def write_reports(result: EvalResult, out_dir: Path, name: str, **context: Any) -> dict[str, Path]:
@@ -109,12 +168,20 @@ def write_reports(result: EvalResult, out_dir: Path, name: str, **context: Any) 
     return paths
 
 
-def gather_embeddings(emb: Embeddings) -> Embeddings:
-    """Concatenate every rank's embeddings (ranks may hold different counts)."""
+def gather_optional(emb: Embeddings | None) -> Embeddings | None:
+    """Concatenate every rank's embeddings; a rank with none passes None (collective).
+
+    Returns:
+        The whole set (captions re-indexed onto the concatenated images), or None when no
+        rank had any.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return emb
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, emb)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, emb)
+    parts = [p for p in gathered if p is not None]
+    if not parts:
+        return None
     offset, t2i = 0, []
     for p in parts:
         t2i.append(p.text_to_image + offset)
@@ -125,3 +192,10 @@ def gather_embeddings(emb: Embeddings) -> Embeddings:
         torch.cat(t2i),
         torch.cat([p.labels for p in parts]),
     )
+
+
+def gather_embeddings(emb: Embeddings) -> Embeddings:
+    """Concatenate every rank's embeddings (ranks may hold different counts)."""
+    out = gather_optional(emb)
+    assert out is not None  # this rank gave some
+    return out
