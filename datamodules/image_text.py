@@ -163,8 +163,12 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         super().__init__()
         self.train_cfg, self.val_cfg, self.test_cfg = train, val, test
         self.eval_sets = dict(eval_sets or {})
-        if "val" in self.eval_sets:
-            raise ValueError("data.eval_sets: 'val' names data.val; give the set another name")
+        reserved = {"val", "loss", "retrieval", "zeroshot", "data", "knn"}
+        if clash := sorted(reserved & set(self.eval_sets)):
+            raise ValueError(
+                f"data.eval_sets: {clash} are reserved metric names (val/<set>/<metric>); "
+                "give the sets other names"
+            )
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -228,10 +232,15 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         head = [("val", self.val_stream)] if self.val_stream is not None else []
         return head + list(self.eval_streams.items())
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by the model at each training epoch start (shard order, shuffles)."""
+    def set_epoch(self, epoch: int, offset: int = 0) -> None:
+        """Called by the model at train start and each epoch start (shard order, shuffles).
+
+        Args:
+            epoch: The epoch about to run.
+            offset: Its batches already done (mid-epoch resume; the mixture clock starts there).
+        """
         if self.train_stream is not None:
-            self.train_stream.set_epoch(epoch)
+            self.train_stream.set_epoch(epoch, offset)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise the batch on the device (once per batch)."""
@@ -272,14 +281,29 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
 
 
 def _training_batches(trainer: L.Trainer, stream: ShardStream) -> int | None:
-    """Training batches of the run per rank (None when it has no known length)."""
+    """Training batches of the run per rank: the first of max_steps and max_epochs to stop it.
+
+    Args:
+        trainer: The trainer (``max_steps``, ``max_epochs``, ``limit_train_batches``,
+            ``accumulate_grad_batches``).
+        stream: The training stream (its per-epoch batch count, when known).
+
+    Returns:
+        Batches, or None when the run has no known length.
+    """
+    limits = []
     if trainer.max_steps and trainer.max_steps > 0:
-        return trainer.max_steps * trainer.accumulate_grad_batches
+        limits.append(trainer.max_steps * trainer.accumulate_grad_batches)
     try:
         per_epoch = len(stream)
     except TypeError:  # a packed stream in plain mode: its batch count is unknown
-        return None
-    return trainer.max_epochs * per_epoch if trainer.max_epochs and trainer.max_epochs > 0 else None
+        per_epoch = None
+    limit = trainer.limit_train_batches
+    if per_epoch is not None and limit is not None:
+        per_epoch = min(per_epoch, limit if isinstance(limit, int) else int(per_epoch * limit))
+    if per_epoch is not None and trainer.max_epochs and trainer.max_epochs > 0:
+        limits.append(trainer.max_epochs * per_epoch)
+    return min(limits) if limits else None
 
 
 class ImageTextDataModule(ShardDataModule):

@@ -184,18 +184,23 @@ class BatchClock:
     """The global training batch index of the batch a worker is filling.
 
     The DataLoader takes batches from its workers in turn, so worker ``w`` of ``W``, making its
-    ``k``-th batch of epoch ``e``, makes global batch ``e * per_epoch + k * W + w``: a pure
-    function of the position in the stream (no shared state; a resumed run computes the same).
+    ``k``-th batch of epoch ``e``, makes global batch ``e * per_epoch + offset + k * W + w``: a
+    pure function of the position in the stream. ``offset`` is the number of batches of the
+    epoch a resumed run had already done (set by the model at train start).
 
     Args:
         epoch: Current epoch.
         per_epoch: Batches per epoch per rank.
         worker: This worker's index.
         num_workers: Workers of the DataLoader.
+        offset: Batches of the epoch done before this pass started (a mid-epoch resume).
     """
 
-    def __init__(self, epoch: int, per_epoch: int, worker: int, num_workers: int) -> None:
-        self.first, self.stride, self.made = epoch * per_epoch + worker, num_workers, 0
+    def __init__(
+        self, epoch: int, per_epoch: int, worker: int, num_workers: int, offset: int = 0
+    ) -> None:
+        self.first = epoch * per_epoch + offset + worker
+        self.stride, self.made = num_workers, 0
 
     def tick(self) -> None:
         """One batch was made."""

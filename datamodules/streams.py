@@ -186,6 +186,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.epoch = SharedEpoch()
+        self.batch_offset = SharedEpoch()  # batches of the epoch done before a mid-epoch resume
         self.urls = [u for s in sources for u in s.urls]
         self.names = config.source_names()
         self.url_names = {u: n for s, n in zip(sources, self.names, strict=True) for u in s.urls}
@@ -194,9 +195,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         counts = [s.counts for s in sources]
         self.counts = None if any(c is None for c in counts) else [n for c in counts for n in c]
 
-    def set_epoch(self, epoch: int) -> None:
-        """Advance the epoch (changes shard order and shuffles; seen by persistent workers)."""
+    def set_epoch(self, epoch: int, offset: int = 0) -> None:
+        """Advance the epoch (changes shard order and shuffles; seen by persistent workers).
+
+        Args:
+            epoch: The epoch about to run.
+            offset: Batches of it already done (a run resumed mid-epoch): the mixture
+                schedule's batch clock starts there.
+        """
         self.epoch.set(epoch)
+        self.batch_offset.set(offset)
 
     def set_total_batches(self, n: int | None) -> None:
         """The run's training batches per rank, for a ``weight_schedule`` in fractions.
@@ -274,7 +282,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             return base, None
         schedule = WeightSchedule(base, cfg.weight_schedule, self.total_batches)
         per_epoch = self.batches_for(self.rank) or 0
-        clock = BatchClock(epoch, per_epoch, slot.worker, slot.num_workers)
+        clock = BatchClock(epoch, per_epoch, slot.worker, slot.num_workers, self.batch_offset.get())
         return ScheduledWeights(schedule, clock), clock
 
     def __iter__(self) -> Iterator[Any]:

@@ -144,6 +144,19 @@ class EMA(WeightAveraging):
         self._follow_until_first_update(pl_module)
         super().on_validation_epoch_start(trainer, pl_module)
 
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Keep the EMA weights in until :meth:`on_validation_end`.
+
+        Callbacks listed after this one still evaluate at the epoch end (e.g.
+        ``ZeroShotEvalCallback`` encodes its class prompts there): they must see the same weights
+        as the validation batches did.
+        """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Swap the live weights back (before ``ModelCheckpoint``, which Lightning runs last)."""
+        if self._average_model is not None:
+            self._swap_models(pl_module)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Leave the EMA weights in the module (the model's own if EMA never started)."""
         self._follow_until_first_update(pl_module)

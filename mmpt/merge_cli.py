@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -27,6 +28,12 @@ DROPPED_KEYS = (
 
 #: Checkpoint entry recording where a merged checkpoint came from.
 MERGE_KEY = "mmpt_merge"
+
+#: Integer buffers that count steps (BatchNorm): they differ between runs, so the first
+#: checkpoint's value is kept instead of refusing the merge.
+COUNTERS = ("num_batches_tracked",)
+
+log = logging.getLogger("mmpt.merge")
 
 
 def _load(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -124,7 +131,9 @@ def merge_state_dicts(
                 )
         if not ref.is_floating_point():
             for path, t in zip(paths[1:], tensors[1:], strict=True):
-                if t.dtype != ref.dtype or not torch.equal(t, ref):
+                if key.endswith(COUNTERS) and t.dtype == ref.dtype:
+                    log.warning("%s differs between checkpoints: %s's value kept", key, paths[0])
+                elif t.dtype != ref.dtype or not torch.equal(t, ref):
                     raise ValueError(
                         f"non-float tensor {key!r} ({ref.dtype}) differs between "
                         f"{paths[0]} and {path}: it cannot be averaged"

@@ -88,6 +88,17 @@ class MMPTModule(L.LightningModule):
                 "preprocess": dataclasses.asdict(tower.image_preprocess),
             }
 
+    def on_train_start(self) -> None:
+        """Tell the datamodule where the run starts (epoch, and batches of it already done).
+
+        Lightning skips ``on_train_epoch_start`` when it resumes mid-epoch, and the mixture
+        schedule must go on from the right batch.
+        """
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "set_epoch"):
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            dm.set_epoch(self.current_epoch, offset=int(done))
+
     def on_train_epoch_start(self) -> None:
         """Tell the datamodule the epoch (shard order and shuffles follow it)."""
         dm = getattr(self.trainer, "datamodule", None)

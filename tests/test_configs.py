@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from mmpt.cli import build_cli, main
+from mmpt.schedule_cli import merge
 from mmpt.synth.vocab import write_synth_tokenizer
 from tests.helpers import (
     TINY_BERT_WORDS,
@@ -38,22 +39,11 @@ def overlay_base(path: Path) -> Path | None:
     return ROOT / first[len(OVERLAY) :].strip() if first.startswith(OVERLAY) else None
 
 
-def compose(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    """``-c base -c overlay`` as a dict: mappings merge key by key, anything else replaces."""
-    out = copy.deepcopy(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = compose(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def load_recipe(path: Path) -> dict[str, Any]:
     """The recipe as written; an overlay composed on its base."""
     written = yaml.safe_load(path.read_text())
     base = overlay_base(path)
-    return compose(load_recipe(base), written) if base is not None else written
+    return merge(load_recipe(base), written) if base is not None else written
 
 
 def config_args(path: Path) -> list[str]:

@@ -213,3 +213,31 @@ def test_history_fills_gaps_and_measures_drops() -> None:
     }
     assert drops["old"]["zeroshot/top1"]["drop"] == pytest.approx(0.3)
     assert drops["new"]["loss"]["drop"] == 0.0
+
+
+def test_losses_and_ranks_are_lower_is_better_in_the_forgetting_report():
+    from mmpt.eval.forgetting import ForgettingHistory
+
+    history = ForgettingHistory()
+    history.steps = [10, 20]
+    history.values = {
+        "old": {"contrastive_loss": [2.0, 1.0], "retrieval/t2i/mean_rank": [5.0, 3.0]},
+    }
+    report = history.forgetting()["old"]
+    loss = report["contrastive_loss"]
+    assert (loss["best"], loss["drop"]) == (1.0, 0.0)  # an improvement, not forgetting
+    assert report["retrieval/t2i/mean_rank"]["best"] == 3.0
+
+
+def test_plain_val_keeps_its_keys_beside_eval_sets_and_names_are_checked():
+    from types import SimpleNamespace
+
+    from mmpt.eval.forgetting import eval_prefix, split_metric
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_set_names=["val", "old"]))
+    assert eval_prefix(trainer, "val", 0) == "val"
+    assert eval_prefix(trainer, "val", 1) == "val/old"
+    assert split_metric("val/loss", ["val", "old"]) == ("val", "loss")
+    assert split_metric("val/old/loss", ["val", "old"]) == ("old", "loss")
+    with pytest.raises(ValueError, match="reserved"):
+        ImageTextDataModule(eval_sets={"retrieval": StreamConfig(urls="x")})

@@ -199,3 +199,31 @@ def test_bad_mixing_configs_name_the_field(two_sources: list[str], changes: dict
     }
     with pytest.raises(ValueError, match=message):
         StreamConfig(**fields).sources("data.train")
+
+
+def test_batch_clock_resumes_mid_epoch_and_run_length_is_the_first_limit():
+    from types import SimpleNamespace
+
+    from mmpt.datamodules.image_text import _training_batches
+    from mmpt.datamodules.mixing import BatchClock
+
+    clock = BatchClock(epoch=2, per_epoch=20, worker=1, num_workers=2, offset=7)
+    seen = []
+    for _ in range(3):
+        seen.append(clock.batch)
+        clock.tick()
+    assert seen == [48, 50, 52]  # 2 * 20 + 7 + 1, then every other batch
+
+    class Stream:
+        def __len__(self) -> int:
+            return 20
+
+    def trainer(**kw):
+        base = dict(max_steps=-1, max_epochs=None, accumulate_grad_batches=1)
+        return SimpleNamespace(**{**base, "limit_train_batches": 1.0, **kw})
+
+    assert _training_batches(trainer(max_steps=1000, max_epochs=1), Stream()) == 20
+    assert _training_batches(trainer(max_steps=30, max_epochs=5), Stream()) == 30
+    assert _training_batches(trainer(max_epochs=3, limit_train_batches=0.5), Stream()) == 30
+    assert _training_batches(trainer(max_steps=10, accumulate_grad_batches=4), Stream()) == 40
+    assert _training_batches(trainer(), Stream()) is None

@@ -105,3 +105,27 @@ def test_speech_quickstarts_learn(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/loss")]
     speech, silent = float(rows[-1]["val/loss"]), float(rows[-1]["val/loss_no_audio"])
     assert speech < 0.75 * silent, (speech, silent)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_continual_quickstart_replay_reduces_forgetting(tmp_path: Path, monkeypatch):
+    """Domain A -> B with and without 20% replay of A: A's retrieval drops less with replay,
+    and both runs learn B."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    assert main(["fit", "-c", "configs/quickstart/clip_tiny.yaml"]) == 0
+    cfg = "configs/quickstart/continual_tiny.yaml"
+    assert main(["fit", "-c", cfg]) == 0
+    assert main(["fit", "-c", cfg, "-c", "configs/continual/no_replay.yaml"]) == 0
+
+    def final(run: str) -> dict:
+        path = sorted(tmp_path.glob(f"runs/{run}/**/eval/forgetting.json"))[-1]
+        report = json.loads(path.read_text())
+        return {s: m["retrieval/t2i/R@1"]["last"] for s, m in report["metrics"].items()}
+
+    replay, plain = final("continual_tiny"), final("continual_tiny_no_replay")
+    assert replay["A"] > plain["A"] + 0.1, (replay, plain)
+    assert min(replay["B"], plain["B"]) > 0.2, (replay, plain)

@@ -18,7 +18,8 @@ PLOT_METRICS = (
 )
 
 #: Metrics where lower is better (their "drop" is a rise).
-LOWER_IS_BETTER = ("loss", "mean_rank", "median_rank")
+#: Metric-name endings where lower is better (every loss, every rank).
+LOWER_IS_BETTER = ("loss", "_rank")
 
 
 def val_set_names(trainer: Any) -> list[str]:
@@ -57,7 +58,8 @@ def eval_prefix(trainer: Any, stage: str, dataloader_idx: int = 0) -> str:
     if stage != "val":
         return stage
     names = val_set_names(trainer)
-    return stage if len(names) <= 1 else f"{stage}/{names[dataloader_idx]}"
+    name = names[dataloader_idx] if dataloader_idx < len(names) else "val"
+    return stage if len(names) <= 1 or name == "val" else f"{stage}/{name}"
 
 
 def split_metric(key: str, names: list[str]) -> tuple[str, str] | None:
@@ -76,7 +78,9 @@ def split_metric(key: str, names: list[str]) -> tuple[str, str] | None:
     if len(names) <= 1:
         return (names[0] if names else "val"), rest
     head, _, metric = rest.partition("/")
-    return (head, metric) if head in names and metric else None
+    if head in names and head != "val" and metric:
+        return head, metric
+    return ("val", rest) if "val" in names else None  # the plain set keeps ``val/<metric>``
 
 
 @dataclass
@@ -128,7 +132,7 @@ class ForgettingHistory:
                 seen = [(v, s) for v, s in zip(series, self.steps, strict=True) if math.isfinite(v)]
                 if not seen:
                     continue
-                lower = metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+                lower = metric.rsplit("/", 1)[-1].endswith(LOWER_IS_BETTER)
                 best, best_step = (min if lower else max)(seen, key=lambda p: p[0])
                 last = seen[-1][0]
                 drop = last - best if lower else best - last

@@ -50,13 +50,13 @@ _BACKGROUND_GREY = (25, 110)
 _NOISE_STD = 4.0
 _NOISE_OFFSET = 128
 _SUPERSAMPLE = 2
-_SPLIT_STREAM = {"train": 1, "val": 2}
+_SPLIT_STREAM = {"train": 1, "val": 2}  # separate random streams: val jitter differs from train
 #: Visual domains: "plain" (grey background, true colours); "shifted" (light diagonal stripes,
 #: and every colour word drawn in the next colour of the palette: a new domain whose colour
 #: grounding conflicts with the plain one, to measure forgetting in continual pretraining).
 DOMAINS = ("plain", "shifted")
 _STRIPE = (170, 230)  # light stripe tones of the shifted background
-_STRIPE_PERIOD = 6  # output pixels  # separate random streams: val jitter differs from train
+_STRIPE_PERIOD = 6  # output pixels
 
 
 def combo_attributes(combo: int) -> dict[str, Any]:
