@@ -347,8 +347,15 @@ class MAEModule(MMPTModule):
 
     def validation_step(
         self, batch: object, batch_idx: int = 0, dataloader_idx: int = 0
-    ) -> torch.Tensor:
-        """Rank-local loss as ``val/loss`` (``val/<set>/loss``: several sets); keeps images."""
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Rank-local loss as ``val/loss`` (``val/<set>/loss``: several sets); keeps images.
+
+        Returns:
+            The loss; for a batch with some label >= 0, ``{"loss", "image_emb", "labels"}``
+            where ``image_emb`` (B, D) are the unmasked images' mean-pooled encoder features
+            (as ``mmpt eval probe --pool avg``), for the kNN probe of
+            :class:`~mmpt.eval.callback.ZeroShotEvalCallback`.
+        """
         loss = self(images := self._images(batch))[0]
         trainer = self._trainer
         key = f"{eval_prefix(trainer, 'val', dataloader_idx)}/loss"
@@ -364,7 +371,12 @@ class MAEModule(MMPTModule):
         ):
             with torch.inference_mode(False):  # a plain tensor, usable outside validation
                 self._recon_images = images[: self.log_reconstructions].detach().cpu().clone()
-        return loss
+        labels = getattr(batch, "labels", None)
+        if not torch.is_tensor(labels) or not bool((labels >= 0).any()):
+            return loss
+        with torch.no_grad():  # one extra pass of the whole (unmasked) image
+            feats = self.encoder.pooled_features(images, "avg")
+        return {"loss": loss, "image_emb": feats, "labels": labels}
 
     def on_validation_epoch_end(self) -> None:
         """Draw the kept images' reconstructions (rank 0; skipped in the sanity check)."""

@@ -138,7 +138,13 @@ def test_fit_logs_and_reports_each_set(data: dict[str, Path], tmp_path: Path) ->
     metrics = run["trainer"].callback_metrics
     assert not [k for k in metrics if "dataloader_idx" in k]
     for name in ("old", "new"):
-        for metric in ("loss", "retrieval/t2i/R@1", "retrieval/i2t/R@1", "zeroshot/top1"):
+        for metric in (
+            "loss",
+            "retrieval/t2i/R@1",
+            "retrieval/i2t/R@1",
+            "zeroshot/top1",
+            "knn/top1",
+        ):
             assert math.isfinite(float(metrics[f"val/{name}/{metric}"])), (name, metric)
     assert "val/loss" not in metrics and "val/retrieval/t2i/R@1" not in metrics
 
@@ -159,6 +165,7 @@ def test_fit_logs_and_reports_each_set(data: dict[str, Path], tmp_path: Path) ->
     for name in ("old", "new"):
         assert len(out["history"][name]["retrieval/t2i/R@1"]) == n
         assert len(out["history"][name]["loss"]) == n
+        assert len(out["history"][name]["knn/top1"]) == n
         drop = out["metrics"][name]["zeroshot/top1"]
         assert drop["drop"] == pytest.approx(drop["best"] - drop["last"])
     assert run["eval"].last_report["forgetting_json"] == tmp_path / "eval" / "forgetting.json"
@@ -241,3 +248,62 @@ def test_plain_val_keeps_its_keys_beside_eval_sets_and_names_are_checked():
     assert split_metric("val/old/loss", ["val", "old"]) == ("old", "loss")
     with pytest.raises(ValueError, match="reserved"):
         ImageTextDataModule(eval_sets={"retrieval": StreamConfig(urls="x")})
+
+
+# --- kNN probe per set, also for models without text (MAE) ----------------------------------
+
+
+class _FeaturesOnly(L.LightningModule):
+    """Returns only features and labels, like an MAE: no text, no zero-shot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        x, y = batch
+        return {"features": x * self.scale, "labels": y}
+
+
+def test_knn_probe_per_set_without_text(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(4)
+    feats = torch.eye(3, 8)[labels] * 5 + 0.1 * torch.randn(12, 8, generator=gen)
+    unlabelled = TensorDataset(feats, -torch.ones(12, dtype=torch.long))
+    loaders = [DataLoader(TensorDataset(feats, labels), batch_size=5), DataLoader(unlabelled)]
+    evaluator = ZeroShotEvalCallback(knn_k=3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[evaluator],
+    )
+    trainer.validate(_FeaturesOnly(), dataloaders=loaders)
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/set0/knn/top1"]) == 1.0
+    assert "val/set1/knn/top1" not in metrics  # no labels: no probe
+    assert not [k for k in metrics if "retrieval" in k or "zeroshot" in k]
+    assert evaluator.history.values["set0"]["knn/top1"] == [1.0]
+
+
+def test_mae_validation_step_returns_pooled_features_with_labels() -> None:
+    from mmpt.batch import ImageTextBatch
+    from mmpt.eval.callback import embedding_outputs
+    from mmpt.models.mae import MAEModule
+
+    kwargs = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    tower = TimmVisionTower("vit_tiny_patch16_224", image_size=32, embed_dim=0, model_kwargs=kwargs)
+    model = MAEModule(tower, decoder_dim=16, decoder_depth=1, decoder_heads=2).eval()
+    images = torch.randn(3, 3, 32, 32)
+    tokens = torch.zeros(3, 4, dtype=torch.long)
+    batch = ImageTextBatch(images, tokens, torch.arange(3), labels=torch.tensor([0, 1, -1]))
+    out = model.validation_step(batch, 0)
+    assert out["image_emb"].shape == (3, 32) and torch.isfinite(out["loss"])
+    assert torch.allclose(out["image_emb"], tower.pooled_features(images, "avg"))
+    assert embedding_outputs(out)["text_emb"].shape == (0, 32)
+    unlabelled = ImageTextBatch(images, tokens, torch.arange(3), labels=-torch.ones(3).long())
+    assert torch.is_tensor(model.validation_step(unlabelled, 0))  # loss only, as before

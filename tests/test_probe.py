@@ -158,3 +158,45 @@ def test_probe_metrics_hand_worked() -> None:
     assert out["mean_per_class_recall"] == pytest.approx((0.5 + 0.5 + 0.75) / 3)
     with pytest.raises(ValueError):
         probe_metrics(torch.tensor([0]), torch.tensor([4]), num_classes=4)
+
+
+# --- leave-one-out kNN (the per-set probe of the evaluation callback) ------------------------
+
+
+def test_knn_top1_loo_separable_and_shuffled() -> None:
+    from mmpt.eval.probe import knn_top1_loo
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.eye(4, 16) * 10
+    labels = torch.arange(4).repeat_interleave(50)
+    feats = centres[labels] + torch.randn(200, 16, generator=gen)
+    assert knn_top1_loo(feats, labels, k=5) == 1.0
+    shuffled = labels[torch.randperm(200, generator=gen)]
+    assert abs(knn_top1_loo(feats, shuffled, k=5) - 0.25) < 0.12  # about chance
+    # Unlabelled rows (-1) take no part; too few rows or one class gives NaN.
+    assert (
+        knn_top1_loo(torch.cat([feats, feats[:3]]), torch.cat([labels, -torch.ones(3).long()]))
+        == 1.0
+    )
+    assert math.isnan(knn_top1_loo(feats[:1], labels[:1]))
+    assert math.isnan(knn_top1_loo(feats[:50], labels[:50]))
+
+
+def test_knn_exclude_self_masks_each_rows_own_row() -> None:
+    feats = _unit([0, 0, 90, 91])
+    labels = torch.tensor([0, 0, 1, 1])
+    # Without exclusion each row is its own nearest neighbour; with it, row 0's nearest is its
+    # duplicate row 1 and row 2's is row 3.
+    assert knn_classify(feats, labels, feats, k=1).tolist() == [0, 0, 1, 1]
+    lone = _unit([0, 45, 90])
+    lone_y = torch.tensor([0, 1, 2])
+    assert knn_classify(lone, lone_y, lone, k=1).tolist() == [0, 1, 2]
+    loo = knn_classify(lone, lone_y, lone, k=1, exclude_self=True).tolist()
+    assert loo[0] == 1 and loo[2] == 1 and loo[1] in (0, 2)  # never itself
+    dup = _unit([0, 0, 90])
+    dup_y = torch.tensor([0, 1, 1])  # row 1 duplicates row 0 with another label
+    assert knn_classify(dup, dup_y, dup, k=1, exclude_self=True).tolist()[:2] == [1, 0]
+    # k is capped at N - 1; shapes must match.
+    assert knn_classify(feats, labels, feats, k=10, exclude_self=True).shape == (4,)
+    with pytest.raises(ValueError, match="exclude_self"):
+        knn_classify(feats, labels, feats[:2], exclude_self=True)

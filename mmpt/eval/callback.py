@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 
 from mmpt.eval.embed import EmbeddingAccumulator, Embeddings, EvalResult, evaluate
 from mmpt.eval.forgetting import PLOT_METRICS, ForgettingHistory, eval_prefix, val_set_names
+from mmpt.eval.probe import knn_top1_loo
 from mmpt.eval.report import plot_confusion_matrix, plot_recall_curves, write_json
 
 log = logging.getLogger("mmpt.eval")
@@ -28,6 +30,11 @@ class ZeroShotEvalCallback(L.Callback):
     ``<log_dir>/eval/<set>/`` (several, ``data.eval_sets``), whose metrics are logged as
     ``val/<set>/...``.
 
+    With ``knn`` each set whose labels (>= 0) span at least two classes also gets
+    ``knn/top1``: leave-one-out cosine kNN top-1 on the image (item) embeddings, a frozen-feature
+    probe that needs no text. A model without text (e.g. MAE) may return only ``image_emb`` (or
+    ``features``) and ``labels``: such a set gets the kNN metric only.
+
     Every validation metric of every set (the model's losses too) is kept with the global
     step; at the end of fit ``<log_dir>/eval/forgetting.json`` (history, and per set and metric
     the drop from its best value to its last) and ``forgetting.png`` are written (rank 0), by
@@ -42,6 +49,8 @@ class ZeroShotEvalCallback(L.Callback):
             default) with several validation sets only, True always, False never.
         plot_metrics: Metrics drawn in ``forgetting.png`` (default
             :data:`~mmpt.eval.forgetting.PLOT_METRICS`), those logged by the run.
+        knn: Log the leave-one-out kNN probe ``knn/top1`` of labelled sets.
+        knn_k: Neighbours of the kNN probe.
     """
 
     def __init__(
@@ -52,12 +61,15 @@ class ZeroShotEvalCallback(L.Callback):
         write_reports: bool = True,
         track_forgetting: bool | None = None,
         plot_metrics: list[str] | None = None,
+        knn: bool = True,
+        knn_k: int = 5,
     ) -> None:
         self.retrieval, self.classification = retrieval, classification
         self.ks = tuple(ks or (1, 5, 10))
         self.write_reports = write_reports
         self.track_forgetting = track_forgetting
         self.plot_metrics = tuple(plot_metrics or PLOT_METRICS)
+        self.knn, self.knn_k = knn, knn_k
         self._accs: dict[int, EmbeddingAccumulator] = {}
         self.history = ForgettingHistory()
         self.last_report: dict[str, Path] = {}
@@ -76,7 +88,8 @@ class ZeroShotEvalCallback(L.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         """Keep the batch's embeddings, in its dataloader's accumulator."""
-        if isinstance(outputs, dict) and "image_emb" in outputs:
+        outputs = embedding_outputs(outputs)
+        if outputs is not None:
             self._accs.setdefault(dataloader_idx, EmbeddingAccumulator()).add(outputs)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -126,6 +139,10 @@ class ZeroShotEvalCallback(L.Callback):
             prefix = eval_prefix(trainer, stage, idx)
             several = prefix != stage
             result = self._evaluate(pl_module, emb, meta)
+            if self.knn:
+                top1 = knn_top1_loo(emb.image, emb.labels, self.knn_k)
+                if math.isfinite(top1):
+                    result.metrics["knn/top1"] = top1
             for name, value in result.metrics.items():
                 pl_module.log(
                     f"{prefix}/{name}", value, rank_zero_only=True, add_dataloader_idx=False
@@ -143,6 +160,8 @@ class ZeroShotEvalCallback(L.Callback):
 
     def _evaluate(self, pl_module: L.LightningModule, emb: Embeddings, meta: dict) -> EvalResult:
         """Retrieval and zero-shot classification of one set's gathered embeddings."""
+        if emb.text.shape[0] == 0 and emb.text_to_image.shape[0] == 0:  # no text: kNN only
+            return EvalResult(metrics={})
         zeroshot = meta.get("zeroshot") if self.classification else None
         tokenizer = pl_module.preprocess.tokenizer
 
@@ -151,6 +170,30 @@ class ZeroShotEvalCallback(L.Callback):
 
         with torch.no_grad():
             return evaluate(emb, encode_text, zeroshot, retrieval=self.retrieval, ks=self.ks)
+
+
+def embedding_outputs(outputs: Any) -> dict[str, torch.Tensor] | None:
+    """A validation step's outputs as :class:`EmbeddingAccumulator` input, or None.
+
+    Image-text outputs (``image_emb``, ``text_emb``, ``text_to_image``, ``labels``) pass as
+    they are. Outputs without ``text_emb`` need ``image_emb`` (or ``features``) (B, D) and
+    ``labels`` (B,): they get an empty (0, D) text set, so only the kNN probe applies.
+    """
+    if not isinstance(outputs, dict):
+        return None
+    image = outputs.get("image_emb", outputs.get("features"))
+    if image is None:
+        return None
+    if "text_emb" in outputs:
+        return {**outputs, "image_emb": image}
+    if "labels" not in outputs:
+        return None
+    return {
+        "image_emb": image,
+        "text_emb": image.new_zeros(0, image.shape[-1]),
+        "text_to_image": torch.zeros(0, dtype=torch.long, device=image.device),
+        "labels": outputs["labels"],
+    }
 
 
 def write_reports(result: EvalResult, out_dir: Path, name: str, **context: Any) -> dict[str, Path]:

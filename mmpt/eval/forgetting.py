@@ -15,6 +15,7 @@ PLOT_METRICS = (
     "retrieval/t2i/R@1",
     "retrieval/i2t/R@1",
     "zeroshot/top1",
+    "knn/top1",
 )
 
 #: Metrics where lower is better (their "drop" is a rise).

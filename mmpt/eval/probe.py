@@ -45,6 +45,7 @@ def knn_classify(
     num_classes: int | None = None,
     temperature: float | None = None,
     chunk_size: int = 4096,
+    exclude_self: bool = False,
 ) -> Tensor:
     """Cosine-similarity k-nearest-neighbour classification on frozen features.
 
@@ -61,6 +62,10 @@ def knn_classify(
 
     Test rows are processed ``chunk_size`` at a time, so memory is O(chunk_size * N).
 
+    With ``exclude_self`` the test rows are the training rows (leave-one-out): test row ``i``
+    never takes training row ``i`` as a neighbour (its similarity is set to -inf before the
+    top k), so at most ``N - 1`` neighbours are used. Other rows equal to row ``i`` still count.
+
     Args:
         train_feats: Float tensor (N, D).
         train_labels: Long tensor (N,) of class ids in [0, C).
@@ -69,12 +74,15 @@ def knn_classify(
         num_classes: C; defaults to ``train_labels.max() + 1``.
         temperature: Optional T > 0 for similarity-weighted votes.
         chunk_size: Test rows per similarity block, >= 1.
+        exclude_self: Leave-one-out: ``test_feats`` holds the same N rows as ``train_feats``
+            (same shape required, N >= 2) and each row's own row is masked out.
 
     Returns:
         Long tensor (M,) of predicted class ids, on the CPU.
 
     Raises:
-        ValueError: On malformed shapes, labels, ``k``, ``temperature`` or ``chunk_size``.
+        ValueError: On malformed shapes, labels, ``k``, ``temperature`` or ``chunk_size``
+            (or, with ``exclude_self``, test and train shapes that differ or N < 2).
 
     """
     _check_features(train_feats, train_labels, test_feats)
@@ -85,15 +93,24 @@ def knn_classify(
     c = int(train_labels.max()) + 1 if num_classes is None else num_classes
     if int(train_labels.max()) >= c:
         raise ValueError(f"train_labels must lie in [0, {c})")
+    if exclude_self and (test_feats.shape != train_feats.shape or train_feats.shape[0] < 2):
+        raise ValueError(
+            "exclude_self needs test_feats to be the same N >= 2 rows as train_feats, got "
+            f"{tuple(train_feats.shape)} and {tuple(test_feats.shape)}"
+        )
     train = _normalise(train_feats)
     device = train.device
     test = _normalise(test_feats).to(device, train.dtype)
     labels = train_labels.to(device, torch.long)
-    k = min(k, train.shape[0])
+    k = min(k, train.shape[0] - int(exclude_self))
     class_ids = torch.arange(c, device=device)
     preds = []
     for r0, r1 in _spans(test.shape[0], chunk_size):
-        sims, idx = (test[r0:r1] @ train.T).topk(k, dim=1)  # (R, k) each
+        block = test[r0:r1] @ train.T  # (R, N)
+        if exclude_self:
+            rows = torch.arange(r1 - r0, device=device)
+            block[rows, rows + r0] = -math.inf
+        sims, idx = block.topk(k, dim=1)  # (R, k) each
         sims = sims.double()
         neigh = labels[idx]  # (R, k)
         if temperature is None:
@@ -109,6 +126,29 @@ def knn_classify(
     if not preds:
         return torch.empty(0, dtype=torch.long)
     return torch.cat(preds).cpu()
+
+
+def knn_top1_loo(feats: Tensor, labels: Tensor, k: int = 5) -> float:
+    """Leave-one-out cosine kNN top-1 accuracy of a labelled feature set.
+
+    Only rows with a label >= 0 take part; each is classified by its ``k`` nearest other
+    labelled rows (:func:`knn_classify` with ``exclude_self``, majority vote).
+
+    Args:
+        feats: Float tensor (N, D).
+        labels: Integer tensor (N,), -1 (any negative) where unknown.
+        k: Number of neighbours, >= 1.
+
+    Returns:
+        Fraction of labelled rows whose prediction is their label; NaN with fewer than two
+        labelled rows or a single class.
+    """
+    keep = labels >= 0
+    feats, labels = feats[keep], labels[keep].long()
+    if labels.numel() < 2 or labels.unique().numel() < 2:
+        return math.nan
+    pred = knn_classify(feats, labels, feats, k=k, exclude_self=True)
+    return float((pred == labels.cpu()).double().mean())
 
 
 def standardise(
