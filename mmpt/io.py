@@ -4,27 +4,34 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part.
+def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], binary: bool = True) -> Path:
+    """Write ``path`` so readers see the old file or the whole new one, never a part.
 
-    Writes a temporary file in the same folder, fsyncs it and renames it over ``path``. The
-    file gets the usual permissions (0666 minus the umask), not mkstemp's private 0600.
+    ``write`` fills a temporary file in the same folder, which is fsynced and renamed over
+    ``path`` (a crash mid-write leaves the old file). The file gets the usual permissions (0666
+    minus the umask), not mkstemp's private 0600. The folder is created if needed.
 
     Args:
         path: Destination file.
-        text: Content, written as UTF-8.
+        write: Writes the content to the open temporary file.
+        binary: Open the temporary file in binary mode (else UTF-8 text).
 
     Returns:
         ``path`` as a Path.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(
+            fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})
+        ) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -35,3 +42,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mmpt.io import atomic_torch_save
 
 #: Training state a merged model must not resume from: optimizer moments and LR schedule of
 #: the first run, loop progress, callback state, and the live weights that ``WeightAveraging``
@@ -192,29 +192,6 @@ def merge_checkpoints(
     return out
 
 
-def save_atomic(obj: object, path: str | Path) -> Path:
-    """``torch.save`` to a temp file beside ``path``, then rename it over ``path``.
-
-    Readers see the old file or the whole new one; the folder is created if needed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmpt merge",
@@ -243,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     normalize = not args.no_normalize
     try:
         out = merge_checkpoints(args.ckpt, args.weights, normalize=normalize)
-        save_atomic(out, args.out)
+        atomic_torch_save(out, args.out)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
