@@ -77,6 +77,9 @@ def _make_cli(args: list[str] | None, run: bool) -> MMPTCLI:
         run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        # Checkpoints are written atomically (mmpt/checkpoint_io.py). A config's or the command
+        # line's `trainer.plugins` replaces this default: list AtomicCheckpointIO there to keep it.
+        trainer_defaults={"plugins": {"class_path": "mmpt.checkpoint_io.AtomicCheckpointIO"}},
     )
 
 
