@@ -170,13 +170,7 @@ class AudioTextDataModule(ShardDataModule):
         Raises:
             ValueError: The model gives none (no audio input).
         """
-        pre = self.preprocess.audio if self.preprocess is not None else None
-        if pre is None:
-            raise ValueError(
-                "the model gives no audio preprocessing: AudioTextDataModule needs a model with "
-                "an audio tower (data.preprocess is linked from the model's preprocess)"
-            )
-        return pre
+        return self.required_preprocess("audio", "an audio tower")
 
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
         """Build the stream of one split (also used by ``mmpt eval`` on arbitrary shards).

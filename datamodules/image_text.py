@@ -11,8 +11,6 @@ import abc
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,59 +19,11 @@ import torch
 from mmpt.batch import ImageTextBatch
 from mmpt.datamodules.decode import read_captions, read_label
 from mmpt.datamodules.streams import ShardStream, StreamConfig, make_loader
+from mmpt.datamodules.synthetic import SyntheticData, synthetic_specs
 from mmpt.datamodules.transforms import ImageReader, normalize_for
 from mmpt.preprocess import ImagePreprocess, Preprocess, Tokenizer
 
 log = logging.getLogger("mmpt.data")
-
-
-@dataclass
-class SyntheticData:
-    """Generate a synthetic dataset into ``out`` when its shards are missing.
-
-    Attributes:
-        kind: Dataset kind, as in ``mmpt data synth --kind``.
-        out: Folder that receives ``train/`` and ``val/``.
-        train_samples: Training samples to render.
-        image_size: Rendered image size in pixels.
-        seed: Generator seed (the data is a pure function of it).
-    """
-
-    kind: str = "image-text"
-    out: str = "data/shapes"
-    train_samples: int = 6000
-    image_size: int = 64
-    seed: int = 0
-
-    def ensure(self) -> None:
-        """Render the set into ``out`` unless its train index and tokenizer exist."""
-        out = Path(self.out)
-        if (out / "train" / "index.json").exists() and (out / "tokenizer").is_dir():
-            return
-        import inspect
-
-        from mmpt.synth import SYNTH_KINDS, make_synthetic
-
-        log.info("synthetic data missing: generating %s into %s", self.kind, self.out)
-        options = {"train_samples": self.train_samples, "image_size": self.image_size}
-        options["seed"] = self.seed
-        if self.kind in SYNTH_KINDS:  # an unknown kind gets make_synthetic's error
-            accepted = inspect.signature(SYNTH_KINDS[self.kind]).parameters
-            options = {k: v for k, v in options.items() if k in accepted}
-        make_synthetic(self.kind, self.out, **options)
-
-
-def synthetic_specs(value: Any) -> list[SyntheticData]:
-    """``data.synthetic`` as a list of :class:`SyntheticData` (from objects or parsed dicts)."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else [value]
-    out = []
-    for v in items:
-        if not isinstance(v, SyntheticData):
-            v = SyntheticData(**(v.as_dict() if hasattr(v, "as_dict") else dict(v)))
-        out.append(v)
-    return out
 
 
 class ImageTextSample:
@@ -189,6 +139,24 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
     @abc.abstractmethod
     def normalize(self, batch: Any) -> Any:
         """Turn a batch's worker-side pixels into model inputs (on the device)."""
+
+    def required_preprocess(self, part: str, need: str) -> Any:
+        """The model's ``preprocess.<part>`` (``image``, ``audio`` ...).
+
+        Args:
+            part: Attribute of the model's preprocessing.
+            need: What the model must have, for the error (e.g. ``an audio tower``).
+
+        Raises:
+            ValueError: The model gives none.
+        """
+        pre = getattr(self.preprocess, part, None) if self.preprocess is not None else None
+        if pre is None:
+            raise ValueError(
+                f"the model gives no {part} preprocessing: {type(self).__name__} needs a model "
+                f"with {need} (data.preprocess is linked from the model's preprocess)"
+            )
+        return pre
 
     def prepare_data(self) -> None:
         """Render the synthetic set (rank 0 only) if it is configured and missing."""

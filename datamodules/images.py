@@ -108,13 +108,7 @@ class ImageDataModule(ShardDataModule):
         Raises:
             ValueError: The model gives none (no image input).
         """
-        pre = self.preprocess.image if self.preprocess is not None else None
-        if pre is None:
-            raise ValueError(
-                "the model gives no image preprocessing: ImageDataModule needs a model with an "
-                "image input (data.preprocess is linked from the model's preprocess)"
-            )
-        return pre
+        return self.required_preprocess("image", "an image input")
 
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
         """Build the stream of one split (also used by the probe CLI on arbitrary shards).
