@@ -18,7 +18,9 @@ import torch
 
 from mmpt.batch import ImageTextBatch
 from mmpt.datamodules.decode import read_captions, read_label
-from mmpt.datamodules.streams import ShardStream, StreamConfig, make_loader
+from mmpt.datamodules.loader import make_loader, training_batches
+from mmpt.datamodules.resume import StreamPosition
+from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.synthetic import SyntheticData, synthetic_specs
 from mmpt.datamodules.transforms import ImageReader, normalize_for
 from mmpt.preprocess import ImagePreprocess, Preprocess, Tokenizer
@@ -131,6 +133,7 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         self.val_meta: dict = {}
         self.val_set_names: list[str] = []
         self.val_metas: list[dict] = []
+        self.position = StreamPosition()  # of the training stream, saved in checkpoints
 
     @abc.abstractmethod
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
@@ -164,7 +167,7 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
             spec.ensure()
 
     def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def setup(self, stage: str | None = None) -> None:
@@ -211,8 +214,21 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
             self.train_stream.set_epoch(epoch, offset)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Normalise the batch on the device (once per batch)."""
+        """Note a training batch's stream position, then normalise it on the device."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            self.position.record(batch)
         return self.normalize(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position on every rank (exact mid-epoch resume)."""
+        if self.train_stream is None:
+            return {}
+        return self.position.state_dict(self.train_stream, *self._world())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's stream position for the training loader."""
+        self.position.load_state_dict(state_dict)
 
     def _pin(self) -> bool:
         return torch.cuda.is_available()
@@ -221,10 +237,13 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         """Training batches; errors if no ``data.train`` is configured."""
         if self.train_stream is None:
             raise ValueError("no training data: set data.train.urls (or data.synthetic)")
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer
         if trainer is not None:  # mixture schedules given as fractions of the run need its length
-            self.train_stream.set_total_batches(_training_batches(trainer, self.train_stream))
-        return make_loader(self.train_stream, self.num_workers, self._pin())
+            self.train_stream.set_total_batches(training_batches(trainer, self.train_stream))
+        loader = make_loader(self.train_stream, self.num_workers, self._pin())
+        self.train_stream.track = True
+        self.position.apply(self.train_stream, *self._world())
+        return loader
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         """Validation batches: one loader (``val`` alone), a list (eval sets), or none.
@@ -246,32 +265,6 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         """Prediction batches: the test stream (``data.test``, else ``data.val``)."""
         return self.test_dataloader()
-
-
-def _training_batches(trainer: L.Trainer, stream: ShardStream) -> int | None:
-    """Training batches of the run per rank: the first of max_steps and max_epochs to stop it.
-
-    Args:
-        trainer: The trainer (``max_steps``, ``max_epochs``, ``limit_train_batches``,
-            ``accumulate_grad_batches``).
-        stream: The training stream (its per-epoch batch count, when known).
-
-    Returns:
-        Batches, or None when the run has no known length.
-    """
-    limits = []
-    if trainer.max_steps and trainer.max_steps > 0:
-        limits.append(trainer.max_steps * trainer.accumulate_grad_batches)
-    try:
-        per_epoch = len(stream)
-    except TypeError:  # a packed stream in plain mode: its batch count is unknown
-        per_epoch = None
-    limit = trainer.limit_train_batches
-    if per_epoch is not None and limit is not None:
-        per_epoch = min(per_epoch, limit if isinstance(limit, int) else int(per_epoch * limit))
-    if per_epoch is not None and trainer.max_epochs and trainer.max_epochs > 0:
-        limits.append(trainer.max_epochs * per_epoch)
-    return min(limits) if limits else None
 
 
 class ImageTextDataModule(ShardDataModule):

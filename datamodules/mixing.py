@@ -263,13 +263,15 @@ def is_replay(i: int, fraction: float) -> bool:
     return math.floor((i + 1) * fraction) > math.floor(i * fraction)
 
 
-def interleave(main: Iterator[Any], replay: Iterator[Any], fraction: float) -> Iterator[Any]:
+def interleave(
+    main: Iterator[Any], replay: Iterator[Any], fraction: float, start: int = 0
+) -> Iterator[Any]:
     """Items of ``main`` with ``fraction`` of all items from ``replay`` credited in between.
 
     Ends when ``main`` does (replay is endless), after the replay items credited before the
-    next main item.
+    next main item. ``start`` is the item index to begin at (a resumed worker's).
     """
-    for i in itertools.count():
+    for i in itertools.count(start):
         if is_replay(i, fraction):
             yield next(replay)
             continue

@@ -9,33 +9,33 @@ several weighted sources and mixes them per sample, for a fixed number of sample
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch.utils.data
 
 from mmpt.datamodules.mixing import (
     BatchClock,
-    MixPoint,
-    ReplayConfig,
     ScheduledWeights,
     SourceTally,
     Tagged,
     WeightSchedule,
-    as_dataclass,
-    check_replay,
-    check_schedule,
-    check_weights,
     combined_items,
-    default_names,
     interleave,
     resampled_mix,
     tag,
+)
+from mmpt.datamodules.resume import (
+    Held,
+    ReplayedClock,
+    WorkerPosition,
+    WorkerTracker,
+    fingerprint,
 )
 from mmpt.datamodules.stages import (
     SharedEpoch,
@@ -48,89 +48,15 @@ from mmpt.datamodules.stages import (
     shuffle,
     split_shards,
 )
-from mmpt.datamodules.urls import ResolvedSource, resolve_source
+from mmpt.datamodules.stream_config import StreamConfig
+from mmpt.datamodules.urls import ResolvedSource
+
+__all__ = ["ShardStream", "StreamConfig"]
 
 log = logging.getLogger("mmpt.data")
 
 #: Offset of the replay streams' seed from the stream's seed (independent of the main draws).
 REPLAY_SEED = 0x5EED
-
-
-@dataclass
-class StreamConfig:
-    """Where a split's samples come from and how they are drawn.
-
-    Attributes:
-        urls: One source (folder, file, glob, brace pattern, ``pipe:`` or fsspec URL), or a list
-            of sources (mixed by ``weights`` when resampled, concatenated otherwise).
-        weights: One weight per source; needs ``resampled: true``.
-        resampled: Draw shards with replacement (endless; needs ``epoch_samples``).
-        epoch_samples: Samples per epoch over all ranks (resampled mode), replay included.
-        shuffle_buffer: Sample shuffle buffer per worker (0: keep order); in resampled mode
-            one per source (and one per replay source), so a schedule acts without delay.
-        shuffle_shards: Shuffle each worker's shard order every epoch.
-        names: One name per source for logs (``data/mix/<name>``); default: each source's
-            folder name, made unique.
-        weight_schedule: Weights that change over the run (:class:`MixPoint` list, increasing
-            ``at``); ``weights`` (default: equal) hold before the first point. Needs
-            ``resampled: true``.
-        replay: A fixed fraction of every batch drawn from old data (:class:`ReplayConfig`).
-    """
-
-    urls: str | list[str]
-    weights: list[float] | None = None
-    resampled: bool = False
-    epoch_samples: int | None = None
-    shuffle_buffer: int = 1000
-    shuffle_shards: bool = True
-    names: list[str] | None = None
-    weight_schedule: list[MixPoint] | None = None
-    replay: ReplayConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.weight_schedule is not None:
-            self.weight_schedule = [as_dataclass(p, MixPoint) for p in self.weight_schedule]
-        self.replay = as_dataclass(self.replay, ReplayConfig)
-
-    def specs(self) -> list[str]:
-        """The source specs as a list."""
-        return [self.urls] if isinstance(self.urls, str) else list(self.urls)
-
-    def source_names(self) -> list[str]:
-        """The log name of every source (``names``, else derived from the specs)."""
-        return list(self.names) if self.names is not None else default_names(self.specs())
-
-    def sources(self, field: str) -> list[ResolvedSource]:
-        """Resolve and check every source, replay included (errors name ``field``)."""
-        specs = self.specs()
-        if not specs:
-            raise ValueError(f"{field}.urls is empty: give at least one shard source")
-        if self.weights is not None:
-            check_weights(self.weights, len(specs), f"{field}.weights")
-            if not self.resampled:
-                raise ValueError(f"{field}.weights needs {field}.resampled: true")
-        if self.resampled and not self.epoch_samples:
-            raise ValueError(f"{field}.resampled: true needs {field}.epoch_samples (an epoch size)")
-        if self.weight_schedule is not None:
-            if not self.resampled:
-                raise ValueError(f"{field}.weight_schedule needs {field}.resampled: true")
-            check_schedule(self.weight_schedule, len(specs), field)
-        names = self.source_names()
-        if len(names) != len(specs) or len(set(names)) != len(names) or not all(names):
-            raise ValueError(f"{field}.names must be {len(specs)} distinct non-empty names")
-        if self.replay is not None:
-            self.replay_sources(f"{field}.replay", names)
-        urls_field = field if field.startswith("--") else f"{field}.urls"
-        return [resolve_source(s, urls_field) for s in specs]
-
-    def replay_sources(
-        self, field: str = "replay", names: list[str] | None = None
-    ) -> list[ResolvedSource]:
-        """Check ``replay`` and resolve its sources (errors name ``field``, e.g. ``x.replay``)."""
-        if self.replay is None:
-            return []
-        specs = check_replay(self.replay, field, names or self.source_names())
-        return [resolve_source(s, f"{field}.urls") for s in specs]
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -192,6 +118,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.url_names = {u: n for s, n in zip(sources, self.names, strict=True) for u in s.urls}
         self.replay_sources = config.replay_sources()
         self.total_batches: int | None = None
+        self.track = False  # attach each batch's position (the training stream; see resume.py)
+        self.resume_epoch: int | None = None
+        self.resume: dict[int, WorkerPosition] = {}
         counts = [s.counts for s in sources]
         self.counts = None if any(c is None for c in counts) else [n for c in counts for n in c]
 
@@ -274,27 +203,61 @@ class ShardStream(torch.utils.data.IterableDataset):
         quotas = self.worker_quotas(self.rank)
         return None if quotas is None else quotas[slot.worker]
 
-    def _main_weights(self, slot: Slot, epoch: int) -> tuple[Any, BatchClock | None]:
-        """Main-source weights (a callable following the clock with a schedule) and the clock."""
+    def resume_from(self, epoch: int, workers: dict[int, WorkerPosition]) -> None:
+        """Take up epoch ``epoch`` where a checkpoint left each worker (before iterating).
+
+        Workers of that epoch without a position start it from the beginning; later epochs
+        are not affected.
+        """
+        self.resume_epoch, self.resume = epoch, dict(workers)
+
+    def fingerprint(self) -> str:
+        """What a saved position depends on (shards, seed, batch size, stream settings)."""
+        cfg = self.config
+        replay = dataclasses.asdict(cfg.replay) if cfg.replay is not None else None
+        return fingerprint(
+            urls=self.urls, seed=self.seed, batch_size=self.batch_size, partial=self.partial,
+            resampled=cfg.resampled, epoch_samples=cfg.epoch_samples, weights=cfg.weights,
+            shuffle_buffer=cfg.shuffle_buffer, shuffle_shards=cfg.shuffle_shards, replay=replay,
+        )  # fmt: skip
+
+    def _main_weights(
+        self, slot: Slot, epoch: int, tracker: WorkerTracker, start: WorkerPosition | None
+    ) -> tuple[Any, Any]:
+        """Main-source weights (a callable following the clock with a schedule) and the clock.
+
+        A resumed worker's clock goes on from its batches done, and while the stream
+        fast-forwards it gives every old draw the batch (so the weights) it had.
+        """
         cfg = self.config
         base = cfg.weights or [1.0] * len(self.sources)
         if not cfg.weight_schedule:
             return base, None
         schedule = WeightSchedule(base, cfg.weight_schedule, self.total_batches)
         per_epoch = self.batches_for(self.rank) or 0
-        clock = BatchClock(epoch, per_epoch, slot.worker, slot.num_workers, self.batch_offset.get())
+        offset = self.batch_offset.get() if start is None else 0
+        clock: Any = BatchClock(epoch, per_epoch, slot.worker, slot.num_workers, offset)
+        if start is not None:
+            clock.made = start.batches
+            clock = ReplayedClock(clock, tracker.main, start.ends or [])
         return ScheduledWeights(schedule, clock), clock
 
-    def __iter__(self) -> Iterator[Any]:
-        slot = Slot.current(self.rank, self.world_size)
-        epoch = self.epoch.get()
-        counter = SkipCounter()
+    def _start(self, slot: Slot, epoch: int) -> WorkerPosition | None:
+        """Where this worker takes up ``epoch`` (None: a fresh epoch, not a resumed one)."""
+        if self.resume_epoch != epoch:
+            return None
+        return self.resume.get(slot.worker) or WorkerPosition(slot.worker, epoch)
+
+    def _pairs(
+        self, slot: Slot, epoch: int, counter: SkipCounter, tracker: WorkerTracker,
+        start: WorkerPosition | None,
+    ) -> tuple[Iterator[tuple[str, Any]], list[str], Any]:  # fmt: skip
+        """The worker's decoded ``(source name, item)`` stream, its source names and clock."""
+        cfg, buf = self.config, self.config.shuffle_buffer
         rng = random.Random(slot.seed(self.seed, epoch))
-        cfg = self.config
-        quota = self.worker_quota(slot)
-        clock, buf = None, cfg.shuffle_buffer
+        clock = None
         if cfg.resampled:
-            weights, clock = self._main_weights(slot, epoch)
+            weights, clock = self._main_weights(slot, epoch, tracker, start)
             samples = resampled_mix(self.sources, self.names, weights, buf, rng, counter)
         else:
             mine = [self.urls[i] for i in self.shards_for(slot)]
@@ -304,10 +267,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             # quota does it top up from the start, so every rank runs the same number of steps.
             # Each pass is shuffled on its own: the buffer never pulls a top-up pass's samples
             # in ahead of the first pass's last ones.
-            passes = 1 if quota is None else None
+            passes = 1 if self.worker_quota(slot) is None else None
             samples = repeat_passes(lambda: shuffle(read_shards(mine, counter), buf, rng), passes)
             samples = tag(samples, self.url_names)
-        pairs = map_skipping(samples, Tagged(self.sample_fn), counter)
+        decode = Held(Tagged(self.sample_fn), tracker.ledger, "main")
+        pairs = map_skipping(tracker.main(samples), decode, counter)
         names = list(self.names)
         if cfg.replay is not None:
             replay, n = cfg.replay, len(self.replay_sources)
@@ -315,9 +279,23 @@ class ShardStream(torch.utils.data.IterableDataset):
             weights = replay.weights or [1.0] * n
             names_r = [replay.name] * n
             old = resampled_mix(self.replay_sources, names_r, weights, buf, replay_rng, counter)
-            replayed = map_skipping(old, Tagged(self.sample_fn), counter)
-            pairs = interleave(pairs, replayed, cfg.replay.fraction)
-            names.append(cfg.replay.name)
+            decode_r = Held(Tagged(self.sample_fn), tracker.ledger, "replay")
+            replayed = map_skipping(tracker.replay(old), decode_r, counter)
+            mixed = interleave(pairs, replayed, replay.fraction, start=tracker.mixed_start)
+            pairs = tracker.count_mixed(mixed)
+            names.append(replay.name)
+        return pairs, names, clock
+
+    def __iter__(self) -> Iterator[Any]:
+        slot = Slot.current(self.rank, self.world_size)
+        epoch = self.epoch.get()
+        start = self._start(slot, epoch)
+        tracker = WorkerTracker(slot.worker, epoch, start, bool(self.config.weight_schedule))
+        counter = SkipCounter()
+        quota = self.worker_quota(slot)
+        if quota is not None and start is not None:
+            quota = max(0, quota - start.batches)
+        pairs, names, clock = self._pairs(slot, epoch, counter, tracker, start)
         tally = SourceTally(pairs, names)
         if self.batcher is not None:
             batches = self.batcher(iter(tally))
@@ -338,6 +316,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             pending = self.collate_fn(items_batch)
             if self.mixes:
                 pending.mix = mixed
+            position = tracker.batch_made(pending.keys)
+            if self.track:
+                pending.stream_state = position
         if pending is not None:
             pending.skipped += counter.take()
             yield pending
@@ -345,43 +326,3 @@ class ShardStream(torch.utils.data.IterableDataset):
             log.warning(
                 "a worker produced no batch: all %d of its samples were skipped", counter.total
             )
-
-
-def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False):
-    """A DataLoader over a stream that yields whole batches (``batch_size=None``).
-
-    In plain mode it never starts more workers than the rank has shards (idle workers would
-    only cost memory), and the stream's length is computed for the worker count used.
-    """
-    if not stream.config.resampled:
-        shards_here = len(stream.urls[stream.rank :: stream.world_size])
-        num_workers = min(num_workers, shards_here)
-    stream.num_workers = max(1, num_workers)
-    _report_uneven_ranks(stream)
-    return torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
-
-
-def _report_uneven_ranks(stream: ShardStream) -> None:
-    """Warn when plain-mode ranks hold unequal data, so equal step counts drop samples."""
-    if stream.config.resampled or stream.partial or stream.counts is None or not stream.counted:
-        return
-    own = [sum(stream._worker_batches(r)) for r in range(stream.world_size)]
-    if len(set(own)) > 1:
-        dropped = (own[stream.rank] - stream.batches_for(stream.rank)) * stream.batch_size
-        log.warning(
-            "plain mode: ranks hold %d-%d batches of data; every rank runs %d steps so DDP "
-            "stays in step, leaving ~%d samples of rank %d unused this epoch. Use a shard count "
-            "divisible by world_size x num_workers with equal shards, or data.train.resampled.",
-            min(own),
-            max(own),
-            min(own),
-            dropped,
-            stream.rank,
-        )

@@ -49,7 +49,8 @@ from rich.table import Table
 
 from mmpt.datamodules.audio import AudioReader
 from mmpt.datamodules.audio_text import AudioTextDataModule
-from mmpt.datamodules.streams import StreamConfig, make_loader
+from mmpt.datamodules.loader import make_loader
+from mmpt.datamodules.streams import StreamConfig
 from mmpt.preprocess import AudioPreprocess, Preprocess
 from mmpt.shards import ShardWriter
 

@@ -36,7 +36,8 @@ from rich.table import Table
 
 from mmpt.datamodules.decode import decode_image
 from mmpt.datamodules.image_text import ImageTextDataModule
-from mmpt.datamodules.streams import StreamConfig, make_loader
+from mmpt.datamodules.loader import make_loader
+from mmpt.datamodules.streams import StreamConfig
 from mmpt.datamodules.transforms import ImageTransform, normalize_images
 from mmpt.models.encoders.tokenizers import OpenCLIPTokenizer
 from mmpt.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess, Preprocess

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from mmpt.datamodules.image_text import ImageTextDataModule
-from mmpt.datamodules.streams import StreamConfig, make_loader
+from mmpt.datamodules.loader import make_loader
+from mmpt.datamodules.streams import StreamConfig
 from mmpt.models.contrastive import ContrastiveModule
 from mmpt.models.encoders import OpenCLIPTextTower, TimmVisionTower
 from mmpt.models.losses import ClipLoss, SigLipLoss

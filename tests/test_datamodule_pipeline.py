@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mmpt.datamodules.loader import make_loader
 from mmpt.datamodules.stages import Slot, mix, split_shards
-from mmpt.datamodules.streams import ShardStream, StreamConfig, make_loader
+from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.urls import resolve_source
 from tests.helpers import write_shards
 

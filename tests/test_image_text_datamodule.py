@@ -12,7 +12,8 @@ import torch
 
 from mmpt.batch import ImageTextBatch
 from mmpt.datamodules.image_text import ImageTextDataModule, SyntheticData
-from mmpt.datamodules.streams import StreamConfig, make_loader
+from mmpt.datamodules.loader import make_loader
+from mmpt.datamodules.streams import StreamConfig
 from mmpt.models.encoders.tokenizers import OpenCLIPTokenizer
 from mmpt.preprocess import ImagePreprocess, Preprocess
 from mmpt.shards import ShardWriter

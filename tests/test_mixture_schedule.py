@@ -12,8 +12,9 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from mmpt.batch import ImageBatch
+from mmpt.datamodules.loader import make_loader
 from mmpt.datamodules.mixing import MixPoint, ReplayConfig, WeightSchedule, default_names
-from mmpt.datamodules.streams import ShardStream, StreamConfig, make_loader
+from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.models.module import MMPTModule
 from tests.helpers import write_shards
 
@@ -204,7 +205,7 @@ def test_bad_mixing_configs_name_the_field(two_sources: list[str], changes: dict
 def test_batch_clock_resumes_mid_epoch_and_run_length_is_the_first_limit():
     from types import SimpleNamespace
 
-    from mmpt.datamodules.image_text import _training_batches
+    from mmpt.datamodules.loader import training_batches
     from mmpt.datamodules.mixing import BatchClock
 
     clock = BatchClock(epoch=2, per_epoch=20, worker=1, num_workers=2, offset=7)
@@ -222,8 +223,8 @@ def test_batch_clock_resumes_mid_epoch_and_run_length_is_the_first_limit():
         base = dict(max_steps=-1, max_epochs=None, accumulate_grad_batches=1)
         return SimpleNamespace(**{**base, "limit_train_batches": 1.0, **kw})
 
-    assert _training_batches(trainer(max_steps=1000, max_epochs=1), Stream()) == 20
-    assert _training_batches(trainer(max_steps=30, max_epochs=5), Stream()) == 30
-    assert _training_batches(trainer(max_epochs=3, limit_train_batches=0.5), Stream()) == 30
-    assert _training_batches(trainer(max_steps=10, accumulate_grad_batches=4), Stream()) == 40
-    assert _training_batches(trainer(), Stream()) is None
+    assert training_batches(trainer(max_steps=1000, max_epochs=1), Stream()) == 20
+    assert training_batches(trainer(max_steps=30, max_epochs=5), Stream()) == 30
+    assert training_batches(trainer(max_epochs=3, limit_train_batches=0.5), Stream()) == 30
+    assert training_batches(trainer(max_steps=10, accumulate_grad_batches=4), Stream()) == 40
+    assert training_batches(trainer(), Stream()) is None

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from mmpt.datamodules.loader import make_loader
 from mmpt.datamodules.mixing import ReplayConfig, combined_items, interleave
-from mmpt.datamodules.streams import ShardStream, StreamConfig, make_loader
+from mmpt.datamodules.streams import ShardStream, StreamConfig
 from tests.helpers import write_shards
 
 BS, FRACTION = 8, 0.2  # 1.6 replay items a batch: 1 or 2

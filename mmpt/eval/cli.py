@@ -132,7 +132,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         return _run_mcq(args, overrides)
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
-    from mmpt.datamodules.streams import StreamConfig, make_loader
+    from mmpt.datamodules.loader import make_loader
+    from mmpt.datamodules.streams import StreamConfig
     from mmpt.models.contrastive import text_owner
 
     model, dm = _build(args, overrides)
@@ -198,7 +199,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _run_mcq(args: argparse.Namespace, overrides: list[str]) -> int:
-    from mmpt.datamodules.streams import make_loader
+    from mmpt.datamodules.loader import make_loader
     from mmpt.eval.mcq import evaluate_mcq, mcq_stream, parse_type_names, plot_mcq_accuracy
 
     model, _ = _build(args, overrides)

@@ -65,7 +65,8 @@ def extract_features(
         ValueError: No labelled sample.
     """
     from mmpt.datamodules.images import ImageDataModule
-    from mmpt.datamodules.streams import StreamConfig, make_loader
+    from mmpt.datamodules.loader import make_loader
+    from mmpt.datamodules.streams import StreamConfig
     from mmpt.preprocess import Preprocess
 
     dm = ImageDataModule(

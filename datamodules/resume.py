@@ -1,0 +1,304 @@
+"""Exact mid-epoch resume: where every worker of every rank is in its epoch, in each checkpoint.
+
+A worker's raw (not yet decoded) sample stream is a pure function of the seed, the epoch and
+its (rank, worker) slot: shard order, shuffle buffer and resampled draws all come from one
+seeded RNG. So a position in it is one number, the count of raw samples pulled, plus the few
+pulled samples that no batch has taken yet (a packing batcher holds some back). Each batch
+carries its worker's position as of that batch (``batch.stream_state``); the datamodule keeps
+the latest one per worker of the batches the model actually trained on, and every checkpoint
+gathers those of all ranks. A resumed worker rebuilds its raw stream and fast-forwards it,
+reading but not decoding the samples before the position, so the plain mode goes on with
+exactly the samples of the epoch not yet seen and the resampled mode continues the same
+random stream (a mixture schedule included: the draws before the position are replayed
+with the weights they had).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch.distributed as dist
+
+log = logging.getLogger("mmpt.data")
+
+#: Raw-sample field carrying the sample's position in its worker's stream (metadata, like
+#: ``__key__``; the sample function never sees it).
+POS_KEY = "__pos__"
+
+#: Format of the checkpointed state.
+VERSION = 1
+
+
+@dataclasses.dataclass
+class WorkerPosition:
+    """Where one DataLoader worker of one rank is in its epoch, as of one of its batches.
+
+    Attributes:
+        worker: The worker's index in the rank's DataLoader.
+        epoch: The epoch.
+        batches: Batches the worker had made this epoch, that one included.
+        main: Raw samples pulled from the main stream (positions ``0 .. main - 1``).
+        main_redo: Positions below ``main`` that no batch has taken yet (read again on resume).
+        replay: Raw samples pulled from the replay stream.
+        replay_redo: Its positions below ``replay`` not taken yet.
+        mixed: Items the replay interleave had yielded (its pattern goes on from there).
+        ends: ``main`` after each batch of the epoch: kept only with a mixture schedule, whose
+            weights depend on the batch being filled, so that a fast-forward redraws the
+            old samples with the weights they had.
+    """
+
+    worker: int
+    epoch: int
+    batches: int = 0
+    main: int = 0
+    main_redo: list[int] = dataclasses.field(default_factory=list)
+    replay: int = 0
+    replay_redo: list[int] = dataclasses.field(default_factory=list)
+    mixed: int = 0
+    ends: list[int] | None = None
+
+
+class Cursor:
+    """Numbers one raw stream's samples and skips those a resumed run already trained on.
+
+    Args:
+        done: Positions below this were pulled before (skipped unless in ``redo``).
+        redo: Positions below ``done`` to pull again (no batch had taken them).
+    """
+
+    def __init__(self, done: int = 0, redo: Iterable[int] = ()) -> None:
+        self.done, self.redo = done, set(redo)
+        self.next = 0  # position of the next raw sample
+
+    @property
+    def forwarding(self) -> bool:
+        """Whether the stream is still before the position it resumed from."""
+        return self.next < self.done
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The samples not yet trained on, each with :data:`POS_KEY` set."""
+        for sample in samples:  # drawing it reads ``self.next`` (a schedule's replayed clock)
+            pos = self.next
+            self.next += 1
+            if pos < self.done:
+                if pos not in self.redo:
+                    continue
+                self.redo.discard(pos)
+            sample[POS_KEY] = pos
+            yield sample
+
+    def state(self, held: Iterable[int]) -> tuple[int, list[int]]:
+        """(positions pulled, sorted positions below that still to take), given ``held``."""
+        return max(self.next, self.done), sorted(self.redo | set(held))
+
+
+class Ledger:
+    """Decoded items pulled but not yet in a batch: ``key -> FIFO of (stream, position)``."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, collections.deque[tuple[str, int]]] = collections.defaultdict(
+            collections.deque
+        )
+
+    def hold(self, stream: str, key: str, pos: int) -> None:
+        """Item ``key`` of ``stream`` at ``pos`` decoded and went to the batcher."""
+        self._held[key].append((stream, pos))
+
+    def release(self, keys: Iterable[str]) -> None:
+        """A batch took these items (unknown keys, e.g. a batcher's partner copies, are ignored)."""
+        for key in keys:
+            queue = self._held.get(key)
+            if queue:
+                queue.popleft()
+                if not queue:
+                    del self._held[key]
+
+    def positions(self, stream: str) -> list[int]:
+        """Positions of ``stream`` still held."""
+        return [p for q in self._held.values() for s, p in q if s == stream]
+
+
+class Held:
+    """``sample -> fn(sample)`` that records the decoded sample in the ledger (else raises).
+
+    Args:
+        fn: Raw sample -> item (raising skips and counts the sample).
+        ledger: Where decoded, not yet batched items are recorded.
+        stream: ``main`` or ``replay``.
+    """
+
+    def __init__(self, fn: Callable[[dict[str, Any]], Any], ledger: Ledger, stream: str) -> None:
+        self.fn, self.ledger, self.stream = fn, ledger, stream
+
+    def __call__(self, sample: dict[str, Any]) -> Any:
+        """Decode, then record (key, position)."""
+        pos = sample.pop(POS_KEY, None)
+        out = self.fn(sample)
+        if pos is not None:
+            self.ledger.hold(self.stream, sample.get("__key__", ""), pos)
+        return out
+
+
+class WorkerTracker:
+    """One worker's resume bookkeeping for one epoch.
+
+    Args:
+        worker: The worker's index.
+        epoch: The epoch.
+        start: Where a resumed run left this worker, or None (the epoch's start).
+        schedule: The stream has a mixture schedule (keep ``ends``).
+    """
+
+    def __init__(
+        self, worker: int, epoch: int, start: WorkerPosition | None, schedule: bool
+    ) -> None:
+        start = start or WorkerPosition(worker, epoch)
+        self.worker, self.epoch, self.batches = worker, epoch, start.batches
+        self.ledger = Ledger()
+        self.main = Cursor(start.main, start.main_redo)
+        self.replay = Cursor(start.replay, start.replay_redo)
+        self.mixed_start, self.mixed = start.mixed, start.mixed
+        self.ends = list(start.ends or []) if schedule else None
+
+    def count_mixed(self, items: Iterable[Any]) -> Iterator[Any]:
+        """Pass items through, counting them (the replay interleave's position)."""
+        for item in items:
+            self.mixed += 1
+            yield item
+
+    def batch_made(self, keys: Iterable[str]) -> WorkerPosition:
+        """A batch with these sample keys was made: the worker's position after it."""
+        self.ledger.release(keys)
+        self.batches += 1
+        main, main_redo = self.main.state(self.ledger.positions("main"))
+        replay, replay_redo = self.replay.state(self.ledger.positions("replay"))
+        if self.ends is not None:
+            self.ends.append(main)
+        ends = list(self.ends) if self.ends is not None else None
+        return WorkerPosition(
+            self.worker, self.epoch, self.batches, main, main_redo, replay, replay_redo,
+            self.mixed, ends,
+        )  # fmt: skip
+
+
+class ReplayedClock:
+    """A batch clock that, while the main stream fast-forwards, gives each old draw's batch.
+
+    Args:
+        clock: The worker's :class:`~mmpt.datamodules.mixing.BatchClock` (``made`` already
+            set to the batches done).
+        cursor: The main stream's cursor.
+        ends: ``main`` after each batch done this epoch (:attr:`WorkerPosition.ends`).
+    """
+
+    def __init__(self, clock: Any, cursor: Cursor, ends: list[int]) -> None:
+        self.clock, self.cursor, self.ends = clock, cursor, list(ends)
+
+    def tick(self) -> None:
+        """One batch was made."""
+        self.clock.tick()
+
+    @property
+    def batch(self) -> int:
+        """Global index of the batch the next draw goes to."""
+        if self.cursor.forwarding:
+            made = bisect.bisect_right(self.ends, self.cursor.next)
+            return self.clock.first + made * self.clock.stride
+        return self.clock.batch
+
+
+def fingerprint(**facts: Any) -> str:
+    """A short hash of what makes positions meaningful (shards, seed, batch size ...)."""
+    blob = json.dumps(facts, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+class StreamPosition:
+    """The training stream's position on this rank, as of the last batch the model took.
+
+    The datamodule records every training batch (:meth:`record`), saves :meth:`state_dict`
+    in each checkpoint (gathered from all ranks; every rank calls it while saving) and gives
+    the loaded state back to the new stream (:meth:`apply`).
+    """
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.workers: dict[int, WorkerPosition] = {}
+        self.loaded: dict[str, Any] | None = None
+
+    def record(self, batch: Any) -> None:
+        """Note the position a training batch carries (batches without one are ignored)."""
+        state: WorkerPosition | None = getattr(batch, "stream_state", None)
+        if state is None:
+            return
+        if state.epoch != self.epoch:
+            self.epoch, self.workers = state.epoch, {}
+        self.workers[state.worker] = state
+
+    def state_dict(self, stream: Any, rank: int, world_size: int) -> dict[str, Any]:
+        """Every rank's position (a collective under DDP/FSDP: all ranks call it)."""
+        mine = {
+            "epoch": self.epoch,
+            "workers": {w: dataclasses.asdict(p) for w, p in sorted(self.workers.items())},
+        }
+        ranks = [mine]
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            ranks = [None] * world_size
+            dist.all_gather_object(ranks, mine)
+        return {
+            "version": VERSION,
+            "fingerprint": stream.fingerprint() if stream is not None else None,
+            "world_size": world_size,
+            "num_workers": stream.num_workers if stream is not None else None,
+            "ranks": ranks,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep a checkpoint's state until the training stream is built (:meth:`apply`)."""
+        self.loaded = dict(state) if state else None
+
+    def apply(self, stream: Any, rank: int, world_size: int) -> None:
+        """Give the loaded position of this rank to ``stream`` (once), if it fits the run.
+
+        A run saved with other shards, seed or batch size, or another number of ranks or
+        workers, cannot take up the same streams: it is told so and starts the epoch over.
+        """
+        state, self.loaded = self.loaded, None
+        if not state:
+            return
+        why = _mismatch(state, stream, world_size)
+        if why:
+            log.warning(
+                "the checkpoint's data position does not fit this run (%s): the epoch's data "
+                "starts over, so samples of it already trained on come again",
+                why,
+            )
+            return
+        mine = state["ranks"][rank]
+        if mine.get("epoch") is None:
+            return
+        workers = {int(w): WorkerPosition(**p) for w, p in mine["workers"].items()}
+        stream.resume_from(int(mine["epoch"]), workers)
+        self.epoch, self.workers = int(mine["epoch"]), dict(workers)
+        done = sum(p.batches for p in workers.values())
+        log.info("data: resuming epoch %d after %d batches on rank %d", self.epoch, done, rank)
+
+
+def _mismatch(state: dict[str, Any], stream: Any, world_size: int) -> str | None:
+    """Why a saved position cannot be used by ``stream`` (None: it can)."""
+    if state.get("version") != VERSION:
+        return f"state format {state.get('version')}, expected {VERSION}"
+    if state.get("fingerprint") != stream.fingerprint():
+        return "other shards, seed, batch size or stream settings"
+    if state.get("world_size") != world_size:
+        return f"saved with {state.get('world_size')} ranks, now {world_size}"
+    if state.get("num_workers") != stream.num_workers:
+        return f"saved with {state.get('num_workers')} workers a rank, now {stream.num_workers}"
+    return None

@@ -1,0 +1,50 @@
+"""Callbacks for the kill-and-resume fit tests: record each rank's batch keys, die mid-epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+
+class KeyRecorder(L.Callback):
+    """Append ``{"epoch", "step", "keys"}`` of every training batch to ``<out>/keys_rank<r>.jsonl``.
+
+    ``step`` is the optimizer steps done before the batch. Each line is flushed and synced
+    before the step runs, so a SIGKILL loses nothing recorded.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "keys": batch.keys}
+        path = self.out / f"keys_rank{trainer.global_rank}.jsonl"
+        with path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class KillAt(L.Callback):
+    """SIGKILL every rank right after optimizer step ``step`` (before any checkpoint of it).
+
+    Lightning runs ModelCheckpoint after the other callbacks, so the newest checkpoint is an
+    older step: the kill lands mid-epoch, between checkpoints.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
