@@ -69,14 +69,21 @@ class MMPTModule(L.LightningModule):
         self.init_from = init_from
 
     def configure_model(self) -> None:
-        """Apply ``init_from`` and the freeze/trainable lists once the model exists."""
-        if getattr(self, "_mmpt_configured", False):
-            return
-        self._mmpt_configured = True
-        paths = [self.init_from] if isinstance(self.init_from, str) else self.init_from or []
-        for path in paths:
-            load_matching(self, path)
-        apply_trainable(self, self.trainable_patterns, self.freeze_patterns)
+        """Apply ``init_from`` and the freeze/trainable lists once; shard under FSDP2.
+
+        With :class:`mmpt.strategies.FSDP2` the strategy shards the module here, after the
+        weights and the frozen/trainable split are set.
+        """
+        if not getattr(self, "_mmpt_configured", False):
+            self._mmpt_configured = True
+            paths = [self.init_from] if isinstance(self.init_from, str) else self.init_from or []
+            for path in paths:
+                load_matching(self, path)
+            apply_trainable(self, self.trainable_patterns, self.freeze_patterns)
+        trainer = getattr(self, "_trainer", None)
+        shard = getattr(trainer.strategy, "parallelize", None) if trainer is not None else None
+        if shard is not None:
+            shard(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the image tower's architecture and preprocessing under :data:`TOWER_KEY`."""
