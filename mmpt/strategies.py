@@ -61,6 +61,20 @@ def resolve_layers(layers: list[str], field: str = "layers") -> set[type[nn.Modu
     return classes
 
 
+def strategy_layers(
+    layers: list[str] | None, activation_checkpointing: bool
+) -> set[type[nn.Module]]:
+    """A strategy's ``layers`` as classes; checkpointing needs at least one.
+
+    Raises:
+        ValueError: A path does not resolve, or checkpointing is asked with no layers.
+    """
+    classes = resolve_layers(list(layers or []), "trainer.strategy.layers")
+    if activation_checkpointing and not classes:
+        raise ValueError("trainer.strategy.activation_checkpointing needs layers to recompute")
+    return classes
+
+
 class FSDP(FSDPStrategy):
     """Lightning's FSDP strategy, configured by layer class paths (works with every module).
 
@@ -106,9 +120,7 @@ class FSDP(FSDPStrategy):
         process_group_backend: str | None = None,
         **kwargs: Any,
     ) -> None:
-        classes = resolve_layers(list(layers or []), "trainer.strategy.layers")
-        if activation_checkpointing and not classes:
-            raise ValueError("trainer.strategy.activation_checkpointing needs layers to recompute")
+        classes = strategy_layers(layers, activation_checkpointing)
         super().__init__(
             auto_wrap_policy=classes or None,
             activation_checkpointing_policy=set(classes) if activation_checkpointing else None,
@@ -214,9 +226,7 @@ class FSDP2(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        self.layer_classes = tuple(resolve_layers(list(layers or []), "trainer.strategy.layers"))
-        if activation_checkpointing and not self.layer_classes:
-            raise ValueError("trainer.strategy.activation_checkpointing needs layers to recompute")
+        self.layer_classes = tuple(strategy_layers(layers, activation_checkpointing))
         self.activation_checkpointing = activation_checkpointing
         self.reshard_after_forward = reshard_after_forward
         self.dtypes = {"param_dtype": _dtype(param_dtype), "reduce_dtype": _dtype(reduce_dtype)}

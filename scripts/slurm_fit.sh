@@ -17,5 +17,4 @@ mkdir -p logs
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
 srun mmpt fit "$@" \
   --trainer.num_nodes "${SLURM_JOB_NUM_NODES:-1}" \
-  --trainer.devices "${GPUS_PER_NODE}" \
-  --trainer.strategy ddp
+  --trainer.devices "${GPUS_PER_NODE}"

@@ -13,4 +13,4 @@ MASTER_PORT=${MASTER_PORT:-29500}
 torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m mmpt.cli fit "$@" \
-  --trainer.num_nodes "$NNODES" --trainer.devices "$GPUS_PER_NODE" --trainer.strategy ddp
+  --trainer.num_nodes "$NNODES" --trainer.devices "$GPUS_PER_NODE"
