@@ -19,7 +19,7 @@ import torch
 from mmpt.batch import ImageTextBatch
 from mmpt.datamodules.decode import read_captions, read_label
 from mmpt.datamodules.loader import make_loader, training_batches
-from mmpt.datamodules.resume import StreamPosition
+from mmpt.datamodules.resume import StreamPosition, epoch_done
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.synthetic import SyntheticData, synthetic_specs
 from mmpt.datamodules.transforms import ImageReader, normalize_for
@@ -224,7 +224,8 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         """The training stream's position on every rank (exact mid-epoch resume)."""
         if self.train_stream is None:
             return {}
-        return self.position.state_dict(self.train_stream, *self._world())
+        done = epoch_done(self.trainer) if self.trainer is not None else False
+        return self.position.state_dict(self.train_stream, *self._world(), epoch_done=done)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpoint's stream position for the training loader."""
@@ -240,10 +241,14 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         trainer = self.trainer
         if trainer is not None:  # mixture schedules given as fractions of the run need its length
             self.train_stream.set_total_batches(training_batches(trainer, self.train_stream))
-        loader = make_loader(self.train_stream, self.num_workers, self._pin())
         self.train_stream.track = True
+        return make_loader(
+            self.train_stream, self.num_workers, self._pin(), before_iter=self._before_train_iter
+        )
+
+    def _before_train_iter(self) -> None:
+        """Take up a loaded checkpoint's stream position (just before the workers start)."""
         self.position.apply(self.train_stream, *self._world())
-        return loader
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         """Validation batches: one loader (``val`` alone), a list (eval sets), or none.

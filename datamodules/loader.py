@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch.utils.data
@@ -14,25 +15,74 @@ if TYPE_CHECKING:
 log = logging.getLogger("mmpt.data")
 
 
-def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False):
+class DeferredLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose iterator starts (and forks its workers) at the first ``next()``.
+
+    Lightning creates the training iterator while it sets up, before it restores a
+    checkpoint's loops (and, with strategies that restore after setup, before the datamodule's
+    state). ``before_iter`` runs just before the real iterator is made, when the trainer has
+    restored everything, so the workers start from the right epoch and position.
+
+    Args:
+        *args: As for :class:`torch.utils.data.DataLoader`.
+        before_iter: Called before each real iterator is made.
+        **kwargs: As for :class:`torch.utils.data.DataLoader`.
+    """
+
+    def __init__(self, *args: Any, before_iter: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.before_iter = before_iter
+
+    def __iter__(self) -> Iterator[Any]:
+        return _Deferred(self)
+
+
+class _Deferred:
+    """Iterator that makes its loader's real iterator at the first ``next()``."""
+
+    def __init__(self, loader: DeferredLoader) -> None:
+        self.loader, self.it = loader, None
+
+    def __iter__(self) -> _Deferred:
+        return self
+
+    def __next__(self) -> Any:
+        if self.it is None:
+            self.loader.before_iter()
+            self.it = torch.utils.data.DataLoader.__iter__(self.loader)
+        return next(self.it)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def make_loader(
+    stream: ShardStream,
+    num_workers: int,
+    pin_memory: bool = False,
+    before_iter: Callable[[], None] | None = None,
+) -> torch.utils.data.DataLoader:
     """A DataLoader over a stream that yields whole batches (``batch_size=None``).
 
     In plain mode it never starts more workers than the rank has shards (idle workers would
     only cost memory), and the stream's length is computed for the worker count used.
+    With ``before_iter`` it is a :class:`DeferredLoader` (the training loader).
     """
     if not stream.config.resampled:
         shards_here = len(stream.urls[stream.rank :: stream.world_size])
         num_workers = min(num_workers, shards_here)
     stream.num_workers = max(1, num_workers)
     _report_uneven_ranks(stream)
-    return torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+    options: dict[str, Any] = {
+        "batch_size": None,
+        "num_workers": num_workers,
+        "persistent_workers": num_workers > 0,
+        "pin_memory": pin_memory,
+        "prefetch_factor": 4 if num_workers > 0 else None,
+    }
+    if before_iter is not None:
+        return DeferredLoader(stream, before_iter=before_iter, **options)
+    return torch.utils.data.DataLoader(stream, **options)
 
 
 def _report_uneven_ranks(stream: ShardStream) -> None:

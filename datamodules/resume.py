@@ -232,6 +232,7 @@ class StreamPosition:
         self.epoch: int | None = None
         self.workers: dict[int, WorkerPosition] = {}
         self.loaded: dict[str, Any] | None = None
+        self.applied = False  # the training loader started (a later load comes too late)
 
     def record(self, batch: Any) -> None:
         """Note the position a training batch carries (batches without one are ignored)."""
@@ -242,8 +243,17 @@ class StreamPosition:
             self.epoch, self.workers = state.epoch, {}
         self.workers[state.worker] = state
 
-    def state_dict(self, stream: Any, rank: int, world_size: int) -> dict[str, Any]:
-        """Every rank's position (a collective under DDP/FSDP: all ranks call it)."""
+    def state_dict(
+        self, stream: Any, rank: int, world_size: int, epoch_done: bool = False
+    ) -> dict[str, Any]:
+        """Every rank's position (a collective under DDP/FSDP: all ranks call it).
+
+        Args:
+            stream: The training stream.
+            rank: This rank.
+            world_size: Ranks.
+            epoch_done: The epoch's last batch was trained on: a resume starts the next one.
+        """
         mine = {
             "epoch": self.epoch,
             "workers": {w: dataclasses.asdict(p) for w, p in sorted(self.workers.items())},
@@ -257,20 +267,29 @@ class StreamPosition:
             "fingerprint": stream.fingerprint() if stream is not None else None,
             "world_size": world_size,
             "num_workers": stream.num_workers if stream is not None else None,
+            "epoch_done": bool(epoch_done),
             "ranks": ranks,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Keep a checkpoint's state until the training stream is built (:meth:`apply`)."""
+        """Keep a checkpoint's state until the training stream starts (:meth:`apply`)."""
+        if state and self.applied:
+            log.warning(
+                "the checkpoint's data position came after the training loader had started: "
+                "this epoch's data starts over (samples already trained on come again)"
+            )
         self.loaded = dict(state) if state else None
 
     def apply(self, stream: Any, rank: int, world_size: int) -> None:
         """Give the loaded position of this rank to ``stream`` (once), if it fits the run.
 
-        A run saved with other shards, seed or batch size, or another number of ranks or
-        workers, cannot take up the same streams: it is told so and starts the epoch over.
+        Called just before the training workers start. It sets the stream's epoch: the saved
+        one, or the next when the saved epoch was done. A run saved with other shards, seed
+        or batch size, or another number of ranks or workers, cannot take up the same
+        streams: it is told so and starts the epoch over.
         """
         state, self.loaded = self.loaded, None
+        self.applied = True
         if not state:
             return
         why = _mismatch(state, stream, world_size)
@@ -284,11 +303,22 @@ class StreamPosition:
         mine = state["ranks"][rank]
         if mine.get("epoch") is None:
             return
+        if state.get("epoch_done"):
+            stream.set_epoch(int(mine["epoch"]) + 1)
+            return
         workers = {int(w): WorkerPosition(**p) for w, p in mine["workers"].items()}
+        stream.set_epoch(int(mine["epoch"]), sum(p.batches for p in workers.values()))
         stream.resume_from(int(mine["epoch"]), workers)
         self.epoch, self.workers = int(mine["epoch"]), dict(workers)
         done = sum(p.batches for p in workers.values())
         log.info("data: resuming epoch %d after %d batches on rank %d", self.epoch, done, rank)
+
+
+def epoch_done(trainer: Any) -> bool:
+    """Whether the trainer has trained on the last batch of its current epoch."""
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress
+    return bool(progress.is_last_batch) or progress.current.ready >= trainer.num_training_batches
 
 
 def _mismatch(state: dict[str, Any], stream: Any, world_size: int) -> str | None:

@@ -245,10 +245,18 @@ class FSDP2(ModelParallelStrategy):
             return
         if self.activation_checkpointing:
             apply_checkpointing(module, self.layer_classes)
+        mesh = self.device_mesh["data_parallel"]
+        # Scalars (a CLIP logit scale, a SigLIP bias) cannot be split along a dimension: they
+        # stay whole on every rank, their gradients averaged over the ranks after backward.
+        scalars = {p for p in module.parameters() if p.ndim == 0}
+        for param in scalars:
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(_GradAverage(mesh.get_group()))
         options = {
-            "mesh": self.device_mesh["data_parallel"],
+            "mesh": mesh,
             "reshard_after_forward": self.reshard_after_forward,
             "mp_policy": MixedPrecisionPolicy(**self.dtypes),
+            "ignored_params": scalars or None,
         }
         layers = [m for m in module.modules() if isinstance(m, self.layer_classes)]
         for layer in layers:
@@ -258,6 +266,18 @@ class FSDP2(ModelParallelStrategy):
             f"FSDP2: {len(layers)} layers sharded as units over {options['mesh'].size()} "
             f"processes{', activation checkpointing' if self.activation_checkpointing else ''}"
         )
+
+
+class _GradAverage:
+    """Post-accumulate-grad hook: average a parameter's gradient over a process group."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __call__(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad, group=self.group)
+            param.grad /= torch.distributed.get_world_size(self.group)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:

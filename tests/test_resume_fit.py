@@ -27,14 +27,17 @@ from tests.helpers import write_shards
 from tests.test_cli import tiny_fit_config, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES, RANKS, STEPS_PER_EPOCH = 64, 2, 8  # 8 shards of 8; 4 per batch: 8 steps a rank
+SAMPLES, RANKS = 64, 2  # 8 shards of 8, 4 per batch: 8 steps a rank (16 on one process)
 KILL_STEP, EVERY = 5, 3
 
 
-def fit_config(shards: Path, run: Path, keys: Path, kill: bool) -> dict[str, Any]:
+def fit_config(
+    shards: Path, run: Path, keys: Path, kill: int | None, every: int, devices: int,
+    strategy: Any = "ddp",
+) -> dict[str, Any]:  # fmt: skip
     cfg = tiny_fit_config(shards, run)
     trainer = cfg["trainer"]
-    trainer.update(devices=RANKS, strategy="ddp", max_steps=-1, max_epochs=2)
+    trainer.update(devices=devices, strategy=strategy, max_steps=-1, max_epochs=2)
     trainer.pop("val_check_interval")
     trainer["limit_val_batches"] = 0
     trainer["callbacks"] = [
@@ -44,14 +47,14 @@ def fit_config(shards: Path, run: Path, keys: Path, kill: bool) -> dict[str, Any
                 "dirpath": str(run / "checkpoints"),
                 "save_last": True,
                 "save_top_k": 0,
-                "every_n_train_steps": EVERY,
+                "every_n_train_steps": every,
             },
         },
         {"class_path": "tests.resume_probe.KeyRecorder", "init_args": {"out": str(keys)}},
     ]
-    if kill:
+    if kill is not None:
         trainer["callbacks"].append(
-            {"class_path": "tests.resume_probe.KillAt", "init_args": {"step": KILL_STEP}}
+            {"class_path": "tests.resume_probe.KillAt", "init_args": {"step": kill}}
         )
     data = cfg["data"]["init_args"]
     data.update(batch_size=4, num_workers=2, val=None)
@@ -79,46 +82,83 @@ def mmpt_fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 
 
-def records(keys: Path) -> list[dict[str, Any]]:
+def records(keys: Path, ranks: int) -> list[dict[str, Any]]:
     return [
         {**json.loads(line), "rank": r}
-        for r in range(RANKS)
+        for r in range(ranks)
         for line in (keys / f"keys_rank{r}.jsonl").read_text().splitlines()
     ]
 
 
-def test_killed_ddp_fit_resumes_with_every_sample_exactly_once(tmp_path: Path):
-    shards = write_shards(tmp_path / "shards", n=SAMPLES, per_shard=8)
-    run = tmp_path / "run"
-    keys1, keys2 = tmp_path / "keys1", tmp_path / "keys2"
-    keys1.mkdir(), keys2.mkdir()
-    first = write_yaml(tmp_path / "first.yaml", fit_config(shards, run, keys1, kill=True))
-    second = write_yaml(tmp_path / "second.yaml", fit_config(shards, run, keys2, kill=False))
+def kill_and_resume(
+    tmp: Path, ranks: int, kill: int, every: int, strategy: Any = "ddp"
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    """Fit killed right after step ``kill`` (checkpoints every ``every`` steps), then resumed.
 
-    killed = mmpt_fit(first)
+    Returns the checkpoint it resumed from, and the batch records that count: the first
+    run's before the checkpoint, and all of the resumed run's.
+    """
+    shards = write_shards(tmp / "shards", n=SAMPLES, per_shard=8)
+    run = tmp / "run"
+    keys1, keys2 = tmp / "keys1", tmp / "keys2"
+    keys1.mkdir(), keys2.mkdir()
+    first = fit_config(shards, run, keys1, kill, every, ranks, strategy)
+    second = fit_config(shards, run, keys2, None, every, ranks, strategy)
+
+    killed = mmpt_fit(write_yaml(tmp / "first.yaml", first))
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    saved_step = ckpt["global_step"]
-    assert saved_step == (KILL_STEP // EVERY) * EVERY
-    state = ckpt["ImageTextDataModule"]
-    assert state["world_size"] == RANKS and state["num_workers"] == 2
-    assert [sum(w["batches"] for w in r["workers"].values()) for r in state["ranks"]] == [
-        saved_step
-    ] * RANKS
+    assert ckpt["global_step"] == (kill // every) * every
 
-    resumed = mmpt_fit(second, "--ckpt_path", "last")
+    resumed = mmpt_fit(write_yaml(tmp / "second.yaml", second), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
+    before = [r for r in records(keys1, ranks) if r["step"] < ckpt["global_step"]]
+    after = records(keys2, ranks)
+    assert min(r["step"] for r in after) == ckpt["global_step"]
+    return ckpt, before, after
 
-    before = [r for r in records(keys1) if r["step"] < saved_step]  # lost with the kill: after
-    after = records(keys2)
-    assert min(r["step"] for r in after) == saved_step
+
+def check_epochs(records: list[dict[str, Any]], ranks: int) -> None:
+    """Each epoch: every sample exactly once over all ranks, every rank its full steps."""
     for epoch in range(2):
-        seen = Counter(k for r in before + after if r["epoch"] == epoch for k in r["keys"])
+        seen = Counter(k for r in records if r["epoch"] == epoch for k in r["keys"])
         assert len(seen) == SAMPLES, f"epoch {epoch}: {SAMPLES - len(seen)} samples skipped"
         repeated = sorted(k for k, n in seen.items() if n > 1)
         assert not repeated, f"epoch {epoch}: repeated {repeated}"
-    steps = Counter((r["epoch"], r["rank"]) for r in before + after)
-    assert set(steps.values()) == {STEPS_PER_EPOCH}
+    steps = Counter((r["epoch"], r["rank"]) for r in records)
+    assert set(steps.values()) == {SAMPLES // (ranks * 4)}
+
+
+def test_killed_ddp_fit_resumes_with_every_sample_exactly_once(tmp_path: Path):
+    ckpt, before, after = kill_and_resume(tmp_path, RANKS, kill=KILL_STEP, every=EVERY)
+    state = ckpt["ImageTextDataModule"]
+    assert state["world_size"] == RANKS and state["num_workers"] == 2
+    assert not state["epoch_done"]
+    assert [sum(w["batches"] for w in r["workers"].values()) for r in state["ranks"]] == [
+        ckpt["global_step"]
+    ] * RANKS
+    check_epochs(before + after, RANKS)
+
+
+@pytest.mark.parametrize(
+    "kill,every",
+    [(21, 5), (17, 16)],
+    ids=["mid-epoch-1", "at-the-end-of-epoch-0"],
+)
+def test_one_process_resumes_in_a_later_epoch_or_after_an_epoch_end(tmp_path, kill, every):
+    """Epoch 1 taken up mid-way (the workers must start in epoch 1, not 0); a checkpoint at
+    the last batch of epoch 0 resumes with a whole epoch 1."""
+    ckpt, before, after = kill_and_resume(tmp_path, 1, kill=kill, every=every)
+    assert ckpt["ImageTextDataModule"]["epoch_done"] == (every == 16)
+    check_epochs(before + after, 1)
+
+
+def test_fsdp2_restoring_after_setup_resumes_exactly(tmp_path: Path):
+    """FSDP2 restores the checkpoint after the strategy's setup built the loader: the position
+    still reaches the workers (they start at the first batch)."""
+    strategy = {"class_path": "mmpt.strategies.FSDP2"}
+    _, before, after = kill_and_resume(tmp_path, RANKS, KILL_STEP, EVERY, strategy)
+    check_epochs(before + after, RANKS)
 
 
 @pytest.fixture(autouse=True)
