@@ -19,7 +19,7 @@ import torch
 from mmpt.batch import ImageTextBatch
 from mmpt.datamodules.decode import read_captions, read_label
 from mmpt.datamodules.loader import make_loader, training_batches
-from mmpt.datamodules.resume import StreamPosition, epoch_done
+from mmpt.datamodules.resume import StreamPosition, batch_in_flight, epoch_done
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.synthetic import SyntheticData, synthetic_specs
 from mmpt.datamodules.transforms import ImageReader, normalize_for
@@ -224,8 +224,12 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         """The training stream's position on every rank (exact mid-epoch resume)."""
         if self.train_stream is None:
             return {}
-        done = epoch_done(self.trainer) if self.trainer is not None else False
-        return self.position.state_dict(self.train_stream, *self._world(), epoch_done=done)
+        trainer = self.trainer
+        done = epoch_done(trainer) if trainer is not None else False
+        flight = batch_in_flight(trainer) if trainer is not None else False
+        return self.position.state_dict(
+            self.train_stream, *self._world(), epoch_done=done, in_flight=flight
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpoint's stream position for the training loader."""

@@ -232,6 +232,7 @@ class StreamPosition:
         self.epoch: int | None = None
         self.workers: dict[int, WorkerPosition] = {}
         self.loaded: dict[str, Any] | None = None
+        self.previous: tuple[int, WorkerPosition | None] | None = None  # before the last batch
         self.applied = False  # the training loader started (a later load comes too late)
 
     def record(self, batch: Any) -> None:
@@ -241,10 +242,16 @@ class StreamPosition:
             return
         if state.epoch != self.epoch:
             self.epoch, self.workers = state.epoch, {}
+        self.previous = (state.worker, self.workers.get(state.worker))
         self.workers[state.worker] = state
 
     def state_dict(
-        self, stream: Any, rank: int, world_size: int, epoch_done: bool = False
+        self,
+        stream: Any,
+        rank: int,
+        world_size: int,
+        epoch_done: bool = False,
+        in_flight: bool = False,
     ) -> dict[str, Any]:
         """Every rank's position (a collective under DDP/FSDP: all ranks call it).
 
@@ -253,10 +260,19 @@ class StreamPosition:
             rank: This rank.
             world_size: Ranks.
             epoch_done: The epoch's last batch was trained on: a resume starts the next one.
+            in_flight: The last batch recorded did not finish its step (a checkpoint saved on
+                an exception): its worker's position before it is saved, so it comes again.
         """
+        workers = dict(self.workers)
+        if in_flight and self.previous is not None:
+            worker, before = self.previous
+            if before is None:
+                workers.pop(worker, None)
+            else:
+                workers[worker] = before
         mine = {
             "epoch": self.epoch,
-            "workers": {w: dataclasses.asdict(p) for w, p in sorted(self.workers.items())},
+            "workers": {w: dataclasses.asdict(p) for w, p in sorted(workers.items())},
         }
         ranks = [mine]
         if world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -316,9 +332,16 @@ class StreamPosition:
 
 def epoch_done(trainer: Any) -> bool:
     """Whether the trainer has trained on the last batch of its current epoch."""
-    loop = trainer.fit_loop.epoch_loop
-    progress = loop.batch_progress
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if batch_in_flight(trainer):
+        return False
     return bool(progress.is_last_batch) or progress.current.ready >= trainer.num_training_batches
+
+
+def batch_in_flight(trainer: Any) -> bool:
+    """Whether the current training batch was handed over but has not finished its step."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return progress.ready > progress.processed
 
 
 def _mismatch(state: dict[str, Any], stream: Any, world_size: int) -> str | None:

@@ -48,3 +48,20 @@ class KillAt(L.Callback):
     ) -> None:  # fmt: skip
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RaiseAt(L.Callback):
+    """Raise in ``on_train_batch_start`` of the batch after optimizer step ``step``.
+
+    The batch has reached the device (its stream position is recorded) but its step never
+    runs: a checkpoint saved on the exception must hand that batch out again.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"planned failure before step {self.step + 1}")

@@ -161,6 +161,33 @@ def test_fsdp2_restoring_after_setup_resumes_exactly(tmp_path: Path):
     check_epochs(before + after, RANKS)
 
 
+def test_a_checkpoint_saved_on_an_exception_hands_the_failed_batch_out_again(tmp_path: Path):
+    """OnExceptionCheckpoint saves while a batch is on the device but unstepped: the resumed run
+    must train that batch, so the epoch still sees every sample once."""
+    shards = write_shards(tmp_path / "shards", n=SAMPLES, per_shard=8)
+    run, keys1, keys2 = tmp_path / "run", tmp_path / "keys1", tmp_path / "keys2"
+    keys1.mkdir(), keys2.mkdir()
+    first = fit_config(shards, run, keys1, None, 100, 1)
+    first["trainer"]["callbacks"] += [
+        {"class_path": "tests.resume_probe.RaiseAt", "init_args": {"step": 5}},
+        {
+            "class_path": "lightning.pytorch.callbacks.OnExceptionCheckpoint",
+            "init_args": {"dirpath": str(run / "exc")},
+        },
+    ]
+    failed = mmpt_fit(write_yaml(tmp_path / "first.yaml", first))
+    assert failed.returncode != 0 and "planned failure" in failed.stdout
+    ckpt_path = run / "exc" / "on_exception.ckpt"
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["ImageTextDataModule"]
+    assert sum(w["batches"] for w in state["ranks"][0]["workers"].values()) == 5
+
+    second = fit_config(shards, run, keys2, None, 100, 1)
+    resumed = mmpt_fit(write_yaml(tmp_path / "second.yaml", second), "--ckpt_path", str(ckpt_path))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    before = [r for r in records(keys1, 1) if r["step"] < 5]
+    check_epochs(before + records(keys2, 1), 1)
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning reads these to join an existing job; the test launches its own."""
