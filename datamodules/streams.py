@@ -83,6 +83,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             (``mmpt.datamodules.vlm.PackedBatcher``); default ``batch_size`` items a batch.
             With a batcher the batch count is unknown in plain mode (one pass an epoch), and
             in resampled mode ``epoch_samples`` counts what the batcher batches (rows).
+            A batcher that puts some items in a batch without using them up (partner copies)
+            names the keys it does use up with a ``taken_keys(items) -> keys`` method (exact
+            resume reads the others again).
         batcher_exact: The batcher makes one batch of every ``batch_size`` items it takes
             (it may add rows, e.g. scene-aware partners), so batch counts and per-worker
             quotas are those of plain batching (dropping a last short batch).
@@ -316,7 +319,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             pending = self.collate_fn(items_batch)
             if self.mixes:
                 pending.mix = mixed
-            position = tracker.batch_made(pending.keys)
+            taken = getattr(self.batcher, "taken_keys", None)  # e.g. anchors, not partners
+            position = tracker.batch_made(taken(items_batch) if taken else pending.keys)
             if self.track:
                 pending.stream_state = position
         if pending is not None:

@@ -166,6 +166,10 @@ class SceneBatcher:
             anchors = [ahead.popleft() for _ in range(b)]
             yield anchors + self.partners(anchors, list(cache.values()), by_video)
 
+    def taken_keys(self, clips: list[VideoClip]) -> list[str]:
+        """Keys a batch uses up: its anchors (a partner may still come as an anchor later)."""
+        return [c.key for c in clips if c.role == "anchor"]
+
     def _remember(
         self, clip: VideoClip, cache: OrderedDict, by_video: dict[str, dict[str, VideoClip]]
     ) -> None:

@@ -195,3 +195,34 @@ def test_cursor_skips_done_positions_but_redoes_held_ones():
     ledger.hold("main", "8", 8)
     ledger.release(["8", "unknown"])
     assert cursor.state(ledger.positions("main")) == (9, [7])
+
+
+class PartnerBatcher:
+    """``bs`` anchors, then a partner: a copy of the next item, held back (not used up)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+
+    def __call__(self, items: Iterator[str]) -> Iterator[list[str]]:
+        it = iter(items)
+        group: list[str] = []
+        ahead = next(it, None)
+        while ahead is not None:
+            group.append(ahead)
+            ahead = next(it, None)
+            if len(group) == self.batch_size:
+                yield [*group, ahead if ahead is not None else group[0]]
+                group = []
+
+    def taken_keys(self, batch: list[str]) -> list[str]:
+        return batch[: self.batch_size]
+
+
+def test_partner_copies_are_not_used_up(data):
+    """A held item already used as a partner is still read again, and trained as an anchor."""
+    cfg = StreamConfig(urls=data[0], shuffle_buffer=10)
+    build = make(cfg, batcher=PartnerBatcher(4))
+    first, state = run(build, 2, 5)
+    rest, _ = run(build, 2, None, state)
+    anchors = Counter(k for b in first + rest for k in b.keys[:4])
+    assert len(anchors) == 96 and set(anchors.values()) == {1}

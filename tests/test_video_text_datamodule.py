@@ -153,6 +153,9 @@ def test_scene_batcher_window_preference_and_fallback() -> None:
     # cache of 1: the neighbour is evicted, so the anchor falls back to another video
     small = list(SceneBatcher(batch_size=1, window=60.0, cache_size=1)(iter(stream[:3])))
     assert [(b[1].key, b[1].role) for b in small[:1]] == [("b0", "fallback")]
+    # exact resume: a batch uses up its anchors only (a1, a partner here, is an anchor later)
+    scene = SceneBatcher(batch_size=2, window=60.0, cache_size=8)
+    assert scene.taken_keys(batches[0]) == ["a0", "b0"]
 
 
 def test_decord_and_pyav_give_equal_batches(synth: Path) -> None:
