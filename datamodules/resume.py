@@ -49,9 +49,10 @@ class WorkerPosition:
         replay: Raw samples pulled from the replay stream.
         replay_redo: Its positions below ``replay`` not taken yet.
         mixed: Items the replay interleave had yielded (its pattern goes on from there).
-        ends: ``main`` after each batch of the epoch: kept only with a mixture schedule, whose
-            weights depend on the batch being filled, so that a fast-forward redraws the
-            old samples with the weights they had.
+        ends: ``main`` after each batch of the epoch, run-length coded as ``[step, count]``
+            pairs (:func:`decode_ends` reads them): kept only with a mixture schedule, whose weights
+            depend on the batch being filled, so that a fast-forward redraws the old samples
+            with the weights they had. Plain batching without skips codes to one pair.
     """
 
     worker: int
@@ -62,7 +63,7 @@ class WorkerPosition:
     replay: int = 0
     replay_redo: list[int] = dataclasses.field(default_factory=list)
     mixed: int = 0
-    ends: list[int] | None = None
+    ends: list[list[int]] | None = None
 
 
 class Cursor:
@@ -165,7 +166,8 @@ class WorkerTracker:
         self.main = Cursor(start.main, start.main_redo)
         self.replay = Cursor(start.replay, start.replay_redo)
         self.mixed_start, self.mixed = start.mixed, start.mixed
-        self.ends = list(start.ends or []) if schedule else None
+        self.ends = [list(run) for run in start.ends or []] if schedule else None
+        self.last_end = sum(step * count for step, count in self.ends or [])
 
     def count_mixed(self, items: Iterable[Any]) -> Iterator[Any]:
         """Pass items through, counting them (the replay interleave's position)."""
@@ -179,9 +181,14 @@ class WorkerTracker:
         self.batches += 1
         main, main_redo = self.main.state(self.ledger.positions("main"))
         replay, replay_redo = self.replay.state(self.ledger.positions("replay"))
+        ends = None
         if self.ends is not None:
-            self.ends.append(main)
-        ends = list(self.ends) if self.ends is not None else None
+            step, self.last_end = main - self.last_end, main
+            if self.ends and self.ends[-1][0] == step:
+                self.ends[-1][1] += 1
+            else:
+                self.ends.append([step, 1])
+            ends = [list(run) for run in self.ends]
         return WorkerPosition(
             self.worker, self.epoch, self.batches, main, main_redo, replay, replay_redo,
             self.mixed, ends,
@@ -195,11 +202,11 @@ class ReplayedClock:
         clock: The worker's :class:`~mmpt.datamodules.mixing.BatchClock` (``made`` already
             set to the batches done).
         cursor: The main stream's cursor.
-        ends: ``main`` after each batch done this epoch (:attr:`WorkerPosition.ends`).
+        ends: :attr:`WorkerPosition.ends` (run-length coded batch ends of this epoch).
     """
 
-    def __init__(self, clock: Any, cursor: Cursor, ends: list[int]) -> None:
-        self.clock, self.cursor, self.ends = clock, cursor, list(ends)
+    def __init__(self, clock: Any, cursor: Cursor, ends: list[list[int]]) -> None:
+        self.clock, self.cursor, self.ends = clock, cursor, decode_ends(ends)
 
     def tick(self) -> None:
         """One batch was made."""
@@ -212,6 +219,16 @@ class ReplayedClock:
             made = bisect.bisect_right(self.ends, self.cursor.next)
             return self.clock.first + made * self.clock.stride
         return self.clock.batch
+
+
+def decode_ends(runs: list[list[int]]) -> list[int]:
+    """``[[step, count], ...]`` -> the cumulative batch-end positions."""
+    ends, at = [], 0
+    for step, count in runs:
+        for _ in range(count):
+            at += step
+            ends.append(at)
+    return ends
 
 
 def fingerprint(**facts: Any) -> str:

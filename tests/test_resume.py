@@ -20,7 +20,7 @@ import pytest
 
 from mmpt.datamodules.loader import make_loader
 from mmpt.datamodules.mixing import MixPoint, ReplayConfig
-from mmpt.datamodules.resume import Cursor, Ledger, StreamPosition
+from mmpt.datamodules.resume import Cursor, Ledger, StreamPosition, WorkerTracker, decode_ends
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from tests.helpers import write_shards
 
@@ -226,3 +226,16 @@ def test_partner_copies_are_not_used_up(data):
     rest, _ = run(build, 2, None, state)
     anchors = Counter(k for b in first + rest for k in b.keys[:4])
     assert len(anchors) == 96 and set(anchors.values()) == {1}
+
+
+def test_batch_ends_are_run_length_coded():
+    """Under a schedule each position carries its batch ends: equal steps code to one pair."""
+    tracker = WorkerTracker(0, 0, None, schedule=True)
+    for pulled in (4, 8, 12, 17, 21):
+        tracker.main.next = pulled
+        position = tracker.batch_made([])
+    assert position.ends == [[4, 3], [5, 1], [4, 1]]
+    assert decode_ends(position.ends) == [4, 8, 12, 17, 21]
+    resumed = WorkerTracker(0, 0, position, schedule=True)
+    resumed.main.next = 25
+    assert resumed.batch_made([]).ends == [[4, 3], [5, 1], [4, 2]]
