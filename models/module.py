@@ -167,6 +167,13 @@ def _total_steps(estimated: float, schedule: Schedule) -> int:
     or folders without ``index.json`` in plain mode) unless ``trainer.max_steps`` is set; a
     cosine schedule over a guessed length would silently decay the LR to its floor.
     """
+    if estimated == 0:
+        raise ValueError(
+            "the training data gives no batch on this rank: in plain mode every rank needs "
+            "shards of its own (at least world_size shards) with at least batch_size samples; "
+            "check trainer.limit_train_batches, or use data.train.resampled: true with "
+            "data.train.epoch_samples"
+        )
     finite = math.isfinite(estimated) and estimated > 0
     if not finite and schedule.needs_total:
         raise ValueError(

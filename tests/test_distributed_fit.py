@@ -279,3 +279,40 @@ def test_fsdp_fits_the_tiny_vlm_and_writes_a_loadable_checkpoint(tmp_path: Path)
         {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed", "strategy": strategy},
         {},
     )  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "config,synthetic,layer",
+    [
+        ("ssl4eo_mae_tiny", {"kind": "multispectral", "out": "data/landcover"}, BLOCK),
+        ("speech_tiny", {"kind": "audio-text", "out": "data/tones"}, TEXT_BLOCK),
+        ("egovlp_tiny", {"kind": "video-text", "out": "data/video", "image_size": 64}, TEXT_BLOCK),
+    ],
+)
+def test_fsdp2_trains_the_other_families_on_two_cpu_processes(
+    tmp_path: Path, config: str, synthetic: dict, layer: str
+) -> None:
+    """MAE, audio-text and video-text quickstarts take 2 FSDP2 steps on 2 gloo ranks."""
+    train = {"urls": f"{synthetic['out']}/train", "resampled": True, "epoch_samples": 64}
+    over = {
+        "trainer": {
+            "accelerator": "cpu", "devices": 2, "max_steps": 2, "precision": "32-true",
+            "limit_val_batches": 0, "check_val_every_n_epoch": None, "val_check_interval": None,
+            "enable_progress_bar": False, "logger": False, "enable_checkpointing": False,
+            "callbacks": [],
+            "strategy": {"class_path": "mmpt.strategies.FSDP2",
+                         "init_args": {"layers": [layer], "activation_checkpointing": True}},
+        },
+        "data": {"init_args": {"batch_size": 8, "num_workers": 0, "train": train,
+                               "synthetic": {**synthetic, "train_samples": 96}}},
+    }  # fmt: skip
+    (tmp_path / "over.yaml").write_text(yaml.safe_dump(over))
+    base = str(CONFIGS / "quickstart" / f"{config}.yaml")
+    cmd = [sys.executable, "-m", "mmpt.cli", "fit", "-c", base, "-c", "over.yaml"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=580)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert re.search(r"FSDP2: [1-9]\d* layers sharded as units over 2 processes", log)
+    assert "`max_steps=2` reached" in log

@@ -278,3 +278,15 @@ def test_cli_without_schedule(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     cfg = write(tmp_path / "a.yaml", {"trainer": {"max_steps": 10}, "model": {"init_args": {}}})
     assert main(["-c", cfg]) == 2
     assert "no model.init_args.lr_schedule" in capsys.readouterr().err
+
+
+def test_run_length_errors_say_why() -> None:
+    """No batch on a rank and an unknown length are different errors; a known length passes."""
+    from mmpt.models.module import _total_steps
+
+    with pytest.raises(ValueError, match="no batch on this rank"):
+        _total_steps(0, Constant(warmup_steps=5))
+    with pytest.raises(ValueError, match="run length is unknown"):
+        _total_steps(float("inf"), WarmupCosine())
+    assert _total_steps(float("inf"), Constant(warmup_steps=5)) == 1
+    assert _total_steps(120, WarmupCosine()) == 120
