@@ -281,6 +281,7 @@ def test_fsdp_fits_the_tiny_vlm_and_writes_a_loadable_checkpoint(tmp_path: Path)
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
     "config,synthetic,layer",
