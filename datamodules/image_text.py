@@ -246,7 +246,7 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         if trainer is not None:  # mixture schedules given as fractions of the run need its length
             self.train_stream.set_total_batches(training_batches(trainer, self.train_stream))
         self.train_stream.track = True
-        self.position.applied = False
+        self.position.new_loader()
         return make_loader(
             self.train_stream, self.num_workers, self._pin(), before_iter=self._before_train_iter
         )

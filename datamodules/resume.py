@@ -304,6 +304,10 @@ class StreamPosition:
             "ranks": ranks,
         }
 
+    def new_loader(self) -> None:
+        """A new training loader was built: a checkpoint loaded from now on is still in time."""
+        self.applied = False
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Keep a checkpoint's state until the training stream starts (:meth:`apply`)."""
         if state and self.applied:
@@ -340,7 +344,7 @@ class StreamPosition:
             stream.set_epoch(int(mine["epoch"]) + 1)
             return
         workers = {int(w): WorkerPosition(**p) for w, p in mine["workers"].items()}
-        stream.set_epoch(int(mine["epoch"]), sum(p.batches for p in workers.values()))
+        stream.set_epoch(int(mine["epoch"]))  # each worker's clock goes on from its batches
         stream.resume_from(int(mine["epoch"]), workers)
         self.epoch, self.workers = int(mine["epoch"]), dict(workers)
         done = sum(p.batches for p in workers.values())

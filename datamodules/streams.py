@@ -309,6 +309,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         # Hold each batch back by one, so skips after the last batch are still counted.
         # Added to what collate counted itself (e.g. VLMCollate's undecodable images).
         pending = None
+        taken = getattr(self.batcher, "taken_keys", None)  # e.g. anchors, not partners
         for items_batch in batches:
             mixed = tally.take()  # the batcher yields a batch as soon as it is complete
             if clock is not None:
@@ -319,7 +320,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             pending = self.collate_fn(items_batch)
             if self.mixes:
                 pending.mix = mixed
-            taken = getattr(self.batcher, "taken_keys", None)  # e.g. anchors, not partners
             position = tracker.batch_made(taken(items_batch) if taken else pending.keys)
             if self.track:
                 pending.stream_state = position

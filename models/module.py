@@ -98,8 +98,10 @@ class MMPTModule(L.LightningModule):
     def on_train_start(self) -> None:
         """Tell the datamodule where the run starts (epoch, and batches of it already done).
 
-        Lightning skips ``on_train_epoch_start`` when it resumes mid-epoch, and the mixture
-        schedule must go on from the right batch.
+        Lightning skips ``on_train_epoch_start`` when it resumes mid-epoch. A checkpoint's
+        saved stream position, when it fits the run, then takes over at the first batch
+        (:mod:`mmpt.datamodules.resume`); when it does not (other shards or worker count),
+        the offset keeps the mixture schedule on the right batch.
         """
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "set_epoch"):
