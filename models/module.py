@@ -180,8 +180,9 @@ def _total_steps(estimated: float, schedule: Schedule) -> int:
     if not finite and schedule.needs_total:
         raise ValueError(
             f"the run length is unknown, but model.lr_schedule ({type(schedule).__name__}) "
-            "needs it: set trainer.max_steps, or give the shards an index.json (not enough for "
-            "packed VLM streams: their row count is known only after packing), or use "
+            "needs it: set trainer.max_steps, or write the shards' index.json with `mmpt data "
+            "index <shard folder>` (not enough for packed VLM streams: their row count is "
+            "known only after packing), or use "
             "data.train.resampled: true with data.train.epoch_samples"
         )
     return max(1, int(estimated)) if finite else 1

@@ -1,0 +1,1 @@
+"""Export targets: a trained mmpt model -> the formats other libraries load (one module each)."""
