@@ -25,7 +25,7 @@ from mmpt.batch import ImageLayout, VLMBatch
 from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeResolution
 from mmpt.datamodules.templates import check_targets
 from mmpt.eval.forgetting import eval_prefix
-from mmpt.models.attention import hf_packing_kwargs
+from mmpt.models.attention import hf_packing_kwargs, is_packed_implementation
 from mmpt.models.connectors import MLP2xGelu, SpeechAdapter
 from mmpt.models.fusion import FusionBlocks, fusion_context, insert_gated_cross_attention
 from mmpt.models.llm import CausalLM, splice_tokens
@@ -36,7 +36,6 @@ from mmpt.preprocess import VLMPreprocess
 log = logging.getLogger("mmpt.vlm")
 
 ResolutionPolicy = FixedResolution | AnyResTiles | NativeResolution
-PACKED_ATTENTION = ("mmpt_packed", "flash_attention_2")
 
 
 @dataclass
@@ -307,7 +306,7 @@ class VLMModule(MMPTModule):
                 attention that would let packed samples see each other.
         """
         impl = getattr(self.llm.model.config, "_attn_implementation", None)
-        if batch.num_samples > len(batch) and impl not in PACKED_ATTENTION:
+        if batch.num_samples > len(batch) and not is_packed_implementation(impl):
             raise ValueError(
                 f"packed rows need block-diagonal attention, but the LLM uses {impl!r}: set "
                 "model.llm.attn_implementation: packed (or data.packing: false)"
