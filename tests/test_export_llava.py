@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -204,13 +205,20 @@ def test_chat_template_fallbacks(tok, tmp_path, caplog):
         export_llava(model, tmp_path / "bad", template="chatm")
 
 
-def transformers_llava(tok: Path, folder: Path, vision: str) -> LlavaForConditionalGeneration:
+def transformers_llava(
+    tok: Path, folder: Path, vision: str, tie: bool, legacy: bool
+) -> LlavaForConditionalGeneration:
     """A LLaVA folder made by transformers itself: random weights + the synth tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(str(tok))
     text = {k: v for k, v in TEXT["llama"].items() if k != "model_type"}
     config = LlavaConfig(
         vision_config={**VISION[vision]},
-        text_config={"model_type": "llama", **text, "vocab_size": len(tokenizer)},
+        text_config={
+            "model_type": "llama",
+            **text,
+            "vocab_size": len(tokenizer),
+            "tie_word_embeddings": tie,
+        },
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="full" if vision == "siglip" else "default",
         vision_feature_layer=-2,
@@ -220,20 +228,32 @@ def transformers_llava(tok: Path, folder: Path, vision: str) -> LlavaForConditio
     hf = LlavaForConditionalGeneration(config).eval()
     hf.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+    if legacy:  # the hub's llava-hf layout: the vision weights nested under vision_model
+        file = str(folder / "model.safetensors")
+        weights = load_file(file)
+        old = "vision_tower."
+        nest = {
+            (old + "vision_model." + k[len(old) :] if k.startswith(old) else k): v
+            for k, v in weights.items()
+        }
+        save_file(nest, file, metadata={"format": "pt"})
     return hf
 
 
-@pytest.mark.parametrize("vision", ["siglip", "clip"])
-def test_llava_folder_loads_into_mmpt(tok, tmp_path, vision):
+@pytest.mark.parametrize(
+    ("vision", "tie", "legacy"), [("siglip", True, False), ("clip", False, True)]
+)
+def test_llava_folder_loads_into_mmpt(tok, tmp_path, vision, tie, legacy):
     folder = tmp_path / "hf"
-    hf = transformers_llava(tok, folder, vision)
+    hf = transformers_llava(tok, folder, vision, tie, legacy)
     model = vlm_from_llava(folder)
+    vocab = hf.config.text_config.vocab_size
     assert model.vision.feature_layer == -2
     # init_from path: a VLMModule built from the matching config takes every weight
     torch.manual_seed(5)
     other = VLMModule(
         CausalLM(
-            config={**TEXT["llama"], "vocab_size": hf.config.text_config.vocab_size},
+            config={**TEXT["llama"], "vocab_size": vocab, "tie_word_embeddings": tie},
             tokenizer=str(folder),
         ),
         HFVisionTower(config=VISION[vision]),
