@@ -23,12 +23,13 @@ from transformers import (
 
 from mmpt.datamodules.packing import pack_row
 from mmpt.datamodules.resolution import AnyResTiles, FixedResolution
-from mmpt.datamodules.templates import get_template
+from mmpt.datamodules.templates import TEMPLATES, get_template
 from mmpt.datamodules.transforms import normalize_images
 from mmpt.datamodules.vlm_batching import VLMCollate
 from mmpt.datamodules.vlm_sample import VLMSample
 from mmpt.export.hf_llava import export_llava, llava_unsupported
 from mmpt.export.hf_llava_load import llava_state_dict, vlm_from_llava
+from mmpt.export.hf_processor import chat_template
 from mmpt.models.attention import hf_packing_kwargs
 from mmpt.models.connectors import MLPDownsample
 from mmpt.models.encoders import HFVisionTower, TimmVisionTower
@@ -191,6 +192,25 @@ def test_processor_matches_mmpt_preprocessing(tok, tmp_path):
     squashed = processor.image_processor(pil.resize((32, 32), Image.Resampling.BICUBIC))
     squash_diff = (torch.as_tensor(squashed["pixel_values"][0]) - batch.pixels[0]).abs().mean()
     assert diff < 0.01 < squash_diff
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_template_renders_the_training_text(tok, name):
+    """transformers' renderer on the exported template == the text mmpt's template trains on."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tok))
+    template = TEMPLATES[name]
+    ours = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": f"<image>\n{PROMPT}"},
+        {"role": "assistant", "content": CAPTION},
+        {"role": "user", "content": "and now ?"},
+    ]
+    theirs = [ours[0], *hf_messages(), {"role": "user", "content": "and now ?"}]
+    text = tokenizer.apply_chat_template(
+        theirs, chat_template=chat_template(template), tokenize=False, add_generation_prompt=True
+    )
+    expected = "".join(s.text for s in template.render(ours, tokenizer.eos_token))
+    assert text == expected + template.assistant_prefix
 
 
 def test_chat_template_fallbacks(tok, tmp_path, caplog):
