@@ -288,6 +288,21 @@ def test_llava_folder_loads_into_mmpt(tok, tmp_path, vision, tie, legacy):
             assert (mmpt_model(batch).logits - theirs).abs().max() < 1e-4
 
 
+def test_export_then_import_round_trip(tok, tmp_path):
+    """``vlm_from_llava`` on mmpt's own export: same preprocessing, feature layer and logits."""
+    torch.manual_seed(0)
+    llm = CausalLM(config=TEXT["qwen2"], tokenizer=str(tok))
+    tower = HFVisionTower(config=VISION["clip"], feature_layer=0, mean=[0.1] * 3, std=[0.2] * 3)
+    model = VLMModule(llm, tower).eval()
+    back = vlm_from_llava(export_llava(model, tmp_path / "llava", template="chatml"))
+    assert back.vision.image_preprocess == model.vision.image_preprocess
+    assert back.vision.feature_layer == 0
+    assert back.llm.image_token_id == model.llm.image_token_id
+    batch = mmpt_batch(model, png(40, 32, seed=4), "chatml")
+    with torch.no_grad():
+        assert (back(batch).logits - model(batch).logits).abs().max() < 1e-5
+
+
 def test_not_a_llava_folder(tok, tmp_path):
     model = tiny_vlm(tok, "siglip", "qwen2")
     with pytest.raises(FileNotFoundError, match="no config.json"):

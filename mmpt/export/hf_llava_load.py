@@ -183,10 +183,11 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
         )
     if config.get("projector_hidden_act", "gelu") != "gelu":
         raise ValueError(f"{path}: projector_hidden_act must be 'gelu' (MLP2xGelu)")
-    pre_file = path / "preprocessor_config.json"
-    pre = _read_json(pre_file) if pre_file.is_file() else {}
-    proc_file = path / "processor_config.json"
-    image_token = (_read_json(proc_file) if proc_file.is_file() else {}).get("image_token")
+    proc_file, pre_file = path / "processor_config.json", path / "preprocessor_config.json"
+    proc = _read_json(proc_file) if proc_file.is_file() else {}
+    # transformers 5 nests the image processor in processor_config.json; older folders do not
+    pre = proc.get("image_processor") or (_read_json(pre_file) if pre_file.is_file() else {})
+    image_token = proc.get("image_token")
     dtype = text_cfg.get("dtype") or config.get("dtype") or config.get("torch_dtype")
     with no_init_weights():
         vision = HFVisionTower(
