@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
+    GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
@@ -178,7 +179,10 @@ def test_processor_matches_mmpt_preprocessing(tok, tmp_path):
     model = tiny_vlm(tok, "siglip", "qwen2")
     out = export_llava(model, tmp_path / "llava", template="chatml")
     processor = AutoProcessor.from_pretrained(str(out))
-    assert processor.chat_template == AutoTokenizer.from_pretrained(str(out)).chat_template
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    assert processor.chat_template == tokenizer.chat_template
+    stops = GenerationConfig.from_pretrained(str(out)).eos_token_id
+    assert sorted(stops) == sorted(tokenizer.convert_tokens_to_ids(["</s>", "<|im_end|>"]))
     image = png(61, 40, smooth=True)
     batch = mmpt_batch(model, image, "chatml")
     pil = Image.open(io.BytesIO(image))

@@ -44,7 +44,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def llava_config(folder: str | Path) -> dict[str, Any]:
+def read_llava_config(folder: str | Path) -> dict[str, Any]:
     """The ``config.json`` of a transformers LLaVA folder.
 
     Raises:
@@ -107,7 +107,7 @@ def llava_state_dict(folder: str | Path, model: VLMModule) -> dict[str, torch.Te
             differ from ``model``'s (a different architecture or vocabulary).
     """
     path = Path(folder)
-    llava_config(path)
+    read_llava_config(path)
     targets = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     unknown = []
@@ -165,8 +165,10 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
         ValueError: A LLaVA variant mmpt's VLM cannot express (the message says which).
     """
     path = Path(folder)
-    config = llava_config(path)
-    vision_cfg, text_cfg = dict(config["vision_config"]), dict(config["text_config"])
+    config = read_llava_config(path)
+    # LlavaConfig's defaults when a sub-config omits its type (older hub folders)
+    vision_cfg = {"model_type": "clip_vision_model", **config.get("vision_config", {})}
+    text_cfg = {"model_type": "llama", **config.get("text_config", {})}
     kind = vision_cfg.get("model_type")
     layer = config.get("vision_feature_layer", -2)
     strategy = config.get("vision_feature_select_strategy", "default")
