@@ -127,6 +127,9 @@ class VLMModule(MMPTModule):
                 "no model.audio (speech tokens are injected into the sequence)"
             )
         self.fusion_config = fusion
+        #: Name of the data template the model trained with, when known (set by
+        #: :meth:`from_export`; ``mmpt generate`` formats prompts with it).
+        self.data_template: str | None = None
         if fusion is not None:  # registered first, so its parameters are named fusion.*
             self.fusion: FusionBlocks | None = insert_gated_cross_attention(
                 llm.model, llm.hidden_size, fusion.every, fusion.heads, fusion.ff_mult
@@ -382,17 +385,37 @@ class VLMModule(MMPTModule):
         """As validation, logged under ``test/``."""
         self._eval_step(batch, "test")
 
-    # ---- export -----------------------------------------------------------------------------
+    # ---- export ---------------------------------------------------------------------------
 
-    def export_hf(self, path: str | Path) -> Path:
-        """Write an HF-style folder of the model (see :func:`~mmpt.models.vlm_export.export_vlm`).
+    def export_mmpt(self, path: str | Path, template: str | None = None) -> Path:
+        """Write mmpt's own loadable folder (``mmpt-vlm/3``, see :mod:`mmpt.models.vlm_export`).
 
         Args:
             path: Output folder.
+            template: The data template the model trained with (None when unknown).
 
         Returns:
             The folder.
         """
-        from mmpt.models.vlm_export import export_vlm
+        from mmpt.models.vlm_export import export_mmpt_vlm
 
-        return export_vlm(self, path)
+        return export_mmpt_vlm(self, path, template)
+
+    @classmethod
+    def from_export(cls, path: str | Path, attn_implementation: str | None = None) -> VLMModule:
+        """Rebuild the exact model of an ``mmpt-vlm/3`` export folder (no training config).
+
+        Args:
+            path: The folder written by :meth:`export_mmpt` (``mmpt export``).
+            attn_implementation: The LLM's attention; default the one it trained with.
+
+        Returns:
+            The model in eval mode on the CPU, ``data_template`` set from the export.
+
+        Raises:
+            FileNotFoundError: No such folder, or a file of the export is missing (named).
+            ValueError: Not an mmpt export, or another format version (both named).
+        """
+        from mmpt.models.vlm_load import load_export
+
+        return load_export(path, attn_implementation)
