@@ -315,35 +315,49 @@ class VLMModule(MMPTModule):
                 f"packed rows need block-diagonal attention, but the LLM uses {impl!r}: set "
                 "model.llm.attn_implementation: packed (or data.packing: false)"
             )
+        embeds = self.embed_inputs(batch, shuffle_images, zero_audio)
+        return self.llm(
+            inputs_embeds=embeds,
+            position_ids=batch.position_ids,
+            labels=batch.labels,
+            use_cache=False,
+            **hf_packing_kwargs(batch.cu_seqlens, batch.max_seqlen),
+        )
+
+    def embed_inputs(
+        self, batch: VLMBatch, shuffle_images: bool = False, zero_audio: bool = False
+    ) -> torch.Tensor:
+        """LLM input embeddings (R, L, llm_dim) of a batch, its media in place.
+
+        With token injection the image and audio tokens replace their placeholders. Under
+        fusion the image markers keep their embeddings and the gated blocks' context is set
+        to the batch's images (it stays set until the next batch: keep it through backward,
+        or through ``generate``).
+
+        Args:
+            batch: Rows (packed or left-padded) and their images and audio clips.
+            shuffle_images: Swap images between samples (see :meth:`forward`).
+            zero_audio: Replace every audio token by zeros.
+
+        Raises:
+            ValueError: Media token and media counts disagree.
+        """
         tokens = self.image_tokens(batch)
         if shuffle_images:
             tokens = self.shuffle_images(tokens)
-        packing = hf_packing_kwargs(batch.cu_seqlens, batch.max_seqlen)
         marks = batch.input_ids == self.llm.image_token_id
+        embeds = self.llm.embed(batch.input_ids)
         if self.fusion is not None:
-            ref = self.llm.embed(batch.input_ids[:1, :1])
-            fusion_context(self.fusion, batch, tokens, marks, ref)
-            return self.llm(
-                input_ids=batch.input_ids,
-                position_ids=batch.position_ids,
-                labels=batch.labels,
-                use_cache=False,
-                **packing,
-            )
-        embeds = splice_tokens(self.llm.embed(batch.input_ids), marks, tokens, "image")
+            fusion_context(self.fusion, batch, tokens, marks, embeds)
+            return embeds
+        embeds = splice_tokens(embeds, marks, tokens, "image")
         if self.audio is not None:
             clips = self.audio_tokens(batch)
             if zero_audio:
                 clips = [torch.zeros_like(t) for t in clips]
             audio_marks = batch.input_ids == self.audio_token_id
             embeds = splice_tokens(embeds, audio_marks, clips, "audio")
-        return self.llm(
-            inputs_embeds=embeds,
-            position_ids=batch.position_ids,
-            labels=batch.labels,
-            use_cache=False,
-            **packing,
-        )
+        return embeds
 
     # ---- steps ------------------------------------------------------------------------------
 
