@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from mmpt.batch import VLMBatch
 from mmpt.datamodules.audio import normalize_audio, pad_audio
@@ -216,7 +216,6 @@ class Generator:
             num_beams=settings.num_beams,
             eos_token_id=self.eos_ids or None,
             pad_token_id=self.pre.pad_id,
-            stop_strings=list(settings.stop) or None,
             use_cache=True,
         )
         fusion = self.model.fusion
@@ -227,7 +226,9 @@ class Generator:
                     inputs_embeds=embeds,
                     attention_mask=mask,
                     generation_config=config,
-                    tokenizer=self.pre.tokenizer if settings.stop else None,
+                    stopping_criteria=StoppingCriteriaList(
+                        [StopOnText(self.pre.tokenizer, settings.stop)] if settings.stop else []
+                    ),
                 )
         finally:
             if fusion is not None:
@@ -262,6 +263,23 @@ class Generator:
         return [cut_at_stop(t, settings.stop) for t in texts]
 
 
+class StopOnText(StoppingCriteria):
+    """Ends a sequence once its decoded new text holds a stop string (any tokenizer).
+
+    transformers' own ``stop_strings`` needs a BPE / SentencePiece vocabulary; this decodes
+    the generated ids, so word-level tokenizers work too.
+    """
+
+    def __init__(self, tokenizer: object, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        """(B, T) generated ids -> (B,) bool, True where a stop string appeared."""
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        done = [any(s in t for s in self.stop) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to the first occurrence of any stop string."""
     ends = [i for s in stop if s and (i := text.find(s)) >= 0]
@@ -284,4 +302,4 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-__all__ = ["Decoding", "Generator", "cut_at_stop", "prompt_content"]
+__all__ = ["Decoding", "Generator", "StopOnText", "cut_at_stop", "prompt_content"]

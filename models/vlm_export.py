@@ -6,6 +6,10 @@ Layout of an export folder::
     llm/                     the LLM (save_pretrained: config, weights, tokenizer with the
                              media tokens); a subfolder, so the root never poses as a plain
                              causal LM that silently drops the vision part
+    tokenizer/               the tokenizer alone, which the loader reads: next to an LLM
+                             config.json, transformers may pick the model type's tokenizer
+                             class instead of the saved one (a word-level tokenizer then
+                             decodes with a byte-level decoder)
     vision.safetensors       vision tower        connector.safetensors  (+ image_newline)
     fusion.safetensors       gated cross-attention blocks (fusion models)
     audio.safetensors        speech encoder      audio_adapter.safetensors
@@ -36,6 +40,7 @@ log = logging.getLogger("mmpt.vlm")
 FORMAT = "mmpt-vlm/3"
 CONFIG_NAME = "mmpt_vlm.json"
 LLM_DIR = "llm"
+TOKENIZER_DIR = "tokenizer"
 #: Module attribute -> weights file, for the parts outside the LLM folder.
 PARTS = ("vision", "connector", "fusion", "audio", "audio_adapter")
 
@@ -79,7 +84,8 @@ def export_mmpt_vlm(model: VLMModule, path: str | Path, template: str | None = N
         k: v for k, v in model.llm.model.state_dict().items() if f".{BLOCK_ATTR}." not in k
     }
     model.llm.model.save_pretrained(str(out / LLM_DIR), state_dict=llm_state)
-    model.llm.tokenizer.save_pretrained(str(out / LLM_DIR))
+    for folder in (LLM_DIR, TOKENIZER_DIR):
+        model.llm.tokenizer.save_pretrained(str(out / folder))
     hf_config = model.llm.model.config
     towers = (("image", "vision"), ("audio", "audio"))
     config: dict[str, Any] = {
@@ -88,6 +94,7 @@ def export_mmpt_vlm(model: VLMModule, path: str | Path, template: str | None = N
         "template": template,
         "llm": {
             "folder": LLM_DIR,
+            "tokenizer": TOKENIZER_DIR,
             "architecture": (hf_config.architectures or [type(model.llm.model).__name__])[0],
             "model_type": hf_config.model_type,
             "attn_implementation": getattr(hf_config, "_attn_implementation", None),

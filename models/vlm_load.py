@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
-from mmpt.models.vlm_export import CONFIG_NAME, FORMAT, LLM_DIR, PARTS
+from mmpt.models.vlm_export import CONFIG_NAME, FORMAT, LLM_DIR, PARTS, TOKENIZER_DIR
 
 if TYPE_CHECKING:
     from mmpt.models.vlm import VLMModule
@@ -42,7 +42,7 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
             f"{config_file} has format {found!r}; this mmpt loads {FORMAT!r} only (and "
             "transformers LLaVA folders): re-export the checkpoint with `mmpt export`"
         )
-    needed = [f"{LLM_DIR}/config.json", f"{LLM_DIR}/tokenizer_config.json"]
+    needed = [f"{LLM_DIR}/config.json", f"{TOKENIZER_DIR}/tokenizer_config.json"]
     needed += [f"{p}.safetensors" for p in PARTS if config.get(p) is not None]
     if not list((folder / LLM_DIR).glob("*.safetensors")):
         needed.append(f"{LLM_DIR}/model.safetensors")
@@ -124,6 +124,7 @@ def load_export(path: str | Path, attn_implementation: str | None = None) -> VLM
     impl = attn_implementation or llm_cfg.get("attn_implementation") or "packed"
     llm = CausalLM(
         pretrained=str(folder / llm_cfg.get("folder", LLM_DIR)),
+        tokenizer=str(folder / llm_cfg.get("tokenizer", TOKENIZER_DIR)),
         image_token=llm_cfg["image_token"],
         attn_implementation="packed" if impl == "mmpt_packed" else impl,
     )

@@ -65,6 +65,9 @@ def round_trip(model: VLMModule, batch, tmp_path: Path, template: str | None = "
     out = model.export_mmpt(tmp_path / "export", template=template)
     again = mmpt.load(out)
     assert type(again) is VLMModule and again.data_template == template
+    ids = list(range(3, 60))  # the same tokenizer: same ids, same text (spaces included)
+    tok, tok_again = model.llm.tokenizer, again.llm.tokenizer
+    assert tok_again.decode(ids) == tok.decode(ids) and len(tok_again) == len(tok)
     with torch.no_grad():
         want, got = model(batch).logits, again(batch).logits
     assert want.shape == got.shape
