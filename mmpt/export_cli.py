@@ -1,4 +1,4 @@
-"""``mmpt export``: a trained VLM checkpoint -> an HF-style folder (LLM, connector, vision)."""
+"""``mmpt export``: a trained VLM checkpoint -> mmpt's own loadable folder (``mmpt-vlm/3``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import sys
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmpt export",
-        description="Export a VLM checkpoint as an HF-style folder: the LLM and tokenizer "
-        "(save_pretrained), connector.safetensors, vision.safetensors and mmpt_vlm.json. "
+        description="Export a VLM checkpoint as mmpt's own folder (mmpt_vlm.json, llm/ with the "
+        "tokenizer, the other parts as safetensors), which mmpt.load and `mmpt generate --model` "
+        "rebuild without the training config. "
         "Extra --model... flags override the config, as in `mmpt fit`.",
     )
     p.add_argument(
@@ -37,11 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1"]
         cpu += ["--trainer.strategy=auto", "--trainer.logger=false"]
         cli = build_cli([*cli_args, *cpu, *overrides], run=False)
+        from mmpt.models.vlm import VLMModule
+        from mmpt.models.vlm_export import export_mmpt_vlm
+
         model = cli.model
-        if not hasattr(model, "export_hf"):
-            raise ValueError(f"{type(model).__name__} has no HF export (VLMModule has)")
+        if not isinstance(model, VLMModule):
+            raise ValueError(f"{type(model).__name__} has no mmpt export (VLMModule has)")
         load_checkpoint(model, args.ckpt)
-        out = model.export_hf(args.out)
+        template = getattr(getattr(cli.datamodule, "template", None), "name", None)
+        out = export_mmpt_vlm(model, args.out, template)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
