@@ -24,7 +24,7 @@ data:
   data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
 
 export and checkpoints:
-  export          VLM checkpoint -> HF-style folder mmpt export -c CFG --ckpt CKPT --out DIR
+  export          checkpoint -> open_clip/timm/HF mmpt export -c CFG --ckpt CKPT --out DIR
   merge           weighted average of checkpoints   mmpt merge --ckpt A B --weights 0.5 0.5 --out M
   schedule        plot a config's LR schedule (PNG) mmpt schedule -c CONFIG [--total-steps N]
 

@@ -94,6 +94,11 @@ def export_timm(tower: nn.Module, out: str | Path) -> Path:
         "crop_mode": "center",
     }
     timm.models.save_for_hf(model, out, safe_serialization=True, data_config=data_config)
+    # the architecture's pretrained tag and licence describe timm's weights, not these
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["pretrained_cfg"].pop("license", None)
+    cfg["pretrained_cfg"]["tag"] = "mmpt"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if pre.bands is not None:
         (out / BANDS_FILE).write_text(json.dumps(bands_sidecar(pre), indent=2) + "\n")
     return out
