@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mmpt.models.vlm import VLMModule
 
-#: ``config.json`` model types that :mod:`mmpt.export.hf_llava` reads.
+#: ``config.json`` model types that :mod:`mmpt.export.hf_llava_load` reads.
 LLAVA_TYPES = ("llava", "llava_next")
 
 
@@ -38,7 +38,7 @@ def load(path: str | Path, attn_implementation: str | None = None) -> VLMModule:
         except json.JSONDecodeError:
             model_type = None
         if model_type in LLAVA_TYPES:
-            from mmpt.export.hf_llava import vlm_from_llava
+            from mmpt.export.hf_llava_load import vlm_from_llava
 
             return vlm_from_llava(folder)
     from mmpt.models.vlm import VLMModule
