@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmpt.safe_load import add_unsafe_load_flag
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -22,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) to export")
     p.add_argument("--out", required=True, help="output folder")
+    add_unsafe_load_flag(p)
     return p
 
 
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         model = cli.model
         if not hasattr(model, "export_hf"):
             raise ValueError(f"{type(model).__name__} has no HF export (VLMModule has)")
-        load_checkpoint(model, args.ckpt)
+        load_checkpoint(model, args.ckpt, unsafe=args.unsafe_load or None)
         out = model.export_hf(args.out)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
