@@ -118,6 +118,7 @@ def read_source(path: str, model: nn.Module) -> Mapped:
         return plain
     candidates = [plain]
     if any(k.startswith("visual.") for k in state) or "token_embedding.weight" in state:
+        # an open_clip CLIP (text keys at the top) or CustomTextCLIP (text.*) state dict
         candidates.append(from_open_clip(state, model))
     from mmpt.models.encoders.timm_vit import TimmVisionTower
 
@@ -160,8 +161,8 @@ def load_init_from(
     for path, m, fit in zip(paths, mapped, fits, strict=True):
         if not fit:
             raise ValueError(
-                f"{FLAG}={path!r}: no weight of this {m.format} ({m.family}) fits this "
-                f"{family_of(set(own))} model by name and shape (source keys e.g. "
+                f"{FLAG}={path!r}: no parameter matches this {family_of(set(own))} model by "
+                f"name and shape (read as {m.format}, {m.family}; source keys e.g. "
                 f"{sorted(m.state)[:3]}, model keys e.g. {sorted(own)[:3]})"
             )
     scope = set(own) if any(m.scope is None for m in mapped) else set()

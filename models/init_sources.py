@@ -125,7 +125,8 @@ def from_open_clip(state: dict[str, torch.Tensor], model: nn.Module) -> Mapped:
         out.state.update({f"{prefix}visual.{k}": v for k, v in visual.items()})
         used.update(f"visual.{k}" for k in visual)
     text_towers = list(towers(model, OpenCLIPTextTower))
-    text = text_state_from_clip(state) if text_towers and "token_embedding.weight" in state else {}
+    has_text = "token_embedding.weight" in state or "text.token_embedding.weight" in state
+    text = text_state_from_clip(state) if text_towers and has_text else {}
     for prefix, tower in text_towers:
         out.scope += prefixed(f"{prefix}text.", tower.text)
         out.state.update({f"{prefix}text.{k}": v for k, v in text.items()})
