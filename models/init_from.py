@@ -77,14 +77,13 @@ class InitFromReport:
         def few(names: Sequence[str]) -> str:
             return f" {list(names[:limit])}{' ...' if len(names) > limit else ''}" if names else ""
 
-        parts = [
-            f"init_from {self.source} ({self.format}, {self.family}): "
-            f"loaded {len(self.loaded)} tensors",
-            f"missing {len(self.missing)}{few(self.missing)}",
-            f"unexpected {len(self.unexpected)}{few(self.unexpected)}",
-            f"adapted {len(self.adapted)}",
-        ]
-        return "; ".join(parts + [f"{k}: {how}" for k, how in self.adapted.items()][: limit + 4])
+        line = (
+            f"init_from {self.source} ({self.format}, {self.family}): loaded "
+            f"{len(self.loaded)} tensors, {len(self.missing)} missing{few(self.missing)}, "
+            f"{len(self.unexpected)} unexpected{few(self.unexpected)}, "
+            f"{len(self.adapted)} adapted"
+        )
+        return "; ".join([line, *[f"{k}: {how}" for k, how in self.adapted.items()][:limit]])
 
 
 def read_source(path: str, model: nn.Module) -> Mapped:
