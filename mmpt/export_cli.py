@@ -14,6 +14,8 @@ from pathlib import Path
 
 from torch import nn
 
+from mmpt.safe_load import add_unsafe_load_flag
+
 #: ``--format`` -> what it writes (shown in --help and in errors).
 FORMATS = {
     "open_clip": "contrastive image-text model -> open_clip folder (config, weights, tokenizer)",
@@ -112,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
         "llava when transformers has a class for it, else mmpt",
     )
     p.add_argument("--name", default=None, help="open_clip model config name (default: --out's)")
+    add_unsafe_load_flag(p)
     return p
 
 
@@ -154,7 +157,7 @@ def export(args: argparse.Namespace, overrides: list[str]) -> Path:
             f"--format {fmt} does not apply to {type(model).__name__}; it exports to "
             f"{', '.join(found)}"
         )
-    load_checkpoint(model, args.ckpt)
+    load_checkpoint(model, args.ckpt, unsafe=args.unsafe_load or None)
     model.eval()
     return found[fmt](model, Path(args.out), args)
 

@@ -146,6 +146,7 @@ class MAEModule(MMPTModule):
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
+        init_from_strict: bool = True,
     ) -> None:
         """Build encoder and decoder.
 
@@ -156,13 +157,14 @@ class MAEModule(MMPTModule):
             decoder_dim, decoder_depth, decoder_heads: Decoder width, blocks, attention heads.
             norm_pix_loss: Regress per-patch normalised pixels.
             log_reconstructions: Images drawn per validation epoch; 0 turns drawing off.
-            optimizer, lr_schedule, freeze, trainable, init_from: See :class:`MMPTModule`.
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
+                :class:`MMPTModule`.
 
         Raises:
             TypeError: The tower's model is not a timm ``VisionTransformer``.
             ValueError: Non-square patches or a mask ratio that leaves no visible patch.
         """
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from)
+        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
         vit = encoder.model
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"MAE needs a timm VisionTransformer, got {type(vit).__name__}")

@@ -99,6 +99,7 @@ class VLMModule(MMPTModule):
         trainable: Patterns that alone train (stage 1: ``["connector.*"]``; BLSP:
             ``["audio_adapter.*"]``).
         init_from: The previous stage's checkpoint.
+        init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -118,8 +119,9 @@ class VLMModule(MMPTModule):
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
+        init_from_strict: bool = True,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from)
+        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
         if fusion is not None and (vision is None or audio is not None):
             raise ValueError(
                 "model.fusion (gated cross-attention) fuses images: it needs model.vision and "
