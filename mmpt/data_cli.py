@@ -1,4 +1,4 @@
-"""``mmpt data``: make synthetic shards, build shards from raw files, inspect shards."""
+"""``mmpt data``: make synthetic shards, build shards from raw files, index and inspect shards."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ EPILOG = """examples:
   mmpt data build --kind multispectral --from EuroSAT_MS/ --out shards/eurosat --format tif
   mmpt data build --kind audio-text --from transcripts.jsonl --audio clips/ \
       --out shards/speech --resample 16000 --workers 8
+  mmpt data index /data/laion-shards --workers 8
+  mmpt data index 'pipe:aws s3 cp s3://bucket/shards/{00000..00999}.tar -' --out shards.json
   mmpt data inspect shards/ --check
 """
 
@@ -53,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{synth,build,inspect}", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{synth,build,index,inspect}", required=True
+    )
 
     synth = sub.add_parser("synth", help="write a learnable synthetic dataset (train/ and val/)")
     synth.add_argument(
@@ -211,6 +215,19 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    index = sub.add_parser(
+        "index", help="count the samples of existing shards and write their index.json"
+    )
+    index.add_argument(
+        "path", metavar="PATH", help="a shard folder, a .tar file or pattern, pipe: or fsspec URL"
+    )
+    index.add_argument(
+        "--out", type=Path, metavar="FILE", help="index.json to write (default: beside the shards)"
+    )
+    index.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="processes reading shards"
+    )
+
     insp = sub.add_parser("inspect", help="count samples and keys; find corrupt samples")
     insp.add_argument("path", type=Path, help="a shard folder or a .tar file")
     insp.add_argument("--check", action="store_true", help="decode every image and json")
@@ -310,6 +327,24 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    from mmpt.shards.indexer import index_shards
+
+    report = index_shards(args.path, out=args.out, workers=args.workers)
+    if report.note:
+        print(f"not using the counts beside the shards: {report.note}")
+    print(
+        f"indexed {report.num_samples} samples in {len(report.shards)} shard(s) "
+        f"(counts from {report.source}) -> {report.index_path}"
+    )
+    if report.corrupt:
+        print(f"{len(report.corrupt)} unreadable shard(s), left out of the index:")
+        for url, error in report.corrupt:
+            print(f"  {url}: {error}")
+        return 1
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from mmpt.shards.inspect import inspect_shards, print_report
 
@@ -322,14 +357,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mmpt data <synth|build|inspect> ...``.
+    """Run ``mmpt data <synth|build|index|inspect> ...``.
 
     Args:
         argv: Arguments after ``data``; default ``sys.argv[1:]``.
 
     Returns:
-        Exit code: 0 on success; 1 when ``inspect`` finds problems or ``build`` writes
-        nothing; 2 for bad arguments or input (printed as ``error: ...`` on stderr).
+        Exit code: 0 on success; 1 when ``inspect`` finds problems, ``index`` finds
+        unreadable shards or ``build`` writes nothing; 2 for bad arguments or input
+        (printed as ``error: ...`` on stderr).
 
     """
     parser = _parser()
@@ -339,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    commands = {"synth": _synth, "build": _build, "inspect": _inspect}
+    commands = {"synth": _synth, "build": _build, "index": _index, "inspect": _inspect}
     try:
         return commands[args.command](args)
     except (OSError, RuntimeError, ValueError) as e:
