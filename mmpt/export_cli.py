@@ -1,7 +1,7 @@
 """``mmpt export``: a trained checkpoint -> the format of the library that will use it.
 
 The dispatcher only picks the target; each target lives in its own module (``mmpt.export.*``
-and the VLM's ``export_hf``).
+and :mod:`mmpt.models.vlm_export`).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def targets(model: nn.Module) -> dict[str, Exporter]:
     from mmpt.models.encoders.wav2vec2 import Wav2Vec2Tower
 
     found: dict[str, Exporter] = {}
-    if hasattr(model, "export_hf"):  # VLMModule
+    if hasattr(model, "export_mmpt"):  # VLMModule
         found["llava"], found["mmpt"] = _llava, _mmpt_vlm
     if getattr(model, "text", None) is not None and getattr(model, "vision", None) is not None:
         found["open_clip"] = _open_clip

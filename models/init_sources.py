@@ -214,16 +214,16 @@ def from_hf_clip(folder: str, model: nn.Module) -> Mapped:
 def from_folder_hooks(folder: str, model: nn.Module) -> Mapped | None:
     """An mmpt export folder (``mmpt_vlm.json``) or a transformers LLaVA folder; else None.
 
-    Read by the modules that write those formats: ``mmpt.load.export_state_dict`` and
-    ``mmpt.export.hf_llava.llava_state_dict`` (mmpt keys -> tensors).
+    Read by the modules that write those formats: ``mmpt.models.vlm_load.export_state_dict`` and
+    ``mmpt.export.hf_llava_load.llava_state_dict`` (mmpt keys -> tensors).
     """
     if os.path.isfile(os.path.join(folder, "mmpt_vlm.json")):
-        from mmpt.load import export_state_dict  # type: ignore[import-not-found]
+        from mmpt.models.vlm_load import export_state_dict
 
         state = dict(export_state_dict(folder))
         return Mapped("mmpt export folder", family_of(set(state)), state)
-    if hf_model_type(folder) == "llava":
-        from mmpt.export.hf_llava import llava_state_dict  # type: ignore[import-not-found]
+    if hf_model_type(folder) in ("llava", "llava_next"):
+        from mmpt.export.hf_llava_load import llava_state_dict
 
         state = dict(llava_state_dict(folder, model))
         return Mapped("transformers LLaVA folder", "VLM", state)
