@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.initialization import no_init_weights
 
+from mmpt.export.hf_llava import SELECT_STRATEGY
 from mmpt.models.encoders.hf_vision import HFVisionTower
 from mmpt.models.llm import CausalLM
 from mmpt.models.vlm import VLMModule
@@ -34,8 +35,6 @@ _FILE_PREFIXES = (
     ("model.multi_modal_projector.linear_1.", "connector.proj.0."),
     ("model.multi_modal_projector.linear_2.", "connector.proj.2."),
 )
-#: LLaVA vision model_type -> the select strategy mmpt's HFVisionTower matches.
-_STRATEGY = {"clip_vision_model": "default", "siglip_vision_model": "full"}
 _DROP = ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
 
 
@@ -172,7 +171,7 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
     kind = vision_cfg.get("model_type")
     layer = config.get("vision_feature_layer", -2)
     strategy = config.get("vision_feature_select_strategy", "default")
-    if kind not in _STRATEGY or strategy != _STRATEGY[kind]:
+    if kind not in SELECT_STRATEGY or strategy != SELECT_STRATEGY[kind]:
         raise ValueError(
             f"{path}: a {kind} tower with vision_feature_select_strategy={strategy!r}: mmpt's "
             "HFVisionTower drops CLIP's class token ('default') and keeps every SigLIP token "

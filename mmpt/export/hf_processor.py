@@ -106,7 +106,7 @@ def resolve_chat_template(model: VLMModule, template: str | None) -> str:
 
 
 def save_llava_processor(
-    model: VLMModule, out: Path, template: str | None, num_class_tokens: int
+    model: VLMModule, out: Path, template: str | None, select_strategy: str
 ) -> LlavaProcessor:
     """Write a ``LlavaProcessor`` matching the model's training preprocessing to ``out``.
 
@@ -119,7 +119,8 @@ def save_llava_processor(
         out: The export folder.
         template: The data template the model trained with (see
             :func:`resolve_chat_template`).
-        num_class_tokens: 1 for a CLIP tower (its class token is dropped), 0 for SigLIP.
+        select_strategy: The model's ``vision_feature_select_strategy``: ``default`` for a
+            CLIP tower (one class token, dropped), ``full`` for SigLIP (no class token).
 
     Returns:
         The saved processor.
@@ -142,10 +143,10 @@ def save_llava_processor(
         image_processor=images,
         tokenizer=model.llm.tokenizer,
         patch_size=int(model.vision.patch_size),
-        vision_feature_select_strategy="default" if num_class_tokens else "full",
+        vision_feature_select_strategy=select_strategy,
         chat_template=resolve_chat_template(model, template),
         image_token=model.llm.image_token,
-        num_additional_image_tokens=num_class_tokens,
+        num_additional_image_tokens=int(select_strategy == "default"),
     )
     processor.save_pretrained(str(out))
     return processor
