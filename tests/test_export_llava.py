@@ -13,6 +13,7 @@ import torch
 import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tokenizers.processors import TemplateProcessing
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -215,6 +216,36 @@ def test_chat_template_renders_the_training_text(tok, name):
     )
     expected = "".join(s.text for s in template.render(ours, tokenizer.eos_token))
     assert text == expected + template.assistant_prefix
+
+
+def test_processor_adds_no_bos_the_model_never_saw(tok, tmp_path):
+    """A Llama-style tokenizer adds BOS by itself; mmpt trained without it, so must the export."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tok))
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    llm = CausalLM(config=TEXT["llama"], tokenizer=str(tmp_path / "tok"))
+    assert llm.tokenizer("a")["input_ids"][0] == bos
+    model = VLMModule(llm, HFVisionTower(config=VISION["clip"])).eval()
+    processor = AutoProcessor.from_pretrained(
+        str(export_llava(model, tmp_path / "llava", template="vicuna"))
+    )
+    batch = mmpt_batch(model, png(32, 32), "vicuna")
+    pil = Image.open(io.BytesIO(png(32, 32)))
+    text = processor.apply_chat_template(hf_messages())
+    with_image = hf_messages()
+    with_image[0]["content"][0]["image"] = pil
+    for inputs in (
+        processor(images=pil, text=text, return_tensors="pt"),
+        processor.apply_chat_template(
+            with_image, tokenize=True, return_dict=True, return_tensors="pt"
+        ),
+    ):
+        assert torch.equal(inputs["input_ids"], batch.input_ids)
+    assert llm.tokenizer("a")["input_ids"][0] == bos  # mmpt's own tokenizer is untouched
 
 
 def test_chat_template_fallbacks(tok, tmp_path, caplog):

@@ -7,10 +7,11 @@ model saw in training.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -105,6 +106,37 @@ def resolve_chat_template(model: VLMModule, template: str | None) -> str:
     return chat_template(get_template(DEFAULT_TEMPLATE), image_token)
 
 
+def tokenizer_as_trained(tokenizer: Any) -> Any:
+    """The tokenizer, or a copy that adds no special tokens itself: as mmpt encoded in training.
+
+    mmpt tokenises without special tokens (the template writes the BOS it wants), but a
+    Llama-style tokenizer adds BOS on every plain call, which ``processor(text=...)`` makes;
+    its copy gets ``add_bos_token``/``add_eos_token`` off (the change is logged).
+
+    Raises:
+        ValueError: The tokenizer adds special tokens and cannot be told not to.
+    """
+
+    def adds(tok: Any) -> bool:
+        return tok("a b")["input_ids"] != tok("a b", add_special_tokens=False)["input_ids"]
+
+    if not adds(tokenizer):
+        return tokenizer
+    plain = copy.deepcopy(tokenizer)
+    if hasattr(plain, "update_post_processor"):
+        plain.add_bos_token, plain.add_eos_token = False, False
+    if adds(plain):
+        raise ValueError(
+            f"{type(tokenizer).__name__} adds special tokens to every text and cannot be "
+            "told not to; the model trained without them, so its processor would not match"
+        )
+    log.warning(
+        "the exported tokenizer adds no BOS/EOS by itself (the model trained without them; "
+        "the chat template writes what a sample starts with)"
+    )
+    return plain
+
+
 def save_llava_processor(
     model: VLMModule, out: Path, template: str | None, select_strategy: str
 ) -> LlavaProcessor:
@@ -141,7 +173,7 @@ def save_llava_processor(
     )
     processor = LlavaProcessor(
         image_processor=images,
-        tokenizer=model.llm.tokenizer,
+        tokenizer=tokenizer_as_trained(model.llm.tokenizer),
         patch_size=int(model.vision.patch_size),
         vision_feature_select_strategy=select_strategy,
         chat_template=resolve_chat_template(model, template),
