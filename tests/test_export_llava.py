@@ -258,12 +258,17 @@ def test_chat_template_fallbacks(tok, tmp_path, caplog):
     assert text == f"<image>\n{PROMPT}\n{CAPTION}</s>"
     with pytest.raises(ValueError, match="unknown template 'chatm'"):
         export_llava(model, tmp_path / "bad", template="chatm")
+    assert not (tmp_path / "bad").exists()
 
 
 def transformers_llava(
-    tok: Path, folder: Path, vision: str, tie: bool, legacy: bool
+    tok: Path, folder: Path, vision: str, tie: bool, layout: str
 ) -> LlavaForConditionalGeneration:
-    """A LLaVA folder made by transformers itself: random weights + the synth tokenizer."""
+    """A LLaVA folder made by transformers itself: random weights + the synth tokenizer.
+
+    ``layout``: ``saved`` (what ``save_pretrained`` writes), ``hub`` (llava-hf's vision names)
+    or ``memory`` (transformers 5's module names).
+    """
     tokenizer = AutoTokenizer.from_pretrained(str(tok))
     text = {k: v for k, v in TEXT["llama"].items() if k != "model_type"}
     config = LlavaConfig(
@@ -283,24 +288,26 @@ def transformers_llava(
     hf = LlavaForConditionalGeneration(config).eval()
     hf.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    if legacy:  # the hub's llava-hf layout: the vision weights nested under vision_model
-        file = str(folder / "model.safetensors")
-        weights = load_file(file)
+    file = str(folder / "model.safetensors")
+    if layout == "hub":  # the hub's llava-hf layout: the vision weights nested in vision_model
         old = "vision_tower."
-        nest = {
+        weights = {
             (old + "vision_model." + k[len(old) :] if k.startswith(old) else k): v
-            for k, v in weights.items()
+            for k, v in load_file(file).items()
         }
-        save_file(nest, file, metadata={"format": "pt"})
+        save_file(weights, file, metadata={"format": "pt"})
+    elif layout == "memory":  # transformers 5's module names, as a plain state-dict dump writes
+        save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, file)
     return hf
 
 
 @pytest.mark.parametrize(
-    ("vision", "tie", "legacy"), [("siglip", True, False), ("clip", False, True)]
+    ("vision", "tie", "layout"),
+    [("siglip", True, "saved"), ("clip", False, "hub"), ("siglip", False, "memory")],
 )
-def test_llava_folder_loads_into_mmpt(tok, tmp_path, vision, tie, legacy):
+def test_llava_folder_loads_into_mmpt(tok, tmp_path, vision, tie, layout):
     folder = tmp_path / "hf"
-    hf = transformers_llava(tok, folder, vision, tie, legacy)
+    hf = transformers_llava(tok, folder, vision, tie, layout)
     model = vlm_from_llava(folder)
     vocab = hf.config.text_config.vocab_size
     assert model.vision.feature_layer == -2

@@ -178,6 +178,8 @@ def export_llava(model: VLMModule, out: str | Path, template: str | None = None)
     reason = llava_unsupported(model)
     if reason is not None:
         raise ValueError(f"--format llava: {reason}")
+    if template is not None:
+        get_template(template, "--template")  # an unknown name fails before anything is written
     config = llava_config(model)
     dtype = model.llm.model.dtype
     weights = llava_weights(model, dtype)

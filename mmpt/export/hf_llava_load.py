@@ -15,25 +15,22 @@ import torch
 from safetensors.torch import load_file
 from transformers.initialization import no_init_weights
 
-from mmpt.export.hf_llava import SELECT_STRATEGY
+from mmpt.export.hf_llava import LLAVA_NAMES, SELECT_STRATEGY
 from mmpt.models.encoders.hf_vision import HFVisionTower
 from mmpt.models.llm import CausalLM
 from mmpt.models.vlm import VLMModule
 
-#: File prefix -> VLMModule prefix; the first match wins (older layouts first).
+#: File prefix -> VLMModule prefix; the first match wins. The layout save_pretrained writes
+#: (and the hub's, with the vision model nested), then transformers 5's in-memory names.
 _FILE_PREFIXES = (
     ("language_model.lm_head.", "llm.model.lm_head."),
     ("language_model.model.", "llm.model.model."),
-    ("model.language_model.", "llm.model.model."),
-    ("lm_head.", "llm.model.lm_head."),
     ("vision_tower.vision_model.", "vision.model."),
     ("model.vision_tower.vision_model.", "vision.model."),
     ("vision_tower.", "vision.model."),
-    ("model.vision_tower.", "vision.model."),
     ("multi_modal_projector.linear_1.", "connector.proj.0."),
     ("multi_modal_projector.linear_2.", "connector.proj.2."),
-    ("model.multi_modal_projector.linear_1.", "connector.proj.0."),
-    ("model.multi_modal_projector.linear_2.", "connector.proj.2."),
+    *((llava, mmpt) for mmpt, llava in LLAVA_NAMES.items()),
 )
 _DROP = ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
 
