@@ -52,6 +52,12 @@ TEXT = {
     "qwen2": {**TINY_LLM_CONFIG, "initializer_range": 0.5},
     "llama": {**TINY_LLM_CONFIG, "model_type": "llama", "initializer_range": 0.5},
 }
+TIMM = {
+    "model_name": "vit_tiny_patch16_224",
+    "image_size": 32,
+    "embed_dim": 0,
+    "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+}
 CAPTION = "a red circle"
 PROMPT = "Describe the image ."
 
@@ -345,6 +351,29 @@ def test_export_then_import_round_trip(tok, tmp_path):
         assert (back(batch).logits - model(batch).logits).abs().max() < 1e-5
 
 
+def test_llava_weights_init_another_tower_partially(tok, tmp_path):
+    """init_from with a different vision tower: the LLM and projector match, the tower does not."""
+    folder = tmp_path / "hf"
+    hf = transformers_llava(tok, folder, "siglip", False, "saved")
+    llm = CausalLM(
+        config={**TEXT["llama"], "vocab_size": hf.config.text_config.vocab_size},
+        tokenizer=str(folder),
+    )
+    model = VLMModule(llm, TimmVisionTower(**TIMM))
+    state = llava_state_dict(folder, model)
+    own = model.state_dict()
+    matching = {k for k, v in state.items() if k in own and own[k].shape == v.shape}
+    assert matching == {k for k in own if not k.startswith("vision.")}
+    assert all(k.startswith("vision.model.") for k in set(state) - matching)
+    # a rebuilt model must match the folder exactly: a missing weight is an error
+    file = folder / "model.safetensors"
+    weights = load_file(str(file))
+    del weights["multi_modal_projector.linear_2.weight"]
+    save_file(weights, str(file), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing connector.proj.2.weight"):
+        vlm_from_llava(folder)
+
+
 def test_not_a_llava_folder(tok, tmp_path):
     model = tiny_vlm(tok, "siglip", "qwen2")
     with pytest.raises(FileNotFoundError, match="no config.json"):
@@ -358,12 +387,7 @@ def test_unsupported_variants_say_why(tok):
     torch.manual_seed(0)
     llm = lambda: CausalLM(config=TEXT["qwen2"], tokenizer=str(tok))  # noqa: E731
     siglip = lambda: HFVisionTower(config=VISION["siglip"])  # noqa: E731
-    timm = TimmVisionTower(
-        "vit_tiny_patch16_224",
-        image_size=32,
-        embed_dim=0,
-        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-    )
+    timm = TimmVisionTower(**TIMM)
     cases = {
         "TimmVisionTower": VLMModule(llm(), timm),
         "MLPDownsample": VLMModule(llm(), siglip(), connector=MLPDownsample),

@@ -88,54 +88,53 @@ def llava_state_dict(folder: str | Path, model: VLMModule) -> dict[str, torch.Te
 
     Vision tower -> ``vision.model.*``, projector ``linear_1``/``linear_2`` ->
     ``connector.proj.0``/``.2``, language model -> ``llm.model.*``. A tied ``lm_head`` (absent
-    from the file) is the embedding matrix; a bias-free projector gets zero biases.
+    from the file) is the embedding matrix; a bias-free projector gets zero biases. Weights are
+    renamed, not filtered: names ``model`` lacks and shapes that differ from its own are left
+    for the caller to report (``init_from`` loads what matches by name and shape;
+    :func:`vlm_from_llava` requires everything to match).
 
     Args:
         folder: The LLaVA folder (``config.json`` + safetensors).
-        model: The VLMModule the weights are for (names and shapes).
+        model: The VLMModule the weights are for (its names and tied/bias layout).
 
     Returns:
         Name -> tensor (the file's dtype), for ``model.load_state_dict``.
 
     Raises:
         FileNotFoundError: No config or no safetensors weights.
-        ValueError: Not a LLaVA folder, a weight with no place in ``model``, or shapes that
-            differ from ``model``'s (a different architecture or vocabulary).
+        ValueError: Not a LLaVA folder.
     """
     path = Path(folder)
     read_llava_config(path)
     targets = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    unknown = []
     for file in _safetensors_files(path):
         for name, tensor in load_file(str(file)).items():
-            new = _rename(name, targets)
-            if new is None or new not in targets:
-                unknown.append(name)
-            else:
-                out[new] = tensor
-    if unknown:
-        raise ValueError(
-            f"{path}: {len(unknown)} weights have no place in the mmpt VLM ({unknown[:4]} ...): "
-            "the model's vision tower, connector or LLM differ from the folder's"
-        )
+            out[_rename(name, targets) or name] = tensor
     head, embed = "llm.model.lm_head.weight", "llm.model.model.embed_tokens.weight"
     if head in targets and head not in out and embed in out:
         out[head] = out[embed]  # tied embeddings: save_pretrained writes one copy
     for bias in ("connector.proj.0.bias", "connector.proj.2.bias"):
         if bias in targets and bias not in out:
             out[bias] = torch.zeros_like(targets[bias])  # multimodal_projector_bias: false
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(targets[k].shape)}"
-        for k, v in out.items()
-        if v.shape != targets[k].shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"{path}: {len(wrong)} weights differ in shape from the model ({wrong[:3]} ...): "
-            "build the model from the folder's vision_config/text_config and tokenizer"
-        )
     return out
+
+
+def _check_matches(path: Path, state: dict[str, torch.Tensor], model: VLMModule) -> None:
+    """Raise unless ``state`` holds exactly ``model``'s weights, with its shapes."""
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        raise ValueError(
+            f"{path}: the weights do not match the model its config describes "
+            f"({len(problems)} problems: {problems[:4]} ...)"
+        )
 
 
 def _arch(config: dict[str, Any]) -> dict[str, Any]:
@@ -207,5 +206,7 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
                 f"config.json's image_token_index is {config.get('image_token_index')}"
             )
         model = VLMModule(llm, vision)
-    model.load_state_dict(llava_state_dict(path, model), strict=True)
+    state = llava_state_dict(path, model)
+    _check_matches(path, state, model)
+    model.load_state_dict(state, strict=True)
     return model.eval()
