@@ -185,7 +185,8 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
     # transformers 5 nests the image processor in processor_config.json; older folders do not
     pre = proc.get("image_processor") or (_read_json(pre_file) if pre_file.is_file() else {})
     image_token = proc.get("image_token")
-    dtype = text_cfg.get("dtype") or config.get("dtype") or config.get("torch_dtype")
+    dtypes = [c.get(k) for c in (text_cfg, config) for k in ("dtype", "torch_dtype")]
+    dtype = next((d for d in dtypes if isinstance(d, str)), None)
     with no_init_weights():
         vision = HFVisionTower(
             config=_arch(vision_cfg),
@@ -198,7 +199,7 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
             tokenizer=str(path),
             image_token=image_token or "<image>",
             attn_implementation=attn_implementation,
-            dtype=dtype if isinstance(dtype, str) else None,
+            dtype=dtype,
         )
         if llm.image_token_id != config.get("image_token_index", config.get("image_token_id")):
             raise ValueError(
