@@ -144,7 +144,7 @@ def load_quietly(cls, folder: Path):
 @pytest.mark.parametrize(
     ("vision", "text", "layer", "template", "tie"),
     [
-        ("siglip", "qwen2", -2, "chatml", False),
+        ("siglip", "qwen2", -2, "chatml", True),
         ("clip", "llama", -1, "vicuna", True),
         ("clip", "qwen2", 0, "plain", False),
     ],
