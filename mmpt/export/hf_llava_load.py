@@ -8,6 +8,7 @@ writes and the older one of the hub's ``llava-hf`` checkpoints.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,13 @@ import torch
 from safetensors.torch import load_file
 from transformers.initialization import no_init_weights
 
+from mmpt.datamodules.templates import TEMPLATES
 from mmpt.export.hf_llava import LLAVA_NAMES, SELECT_STRATEGY
 from mmpt.models.encoders.hf_vision import HFVisionTower
 from mmpt.models.llm import CausalLM
 from mmpt.models.vlm import VLMModule
+
+log = logging.getLogger("mmpt.export")
 
 #: File prefix -> VLMModule prefix; the first match wins. The layout save_pretrained writes
 #: (and the hub's, with the vision model nested), then transformers 5's in-memory names.
@@ -210,4 +214,35 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
     state = llava_state_dict(path, model)
     _check_matches(path, state, model)
     model.load_state_dict(state, strict=True)
+    model.data_template = trained_template(path, llm.image_token)
     return model.eval()
+
+
+def trained_template(folder: Path, image_token: str) -> str | None:
+    """The mmpt data template whose chat template the folder carries (None: a foreign one).
+
+    ``mmpt export`` writes the chat template of the template the model trained with
+    (:func:`~mmpt.export.hf_processor.chat_template`), so an exact match names it, and
+    ``mmpt generate`` formats prompts as in training.
+    """
+    from mmpt.export.hf_processor import chat_template
+
+    file = folder / "chat_template.jinja"
+    if file.is_file():
+        source = file.read_text(encoding="utf-8")
+    else:  # older folders keep it in the processor or tokenizer config
+        configs = [folder / "processor_config.json", folder / "tokenizer_config.json"]
+        found = [_read_json(f).get("chat_template") for f in configs if f.is_file()]
+        source = next((c for c in found if isinstance(c, str)), None)
+    if source is None:
+        return None
+    for name, template in TEMPLATES.items():
+        if chat_template(template, image_token) == source:
+            return name
+    log.warning(
+        "%s: its chat template is not one of mmpt's data templates (%s): `mmpt generate` "
+        "formats prompts with --template (default plain)",
+        folder,
+        ", ".join(TEMPLATES),
+    )
+    return None
