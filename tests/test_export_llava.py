@@ -13,6 +13,7 @@ import torch
 import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tokenizers.processors import TemplateProcessing
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -50,6 +51,12 @@ for _cfg in VISION.values():
 TEXT = {
     "qwen2": {**TINY_LLM_CONFIG, "initializer_range": 0.5},
     "llama": {**TINY_LLM_CONFIG, "model_type": "llama", "initializer_range": 0.5},
+}
+TIMM = {
+    "model_name": "vit_tiny_patch16_224",
+    "image_size": 32,
+    "embed_dim": 0,
+    "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
 }
 CAPTION = "a red circle"
 PROMPT = "Describe the image ."
@@ -130,14 +137,14 @@ def load_quietly(cls, folder: Path):
     finally:
         logger.removeHandler(records)
     assert not any(info.values()), info
-    assert not [m for m in records.messages if "MISSING" in m or "UNEXPECTED" in m], records
+    assert not records.messages, records.messages
     return model.eval()
 
 
 @pytest.mark.parametrize(
     ("vision", "text", "layer", "template", "tie"),
     [
-        ("siglip", "qwen2", -2, "chatml", False),
+        ("siglip", "qwen2", -2, "chatml", True),
         ("clip", "llama", -1, "vicuna", True),
         ("clip", "qwen2", 0, "plain", False),
     ],
@@ -217,6 +224,36 @@ def test_chat_template_renders_the_training_text(tok, name):
     assert text == expected + template.assistant_prefix
 
 
+def test_processor_adds_no_bos_the_model_never_saw(tok, tmp_path):
+    """A Llama-style tokenizer adds BOS by itself; mmpt trained without it, so must the export."""
+    tokenizer = AutoTokenizer.from_pretrained(str(tok))
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    llm = CausalLM(config=TEXT["llama"], tokenizer=str(tmp_path / "tok"))
+    assert llm.tokenizer("a")["input_ids"][0] == bos
+    model = VLMModule(llm, HFVisionTower(config=VISION["clip"])).eval()
+    processor = AutoProcessor.from_pretrained(
+        str(export_llava(model, tmp_path / "llava", template="vicuna"))
+    )
+    batch = mmpt_batch(model, png(32, 32), "vicuna")
+    pil = Image.open(io.BytesIO(png(32, 32)))
+    text = processor.apply_chat_template(hf_messages())
+    with_image = hf_messages()
+    with_image[0]["content"][0]["image"] = pil
+    for inputs in (
+        processor(images=pil, text=text, return_tensors="pt"),
+        processor.apply_chat_template(
+            with_image, tokenize=True, return_dict=True, return_tensors="pt"
+        ),
+    ):
+        assert torch.equal(inputs["input_ids"], batch.input_ids)
+    assert llm.tokenizer("a")["input_ids"][0] == bos  # mmpt's own tokenizer is untouched
+
+
 def test_chat_template_fallbacks(tok, tmp_path, caplog):
     model = tiny_vlm(tok, "siglip", "qwen2")
     with caplog.at_level(logging.WARNING, logger="mmpt.export"):
@@ -227,12 +264,17 @@ def test_chat_template_fallbacks(tok, tmp_path, caplog):
     assert text == f"<image>\n{PROMPT}\n{CAPTION}</s>"
     with pytest.raises(ValueError, match="unknown template 'chatm'"):
         export_llava(model, tmp_path / "bad", template="chatm")
+    assert not (tmp_path / "bad").exists()
 
 
 def transformers_llava(
-    tok: Path, folder: Path, vision: str, tie: bool, legacy: bool
+    tok: Path, folder: Path, vision: str, tie: bool, layout: str
 ) -> LlavaForConditionalGeneration:
-    """A LLaVA folder made by transformers itself: random weights + the synth tokenizer."""
+    """A LLaVA folder made by transformers itself: random weights + the synth tokenizer.
+
+    ``layout``: ``saved`` (what ``save_pretrained`` writes), ``hub`` (llava-hf's vision names)
+    or ``memory`` (transformers 5's module names).
+    """
     tokenizer = AutoTokenizer.from_pretrained(str(tok))
     text = {k: v for k, v in TEXT["llama"].items() if k != "model_type"}
     config = LlavaConfig(
@@ -252,24 +294,26 @@ def transformers_llava(
     hf = LlavaForConditionalGeneration(config).eval()
     hf.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    if legacy:  # the hub's llava-hf layout: the vision weights nested under vision_model
-        file = str(folder / "model.safetensors")
-        weights = load_file(file)
+    file = str(folder / "model.safetensors")
+    if layout == "hub":  # the hub's llava-hf layout: the vision weights nested in vision_model
         old = "vision_tower."
-        nest = {
+        weights = {
             (old + "vision_model." + k[len(old) :] if k.startswith(old) else k): v
-            for k, v in weights.items()
+            for k, v in load_file(file).items()
         }
-        save_file(nest, file, metadata={"format": "pt"})
+        save_file(weights, file, metadata={"format": "pt"})
+    elif layout == "memory":  # transformers 5's module names, as a plain state-dict dump writes
+        save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, file)
     return hf
 
 
 @pytest.mark.parametrize(
-    ("vision", "tie", "legacy"), [("siglip", True, False), ("clip", False, True)]
+    ("vision", "tie", "layout"),
+    [("siglip", True, "saved"), ("clip", False, "hub"), ("siglip", False, "memory")],
 )
-def test_llava_folder_loads_into_mmpt(tok, tmp_path, vision, tie, legacy):
+def test_llava_folder_loads_into_mmpt(tok, tmp_path, vision, tie, layout):
     folder = tmp_path / "hf"
-    hf = transformers_llava(tok, folder, vision, tie, legacy)
+    hf = transformers_llava(tok, folder, vision, tie, layout)
     model = vlm_from_llava(folder)
     vocab = hf.config.text_config.vocab_size
     assert model.vision.feature_layer == -2
@@ -307,6 +351,29 @@ def test_export_then_import_round_trip(tok, tmp_path):
         assert (back(batch).logits - model(batch).logits).abs().max() < 1e-5
 
 
+def test_llava_weights_init_another_tower_partially(tok, tmp_path):
+    """init_from with a different vision tower: the LLM and projector match, the tower does not."""
+    folder = tmp_path / "hf"
+    hf = transformers_llava(tok, folder, "siglip", False, "saved")
+    llm = CausalLM(
+        config={**TEXT["llama"], "vocab_size": hf.config.text_config.vocab_size},
+        tokenizer=str(folder),
+    )
+    model = VLMModule(llm, TimmVisionTower(**TIMM))
+    state = llava_state_dict(folder, model)
+    own = model.state_dict()
+    matching = {k for k, v in state.items() if k in own and own[k].shape == v.shape}
+    assert matching == {k for k in own if not k.startswith("vision.")}
+    assert all(k.startswith("vision.model.") for k in set(state) - matching)
+    # a rebuilt model must match the folder exactly: a missing weight is an error
+    file = folder / "model.safetensors"
+    weights = load_file(str(file))
+    del weights["multi_modal_projector.linear_2.weight"]
+    save_file(weights, str(file), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing connector.proj.2.weight"):
+        vlm_from_llava(folder)
+
+
 def test_not_a_llava_folder(tok, tmp_path):
     model = tiny_vlm(tok, "siglip", "qwen2")
     with pytest.raises(FileNotFoundError, match="no config.json"):
@@ -320,12 +387,7 @@ def test_unsupported_variants_say_why(tok):
     torch.manual_seed(0)
     llm = lambda: CausalLM(config=TEXT["qwen2"], tokenizer=str(tok))  # noqa: E731
     siglip = lambda: HFVisionTower(config=VISION["siglip"])  # noqa: E731
-    timm = TimmVisionTower(
-        "vit_tiny_patch16_224",
-        image_size=32,
-        embed_dim=0,
-        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-    )
+    timm = TimmVisionTower(**TIMM)
     cases = {
         "TimmVisionTower": VLMModule(llm(), timm),
         "MLPDownsample": VLMModule(llm(), siglip(), connector=MLPDownsample),

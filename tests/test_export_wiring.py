@@ -42,7 +42,7 @@ def test_mmpt_load_reads_llava_and_mmpt_folders(tok, tmp_path):  # noqa: F811
 
 def test_init_from_takes_a_transformers_llava_and_an_export_folder(tok, tmp_path, caplog):  # noqa: F811
     hf_folder = tmp_path / "hf"
-    hf = transformers_llava(tok, hf_folder, "siglip", tie=False, legacy=False)
+    hf = transformers_llava(tok, hf_folder, "siglip", tie=False, layout="saved")
     vocab = hf.config.text_config.vocab_size
 
     def fresh_vlm(seed: int) -> VLMModule:

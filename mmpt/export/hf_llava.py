@@ -33,8 +33,9 @@ LLAVA_NAMES = {
     "llm.model.model.": "model.language_model.",
     "llm.model.lm_head.": "lm_head.",
 }
-#: Vision families LLaVA takes and whether their patch tokens follow a class token.
-_CLASS_TOKEN = {"clip": True, "siglip": False}
+#: Vision model types LLaVA takes -> the select strategy that keeps exactly the patch tokens
+#: HFVisionTower gives: CLIP's class token dropped (``default``), every SigLIP token (``full``).
+SELECT_STRATEGY = {"clip_vision_model": "default", "siglip_vision_model": "full"}
 _OTHER_FORMAT = "`mmpt export --format mmpt` exports it"
 
 
@@ -67,10 +68,11 @@ def _unsupported_part(model: VLMModule) -> str | None:
             f"the vision tower is {type(vision).__name__} (timm/open_clip): a transformers "
             "LLaVA needs a SigLIP or CLIP tower (HFVisionTower) as its vision_config"
         )
-    if vision._family not in _CLASS_TOKEN:
+    kind = vision.model.config.model_type
+    if kind not in SELECT_STRATEGY:
         return (
-            f"the {vision._family} (NaFlex) vision tower takes patchified inputs with spatial "
-            "shapes, which LLaVA's vision tower call does not pass"
+            f"the {kind} (NaFlex) vision tower takes patchified inputs with spatial shapes, "
+            "which LLaVA's vision tower call does not pass"
         )
     if type(model.connector) is not MLP2xGelu:
         return (
@@ -120,7 +122,7 @@ def llava_config(model: VLMModule) -> LlavaConfig:
         image_token_index=int(llm.image_token_id),
         image_seq_length=grid[0] * grid[1],
         projector_hidden_act="gelu",
-        vision_feature_select_strategy="default" if _CLASS_TOKEN[vision._family] else "full",
+        vision_feature_select_strategy=SELECT_STRATEGY[vision.model.config.model_type],
         vision_feature_layer=layer if layer < 0 else layer + 1,
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(text.tie_word_embeddings),
@@ -176,6 +178,8 @@ def export_llava(model: VLMModule, out: str | Path, template: str | None = None)
     reason = llava_unsupported(model)
     if reason is not None:
         raise ValueError(f"--format llava: {reason}")
+    if template is not None:
+        get_template(template, "--template")  # an unknown name fails before anything is written
     config = llava_config(model)
     dtype = model.llm.model.dtype
     weights = llava_weights(model, dtype)
@@ -189,7 +193,7 @@ def export_llava(model: VLMModule, out: str | Path, template: str | None = None)
     hf.generation_config.eos_token_id = stop_token_ids(model, template)
     hf.generation_config.pad_token_id = model.preprocess.pad_id
     hf.save_pretrained(str(path))
-    save_llava_processor(model, path, template, num_class_tokens=int(_is_clip(model)))
+    save_llava_processor(model, path, template, config.vision_feature_select_strategy)
     log.info("exported LLaVA (%s) to %s", type(hf).__name__, path)
     return path
 
@@ -208,7 +212,3 @@ def stop_token_ids(model: VLMModule, template: str | None) -> list[int]:
         if len(ids) == 1 and ids[0] not in stops:
             stops.append(int(ids[0]))
     return stops
-
-
-def _is_clip(model: VLMModule) -> bool:
-    return _CLASS_TOKEN[model.vision._family]

@@ -17,29 +17,25 @@ from safetensors.torch import load_file
 from transformers.initialization import no_init_weights
 
 from mmpt.datamodules.templates import TEMPLATES
+from mmpt.export.hf_llava import LLAVA_NAMES, SELECT_STRATEGY
 from mmpt.models.encoders.hf_vision import HFVisionTower
 from mmpt.models.llm import CausalLM
 from mmpt.models.vlm import VLMModule
 
 log = logging.getLogger("mmpt.export")
 
-#: File prefix -> VLMModule prefix; the first match wins (older layouts first).
+#: File prefix -> VLMModule prefix; the first match wins. The layout save_pretrained writes
+#: (and the hub's, with the vision model nested), then transformers 5's in-memory names.
 _FILE_PREFIXES = (
     ("language_model.lm_head.", "llm.model.lm_head."),
     ("language_model.model.", "llm.model.model."),
-    ("model.language_model.", "llm.model.model."),
-    ("lm_head.", "llm.model.lm_head."),
     ("vision_tower.vision_model.", "vision.model."),
     ("model.vision_tower.vision_model.", "vision.model."),
     ("vision_tower.", "vision.model."),
-    ("model.vision_tower.", "vision.model."),
     ("multi_modal_projector.linear_1.", "connector.proj.0."),
     ("multi_modal_projector.linear_2.", "connector.proj.2."),
-    ("model.multi_modal_projector.linear_1.", "connector.proj.0."),
-    ("model.multi_modal_projector.linear_2.", "connector.proj.2."),
+    *((llava, mmpt) for mmpt, llava in LLAVA_NAMES.items()),
 )
-#: LLaVA vision model_type -> the select strategy mmpt's HFVisionTower matches.
-_STRATEGY = {"clip_vision_model": "default", "siglip_vision_model": "full"}
 _DROP = ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
 
 
@@ -96,54 +92,53 @@ def llava_state_dict(folder: str | Path, model: VLMModule) -> dict[str, torch.Te
 
     Vision tower -> ``vision.model.*``, projector ``linear_1``/``linear_2`` ->
     ``connector.proj.0``/``.2``, language model -> ``llm.model.*``. A tied ``lm_head`` (absent
-    from the file) is the embedding matrix; a bias-free projector gets zero biases.
+    from the file) is the embedding matrix; a bias-free projector gets zero biases. Weights are
+    renamed, not filtered: names ``model`` lacks and shapes that differ from its own are left
+    for the caller to report (``init_from`` loads what matches by name and shape;
+    :func:`vlm_from_llava` requires everything to match).
 
     Args:
         folder: The LLaVA folder (``config.json`` + safetensors).
-        model: The VLMModule the weights are for (names and shapes).
+        model: The VLMModule the weights are for (its names and tied/bias layout).
 
     Returns:
         Name -> tensor (the file's dtype), for ``model.load_state_dict``.
 
     Raises:
         FileNotFoundError: No config or no safetensors weights.
-        ValueError: Not a LLaVA folder, a weight with no place in ``model``, or shapes that
-            differ from ``model``'s (a different architecture or vocabulary).
+        ValueError: Not a LLaVA folder.
     """
     path = Path(folder)
     read_llava_config(path)
     targets = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    unknown = []
     for file in _safetensors_files(path):
         for name, tensor in load_file(str(file)).items():
-            new = _rename(name, targets)
-            if new is None or new not in targets:
-                unknown.append(name)
-            else:
-                out[new] = tensor
-    if unknown:
-        raise ValueError(
-            f"{path}: {len(unknown)} weights have no place in the mmpt VLM ({unknown[:4]} ...): "
-            "the model's vision tower, connector or LLM differ from the folder's"
-        )
+            out[_rename(name, targets) or name] = tensor
     head, embed = "llm.model.lm_head.weight", "llm.model.model.embed_tokens.weight"
     if head in targets and head not in out and embed in out:
         out[head] = out[embed]  # tied embeddings: save_pretrained writes one copy
     for bias in ("connector.proj.0.bias", "connector.proj.2.bias"):
         if bias in targets and bias not in out:
             out[bias] = torch.zeros_like(targets[bias])  # multimodal_projector_bias: false
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(targets[k].shape)}"
-        for k, v in out.items()
-        if v.shape != targets[k].shape
-    ]
-    if wrong:
-        raise ValueError(
-            f"{path}: {len(wrong)} weights differ in shape from the model ({wrong[:3]} ...): "
-            "build the model from the folder's vision_config/text_config and tokenizer"
-        )
     return out
+
+
+def _check_matches(path: Path, state: dict[str, torch.Tensor], model: VLMModule) -> None:
+    """Raise unless ``state`` holds exactly ``model``'s weights, with its shapes."""
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if problems:
+        raise ValueError(
+            f"{path}: the weights do not match the model its config describes "
+            f"({len(problems)} problems: {problems[:4]} ...)"
+        )
 
 
 def _arch(config: dict[str, Any]) -> dict[str, Any]:
@@ -176,7 +171,7 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
     kind = vision_cfg.get("model_type")
     layer = config.get("vision_feature_layer", -2)
     strategy = config.get("vision_feature_select_strategy", "default")
-    if kind not in _STRATEGY or strategy != _STRATEGY[kind]:
+    if kind not in SELECT_STRATEGY or strategy != SELECT_STRATEGY[kind]:
         raise ValueError(
             f"{path}: a {kind} tower with vision_feature_select_strategy={strategy!r}: mmpt's "
             "HFVisionTower drops CLIP's class token ('default') and keeps every SigLIP token "
@@ -194,7 +189,8 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
     # transformers 5 nests the image processor in processor_config.json; older folders do not
     pre = proc.get("image_processor") or (_read_json(pre_file) if pre_file.is_file() else {})
     image_token = proc.get("image_token")
-    dtype = text_cfg.get("dtype") or config.get("dtype") or config.get("torch_dtype")
+    dtypes = [c.get(k) for c in (text_cfg, config) for k in ("dtype", "torch_dtype")]
+    dtype = next((d for d in dtypes if isinstance(d, str)), None)
     with no_init_weights():
         vision = HFVisionTower(
             config=_arch(vision_cfg),
@@ -207,7 +203,7 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
             tokenizer=str(path),
             image_token=image_token or "<image>",
             attn_implementation=attn_implementation,
-            dtype=dtype if isinstance(dtype, str) else None,
+            dtype=dtype,
         )
         if llm.image_token_id != config.get("image_token_index", config.get("image_token_id")):
             raise ValueError(
@@ -215,7 +211,9 @@ def vlm_from_llava(folder: str | Path, attn_implementation: str = "packed") -> V
                 f"config.json's image_token_index is {config.get('image_token_index')}"
             )
         model = VLMModule(llm, vision)
-    model.load_state_dict(llava_state_dict(path, model), strict=True)
+    state = llava_state_dict(path, model)
+    _check_matches(path, state, model)
+    model.load_state_dict(state, strict=True)
     model.data_template = trained_template(path, llm.image_token)
     return model.eval()
 
