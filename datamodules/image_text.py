@@ -17,11 +17,13 @@ import lightning as L
 import torch
 
 from mmpt.batch import ImageTextBatch
-from mmpt.datamodules.decode import read_captions, read_label
+from mmpt.datamodules.decode import read_captions, read_class
+from mmpt.datamodules.key_check import peek_samples, require_fields
 from mmpt.datamodules.loader import make_loader, training_batches
 from mmpt.datamodules.resume import StreamPosition, batch_in_flight, epoch_done
+from mmpt.datamodules.skip_log import SkipLog
 from mmpt.datamodules.streams import ShardStream, StreamConfig
-from mmpt.datamodules.synthetic import SyntheticData, synthetic_specs
+from mmpt.datamodules.synthetic import SyntheticData, config_urls, synthetic_to_render
 from mmpt.datamodules.transforms import ImageReader, normalize_for
 from mmpt.preprocess import ImagePreprocess, Preprocess, Tokenizer
 
@@ -35,8 +37,10 @@ class ImageTextSample:
         read_image: Sample -> image tensor (:class:`~mmpt.datamodules.transforms.ImageReader`:
             uint8 RGB or float32 tile).
         text_key: Caption field(s), see :func:`~mmpt.datamodules.decode.read_field`.
-        label_key: Class id field, None for none.
+        label_key: Class field (an id, or a name), None for none.
         all_captions: Keep every caption (evaluation) instead of one at random (training).
+        classnames: Class names in id order: a label that is a name becomes its id (a name not
+            in the list skips the sample). None: names stay names (see ``label_names``).
     """
 
     def __init__(
@@ -45,17 +49,24 @@ class ImageTextSample:
         text_key: str,
         label_key: str | None,
         all_captions: bool,
+        classnames: list[str] | None = None,
     ) -> None:
         self.read_image, self.text_key = read_image, text_key
         self.label_key, self.all_captions = label_key, all_captions
+        self.class_ids = None if classnames is None else {c: i for i, c in enumerate(classnames)}
 
-    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[str], int, str]:
+    def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list[str], int | str, str]:
         """Decode one sample; raises (and so is skipped and counted) when a field is bad."""
         captions = read_captions(sample, self.text_key)
         if not self.all_captions:
             captions = [random.choice(captions)]
+        label = read_class(sample, self.label_key)
+        if isinstance(label, str) and self.class_ids is not None:
+            if label not in self.class_ids:
+                raise ValueError(f"class {label!r} is not one of the {len(self.class_ids)} names")
+            label = self.class_ids[label]
         image = self.read_image(sample)
-        return image, captions, read_label(sample, self.label_key), sample["__key__"]
+        return image, captions, label, sample["__key__"]
 
 
 class ImageTextCollate:
@@ -64,16 +75,23 @@ class ImageTextCollate:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def __call__(self, items: list[tuple[torch.Tensor, list[str], int, str]]) -> ImageTextBatch:
+    def __call__(
+        self, items: list[tuple[torch.Tensor, list[str], int | str, str]]
+    ) -> ImageTextBatch:
         """Collate decoded samples into one batch (captions flattened, see ImageTextBatch)."""
         texts = [c for _, caps, _, _ in items for c in caps]
         owner = [i for i, (_, caps, _, _) in enumerate(items) for _ in caps]
+        labels = [it[2] for it in items]
+        named = any(isinstance(label, str) for label in labels)
         return ImageTextBatch(
             images=torch.stack([it[0] for it in items]),
             text_tokens=self.tokenizer(texts),
             text_to_image=torch.tensor(owner, dtype=torch.long),
             keys=[it[3] for it in items],
-            labels=torch.tensor([it[2] for it in items], dtype=torch.long),
+            labels=torch.tensor(
+                [-1 if isinstance(x, str) else x for x in labels], dtype=torch.long
+            ),
+            label_names=[x if isinstance(x, str) else "" for x in labels] if named else None,
         )
 
 
@@ -134,6 +152,7 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         self.val_set_names: list[str] = []
         self.val_metas: list[dict] = []
         self.position = StreamPosition()  # of the training stream, saved in checkpoints
+        self.skip_log = SkipLog()
 
     @abc.abstractmethod
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
@@ -162,9 +181,13 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         return pre
 
     def prepare_data(self) -> None:
-        """Render the synthetic set (rank 0 only) if it is configured and missing."""
-        for spec in synthetic_specs(self.synthetic):
+        """Render each synthetic set (rank 0 only) that the urls read and that is missing."""
+        for spec in synthetic_to_render(self.synthetic, self.url_specs()):
             spec.ensure()
+
+    def url_specs(self) -> list[str]:
+        """Every shard source of every split, eval set and replay, as written."""
+        return config_urls([self.train_cfg, self.val_cfg, self.test_cfg, self.eval_sets])
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -195,8 +218,31 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         named = self._val_streams()
         self.val_set_names = [name for name, _ in named]
         self.val_metas = [stream.sources[0].meta for _, stream in named]
+        for name, stream in named:
+            field = "data.val" if name == "val" else f"data.eval_sets.{name}"
+            self.check_fields(stream, field)
         if self.val_metas:  # the plain val set's, else the first eval set's
             self.val_meta = self.val_metas[0]
+
+    def required_fields(self, meta: dict) -> dict[str, str]:
+        """Fields every evaluation set must have: setting flag -> field spec (none here).
+
+        Args:
+            meta: The set's ``index.json`` meta (class names ...).
+        """
+        return {}
+
+    def check_fields(self, stream: ShardStream, field: str) -> None:
+        """Fail now if a required field is in none of the set's first samples.
+
+        Raises:
+            DataError: See :func:`~mmpt.datamodules.key_check.require_fields`.
+        """
+        stream.where = f"{field} ({stream.config.urls})"
+        fields = self.required_fields(stream.sources[0].meta)
+        if fields:
+            samples = peek_samples(stream.urls)
+            require_fields(samples, fields, f"{field} ({stream.config.urls})")
 
     def _val_streams(self) -> list[tuple[str, ShardStream]]:
         """(name, stream) of every validation set, in dataloader order."""
@@ -214,11 +260,18 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
             self.train_stream.set_epoch(epoch, offset)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Note a training batch's stream position, then normalise it on the device."""
+        """Note a training batch's stream position and skips, then normalise it on the device."""
         trainer = self.trainer
-        if trainer is not None and trainer.training:
-            self.position.record(batch)
+        if trainer is not None:
+            if trainer.training:
+                self.position.record(batch)
+            stage = trainer.state.stage
+            self.skip_log.record(stage.value if stage else "run", trainer.current_epoch, batch)
         return self.normalize(batch)
+
+    def teardown(self, stage: str) -> None:
+        """Log the last epoch's skipped and clamped samples."""
+        self.skip_log.flush()
 
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position on every rank (exact mid-epoch resume)."""
@@ -336,6 +389,25 @@ class ImageTextDataModule(ShardDataModule):
         )
         self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
         self.val_text_key = val_text_key or text_key
+        self.classnames: list[str] | None = None  # set by `mmpt eval zeroshot --classnames`
+
+    def classnames_for(self, config: StreamConfig, field: str) -> list[str] | None:
+        """Class names that labels given as names map onto.
+
+        ``classnames`` (``mmpt eval zeroshot``), else the set's ``index.json``
+        ``meta.zeroshot.classnames``, else None (names stay names).
+        """
+        if self.classnames is not None:
+            return self.classnames
+        meta = config.sources(field)[0].meta
+        return list((meta.get("zeroshot") or {}).get("classnames") or []) or None
+
+    def required_fields(self, meta: dict) -> dict[str, str]:
+        """The caption field, and the label field when the set names classes (zero-shot)."""
+        fields = {"data.val_text_key": self.val_text_key}
+        if self.label_key and meta.get("zeroshot"):
+            fields["data.label_key"] = self.label_key
+        return fields
 
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
         """Build the stream of one split (also used by ``mmpt eval`` on arbitrary shards)."""
@@ -351,6 +423,7 @@ class ImageTextDataModule(ShardDataModule):
             text_key=self.text_key if train else self.val_text_key,
             label_key=self.label_key,
             all_captions=not train,
+            classnames=self.classnames_for(config, field),
         )
         rank, world = self._world()
         return ShardStream(
