@@ -166,9 +166,10 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     dm.val_batch_size = args.batch_size
     cfg, field, data = eval_stream_config(dm, args.data)
     where = f"{field} ({data})"
-    meta = cfg.sources(field)[0].meta
+    sources = cfg.sources(field)
+    meta = sources[0].meta
     # Checked on the first samples, before the long part.
-    samples = peek_samples([u for s in cfg.sources(field) for u in s.urls])
+    samples = peek_samples([u for source in sources for u in source.urls])
     text_flag = "--text-key" if args.text_key else "--text-key (data.val_text_key)"
     require_fields(samples, {text_flag: dm.val_text_key}, where)
     zeroshot = None
@@ -187,7 +188,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         task = bar.add_task("eval", total=total)
         for batch in loader:
             skips.record("eval", 0, batch)
-            names += batch.label_names or [""] * len(batch)
+            names += getattr(batch, "label_names", None) or [""] * batch.labels.shape[0]
             batch = dm.normalize(move_data_to_device(batch, device))
             img = model.encode_media(batch)  # images or audio clips
             txt = model.encode_text(batch.text_tokens)
