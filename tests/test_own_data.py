@@ -250,3 +250,22 @@ def test_synthetic_block_renders_when_urls_read_it(
         ["-c", str(write_yaml(tmp_path / "c.yaml", cfg)), "--trainer.logger=false"], run=False
     )
     assert (tmp_path / "data" / "shapes" / "train" / "index.json").is_file()
+
+
+def test_synthetic_is_read_by_folders_patterns_and_files_inside_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmpt.datamodules.synthetic import SyntheticData, config_urls
+
+    monkeypatch.chdir(tmp_path)
+    spec = SyntheticData(out="data/shapes")
+    assert spec.read_by(["data/shapes/train/{000000..000003}.tar"])
+    assert spec.read_by(["./data/shapes/val", "elsewhere"])
+    assert spec.read_by([str(tmp_path / "data" / "shapes" / "train" / "shard-000000.tar")])
+    assert not spec.read_by(["data/shapes2/train", "data/*.tar"])
+    assert not spec.read_by(["s3://bucket/data/shapes/x.tar", "pipe:cat data/shapes/a.tar"])
+    nested = {
+        "train": {"urls": ["a", "b"], "replay": {"urls": "c"}},
+        "eval_sets": {"x": {"urls": "d"}},
+    }
+    assert sorted(config_urls(nested)) == ["a", "b", "c", "d"]
