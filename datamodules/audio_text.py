@@ -172,6 +172,11 @@ class AudioTextDataModule(ShardDataModule):
         """
         return self.required_preprocess("audio", "an audio tower")
 
+    def required_fields(self, meta: dict) -> dict[str, str]:
+        """The caption field, when the model has a text tower (validation reads captions)."""
+        tokenizer = getattr(self.preprocess, "tokenizer", None)
+        return {"data.val_text_key": self.val_text_key} if tokenizer and self.val_text_key else {}
+
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
         """Build the stream of one split (also used by ``mmpt eval`` on arbitrary shards).
 

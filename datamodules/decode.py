@@ -104,3 +104,31 @@ def read_label(sample: dict[str, Any], spec: str | None) -> int:
         return int(read_field(sample, spec))
     except KeyError:
         return -1
+
+
+def read_class(sample: dict[str, Any], spec: str | None) -> int | str:
+    """A class id or class name from ``spec`` (``json:label``, ``json:class``); -1 when absent.
+
+    An integer (or a string of one) is a class id; any other string is a class name, which
+    the caller maps to an id (``ImageTextSample``) or collects (zero-shot classes from labels).
+
+    Raises:
+        ValueError: The field is there but neither an integer nor a non-empty string.
+    """
+    if not spec:
+        return -1
+    try:
+        value = read_field(sample, spec)
+    except KeyError:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{spec!r} is {value!r}: a label is a class id or a class name")
+    if isinstance(value, int):
+        return value
+    name = value.strip()
+    if not name:
+        raise ValueError(f"{spec!r} is an empty class name")
+    try:
+        return int(name)
+    except ValueError:
+        return name

@@ -6,6 +6,7 @@ import itertools
 import logging
 import multiprocessing as mp
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,29 +83,60 @@ def split_shards(urls: Sequence[str], slot: Slot, seed: int | None, epoch: int) 
     return per_rank[slot.worker :: slot.num_workers]
 
 
-class SkipCounter:
-    """Counts samples dropped as corrupt or incomplete in this process and logs a few of them.
+#: Distinct skip reasons kept per batch; the rest are counted as "other".
+MAX_REASONS = 20
+_LOCATION = re.compile(r" \(sample .* in .*\)$")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")
 
-    Used as a webdataset-style exception handler (returns True: continue).
+
+def skip_reason(exn: BaseException) -> str:
+    """Why a sample was skipped, the same for every sample that failed the same way.
+
+    The sample's key and shard and memory addresses are left out (they differ per sample).
+    """
+    text = _ADDRESS.sub("0x..", _LOCATION.sub("", str(exn)))
+    return f"{type(exn).__name__}: {text}"[:200]
+
+
+class SkipCounter:
+    """Counts samples dropped as corrupt or incomplete in this process, by reason.
+
+    Used as a webdataset-style exception handler (returns True: continue). It logs nothing:
+    a worker would repeat the same lines every epoch. Each batch takes the skips since the
+    previous one (:meth:`take`, :meth:`take_reasons`) to the main process, where
+    :class:`~mmpt.datamodules.skip_log.SkipLog` logs each reason once an epoch with its count.
     """
 
-    def __init__(self, log_first: int = 10) -> None:
+    def __init__(self) -> None:
         self.total = 0
         self._pending = 0
-        self._log_first = log_first
+        self.reasons: dict[str, list] = {}  # reason -> [count, example] since creation
+        self._pending_reasons: dict[str, list] = {}
 
     def __call__(self, exn: BaseException) -> bool:
-        """Count and (sometimes) log ``exn``; True tells the caller to continue."""
+        """Count ``exn`` under its reason; True tells the caller to continue."""
         self.total += 1
         self._pending += 1
-        if self.total <= self._log_first or self.total % 1000 == 0:
-            log.warning("skipped sample #%d: %s: %s", self.total, type(exn).__name__, exn)
+        reason = skip_reason(exn)
+        for tally in (self.reasons, self._pending_reasons):
+            key = reason if reason in tally or len(tally) < MAX_REASONS else "other"
+            entry = tally.setdefault(key, [0, f"{type(exn).__name__}: {exn}"])
+            entry[0] += 1
         return True
 
     def take(self) -> int:
         """Skips since the previous call (attached to the next batch)."""
         n, self._pending = self._pending, 0
         return n
+
+    def take_reasons(self) -> dict[str, list]:
+        """``{reason: [count, example message]}`` since the previous call."""
+        out, self._pending_reasons = self._pending_reasons, {}
+        return out
+
+    def summary(self) -> str:
+        """Every reason so far with its count, e.g. ``16 x OSError: ... (e.g. ...)``."""
+        return "; ".join(f"{n} x {r} (e.g. {ex})" for r, (n, ex) in self.reasons.items())
 
 
 def read_shards(urls: Iterable[str], handler: SkipCounter) -> Iterator[dict[str, Any]]:

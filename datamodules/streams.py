@@ -38,6 +38,7 @@ from mmpt.datamodules.resume import (
     fingerprint,
 )
 from mmpt.datamodules.stages import (
+    DataError,
     SharedEpoch,
     SkipCounter,
     Slot,
@@ -121,6 +122,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.url_names = {u: n for s, n in zip(sources, self.names, strict=True) for u in s.urls}
         self.replay_sources = config.replay_sources()
         self.total_batches: int | None = None
+        self.where = ""  # the split, for errors (e.g. "data.val (shards/val)")
         self.track = False  # attach each batch's position (the training stream; see resume.py)
         self.resume_epoch: int | None = None
         self.resume: dict[int, WorkerPosition] = {}
@@ -307,7 +309,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         if quota is not None:
             batches = itertools.islice(batches, quota)
         # Hold each batch back by one, so skips after the last batch are still counted.
-        # Added to what collate counted itself (e.g. VLMCollate's undecodable images).
         pending = None
         taken = getattr(self.batcher, "taken_keys", None)  # e.g. anchors, not partners
         for items_batch in batches:
@@ -315,7 +316,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if clock is not None:
                 clock.tick()
             if pending is not None:
-                pending.skipped += counter.take()
+                self._attach_skips(pending, counter)
                 yield pending
             pending = self.collate_fn(items_batch)
             if self.mixes:
@@ -324,9 +325,27 @@ class ShardStream(torch.utils.data.IterableDataset):
             if self.track:
                 pending.stream_state = position
         if pending is not None:
-            pending.skipped += counter.take()
+            self._attach_skips(pending, counter)
             yield pending
+        elif counter.total and self.partial:  # an evaluation stream: no silent empty validation
+            raise DataError(
+                f"{self.where or self.config.urls}: all {counter.total} samples read"
+                f"{' by one worker' if slot.num_workers > 1 else ''} were skipped, so it "
+                f"gives no validation: {counter.summary()}"
+            )
         elif counter.total:
             log.warning(
-                "a worker produced no batch: all %d of its samples were skipped", counter.total
+                "a worker produced no batch: all %d of its samples were skipped: %s",
+                counter.total,
+                counter.summary(),
             )
+
+    @staticmethod
+    def _attach_skips(batch: Any, counter: SkipCounter) -> None:
+        """Add the skips since the previous batch to ``batch.skipped`` and ``skip_reasons``.
+
+        Added to what collate counted itself (e.g. VLMCollate's undecodable images);
+        ``skip_reasons`` (``{reason: [count, example]}``) is logged by the main process.
+        """
+        batch.skipped += counter.take()
+        batch.skip_reasons = counter.take_reasons()

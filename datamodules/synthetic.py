@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mmpt.datamodules.urls import is_remote
 
 log = logging.getLogger("mmpt.data")
 
@@ -28,6 +32,20 @@ class SyntheticData:
     image_size: int = 64
     seed: int = 0
 
+    def read_by(self, urls: Iterable[str]) -> bool:
+        """Whether any of ``urls`` (shard sources of the config) lies in ``out``.
+
+        A recipe whose urls were pointed at other shards never renders its synthetic set.
+        """
+        out = Path(self.out).resolve()
+        for url in urls:
+            if is_remote(url):
+                continue
+            head = Path(_WILDCARD.split(url.strip(), maxsplit=1)[0] or ".").resolve()
+            if head == out or out in head.parents:
+                return True
+        return False
+
     def ensure(self) -> None:
         """Render the set into ``out`` unless its train index and tokenizer exist."""
         out = Path(self.out)
@@ -46,6 +64,34 @@ class SyntheticData:
         make_synthetic(self.kind, self.out, **options)
 
 
+_WILDCARD = re.compile(r"[{*?\[]")  # where a brace pattern or glob starts
+
+
+def config_urls(value: Any) -> list[str]:
+    """Every ``urls`` entry in a (parsed) data config: splits, eval sets, replay sources."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        out = []
+        for key, item in value.items():
+            if key == "urls":
+                out += [item] if isinstance(item, str) else [u for u in item or [] if u]
+            else:
+                out += config_urls(item)
+        return out
+    if isinstance(value, list):
+        return [u for item in value for u in config_urls(item)]
+    if hasattr(value, "__dataclass_fields__"):
+        return config_urls(vars(value))
+    return []
+
+
+def synthetic_to_render(value: Any, urls: Iterable[str]) -> list[SyntheticData]:
+    """The ``data.synthetic`` sets that some of ``urls`` read (the others are never rendered)."""
+    urls = list(urls)
+    return [spec for spec in synthetic_specs(value) if spec.read_by(urls)]
+
+
 def synthetic_specs(value: Any) -> list[SyntheticData]:
     """``data.synthetic`` as a list of :class:`SyntheticData` (from objects or parsed dicts)."""
     if value is None:
@@ -59,4 +105,4 @@ def synthetic_specs(value: Any) -> list[SyntheticData]:
     return out
 
 
-__all__ = ["SyntheticData", "synthetic_specs"]
+__all__ = ["SyntheticData", "config_urls", "synthetic_specs", "synthetic_to_render"]

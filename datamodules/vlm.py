@@ -111,6 +111,10 @@ class VLMDataModule(ImageTextDataModule):
             "transcript_key": transcript_key,
         }
 
+    def required_fields(self, meta: dict) -> dict[str, str]:
+        """None: pairs, interleaved documents and conversations each hold their text apart."""
+        return {}
+
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
         """The packed stream of one split."""
         pre = self.preprocess

@@ -23,9 +23,12 @@ class ImageTextBatch:
         text_to_image: Long tensor (M,), index into ``images`` for each caption.
         keys: The ``__key__`` of each image sample, length B.
         labels: Optional long tensor (B,) of class ids (for zero-shot classification), -1 when
-            a sample has no label.
+            a sample has no label (or a class name not yet mapped to an id).
         skipped: Samples the producing worker dropped as corrupt or incomplete since its
             previous batch (summed and logged as ``data/skipped``).
+        label_names: Class names of the samples whose label is a name with no known class
+            list ("" for the others), length B; None when there are none. ``mmpt eval
+            zeroshot`` builds the classes from them.
     """
 
     images: torch.Tensor
@@ -34,6 +37,7 @@ class ImageTextBatch:
     keys: list[str] = field(default_factory=list)
     labels: torch.Tensor | None = None
     skipped: int = 0
+    label_names: list[str] | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]

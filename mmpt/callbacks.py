@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -13,11 +15,46 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from mmpt.eval.callback import ZeroShotEvalCallback
 
+#: The pointer, beside a run's ``version_N`` folder, to the latest finished run.
+LAST_RUN = "last"
+_VERSION = re.compile(r"^version_\d+$")
+
+
+def point_last_run(log_dir: str | Path) -> Path | None:
+    """Point ``<parent>/last`` at ``log_dir`` (a ``version_N`` folder), atomically.
+
+    A symlink is made under a temporary name and renamed over the old pointer, so a reader sees
+    the previous run or this one, never a missing path. Two runs of one recipe keep their own
+    ``version_N/checkpoints/last.ckpt``; ``<parent>/last/checkpoints/last.ckpt`` is the latest.
+
+    Args:
+        log_dir: The finished run's folder.
+
+    Returns:
+        The pointer, or None when ``log_dir`` is not a ``version_N`` folder (a fixed
+        ``version`` names its own folder) or the file system has no symlinks.
+    """
+    log_dir = Path(log_dir)
+    if not _VERSION.match(log_dir.name):
+        return None
+    link = log_dir.parent / LAST_RUN
+    tmp = log_dir.parent / f".{LAST_RUN}.{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(log_dir.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # no symlinks here (some Windows setups), or `last` is a real folder
+        tmp.unlink(missing_ok=True)
+        return None
+    return link
+
 
 class RunSummary(L.Callback):
     """Prints where a finished run put its outputs, and its final validation metrics.
 
-    Rank 0 only: checkpoint, metrics.csv, resolved config, evaluation reports and plots.
+    Rank 0 only: checkpoint, metrics.csv, resolved config, evaluation reports and plots. The
+    run's folder ``<root>/version_N`` becomes the latest run, ``<root>/last``
+    (:func:`point_last_run`), and the checkpoint is also printed by that stable path.
     """
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -26,12 +63,17 @@ class RunSummary(L.Callback):
             return
         paths: list[tuple[str, str]] = []
         ckpt = trainer.checkpoint_callback
+        path = ""
         if ckpt is not None:
             path = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
             if path:
                 paths.append(("checkpoint", path))
         if trainer.logger is not None and trainer.logger.log_dir:
             log_dir = Path(trainer.logger.log_dir)
+            link = point_last_run(log_dir)
+            real, run = Path(path).resolve(), log_dir.resolve()
+            if link is not None and path and real.is_relative_to(run):
+                paths.append(("latest run", str(link / real.relative_to(run))))
             metrics = log_dir / "metrics.csv"
             paths.append(("metrics", str(metrics) if metrics.exists() else str(log_dir)))
             if (log_dir / "config.yaml").exists():

@@ -52,11 +52,22 @@ class MMPTCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        """Generate ``data.synthetic`` when missing, before the model reads its tokenizer."""
-        from mmpt.datamodules.image_text import synthetic_specs
+        """Fill the loggers' ``save_dir``; render ``data.synthetic`` the urls read, if missing.
+
+        A logger without ``save_dir`` writes under ``trainer.default_root_dir`` (so do the
+        checkpoints of a ``ModelCheckpoint`` without ``dirpath``). Synthetic data is rendered
+        before the model reads its tokenizer, and only when a shard source lies in its folder.
+        """
+        from mmpt.datamodules.synthetic import config_urls, synthetic_to_render
+        from mmpt.run_config import fill_logger_dirs
 
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
-        for spec in synthetic_specs(cfg.get("data.init_args.synthetic") if cfg else None):
+        if cfg is None:
+            return
+        fill_logger_dirs(cfg)
+        data = cfg.get("data.init_args")
+        urls = config_urls(data)
+        for spec in synthetic_to_render(data.get("synthetic") if data else None, urls):
             spec.ensure()
 
 

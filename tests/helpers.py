@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,41 @@ def ddp_average_(grads: dict) -> dict:
         dist.all_reduce(g)
         g /= dist.get_world_size()
     return grads
+
+
+def write_img2dataset_shards(
+    out: Path,
+    n: int,
+    per_shard: int,
+    label: Callable[[int], object] | None = None,
+    bad_images: bool = False,
+) -> Path:
+    """Shards as img2dataset writes them (``jpg``, ``txt``, ``json``; no ``index.json``).
+
+    Written with webdataset's own ``TarWriter``, not mmpt's builder.
+
+    Args:
+        out: Folder for ``00000.tar``, ``00001.tar`` ...
+        n: Samples.
+        per_shard: Samples a shard.
+        label: Sample index -> value of a json ``class`` field (None: no such field).
+        bad_images: Write bytes that are no image in every ``jpg``.
+    """
+    import json
+
+    from webdataset import TarWriter
+
+    out.mkdir(parents=True, exist_ok=True)
+    for s in range(0, n, per_shard):
+        with TarWriter(str(out / f"{s // per_shard:05d}.tar")) as tw:
+            for i in range(s, min(n, s + per_shard)):
+                key = f"{i:09d}"
+                meta = {"url": f"https://example.com/{i}.jpg", "key": key, "status": "success"}
+                meta |= {"caption": f"caption {i}", "width": 24, "height": 24}
+                if label is not None:
+                    meta["class"] = label(i)
+                jpg = b"not a jpeg" if bad_images else jpeg_bytes(i)
+                tw.write(
+                    {"__key__": key, "jpg": jpg, "txt": f"caption {i}", "json": json.dumps(meta)}
+                )
+    return out

@@ -318,3 +318,37 @@ def test_clip_vit_b16_is_open_clips_recipe(
     assert schedule.factor(99_999, 100_000) < 1e-3  # decays towards 0
     assert cli.datamodule.batch_size == 512
     assert isinstance(cli.model.loss, import_class("mmpt.models.losses.ClipLoss"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=IDS)
+def test_outputs_follow_default_root_dir(path: Path) -> None:
+    """No recipe pins a checkpoint dirpath or a logger save_dir: --trainer.default_root_dir
+    moves everything, and each run gets its own version_N (two runs never share last.ckpt)."""
+    trainer = yaml.safe_load(path.read_text()).get("trainer") or {}
+    for cb in trainer.get("callbacks") or []:
+        assert "dirpath" not in (cb.get("init_args") or {}), cb
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, dict):
+            assert "save_dir" not in (logger.get("init_args") or {}), logger
+            assert "version" not in (logger.get("init_args") or {}), logger
+
+
+def test_citations_point_into_the_repository() -> None:
+    """Configs and code cite docs/recipes.md (its sections exist), never a file outside."""
+    import re
+
+    recipes = (ROOT / "docs" / "recipes.md").read_text()
+    headings = [ln.lstrip("# ") for ln in recipes.splitlines() if ln.startswith("## ")]
+    files = [*CONFIGS.rglob("*.yaml")]
+    for folder in ("mmpt", "models", "datamodules", "scripts"):
+        files += (ROOT / folder).rglob("*.py")
+    cited = 0
+    for f in files:
+        text = f.read_text()
+        assert "REFERENCE.md" not in text, f
+        for section in re.findall(r'docs/recipes\.md,?\s+"([^"]+)"', text.replace("\n#", "")):
+            section = " ".join(section.split())
+            assert any(h.startswith(section) for h in headings), (f, section)
+            cited += 1
+    assert cited >= 5

@@ -57,7 +57,7 @@ def test_egovlp_quickstart_learns_objects_and_actions(tmp_path: Path, monkeypatc
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/retrieval/t2v/R@1")]
     assert float(rows[-1]["val/retrieval/t2v/R@1"]) >= 0.05
     assert float(rows[-1]["val/retrieval/v2t/R@1"]) >= 0.05
-    ckpt = "runs/egovlp_tiny/checkpoints/last.ckpt"
+    ckpt = "runs/egovlp_tiny/last/checkpoints/last.ckpt"
     args = ["eval", "mcq", "-c", cfg, "--ckpt", ckpt, "--data", "data/video/mcq"]
     assert main([*args, "--num-frames", "4", "--out", "mcq"]) == 0
     acc = json.loads((tmp_path / "mcq" / "mcq.json").read_text())["metrics"]
@@ -78,7 +78,7 @@ def test_ssl4eo_mae_quickstart_beats_random_init(tmp_path: Path, monkeypatch, ca
     losses = [float(r["train/loss"]) for r in csv.DictReader(metrics.open()) if r["train/loss"]]
     assert losses[-1] < 0.7 * losses[0], losses
     assert sorted(metrics.parent.glob("reconstructions/epoch*.png"))
-    ckpt = "runs/ssl4eo_mae_tiny/checkpoints/last.ckpt"
+    ckpt = "runs/ssl4eo_mae_tiny/last/checkpoints/last.ckpt"
     args = ["eval", "probe", "--ckpt", ckpt, "--train", "data/landcover/train"]
     assert main([*args, "--test", "data/landcover/test", "--baseline", "--out", "probe"]) == 0
     report = json.loads((tmp_path / "probe" / "probe.json").read_text())["metrics"]

@@ -258,3 +258,28 @@ def test_conversation_shapes() -> None:
     ]
     text_chat = {"messages": [{"role": "user", "content": "hi"}]}  # no image: fine
     assert classify_sample({"json": json.dumps(text_chat).encode()}) == ("conversation", [], [])
+
+
+def test_json_lists_every_bad_key_and_text_the_first_few(tmp_path: Path) -> None:
+    from mmpt.data_cli import main as data_main
+
+    folder = _write(
+        tmp_path / "s", n=30, per_shard=8, broken={i: "corrupt_image" for i in range(25)}
+    )
+    report = inspect_shards(folder, check=True)
+    bad = {e["key"] for e in report.to_dict()["examples"] if e["kind"] == "corrupt_images"}
+    assert bad == {f"{i:09d}" for i in range(25)}
+
+    console = Console(file=io.StringIO(), width=200)
+    print_report(report, console)
+    text = console.file.getvalue()
+    assert "+15 more corrupt_images" in text
+    assert "000000009" in text and "000000010" not in text  # the first 10 by name
+
+    out = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(out):
+        assert data_main(["inspect", str(folder), "--check", "--json"]) == 1
+    listed = json.loads(out.getvalue())["examples"]
+    assert len([e for e in listed if e["kind"] == "corrupt_images"]) == 25

@@ -297,12 +297,12 @@ def test_image_reader_dispatches_by_mode() -> None:
 
 def test_a_stream_where_nothing_decodes_stops_instead_of_retrying_forever() -> None:
     """e.g. jpg shards for a multispectral model: every sample fails the same way."""
-    counter = SkipCounter(log_first=0)
+    counter = SkipCounter()
     bad = ({"__key__": f"k{i}", "jpg": b""} for i in range(10_000))
     with pytest.raises(DataError, match="first 50 samples all failed") as info:
         list(map_skipping(bad, lambda s: read_tile(s, "npy;tif"), counter, 50))
     assert "npy;tif" in str(info.value) and counter.total == 50
     # one good sample first: later failures are ordinary counted skips
     mixed = [{"__key__": "ok", "npy": npy_bytes(tile(2))}] + [{"__key__": "b", "jpg": b""}] * 80
-    out = list(map_skipping(mixed, lambda s: read_tile(s, "npy;tif"), SkipCounter(0), 50))
+    out = list(map_skipping(mixed, lambda s: read_tile(s, "npy;tif"), SkipCounter(), 50))
     assert len(out) == 1

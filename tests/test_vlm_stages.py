@@ -39,19 +39,19 @@ def test_three_stages_chain_and_export(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="mmpt.models")
 
     assert main(["fit", "-c", stage[1], *FAST]) == 0
-    s1 = state(Path("runs/vila_tiny/checkpoints/last.ckpt"))
+    s1 = state(Path("runs/vila_tiny/last/checkpoints/last.ckpt"))
 
     assert main(["fit", "-c", stage[2], *FAST, "--data.init_args.train.epoch_samples=24"]) == 0
     loaded = [r.getMessage() for r in caplog.records if "init_from" in r.getMessage()]
     assert loaded and f"loaded {len(s1)} tensors, 0 missing, 0 unexpected" in loaded[-1]
-    s2 = state(Path("runs/vila_tiny_stage2/checkpoints/last.ckpt"))
+    s2 = state(Path("runs/vila_tiny_stage2/last/checkpoints/last.ckpt"))
     # stage 2 started from stage 1: its frozen vision tower is stage 1's, bit for bit
     vision = [k for k in s1 if k.startswith("vision.")]
     assert vision and all(torch.equal(s1[k], s2[k]) for k in vision)
     assert not torch.equal(s1["connector.proj.0.weight"], s2["connector.proj.0.weight"])
 
     assert main(["fit", "-c", stage[3], *FAST, "--data.init_args.train.epoch_samples=24"]) == 0
-    s3 = Path("runs/vila_tiny_stage3/checkpoints/last.ckpt")
+    s3 = Path("runs/vila_tiny_stage3/last/checkpoints/last.ckpt")
     metrics = Path("runs/vila_tiny_stage3/version_0/metrics.csv").read_text()
     assert "train/loss" in metrics and "val/loss" in metrics
 
@@ -84,6 +84,6 @@ def test_fusion_is_chosen_in_yaml(tmp_path, monkeypatch):
         "--model.init_args.trainable=[connector.*, fusion.*]",
     ]
     assert main(["fit", "-c", str(CONFIGS / "vila_stage1.yaml"), *FAST, *fusion]) == 0
-    s = state(Path("runs/vila_tiny/checkpoints/last.ckpt"))
+    s = state(Path("runs/vila_tiny/last/checkpoints/last.ckpt"))
     gates = [k for k in s if k.startswith("fusion.") and k.endswith("attn_gate")]
     assert len(gates) == 2 and any(float(s[k].abs().sum()) > 0 for k in gates)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from mmpt.eval.embed import EmbeddingAccumulator, evaluate
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
+from mmpt.eval.zeroshot_setup import DEFAULT_TEMPLATES, classes_from_names, zeroshot_setup
 from mmpt.safe_load import add_unsafe_load_flag
 
 
@@ -28,10 +28,16 @@ def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
         "--config",
         action="append",
         required=True,
-        help="the training config(s) the checkpoint was made with (compose like fit)",
+        help="the training config(s) the checkpoint was made with (compose like fit), or the "
+        "run's saved config.yaml",
     )
     s.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) to evaluate")
-    s.add_argument("--data", required=True, help="evaluation shards: folder, file, pattern or URL")
+    s.add_argument(
+        "--data",
+        default=None,
+        help="evaluation shards: folder, file, pattern or URL (default: the config's data.val, "
+        "else data.test)",
+    )
     s.add_argument("--out", default=None, help="report folder (default: <ckpt folder>/eval)")
     s.add_argument("--batch-size", type=int, default=batch_size)
     s.add_argument("--num-workers", type=int, default=2)
@@ -53,8 +59,23 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="caption field, e.g. 'json:captions' (default: data.val_text_key)",
         )
-        s.add_argument("--classnames", default=None, help="text file, one class name a line")
-        s.add_argument("--templates", default=None, help="text file, one prompt template a line")
+        s.add_argument(
+            "--label-key",
+            default=None,
+            help="class field: an id or a class name, e.g. 'json:class' (default: data.label_key)",
+        )
+        s.add_argument(
+            "--classnames",
+            default=None,
+            help="text file, one class name a line, line i = class id i (default: index.json "
+            "meta.zeroshot, else the class names the labels hold)",
+        )
+        s.add_argument(
+            "--templates",
+            default=None,
+            help="text file, one prompt template a line, '{}' = class name (default: index.json "
+            f"meta.zeroshot, else {DEFAULT_TEMPLATES[0]!r})",
+        )
     help_ = "EgoMCQ: pick the clip (of 5) a narration describes; inter/intra-video accuracy"
     s = sub.add_parser("mcq", help=help_, description=help_)
     _common_args(s, batch_size=8)
@@ -88,13 +109,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any]:
     """The model (checkpoint loaded) and datamodule of the training config."""
-    from mmpt.cli import build_cli
     from mmpt.models.module import load_checkpoint
+    from mmpt.run_config import build_from_config
 
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
-    cli_args = [a for c in args.config for a in ("-c", c)] + ["--trainer.logger=false", *overrides]
-    cli = build_cli(cli_args, run=False)
+    cli = build_from_config(args.config, overrides)
     load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
     return cli.model, cli.datamodule
 
@@ -134,31 +154,43 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         return _run_mcq(args, overrides)
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
+    from mmpt.datamodules.key_check import peek_samples, require_fields
     from mmpt.datamodules.loader import make_loader
-    from mmpt.datamodules.streams import StreamConfig
+    from mmpt.datamodules.skip_log import SkipLog
     from mmpt.models.contrastive import text_owner
+    from mmpt.run_config import eval_stream_config
 
     model, dm = _build(args, overrides)
     if args.text_key:
         dm.val_text_key = args.text_key
+    if args.label_key:
+        dm.label_key = args.label_key
     dm.val_batch_size = args.batch_size
-    cfg = StreamConfig(urls=args.data, shuffle_buffer=0, shuffle_shards=False)
-    stream = dm.stream(cfg, train=False, field="--data")
-    zeroshot = _zeroshot_meta(args, stream.sources[0].meta)  # checked before the long part
-    if args.task == "zeroshot" and zeroshot is None:
-        raise ValueError(
-            "no class names/templates: the shards' index.json has no meta.zeroshot; "
-            "pass --classnames FILE and --templates FILE"
-        )
+    cfg, field, data = eval_stream_config(dm, args.data)
+    where = f"{field} ({data})"
+    sources = cfg.sources(field)
+    meta = sources[0].meta
+    # Checked on the first samples, before the long part.
+    samples = peek_samples([u for source in sources for u in source.urls])
+    text_flag = "--text-key" if args.text_key else "--text-key (data.val_text_key)"
+    require_fields(samples, {text_flag: dm.val_text_key}, where)
+    zeroshot = None
+    if args.task == "zeroshot":
+        zeroshot = zeroshot_setup(args, meta, samples, dm.label_key, where)
+        dm.classnames = zeroshot["classnames"]  # None: the classes the labels name
+    stream = dm.stream(cfg, train=False, field=field)
+    stream.where = where
     loader = make_loader(stream, args.num_workers)
     device = _device(args.device)
     model.to(device).eval()
 
-    acc = EmbeddingAccumulator()
+    acc, skips, names = EmbeddingAccumulator(), SkipLog(), []
     total = _safe_len(loader)
     with _progress() as bar, torch.no_grad():
         task = bar.add_task("eval", total=total)
         for batch in loader:
+            skips.record("eval", 0, batch)
+            names += getattr(batch, "label_names", None) or [""] * batch.labels.shape[0]
             batch = dm.normalize(move_data_to_device(batch, device))
             img = model.encode_media(batch)  # images or audio clips
             txt = model.encode_text(batch.text_tokens)
@@ -171,31 +203,36 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
                 }
             )
             bar.advance(task)
+    skips.flush()
+    if not len(acc):
+        raise ValueError(f"{where}: no evaluation sample could be read (see the skips above)")
     emb = acc.result()
+    if zeroshot is not None and zeroshot["classnames"] is None:  # classes from the labels
+        zeroshot["classnames"], emb.labels = classes_from_names(names, emb.labels)
     tokenizer = model.preprocess.tokenizer
 
     def encode_text(prompts: list[str]) -> torch.Tensor:
         with torch.no_grad():
             return model.encode_text(tokenizer(prompts).to(device)).float().cpu()
 
-    result = evaluate(
-        emb,
-        encode_text,
-        zeroshot if args.task == "zeroshot" else None,
-        retrieval=args.task == "retrieval",
-    )
+    result = evaluate(emb, encode_text, zeroshot, retrieval=args.task == "retrieval")
     if args.task == "zeroshot" and not result.metrics:
-        raise ValueError("no labelled samples for zero-shot classification (data.label_key)")
+        raise ValueError(f"no labelled samples for zero-shot classification ({dm.label_key})")
+    context: dict[str, Any] = {}
+    if zeroshot is not None:
+        context["classnames"] = zeroshot["classnames"]
+        context["num_labelled"] = int((emb.labels >= 0).sum())
     paths = write_reports(
         result,
         _out_dir(args),
         args.task,
         checkpoint=str(args.ckpt),
-        data=args.data,
+        data=data,
         num_images=emb.image.shape[0],
         num_texts=emb.text.shape[0],
+        **context,
     )
-    print_metrics(result.metrics, title=f"mmpt eval {args.task}: {args.data}")
+    print_metrics(result.metrics, title=f"mmpt eval {args.task}: {data}")
     _print_paths(paths)
     return 0
 
@@ -204,6 +241,8 @@ def _run_mcq(args: argparse.Namespace, overrides: list[str]) -> int:
     from mmpt.datamodules.loader import make_loader
     from mmpt.eval.mcq import evaluate_mcq, mcq_stream, parse_type_names, plot_mcq_accuracy
 
+    if not args.data:
+        raise ValueError("--data: give the EgoMCQ shards (mmpt data synth --kind video-text)")
     model, _ = _build(args, overrides)
     if not (hasattr(model, "encode_video") and hasattr(model, "encode_text")):
         raise ValueError(
@@ -240,25 +279,6 @@ def _run_mcq(args: argparse.Namespace, overrides: list[str]) -> int:
     print_metrics(result.metrics, title=f"mmpt eval mcq: {args.data}")
     _print_paths(paths)
     return 0
-
-
-def _zeroshot_meta(args: argparse.Namespace, meta: dict) -> dict | None:
-    if args.classnames or args.templates:
-        if not (args.classnames and args.templates):
-            raise ValueError("--classnames and --templates go together")
-        return {
-            "classnames": _lines(args.classnames),
-            "templates": _lines(args.templates),
-        }
-    zs = meta.get("zeroshot")
-    return json.loads(json.dumps(zs)) if zs else None
-
-
-def _lines(path: str) -> list[str]:
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise ValueError(f"{path} is empty")
-    return lines
 
 
 def _safe_len(loader: torch.utils.data.DataLoader) -> int | None:

@@ -1,8 +1,9 @@
 """Frozen-feature probes: cosine kNN (optionally DINO-weighted) and a logistic-regression probe.
 
 Pure functions on precomputed features; the CLI wires them to encoders later. The kNN default
-(k=5, cosine) follows the remote-sensing evaluation in REFERENCE.md ("MAE pre-pretraining and
-remote sensing"); the ``temperature`` weighting ``exp(s / T)`` follows DINO's weighted kNN.
+(k=5, cosine) follows the remote-sensing evaluation of Corley et al. 2024 (docs/recipes.md,
+"MAE, MAWS and remote sensing"); the ``temperature`` weighting ``exp(s / T)`` follows DINO's
+weighted kNN.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from PIL import Image
 
 from mmpt.shards.index import INDEX_NAME, ShardIndex, load_index
 from mmpt.shards.inspect_report import (  # noqa: F401 (re-exported)
+    MAX_EXAMPLES,
     MAX_SHARD_ROWS,
     PROBLEM_KINDS,
     InspectReport,
@@ -38,7 +39,6 @@ from mmpt.shards.inspect_report import (  # noqa: F401 (re-exported)
 )
 from mmpt.shards.members import member_problem, refused_member
 
-MAX_EXAMPLES = 10  # problem samples listed per kind of problem
 SHAPES = ("pair", "interleaved", "conversation", "text")
 _NUMBERED = re.compile(r"^\d+\.(.+)$")  # "0.jpg": the n-th image of an interleaved sample
 
@@ -176,8 +176,7 @@ def _scan_shard(
 
     def note(key: str, problem: str, kind: str) -> None:
         counts[kind] += 1
-        if len([e for e in examples if e["kind"] == kind]) < MAX_EXAMPLES:
-            examples.append({"shard": name, "key": key, "problem": problem, "kind": kind})
+        examples.append({"shard": name, "key": key, "problem": problem, "kind": kind})
 
     def finish(key: str | None, files: dict[str, bytes | None]) -> None:
         if key is None:
@@ -296,9 +295,7 @@ def inspect_shards(
         stats.expected = expected.get(name)
         report.shards.append(stats)
         totals.update(counts)
-        for e in examples:  # keep the first few of each kind over all shards
-            if sum(x["kind"] == e["kind"] for x in report.examples) < MAX_EXAMPLES:
-                report.examples.append(e)
+        report.examples += examples  # every problem sample (the text report shows a few)
         if stats.error == "missing":
             report.mismatches.append(f"{name} is listed in {INDEX_NAME} but the file is missing")
         elif index is not None and stats.expected is None:

@@ -8,6 +8,7 @@ from typing import Any
 from mmpt.shards.index import INDEX_NAME
 
 MAX_SHARD_ROWS = 50  # rows of the per-shard table
+MAX_EXAMPLES = 10  # problem samples the text report lists per kind (the JSON lists all)
 PROBLEM_KINDS = (
     "missing_image",
     "missing_text",
@@ -58,7 +59,8 @@ class InspectReport:
         corrupt_json: ``json`` files that fail to parse (only counted with ``check``), and
             interleaved ``json`` whose ``texts`` and ``images`` are not lists of one length.
         unsafe_member: Tar members with an absolute or ``..`` path, skipped unread.
-        examples: The first few problem samples: ``shard``, ``key``, ``problem``, ``kind``.
+        examples: Every problem sample: ``shard``, ``key``, ``problem``, ``kind`` (the text
+            report lists the first :data:`MAX_EXAMPLES` of each kind and how many more).
         mismatches: Disagreements between the files and ``index.json``.
         index_found: Whether an ``index.json`` was compared against.
         checked: Whether images and json were decoded.
@@ -166,8 +168,13 @@ def print_report(report: InspectReport, console: Any = None) -> None:
     for kind in PROBLEM_KINDS:
         if getattr(report, kind):
             problems.add_row(kind, str(getattr(report, kind)))
-    for e in report.examples:
-        problems.add_row(f"  {e['shard']} / {e['key']}", e["problem"])
+    for kind in PROBLEM_KINDS:
+        listed = [e for e in report.examples if e["kind"] == kind]
+        for e in listed[:MAX_EXAMPLES]:
+            problems.add_row(f"  {e['shard']} / {e['key']}", e["problem"])
+        if len(listed) > MAX_EXAMPLES:
+            more = len(listed) - MAX_EXAMPLES
+            problems.add_row(f"  +{more} more {kind}", "all listed by --json")
     for line in report.mismatches + report.errors:
         problems.add_row("[red]index or file[/]", line)
     if problems.row_count:
