@@ -120,16 +120,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _build(configs: list[str], overrides: list[str]) -> tuple[nn.Module, str | None]:
     """The config's model, and the name of the data template it trained with (or None)."""
-    from mmpt.cli import build_cli
+    from mmpt.run_config import build_from_config
 
     for cfg in configs:
         if not Path(cfg).is_file():
             raise FileNotFoundError(f"-c: no config file at {cfg!r}")
-    cli_args = [a for c in configs for a in ("-c", c)]
-    # the export runs on the CPU whatever devices the training config asked for
-    cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1"]
-    cpu += ["--trainer.strategy=auto", "--trainer.logger=false"]
-    cli = build_cli([*cli_args, *cpu, *overrides], run=False)
+    cli = build_from_config(configs, overrides, cpu=True)
     template = getattr(getattr(cli.datamodule, "template", None), "name", None)
     return cli.model, template
 

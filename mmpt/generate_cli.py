@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmpt.safe_load import add_unsafe_load_flag
+
 if TYPE_CHECKING:
     from mmpt.generate import Decoding, Generator
     from mmpt.models.vlm import VLMModule
@@ -39,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("-c", "--config", action="append", help="training config(s) of --ckpt")
     src.add_argument("--ckpt", help="checkpoint (.ckpt) of the -c config")
     src.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    add_unsafe_load_flag(src)
     inp = p.add_argument_group("input")
     inp.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     inp.add_argument("--audio", action="append", default=[], help="audio clip (speech models)")
@@ -153,19 +156,16 @@ def _load(args: argparse.Namespace, overrides: list[str]) -> VLMModule:
 
         model = mmpt.load(args.model)
     else:
-        from mmpt.cli import build_cli
         from mmpt.models.module import load_checkpoint
+        from mmpt.run_config import build_from_config
 
         if not Path(args.ckpt).is_file():
             raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
-        cli_args = [a for c in args.config for a in ("-c", c)]
-        cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1"]
-        cpu += ["--trainer.strategy=auto", "--trainer.logger=false"]
-        cli = build_cli([*cli_args, *cpu, *overrides], run=False)
+        cli = build_from_config(args.config, overrides, cpu=True)
         model = cli.model
         if not isinstance(model, VLMModule):
             raise ValueError(f"{type(model).__name__} does not generate text (VLMModule does)")
-        load_checkpoint(model, args.ckpt)
+        load_checkpoint(model, args.ckpt, unsafe=args.unsafe_load or None)
         model.data_template = getattr(getattr(cli.datamodule, "template", None), "name", None)
     name = args.device
     if name == "auto":

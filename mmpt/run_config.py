@@ -49,12 +49,23 @@ def config_args(configs: list[str], flag: str = "-c") -> list[str]:
     return out
 
 
-def build_from_config(configs: list[str], overrides: list[str] | None = None) -> Any:
+#: Trainer overrides of the commands that only read a model (export, generate): one CPU process,
+#: whatever devices, nodes and strategy the training config asked for.
+CPU_ONLY = [
+    *("--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1"),
+    "--trainer.strategy=auto",
+]
+
+
+def build_from_config(
+    configs: list[str], overrides: list[str] | None = None, cpu: bool = False
+) -> Any:
     """The LightningCLI (model, datamodule, trainer) of a training config, not run.
 
     Args:
         configs: Recipe files or a run's saved ``config.yaml`` (see :func:`config_args`).
         overrides: Dotted command-line overrides (``--data.init_args.batch_size=8``).
+        cpu: Build the trainer for one CPU process (:data:`CPU_ONLY`), e.g. to export.
 
     Returns:
         The :class:`~mmpt.cli.MMPTCLI`, with ``model`` and ``datamodule`` instantiated and no
@@ -62,7 +73,8 @@ def build_from_config(configs: list[str], overrides: list[str] | None = None) ->
     """
     from mmpt.cli import build_cli
 
-    args = [*config_args(configs), "--trainer.logger=false", *(overrides or [])]
+    device = CPU_ONLY if cpu else []
+    args = [*config_args(configs), "--trainer.logger=false", *device, *(overrides or [])]
     return build_cli(args, run=False)
 
 
