@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -113,13 +112,13 @@ def test_stop_strings_cut_the_output(model):
 
 def test_beam_and_seeded_sampling(model):
     gen = Generator(model)
-    beams = gen.generate(PROMPTS[:2], IMAGES[:2], num_beams=3, max_new_tokens=5)
+    beams = gen.generate(PROMPTS[:2], IMAGES[:2], num_beams=3, max_new_tokens=4)
     assert len(beams) == 2 and all(isinstance(t, str) for t in beams)
-    kw = {"temperature": 1.5, "top_p": 0.95, "top_k": 50, "max_new_tokens": 8}
-    first = gen.generate(PROMPTS[:2], IMAGES[:2], seed=7, **kw)
-    assert gen.generate(PROMPTS[:2], IMAGES[:2], seed=7, **kw) == first
-    others = {tuple(gen.generate(PROMPTS[:2], IMAGES[:2], seed=s, **kw)) for s in range(4)}
-    assert len(others) > 1, "sampling ignores the seed"
+    kw = {"temperature": 2.0, "top_p": 0.99, "top_k": 100, "max_new_tokens": 5}
+    first = gen.generate(PROMPTS[:1], IMAGES[:1], seed=7, **kw)
+    assert gen.generate(PROMPTS[:1], IMAGES[:1], seed=7, **kw) == first
+    others = {gen.generate(PROMPTS[:1], IMAGES[:1], seed=s, **kw)[0] for s in range(3)}
+    assert len(others | set(first)) > 1, "sampling ignores the seed"
 
 
 def test_prompt_placeholders():
@@ -140,7 +139,8 @@ def test_jsonl_over_shards_counts_bad_samples(model, tmp_path):
     export = model.export_mmpt(tmp_path / "export", template="plain")
     data = tmp_path / "data"
     data.mkdir()
-    chat = {"messages": [{"role": "user", "content": "what?"}, {"role": "assistant", "content": "a"}]}
+    turns = [{"role": "user", "content": "what?"}, {"role": "assistant", "content": "a"}]
+    chat = {"messages": turns}
     with TarWriter(str(data / "shard-000000.tar")) as w:
         for i in range(3):
             w.write({"__key__": f"pair{i}", "png": png(image(32, 32, i)), "txt": f"caption {i}"})
