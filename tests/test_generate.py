@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,25 @@ def test_cli_one_input_and_errors(model, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_cli_from_config_and_checkpoint(tmp_path, monkeypatch, capsys):
+    from mmpt.cli import build_cli
+    from mmpt.synth import make_synthetic
+
+    monkeypatch.chdir(tmp_path)
+    make_synthetic("image-text", "data/shapes", train_samples=8, image_size=32)
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "vila_stage1.yaml")
+    torch.manual_seed(3)
+    model = build_cli(["-c", cfg, "--trainer.logger=false"], run=False).model
+    torch.save({"state_dict": perturb(model).state_dict()}, "model.ckpt")
+    image(32, 32, 4).save("a.png")
+    override = "--model.init_args.val_no_audio=false"  # extra --model... flags reach the config
+    argv = ["generate", "-c", cfg, "--ckpt", "model.ckpt", override, "--image", "a.png"]
+    assert main([*argv, "--max-new-tokens", "5", "--prompt", "what"]) == 0
+    model.data_template = "plain"
+    want = Generator(model).generate(["what"], [[Image.open("a.png")]], max_new_tokens=5)[0]
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", "-c", cfg, "--ckpt", "none.ckpt", "--image", "a.png"]) == 2
+    assert "--ckpt: no checkpoint at 'none.ckpt'" in capsys.readouterr().err
