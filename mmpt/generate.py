@@ -118,7 +118,7 @@ class Generator:
     @property
     def device(self) -> torch.device:
         """Device of the LLM."""
-        return self.model.llm.embed(torch.zeros(1, 1, dtype=torch.long)).device
+        return self.model.llm.model.get_input_embeddings().weight.device
 
     def encode(self, prompt: str, images: Sequence[Image.Image], clips: Sequence[torch.Tensor]):
         """One prompt -> (input_ids (L,), its images' ``ImageCrops``, clips).

@@ -225,6 +225,7 @@ def _samples(
     import webdataset as wds
 
     from mmpt.datamodules.decode import decode_image
+    from mmpt.datamodules.stages import DataError
     from mmpt.datamodules.vlm_sample import VLMSample
 
     def skip(exn: BaseException) -> bool:
@@ -242,6 +243,8 @@ def _samples(
             asked = [m["content"] for m in messages[:first] if m["role"] == "user"]
             text = prompt if prompt is not None else "\n".join(asked)
             gen.encode(text, images, clips)  # bad placeholders or media: a skip, not a crash
+        except DataError:  # the data does not fit the model: every sample would fail
+            raise
         except Exception as e:  # noqa: BLE001 - any bad sample is counted and skipped
             skip(ValueError(f"{key}: {e}"))
             continue

@@ -38,8 +38,15 @@ def load(path: str | Path, attn_implementation: str | None = None) -> VLMModule:
         except json.JSONDecodeError:
             model_type = None
         if model_type in LLAVA_TYPES:
-            from mmpt.export.hf_llava import vlm_from_llava
-
+            try:
+                from mmpt.export.hf_llava import vlm_from_llava
+            except ModuleNotFoundError as err:
+                if err.name != "mmpt.export.hf_llava":
+                    raise
+                raise ValueError(
+                    f"{str(folder)!r} is a transformers {model_type} folder, but this mmpt has "
+                    "no LLaVA reader (mmpt.export.hf_llava); load an mmpt export instead"
+                ) from err
             return vlm_from_llava(folder)
     from mmpt.models.vlm import VLMModule
 

@@ -79,10 +79,10 @@ def greedy_by_hand(gen: Generator, prompt: str, images: list, steps: int) -> lis
 @pytest.mark.parametrize("which", ["model", "fused"])
 def test_greedy_equals_a_hand_written_loop_and_batched_equals_alone(which, request):
     gen = Generator(request.getfixturevalue(which))
-    steps = Decoding(max_new_tokens=6)
+    steps = Decoding(max_new_tokens=4)
     batched = gen.generate_ids(PROMPTS, IMAGES, decoding=steps)
     for prompt, images, got in zip(PROMPTS, IMAGES, batched, strict=True):
-        assert got == greedy_by_hand(gen, prompt, images, 6)
+        assert got == greedy_by_hand(gen, prompt, images, 4)
         assert gen.generate_ids([prompt], [images], decoding=steps)[0] == got
     assert any(len(ids) > 0 for ids in batched)
 
@@ -111,10 +111,13 @@ def test_stop_strings_cut_the_output(model):
     assert cut_at_stop("a b. c", [".", " b"]) == "a"
 
 
-def test_beam_and_seeded_sampling(model):
+def test_beam_and_seeded_sampling(model, fused):
     gen = Generator(model)
     beams = gen.generate(PROMPTS[:2], IMAGES[:2], num_beams=3, max_new_tokens=4)
     assert len(beams) == 2 and all(isinstance(t, str) for t in beams)
+    # fusion: the image context follows the beams (each sample's features repeated per beam)
+    fused_beams = Generator(fused).generate(PROMPTS[:2], IMAGES[:2], num_beams=2, max_new_tokens=3)
+    assert len(fused_beams) == 2
     kw = {"temperature": 2.0, "top_p": 0.99, "top_k": 100, "max_new_tokens": 5}
     first = gen.generate(PROMPTS[:1], IMAGES[:1], seed=7, **kw)
     assert gen.generate(PROMPTS[:1], IMAGES[:1], seed=7, **kw) == first
