@@ -162,3 +162,18 @@ def test_llava_folders_go_to_the_llava_reader(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mmpt.export.hf_llava", fake)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
     assert mmpt.load(tmp_path) == "llava model" and seen == [tmp_path]
+
+
+def test_import_mmpt_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, mmpt; assert callable(mmpt.load); print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", "import mmpt, sys; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"
+    assert subprocess.run([sys.executable, "-c", code], check=True).returncode == 0

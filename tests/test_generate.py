@@ -139,7 +139,7 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def test_jsonl_over_shards_counts_bad_samples(model, tmp_path):
+def test_jsonl_over_shards_counts_bad_samples(model, tmp_path, capsys):
     export = model.export_mmpt(tmp_path / "export", template="plain")
     data = tmp_path / "data"
     data.mkdir()
@@ -161,6 +161,14 @@ def test_jsonl_over_shards_counts_bad_samples(model, tmp_path):
     assert lines[3]["prompt"].endswith("what?") and lines[3]["reference"] == "a"
     gen = Generator(model)
     assert lines[0]["output"] == gen.generate([""], [[image(32, 32, 0)]], max_new_tokens=4)[0]
+    assert "2 corrupt samples skipped, 0 empty outputs" in capsys.readouterr().out
+    # a generation cut to nothing is written as an empty output and counted
+    first = lines[0]["output"].split()[0]
+    assert main([*argv, "--max-new-tokens", "4", "--stop", first]) == 0
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert again[0]["output"] == "" and len(again) == 4
+    empty = sum(not r["output"].strip() for r in again)
+    assert f"2 corrupt samples skipped, {empty} empty outputs" in capsys.readouterr().out
 
 
 def test_cli_one_input_and_errors(model, tmp_path, capsys):
