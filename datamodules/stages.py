@@ -110,9 +110,13 @@ class SkipCounter:
 def read_shards(urls: Iterable[str], handler: SkipCounter) -> Iterator[dict[str, Any]]:
     """Open each shard and yield its samples (dicts keyed by extension, plus ``__key__``).
 
-    A shard that cannot be opened or is truncated counts as one skip and reading goes on.
+    A shard that cannot be opened or is truncated counts as one skip and reading goes on; so
+    does a member with an absolute or ``..`` path (:mod:`mmpt.shards.members`), which is
+    dropped before samples are grouped.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    from mmpt.shards.members import member_problem, refused_member
 
     def opened() -> Iterator[dict[str, Any]]:
         for url in urls:
@@ -121,7 +125,16 @@ def read_shards(urls: Iterable[str], handler: SkipCounter) -> Iterator[dict[str,
             except Exception as e:  # noqa: BLE001 - any open failure is a counted skip
                 handler(OSError(f"cannot open shard {url!r}: {e}"))
 
-    yield from group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
+    def safe(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for file in files:
+            problem = member_problem(str(file.get("fname", "")))
+            if problem is None:
+                yield file
+            else:
+                handler(ValueError(refused_member(file.get("__url__"), file["fname"], problem)))
+
+    files = safe(tar_file_expander(opened(), handler=handler))
+    yield from group_by_keys(files, handler=handler)
 
 
 def repeat_passes(make: Callable[[], Iterable[Any]], passes: int | None) -> Iterator[Any]:

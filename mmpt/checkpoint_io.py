@@ -43,6 +43,7 @@ use two callbacks (with different ``dirpath``) for both.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -50,13 +51,18 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 
 from mmpt.io import atomic_torch_save
+from mmpt.safe_load import load_torch_file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """:class:`TorchCheckpointIO` whose local saves are atomic (temp file + fsync + rename).
+    """:class:`TorchCheckpointIO` whose local saves are atomic and loads never run code.
 
     Readers of a checkpoint path, including a resume after a crash, see either the previous file
-    or the complete new one, never a truncated file. Loading and removing are unchanged.
+    or the complete new one, never a truncated file. Local loads (``--ckpt_path`` resumes) go
+    through :func:`mmpt.safe_load.load_torch_file`: ``weights_only`` with mmpt's allow-list
+    (Lightning's own load would use torch's default allow-list, without Lightning's and mmpt's
+    plain-data types); ``MMPT_UNSAFE_LOAD=1`` or ``weights_only=False`` passed to the Trainer
+    allow a trusted legacy pickle. Remote loads and removing are unchanged.
 
     Remote fsspec URLs (``s3://``, ``gs://``, ...) fall back to Lightning's
     :meth:`TorchCheckpointIO.save_checkpoint` (an fsspec transaction, as atomic as that
@@ -92,3 +98,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Load a checkpoint without running code from it (remote URLs: Lightning's load).
+
+        Args:
+            path: Checkpoint file (local path or ``file://`` URL), or another fsspec URL.
+            map_location: Ignored for local files (loaded on the CPU; Lightning moves them).
+            weights_only: False: unpickle without the allow-list (a trusted legacy file);
+                None or True: the allow-list, unless ``MMPT_UNSAFE_LOAD=1``.
+
+        Raises:
+            FileNotFoundError: No such local file.
+            mmpt.safe_load.UnsafeCheckpointError: The file needs more than plain data.
+        """
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location, weights_only)
+        local = str(path).removeprefix("file://")
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"Checkpoint file not found: {local}")
+        unsafe = True if weights_only is False else None
+        return load_torch_file(local, unsafe=unsafe, mmap=False)

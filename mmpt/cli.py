@@ -24,7 +24,8 @@ data:
   data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
 
 export, generation and checkpoints:
-  export          VLM checkpoint -> loadable folder mmpt export -c CFG --ckpt CKPT --out DIR
+  export          checkpoint -> transformers LLaVA, open_clip, timm, HF wav2vec2 or mmpt's format
+                                                    mmpt export -c CFG --ckpt CKPT --out DIR
   generate        images/audio + prompt -> text     mmpt generate --model DIR --image a.jpg
   merge           weighted average of checkpoints   mmpt merge --ckpt A B --weights 0.5 0.5 --out M
   schedule        plot a config's LR schedule (PNG) mmpt schedule -c CONFIG [--total-steps N]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mmpt.models.vlm import VLMModule
 
-#: ``config.json`` model types that :mod:`mmpt.export.hf_llava` reads.
+#: ``config.json`` model types that :mod:`mmpt.export.hf_llava_load` reads.
 LLAVA_TYPES = ("llava", "llava_next")
 
 
@@ -38,15 +38,8 @@ def load(path: str | Path, attn_implementation: str | None = None) -> VLMModule:
         except json.JSONDecodeError:
             model_type = None
         if model_type in LLAVA_TYPES:
-            try:
-                from mmpt.export.hf_llava import vlm_from_llava
-            except ModuleNotFoundError as err:
-                if err.name != "mmpt.export.hf_llava":
-                    raise
-                raise ValueError(
-                    f"{str(folder)!r} is a transformers {model_type} folder, but this mmpt has "
-                    "no LLaVA reader (mmpt.export.hf_llava); load an mmpt export instead"
-                ) from err
+            from mmpt.export.hf_llava_load import vlm_from_llava
+
             return vlm_from_llava(folder)
     from mmpt.models.vlm import VLMModule
 

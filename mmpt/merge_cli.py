@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from mmpt.io import atomic_torch_save
+from mmpt.safe_load import add_unsafe_load_flag, load_torch_file
 
 #: Training state a merged model must not resume from: optimizer moments and LR schedule of
 #: the first run, loop progress, callback state, and the live weights that ``WeightAveraging``
@@ -36,16 +37,21 @@ COUNTERS = ("num_batches_tracked",)
 log = logging.getLogger("mmpt.merge")
 
 
-def _load(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _load(path: str, unsafe: bool | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load ``path`` as (state dict, whole Lightning checkpoint or None for a plain state dict).
+
+    Args:
+        path: Lightning checkpoint or state dict file.
+        unsafe: ``--unsafe-load`` (:func:`mmpt.safe_load.load_torch_file`).
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: The file holds neither a Lightning checkpoint nor a dict of tensors.
+        ValueError: The file holds neither a Lightning checkpoint nor a dict of tensors, or
+            needs more than plain data to unpickle.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {path!r}")
-    obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    obj = load_torch_file(path, unsafe=unsafe)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"], obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -151,7 +157,10 @@ def merge_state_dicts(
 
 
 def merge_checkpoints(
-    paths: list[str], weights: list[float] | None, normalize: bool = True
+    paths: list[str],
+    weights: list[float] | None,
+    normalize: bool = True,
+    unsafe: bool | None = None,
 ) -> dict:
     """Average checkpoints of one architecture into a new, weights-only checkpoint.
 
@@ -159,6 +168,8 @@ def merge_checkpoints(
         paths: Lightning ``.ckpt`` files or plain state-dict files (all of one kind).
         weights: One weight per checkpoint; None for equal weights.
         normalize: Scale the weights to sum 1 (see :func:`resolve_weights`).
+        unsafe: Unpickle without the allow-list (``--unsafe-load``, trusted legacy files);
+            None: from ``MMPT_UNSAFE_LOAD``.
 
     Returns:
         For Lightning inputs, the first checkpoint's dict with the merged ``state_dict``,
@@ -176,7 +187,7 @@ def merge_checkpoints(
     if len(paths) < 2:
         raise ValueError(f"--ckpt: need at least 2 checkpoints to merge, got {len(paths)}")
     applied = resolve_weights(weights, len(paths), normalize)
-    loaded = [_load(p) for p in paths]
+    loaded = [_load(p, unsafe) for p in paths]
     kinds = [full is not None for _, full in loaded]
     for path, kind in zip(paths[1:], kinds[1:], strict=True):
         if kind != kinds[0]:
@@ -207,6 +218,7 @@ def _parser() -> argparse.ArgumentParser:
         help="apply the weights as given (negative allowed: task arithmetic)",
     )
     p.add_argument("--out", required=True, help="merged checkpoint to write")
+    add_unsafe_load_flag(p)
     return p
 
 
@@ -219,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     normalize = not args.no_normalize
     try:
-        out = merge_checkpoints(args.ckpt, args.weights, normalize=normalize)
+        out = merge_checkpoints(args.ckpt, args.weights, normalize, args.unsafe_load or None)
         atomic_torch_save(out, args.out)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

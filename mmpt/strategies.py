@@ -17,6 +17,7 @@ For DDP (or one device), activation checkpointing is the
 from __future__ import annotations
 
 import importlib
+import os
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -26,6 +27,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
+
+from mmpt.safe_load import allowed_globals, check_pickle
 
 
 def resolve_layers(layers: list[str], field: str = "layers") -> set[type[nn.Module]]:
@@ -131,6 +134,10 @@ class FSDP(FSDPStrategy):
             **kwargs,
         )
         self.layer_classes = classes
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        """Lightning's load, refusing pickles that name globals outside mmpt's allow-list."""
+        return _safe_strategy_load(super().load_checkpoint, checkpoint_path, weights_only)
 
 
 class ActivationCheckpointing(L.Callback):
@@ -267,6 +274,10 @@ class FSDP2(ModelParallelStrategy):
             f"processes{', activation checkpointing' if self.activation_checkpointing else ''}"
         )
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        """Lightning's load, refusing pickles that name globals outside mmpt's allow-list."""
+        return _safe_strategy_load(super().load_checkpoint, checkpoint_path, weights_only)
+
 
 class _GradAverage:
     """Post-accumulate-grad hook: average a parameter's gradient over a process group."""
@@ -288,3 +299,18 @@ def _dtype(name: str | None) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"trainer.strategy: {name!r} is not a torch dtype (e.g. bfloat16)")
     return dtype
+
+
+def _safe_strategy_load(load: Any, path: Any, weights_only: bool | None) -> dict:
+    """Run a strategy's checkpoint load behind :func:`mmpt.safe_load.check_pickle`.
+
+    Lightning's FSDP resume unpickles a full checkpoint without ``weights_only``; FSDP2's uses
+    torch's default allow-list, which lacks Lightning's ``AttributeDict``.
+    """
+    unsafe = True if weights_only is False else None
+    check_pickle(path, unsafe)
+    meta = os.path.join(str(path), "meta.pt")
+    if os.path.isdir(str(path)) and os.path.isfile(meta):
+        check_pickle(meta, unsafe)
+    with torch.serialization.safe_globals(list(allowed_globals())):
+        return load(path, weights_only)

@@ -60,6 +60,7 @@ class ContrastiveModule(MMPTModule):
         init_from: Checkpoint to initialise from.
         audio: Audio tower instead of ``vision``: ``(B, N), (B,) -> (B, D)`` (waveforms and
             their lengths), with ``audio_preprocess`` (``LogMelTower``, ``Wav2Vec2Tower``).
+        init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -73,8 +74,9 @@ class ContrastiveModule(MMPTModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         audio: nn.Module | None = None,
+        init_from_strict: bool = True,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from)
+        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
         if text is None or (vision is None) == (audio is None):
             raise ValueError(
                 "ContrastiveModule needs model.text and exactly one of model.vision (image-text) "

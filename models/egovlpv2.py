@@ -159,6 +159,7 @@ class EgoVLPv2Module(VideoTextModule):
         freeze: Patterns to freeze.
         trainable: Patterns that alone train.
         init_from: Checkpoint to initialise from.
+        init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
         fusion_layers: K, fused top layers of each tower (6 in EgoVLPv2).
         fusion_ff_mult: Feed-forward multiple of the fusion blocks.
         egonce_weight: Weight of the contrastive loss.
@@ -188,8 +189,19 @@ class EgoVLPv2Module(VideoTextModule):
         mlm_probability: float = 0.15,
         mlm_head: Literal["auto", "small"] = "auto",
         negative_temperature: float = 0.05,
+        init_from_strict: bool = True,
     ) -> None:
-        super().__init__(vision, text, loss, optimizer, lr_schedule, freeze, trainable, init_from)
+        super().__init__(
+            vision,
+            text,
+            loss,
+            optimizer,
+            lr_schedule,
+            freeze,
+            trainable,
+            init_from,
+            init_from_strict=init_from_strict,
+        )
         self.fusion = BackboneFusion(vision, text, fusion_layers, fusion_ff_mult)
         dv, dt = int(vision.model.embed_dim), int(text.model.config.hidden_size)
         self.vtm_head = nn.Sequential(nn.Linear(dv + dt, dt), nn.GELU(), nn.Linear(dt, 2))

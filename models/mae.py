@@ -8,6 +8,7 @@ tower: MAE does not use a projection head, which would get no gradient (DDP woul
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,10 +67,11 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix_tokens + num_patches, dim))
+        norm = functools.partial(nn.LayerNorm, eps=1e-6)  # facebookresearch/mae's decoder
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)
+            Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = norm(dim)
         if isinstance(patch_dim, int):
             self.head = nn.Linear(dim, patch_dim)
         else:
@@ -144,6 +146,7 @@ class MAEModule(MMPTModule):
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
+        init_from_strict: bool = True,
     ) -> None:
         """Build encoder and decoder.
 
@@ -154,13 +157,14 @@ class MAEModule(MMPTModule):
             decoder_dim, decoder_depth, decoder_heads: Decoder width, blocks, attention heads.
             norm_pix_loss: Regress per-patch normalised pixels.
             log_reconstructions: Images drawn per validation epoch; 0 turns drawing off.
-            optimizer, lr_schedule, freeze, trainable, init_from: See :class:`MMPTModule`.
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
+                :class:`MMPTModule`.
 
         Raises:
             TypeError: The tower's model is not a timm ``VisionTransformer``.
             ValueError: Non-square patches or a mask ratio that leaves no visible patch.
         """
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from)
+        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
         vit = encoder.model
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"MAE needs a timm VisionTransformer, got {type(vit).__name__}")

@@ -14,7 +14,10 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from mmpt.models.init_from import load_init_from
+from mmpt.models.init_from import load_matching as load_matching
 from mmpt.models.schedules import Schedule, WarmupCosine
+from mmpt.safe_load import load_tensors
 
 log = logging.getLogger("mmpt.models")
 
@@ -44,10 +47,16 @@ class MMPTModule(L.LightningModule):
         freeze: Parameter-name patterns (fnmatch, e.g. ``vision.*``) to freeze.
         trainable: If given, ONLY parameters matching these patterns train (applied before
             ``freeze``). Stages differ by these two lists in YAML.
-        init_from: A checkpoint (Lightning ``.ckpt`` or a state dict file) whose matching
-            weights initialise this model, e.g. the previous stage's ``last.ckpt``; or a list
-            of them, loaded in order (a later file wins where two hold the same weight), e.g.
-            a speech encoder from one run and the LLM from another.
+        init_from: A checkpoint whose matching weights initialise this model, e.g. the
+            previous stage's ``last.ckpt``; or a list of them, loaded in order (a later file
+            wins where two hold the same weight), e.g. a speech encoder from one run and the
+            LLM from another. Besides mmpt checkpoints: state dict and ``.safetensors`` files,
+            open_clip and timm checkpoints, Hugging Face CLIP/SigLIP, transformers LLaVA and
+            mmpt export folders (:mod:`mmpt.models.init_from`). Read without running code
+            (:mod:`mmpt.safe_load`; trusted legacy pickles: ``MMPT_UNSAFE_LOAD=1``).
+        init_from_strict: Refuse an ``init_from`` of which less than half of the weights it
+            can fill would load (a checkpoint of another family); False loads what fits and
+            logs a WARNING.
     """
 
     #: Attribute holding the image tower (recorded in checkpoints when it has ``describe``).
@@ -60,6 +69,7 @@ class MMPTModule(L.LightningModule):
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
+        init_from_strict: bool = True,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
@@ -67,6 +77,7 @@ class MMPTModule(L.LightningModule):
         self.freeze_patterns = list(freeze or [])
         self.trainable_patterns = list(trainable) if trainable is not None else None
         self.init_from = init_from
+        self.init_from_strict = init_from_strict
 
     def configure_model(self) -> None:
         """Apply ``init_from`` and the freeze/trainable lists once; shard under FSDP2.
@@ -77,8 +88,8 @@ class MMPTModule(L.LightningModule):
         if not getattr(self, "_mmpt_configured", False):
             self._mmpt_configured = True
             paths = [self.init_from] if isinstance(self.init_from, str) else self.init_from or []
-            for path in paths:
-                load_matching(self, path)
+            if paths:
+                load_init_from(self, paths, strict=self.init_from_strict)
             apply_trainable(self, self.trainable_patterns, self.freeze_patterns)
         trainer = getattr(self, "_trainer", None)
         shard = getattr(trainer.strategy, "parallelize", None) if trainer is not None else None
@@ -211,50 +222,23 @@ def apply_trainable(model: nn.Module, trainable: list[str] | None, freeze: list[
     log.info("trainable parameters: %s / %s", f"{n_train:,}", f"{n_all:,}")
 
 
-def load_matching(model: nn.Module, path: str) -> tuple[list[str], list[str]]:
-    """Load the weights of ``path`` that match ``model`` by name and shape.
-
-    Returns:
-        (missing, unexpected): model keys not found in the file, file keys not used.
-
-    Raises:
-        FileNotFoundError: No such file (names the ``model.init_from`` flag).
-        ValueError: Nothing in the file matches the model.
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model.init_from: no checkpoint at {path!r}")
-    # mmap: only the tensors used are read (a checkpoint also holds optimizer state)
-    obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"model.init_from={path!r}: no parameter matches this model by name")
-    bad_shape = [k for k in state if k in own and own[k].shape != state[k].shape]
-    model.load_state_dict(usable, strict=False)
-    missing = [k for k in own if k not in usable]
-    unexpected = [k for k in state if k not in own] + bad_shape
-    log.info(
-        "init_from %s: loaded %d tensors, %d missing, %d unexpected/mismatched%s",
-        path,
-        len(usable),
-        len(missing),
-        len(unexpected),
-        f" (shape mismatch: {bad_shape[:5]})" if bad_shape else "",
-    )
-    return missing, unexpected
-
-
-def load_checkpoint(model: nn.Module, ckpt: str) -> None:
+def load_checkpoint(model: nn.Module, ckpt: str, unsafe: bool | None = None) -> None:
     """Load a checkpoint of exactly this model (``mmpt eval``, ``mmpt export``).
+
+    Args:
+        model: The model built from the training config.
+        ckpt: Lightning checkpoint, state dict or ``.safetensors`` file.
+        unsafe: ``--unsafe-load``: unpickle without the allow-list (trusted legacy files);
+            None: from ``MMPT_UNSAFE_LOAD`` (:mod:`mmpt.safe_load`).
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: Weights of the model are missing from it (another config was used).
+        ValueError: Weights of the model are missing from it (another config was used), or
+            the file needs more than plain data to unpickle.
     """
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {ckpt!r}")
-    obj = torch.load(ckpt, map_location="cpu", weights_only=False)
+    obj = load_tensors(ckpt, unsafe=unsafe)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys:

@@ -292,9 +292,9 @@ def last_lr(path: str, field: str = f"{FIELD}.from_checkpoint") -> float:
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"{field}: no checkpoint at {path!r}")
-    import torch
+    from mmpt.safe_load import load_torch_file
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = load_torch_file(path)  # trusted legacy pickles: MMPT_UNSAFE_LOAD=1
     try:
         return float(ckpt["optimizer_states"][0]["param_groups"][0]["lr"])
     except (KeyError, IndexError, TypeError):

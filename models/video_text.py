@@ -43,6 +43,7 @@ class VideoTextModule(ContrastiveModule):
         freeze: Patterns to freeze, e.g. ``["vision.model.*"]`` to train only temporal parts.
         trainable: Patterns that alone train.
         init_from: Checkpoint to initialise from (e.g. an image CLIP run: the tower names match).
+        init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class VideoTextModule(ContrastiveModule):
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
+        init_from_strict: bool = True,
     ) -> None:
         super().__init__(
             vision,
@@ -65,6 +67,7 @@ class VideoTextModule(ContrastiveModule):
             freeze,
             trainable,
             init_from,
+            init_from_strict=init_from_strict,
         )
         self._retrieval: dict[str, EmbeddingAccumulator] = {}  # metric prefix -> its clips
 

@@ -25,7 +25,7 @@ from mmpt.batch import ImageLayout, VLMBatch
 from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeResolution
 from mmpt.datamodules.templates import check_targets
 from mmpt.eval.forgetting import eval_prefix
-from mmpt.models.attention import hf_packing_kwargs
+from mmpt.models.attention import hf_packing_kwargs, is_packed_implementation
 from mmpt.models.connectors import MLP2xGelu, SpeechAdapter
 from mmpt.models.fusion import FusionBlocks, fusion_context, insert_gated_cross_attention
 from mmpt.models.llm import CausalLM, splice_tokens
@@ -36,7 +36,6 @@ from mmpt.preprocess import VLMPreprocess
 log = logging.getLogger("mmpt.vlm")
 
 ResolutionPolicy = FixedResolution | AnyResTiles | NativeResolution
-PACKED_ATTENTION = ("mmpt_packed", "flash_attention_2")
 
 
 @dataclass
@@ -100,6 +99,7 @@ class VLMModule(MMPTModule):
         trainable: Patterns that alone train (stage 1: ``["connector.*"]``; BLSP:
             ``["audio_adapter.*"]``).
         init_from: The previous stage's checkpoint.
+        init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -119,8 +119,9 @@ class VLMModule(MMPTModule):
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
+        init_from_strict: bool = True,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from)
+        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
         if fusion is not None and (vision is None or audio is not None):
             raise ValueError(
                 "model.fusion (gated cross-attention) fuses images: it needs model.vision and "
@@ -310,7 +311,7 @@ class VLMModule(MMPTModule):
                 attention that would let packed samples see each other.
         """
         impl = getattr(self.llm.model.config, "_attn_implementation", None)
-        if batch.num_samples > len(batch) and impl not in PACKED_ATTENTION:
+        if batch.num_samples > len(batch) and not is_packed_implementation(impl):
             raise ValueError(
                 f"packed rows need block-diagonal attention, but the LLM uses {impl!r}: set "
                 "model.llm.attn_implementation: packed (or data.packing: false)"

@@ -92,6 +92,7 @@ class Wav2Vec2PretrainModule(MMPTModule):
         freeze: list[str] | None = None,
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
+        init_from_strict: bool = True,
     ) -> None:
         """Wrap the tower.
 
@@ -104,12 +105,13 @@ class Wav2Vec2PretrainModule(MMPTModule):
             gumbel_temperature: (max, min, decay): step s uses ``max(max * decay**s, min)``.
             diversity_loss_weight: Weight of the codebook diversity loss; None keeps the
                 model config's (0.1).
-            optimizer, lr_schedule, freeze, trainable, init_from: See :class:`MMPTModule`.
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
+                :class:`MMPTModule`.
 
         Raises:
             ValueError: A tower without the pretraining head or not from HF, bad masking.
         """
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from)
+        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
         if encoder.source != "hf" or not encoder.pretraining_head:
             raise ValueError(
                 "continued pretraining needs model.encoder with source: hf and "

@@ -157,9 +157,9 @@ def test_llava_folders_go_to_the_llava_reader(tmp_path, monkeypatch):
     import types
 
     seen = []
-    fake = types.ModuleType("mmpt.export.hf_llava")
+    fake = types.ModuleType("mmpt.export.hf_llava_load")
     fake.vlm_from_llava = lambda path: seen.append(Path(path)) or "llava model"
-    monkeypatch.setitem(sys.modules, "mmpt.export.hf_llava", fake)
+    monkeypatch.setitem(sys.modules, "mmpt.export.hf_llava_load", fake)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
     assert mmpt.load(tmp_path) == "llava model" and seen == [tmp_path]
 

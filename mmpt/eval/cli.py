@@ -18,6 +18,7 @@ from mmpt.eval.embed import EmbeddingAccumulator, evaluate
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
+from mmpt.safe_load import add_unsafe_load_flag
 
 
 def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
@@ -35,6 +36,7 @@ def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
     s.add_argument("--batch-size", type=int, default=batch_size)
     s.add_argument("--num-workers", type=int, default=2)
     s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    add_unsafe_load_flag(s)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,7 +95,7 @@ def _build(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any]:
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     cli_args = [a for c in args.config for a in ("-c", c)] + ["--trainer.logger=false", *overrides]
     cli = build_cli(cli_args, run=False)
-    load_checkpoint(cli.model, args.ckpt)
+    load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
     return cli.model, cli.datamodule
 
 

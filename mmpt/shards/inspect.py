@@ -36,6 +36,7 @@ from mmpt.shards.inspect_report import (  # noqa: F401 (re-exported)
     _images_summary,
     print_report,
 )
+from mmpt.shards.members import member_problem, refused_member
 
 MAX_EXAMPLES = 10  # problem samples listed per kind of problem
 SHAPES = ("pair", "interleaved", "conversation", "text")
@@ -200,6 +201,10 @@ def _scan_shard(
     try:
         with tarfile.open(path, "r|*") as tf:
             for member in tf:
+                unsafe = member_problem(member.name)
+                if unsafe is not None:
+                    note(member.name, refused_member(name, member.name, unsafe), "unsafe_member")
+                    continue
                 parts = _split_name(member.name) if member.isfile() else None
                 if parts is None:
                     continue

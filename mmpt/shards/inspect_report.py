@@ -14,6 +14,7 @@ PROBLEM_KINDS = (
     "missing_member",
     "corrupt_images",
     "corrupt_json",
+    "unsafe_member",
 )
 
 
@@ -56,6 +57,7 @@ class InspectReport:
         corrupt_images: Images that fail to decode (only counted with ``check``).
         corrupt_json: ``json`` files that fail to parse (only counted with ``check``), and
             interleaved ``json`` whose ``texts`` and ``images`` are not lists of one length.
+        unsafe_member: Tar members with an absolute or ``..`` path, skipped unread.
         examples: The first few problem samples: ``shard``, ``key``, ``problem``, ``kind``.
         mismatches: Disagreements between the files and ``index.json``.
         index_found: Whether an ``index.json`` was compared against.
@@ -75,6 +77,7 @@ class InspectReport:
     missing_member: int = 0
     corrupt_images: int = 0
     corrupt_json: int = 0
+    unsafe_member: int = 0
     examples: list[dict[str, str]] = field(default_factory=list)
     mismatches: list[str] = field(default_factory=list)
     index_found: bool = False

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpt.shards.index import ShardIndex, ShardInfo
+from mmpt.shards.members import member_problem
 
 
 class ShardWriter:
@@ -82,6 +83,15 @@ class ShardWriter:
         """Append one sample (see class docstring for the value types)."""
         if "__key__" not in sample:
             raise ValueError("every sample needs a '__key__'")
+        key = str(sample["__key__"])
+        for name in [key, *(f"{key}.{ext}" for ext in sample if not ext.startswith("__"))]:
+            problem = member_problem(name)
+            if problem is not None:
+                raise ValueError(
+                    f"{self.out_dir}: sample key/member {name!r} has {problem}; tar members must "
+                    "be relative names inside the shard (check the builder's key column or file "
+                    "names)"
+                )
         if self._tar is None or self._count >= self.samples_per_shard:
             self._open_next()
         encoded: dict[str, Any] = {"__key__": str(sample["__key__"])}

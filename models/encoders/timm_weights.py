@@ -65,10 +65,9 @@ def _checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
         with safe_open(path, framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from mmpt.safe_load import load_tensors
+
+    ckpt = load_tensors(path)
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             ckpt = ckpt[key]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mmpt.bands import RGB
+from mmpt.safe_load import load_torch_file
 
 from .timm_weights import resolve_checkpoint_file
 from .vit_convert import BAND_ALIASES as BAND_ALIASES
@@ -138,11 +139,7 @@ def read_vit_source(path: str, own: Collection[str], flag: str = INIT_FLAG) -> _
                 k[len(prefix) :]: f.get_tensor(r) for k, r in raw.items() if k.startswith(prefix)
             }
         return _Source(file, prefix, PREFIXES, state, None, sorted(raw)[:5])
-    full = file.endswith(".ckpt")  # Lightning checkpoints pickle hyper-parameters
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=not full, mmap=True)
-    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-        obj = torch.load(file, map_location="cpu", weights_only=not full)
+    obj = load_torch_file(file)  # weights_only with mmpt's allow-list (mmpt.safe_load)
     candidates, bands = PREFIXES, None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         from mmpt.models.module import TOWER_KEY  # Lightning is imported only here

@@ -84,7 +84,9 @@ def _build_torchaudio(pretrained: str | None, config: dict | None, builder: str)
     if not hasattr(torchaudio.models, builder):
         raise ValueError(f"{FLAG}.torchaudio_builder: torchaudio.models has no {builder!r}")
     model = getattr(torchaudio.models, builder)()
-    model.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
+    from mmpt.safe_load import load_tensors
+
+    model.load_state_dict(load_tensors(pretrained))
     return model
 
 

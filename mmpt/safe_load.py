@@ -1,0 +1,172 @@
+"""Checkpoint reading that never runs code: ``weights_only`` with an allow-list, safetensors.
+
+Every checkpoint mmpt reads (``model.init_from``, ``mmpt eval``/``export``/``merge``, the
+re-warm schedule's ``from_checkpoint``, a tower's ``init_from``, ``--ckpt_path`` resumes)
+goes through :func:`load_torch_file` or :func:`load_tensors`. A pickle may only rebuild
+tensors, plain containers and the few plain-data types mmpt and Lightning themselves write
+(:func:`allowed_globals`); anything else (a pickled module, an arbitrary callable) is refused
+with :class:`UnsafeCheckpointError`, before any of it runs.
+
+A trusted legacy file that needs more can be read with the escape hatch: ``--unsafe-load`` on
+``mmpt eval``, ``mmpt export`` and ``mmpt merge``, or the environment variable
+``MMPT_UNSAFE_LOAD=1`` (which ``model.init_from``, ``lr_schedule.from_checkpoint`` and resumes
+honour).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import pickle
+import re
+from functools import cache
+from typing import Any
+
+import torch
+
+log = logging.getLogger("mmpt.safe_load")
+
+#: Environment variable that turns the escape hatch on for every load of the process.
+UNSAFE_ENV = "MMPT_UNSAFE_LOAD"
+#: How the escape hatch is named in messages.
+ESCAPE_HATCH = (
+    f"--unsafe-load (mmpt eval, mmpt export, mmpt merge) or {UNSAFE_ENV}=1 (model.init_from, "
+    "lr_schedule.from_checkpoint, resuming)"
+)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint needs a type outside the allow-list to be unpickled (it was not loaded)."""
+
+
+@cache
+def allowed_globals() -> tuple[type, ...]:
+    """The types a checkpoint may hold besides tensors and plain containers.
+
+    Exactly what mmpt and Lightning write into checkpoints: Lightning's ``AttributeDict``
+    (``hyper_parameters``) and ``pathlib`` paths (callback state such as a checkpoint
+    folder). Plain data only: no function or other callable is ever on this list.
+    """
+    from lightning.fabric.utilities.data import AttributeDict
+
+    paths = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath)
+    return (AttributeDict, *paths, pathlib.PureWindowsPath)
+
+
+def unsafe_from_env() -> bool:
+    """Whether ``MMPT_UNSAFE_LOAD`` turns the escape hatch on (``1``, ``true``, ``yes``)."""
+    return os.environ.get(UNSAFE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def add_unsafe_load_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--unsafe-load`` (the escape hatch for trusted legacy pickles) to a command."""
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="unpickle the checkpoint without mmpt's allow-list (weights_only=False): it can "
+        "run arbitrary code, so only for files you trust (also: MMPT_UNSAFE_LOAD=1)",
+    )
+
+
+def _refused(path: str, err: Exception) -> UnsafeCheckpointError:
+    """The refusal: the file, the refused global(s) and the escape hatch."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - a legacy (non-zip) file: fall back to the message
+        names = []
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in allowed_globals()}
+    names = [n for n in names if n not in allowed]
+    if not names:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        names = [found.group(1)] if found else [f"unknown ({str(err).splitlines()[0]})"]
+    return UnsafeCheckpointError(
+        f"{path}: refused to load: unpickling it needs {', '.join(names)}, which could run "
+        "arbitrary code (mmpt loads checkpoints with torch.load(weights_only=True) and an "
+        f"allow-list of plain data types). If you trust this file, use {ESCAPE_HATCH}; better, "
+        "convert it once to a state dict or .safetensors file."
+    )
+
+
+def load_torch_file(path: str | os.PathLike, unsafe: bool | None = None, mmap: bool = True) -> Any:
+    """``torch.load`` a file on the CPU without running code from it.
+
+    Args:
+        path: A torch/Lightning checkpoint (zip or legacy format).
+        unsafe: Load with ``weights_only=False`` (trusted legacy files only). None: from
+            ``MMPT_UNSAFE_LOAD``.
+        mmap: Memory-map the tensors (only those used are read); legacy files that cannot be
+            memory-mapped are read whole.
+
+    Returns:
+        The unpickled object.
+
+    Raises:
+        UnsafeCheckpointError: The file needs a global outside :func:`allowed_globals`.
+    """
+    path = os.fspath(path)
+    if unsafe is None:
+        unsafe = unsafe_from_env()
+    if unsafe:
+        log.warning("%s: loaded with weights_only=False (unsafe load asked for)", path)
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals())):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=mmap)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                if not mmap:
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=not unsafe)
+    except pickle.UnpicklingError as err:
+        raise _refused(path, err) from None
+
+
+def check_pickle(path: str | os.PathLike, unsafe: bool | None = None) -> None:
+    """Refuse a torch zip file whose pickle names a global outside the allow-list.
+
+    For loaders mmpt does not call itself (Lightning's FSDP full-checkpoint resume unpickles
+    with a plain ``pickle.Unpickler``): the pickle's opcodes are scanned, nothing is run.
+    Folders (sharded checkpoints) and non-zip files are left to the loader.
+
+    Raises:
+        UnsafeCheckpointError: A global outside :func:`allowed_globals`.
+    """
+    path = os.fspath(path)
+    if (unsafe_from_env() if unsafe is None else unsafe) or not os.path.isfile(path):
+        return
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: the loader decides
+        return
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in allowed_globals()}
+    refused = [n for n in names if n not in allowed]
+    if refused:
+        raise _refused(path, pickle.UnpicklingError(f"GLOBAL {refused[0]}"))
+
+
+def load_tensors(path: str | os.PathLike, unsafe: bool | None = None) -> dict[str, Any]:
+    """A checkpoint's top-level dict: safetensors files by ``safetensors``, else torch.
+
+    Args:
+        path: ``.safetensors`` (memory-mapped by safetensors) or a torch file.
+        unsafe: See :func:`load_torch_file`.
+
+    Returns:
+        The file's dict (a Lightning checkpoint keeps its ``state_dict`` entry).
+
+    Raises:
+        UnsafeCheckpointError: A torch file that needs a global outside the allow-list.
+        ValueError: The file does not hold a dict.
+    """
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return dict(load_file(path, device="cpu"))
+    obj = load_torch_file(path, unsafe=unsafe)
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{path} holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint"
+        )
+    return obj

@@ -1,0 +1,223 @@
+"""Checkpoints never run code: a malicious pickle is refused by every reader, before it runs.
+
+Every place mmpt reads a checkpoint (``model.init_from``, ``mmpt eval``/``load_checkpoint``,
+``mmpt merge``, the re-warm schedule, ``tower_from_checkpoint``, a tower's ``init_from``, the
+resume IO and the FSDP strategies) refuses a file whose pickle names a global outside the
+allow-list, naming the file, the global and the escape hatch; the marker file its payload
+would create never appears. The escape hatch loads a trusted legacy file, and checkpoints a
+real fit writes load everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from mmpt.checkpoint_io import AtomicCheckpointIO
+from mmpt.merge_cli import main as merge_main
+from mmpt.models.contrastive import ContrastiveModule
+from mmpt.models.encoders import OpenCLIPTextTower, TimmVisionTower
+from mmpt.models.encoders.from_checkpoint import tower_from_checkpoint
+from mmpt.models.module import load_checkpoint
+from mmpt.models.schedules import Rewarm
+from mmpt.safe_load import UNSAFE_ENV, UnsafeCheckpointError, check_pickle
+from tests.helpers import TINY_TEXT, TINY_VISION, write_shards
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*IterableDataset. has .__len__. defined"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+
+class Payload:
+    """Unpickling this creates ``marker`` (what an attacker's ``os.system`` call would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def make_model(**kw: Any) -> ContrastiveModule:
+    torch.manual_seed(0)
+    vision = TimmVisionTower(**TINY_VISION["init_args"])
+    text = OpenCLIPTextTower(**TINY_TEXT["init_args"])
+    return ContrastiveModule(vision, text, **kw)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 2-step fit of a tiny CLIP, saved by Lightning through mmpt's checkpoint IO."""
+    from mmpt.datamodules.image_text import ImageTextDataModule
+    from mmpt.datamodules.streams import StreamConfig
+
+    tmp = tmp_path_factory.mktemp("real")
+    shards = write_shards(tmp / "shards", n=16, per_shard=8)
+    model = make_model(optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    dm = ImageTextDataModule(
+        train=StreamConfig(urls=str(shards), shuffle_buffer=0),
+        batch_size=8,
+        num_workers=0,
+        preprocess=model.preprocess,
+    )
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(model, datamodule=dm)
+    trainer.save_checkpoint(tmp / "real.ckpt")
+    return {"tmp": tmp, "shards": shards, "ckpt": tmp / "real.ckpt", "model": model, "dm": dm}
+
+
+@pytest.fixture
+def evil(real: dict[str, Any], tmp_path: Path) -> tuple[Path, Path]:
+    """A real checkpoint with a payload in it (its tensors all load; only the pickle is bad)."""
+    marker = tmp_path / "pwned"
+    obj = torch.load(real["ckpt"], map_location="cpu", weights_only=True)
+    obj["hyper_parameters"] = {"note": Payload(marker)}
+    torch.save(obj, tmp_path / "evil.ckpt")
+    return tmp_path / "evil.ckpt", marker
+
+
+@pytest.fixture
+def legacy(real: dict[str, Any], tmp_path: Path) -> Path:
+    """A trusted old-style checkpoint: hyper-parameters as an ``argparse.Namespace``."""
+    obj = torch.load(real["ckpt"], map_location="cpu", weights_only=True)
+    obj["hyper_parameters"] = argparse.Namespace(lr=1e-3, run="old")
+    torch.save(obj, tmp_path / "legacy.ckpt")
+    return tmp_path / "legacy.ckpt"
+
+
+def _refusal(path: Path, global_name: str) -> str:
+    return rf"{path.name}: refused to load.*{global_name}.*--unsafe-load.*{UNSAFE_ENV}=1"
+
+
+def _loaders(real: dict[str, Any]) -> dict[str, Any]:
+    """Every in-process reader of a checkpoint, each taking the path."""
+    return {
+        "init_from": lambda p: make_model(init_from=str(p)).configure_model(),
+        "load_checkpoint": lambda p: load_checkpoint(make_model(), str(p)),
+        "rewarm": lambda p: Rewarm(from_checkpoint=str(p), warmup_steps=2),
+        "tower_from_checkpoint": lambda p: tower_from_checkpoint(str(p)),
+        "tower_init_from": lambda p: TimmVisionTower(
+            **{**TINY_VISION["init_args"], "init_from": str(p)}
+        ),
+        "resume_io": lambda p: AtomicCheckpointIO().load_checkpoint(p),
+        "strategy_guard": lambda p: check_pickle(p),
+    }
+
+
+LOADERS = list(_loaders({}))
+
+
+@pytest.mark.parametrize("reader", LOADERS)
+def test_malicious_pickle_is_refused_before_it_runs(reader, real, evil):
+    path, marker = evil
+    with pytest.raises(UnsafeCheckpointError, match=_refusal(path, "builtins.exec")):
+        _loaders(real)[reader](path)
+    assert not marker.exists()
+
+
+def test_the_payload_does_run_without_the_guard(evil):
+    """The test's payload is real: torch's unsafe load creates the marker."""
+    path, marker = evil
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_merge_and_eval_clis_refuse_it(real, evil, tmp_path, capsys):
+    path, marker = evil
+    args = ["--ckpt", str(path), str(real["ckpt"]), "--out", str(tmp_path / "m.ckpt")]
+    assert merge_main(args) == 2
+    assert "refused to load" in capsys.readouterr().err
+    from mmpt.eval.cli import main as eval_main
+
+    config = _config(real, tmp_path)
+    args = ["retrieval", "-c", str(config), "--ckpt", str(path), "--data", str(real["shards"])]
+    assert eval_main([*args, "--device", "cpu", "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "refused to load" in err and "builtins.exec" in err and "--unsafe-load" in err
+    assert not marker.exists() and not (tmp_path / "m.ckpt").exists()
+
+
+def _config(real: dict[str, Any], tmp_path: Path) -> Path:
+    config = {
+        "trainer": {"accelerator": "cpu", "logger": False},
+        "model": {
+            "class_path": "mmpt.models.contrastive.ContrastiveModule",
+            "init_args": {"vision": TINY_VISION, "text": TINY_TEXT},
+        },
+        "data": {
+            "class_path": "mmpt.datamodules.image_text.ImageTextDataModule",
+            "init_args": {"train": {"urls": str(real["shards"])}, "num_workers": 0},
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _last_lr(path: Path) -> float:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return obj["optimizer_states"][0]["param_groups"][0]["lr"]
+
+
+def test_escape_hatch_loads_a_trusted_legacy_file(real, legacy, tmp_path, monkeypatch, capsys):
+    want = real["model"].state_dict()
+    for reader in ("init_from", "load_checkpoint", "rewarm", "tower_from_checkpoint"):
+        with pytest.raises(UnsafeCheckpointError, match=_refusal(legacy, "argparse.Namespace")):
+            _loaders(real)[reader](legacy)
+    model = make_model()
+    load_checkpoint(model, str(legacy), unsafe=True)  # mmpt eval/export --unsafe-load
+    torch.testing.assert_close(model.state_dict(), want, rtol=0, atol=0)
+    out = tmp_path / "merged.ckpt"
+    args = ["--ckpt", str(legacy), str(real["ckpt"]), "--out", str(out), "--unsafe-load"]
+    assert merge_main(args) == 0, capsys.readouterr().err
+    monkeypatch.setenv(UNSAFE_ENV, "1")  # model.init_from and the re-warm schedule
+    model = make_model(init_from=str(legacy))
+    model.configure_model()
+    torch.testing.assert_close(model.state_dict(), want, rtol=0, atol=0)
+    assert Rewarm(from_checkpoint=str(legacy), warmup_steps=2).old_lr == _last_lr(real["ckpt"])
+
+
+def test_real_checkpoints_load_everywhere(real, tmp_path, capsys):
+    assert os.environ.get(UNSAFE_ENV) is None
+    ckpt, want = real["ckpt"], real["model"].state_dict()
+    model = make_model(init_from=str(ckpt))
+    model.configure_model()
+    torch.testing.assert_close(model.state_dict(), want, rtol=0, atol=0)
+    model = make_model()
+    load_checkpoint(model, str(ckpt))
+    torch.testing.assert_close(model.state_dict(), want, rtol=0, atol=0)
+    assert Rewarm(from_checkpoint=str(ckpt), warmup_steps=2).old_lr == _last_lr(ckpt)
+    tower = tower_from_checkpoint(str(ckpt))
+    torch.testing.assert_close(tower.state_dict(), real["model"].vision.state_dict())
+    assert merge_main(["--ckpt", str(ckpt), str(ckpt), "--out", str(tmp_path / "m.ckpt")]) == 0
+    check_pickle(ckpt)
+    resumed = make_model(optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(resumed, datamodule=real["dm"], ckpt_path=str(ckpt))  # --ckpt_path resume
+    assert trainer.global_step == 3
