@@ -221,7 +221,7 @@ class Generator:
         fusion = self.model.fusion
         try:
             embeds = self.model.embed_inputs(batch)
-            with _seeded(settings.seed, self.device):
+            with _seeded(settings.seed, self.device), _hf_sdpa(self.model.llm.model):
                 out = self.model.llm.model.generate(
                     inputs_embeds=embeds,
                     attention_mask=mask,
@@ -288,6 +288,24 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+@contextlib.contextmanager
+def _hf_sdpa(llm: torch.nn.Module) -> Iterator[None]:
+    """Decode with transformers' SDPA attention when the LLM trained with mmpt's packed one.
+
+    Generation rows are left-padded, not packed: HF's SDPA path is made for that (its padding
+    mask and cache), while the packed path would read the pads as a segment of their own.
+    """
+    impl = getattr(llm.config, "_attn_implementation", None) or ""
+    if not impl.startswith("mmpt_packed"):
+        yield
+        return
+    llm.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        llm.set_attn_implementation(impl)
 
 
 @contextlib.contextmanager
