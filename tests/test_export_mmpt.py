@@ -130,6 +130,16 @@ def test_layout_and_state_dict(shapes, tmp_path):  # noqa: F811
     assert set(own) - set(state) <= {"llm.model.lm_head.weight"}
 
 
+def test_the_trained_attention_comes_back(shapes, tmp_path):  # noqa: F811
+    model = tiny_vlm(shapes, llm={"attn_backend": "sdpa"})
+    impl = model.llm.model.config._attn_implementation
+    assert impl == "mmpt_packed_sdpa"
+    again = mmpt.load(model.export_mmpt(tmp_path / "e"))
+    assert again.llm.model.config._attn_implementation == impl
+    eager = mmpt.load(tmp_path / "e", attn_implementation="eager")
+    assert eager.llm.model.config._attn_implementation == "eager"
+
+
 def test_bad_folders_give_clear_errors(shapes, tmp_path):  # noqa: F811
     model = tiny_vlm(shapes)
     out = model.export_mmpt(tmp_path / "ok")

@@ -85,6 +85,8 @@ def test_greedy_equals_a_hand_written_loop_and_batched_equals_alone(which, reque
         assert got == greedy_by_hand(gen, prompt, images, 4)
         assert gen.generate_ids([prompt], [images], decoding=steps)[0] == got
     assert any(len(ids) > 0 for ids in batched)
+    # decoding ran on HF's SDPA; training's packed attention is back
+    assert gen.model.llm.model.config._attn_implementation.startswith("mmpt_packed")
 
 
 def test_speech_batched_equals_alone(tmp_path):
