@@ -23,6 +23,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from mmpt.batch import VLMBatch
 from mmpt.datamodules.audio import normalize_audio, pad_audio
 from mmpt.datamodules.packing import IGNORE_INDEX
+from mmpt.datamodules.resolution import ImageCrops
 from mmpt.datamodules.templates import (
     AUDIO_PLACEHOLDER,
     IMAGE_PLACEHOLDER,
@@ -120,8 +121,10 @@ class Generator:
         """Device of the LLM."""
         return self.model.llm.model.get_input_embeddings().weight.device
 
-    def encode(self, prompt: str, images: Sequence[Image.Image], clips: Sequence[torch.Tensor]):
-        """One prompt -> (input_ids (L,), its images' ``ImageCrops``, clips).
+    def encode(
+        self, prompt: str, images: Sequence[Image.Image], clips: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[ImageCrops], list[torch.Tensor]]:
+        """One prompt -> (input_ids (L,) long, its images' ``ImageCrops``, its clips (N_i,)).
 
         Raises:
             ValueError: Placeholder counts differ from the media; media the model lacks.
