@@ -23,6 +23,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from mmpt.batch import VLMBatch
 from mmpt.datamodules.audio import normalize_audio, pad_audio
 from mmpt.datamodules.packing import IGNORE_INDEX
+from mmpt.datamodules.resolution import ImageCrops
 from mmpt.datamodules.templates import (
     AUDIO_PLACEHOLDER,
     IMAGE_PLACEHOLDER,
@@ -118,10 +119,12 @@ class Generator:
     @property
     def device(self) -> torch.device:
         """Device of the LLM."""
-        return self.model.llm.embed(torch.zeros(1, 1, dtype=torch.long)).device
+        return self.model.llm.model.get_input_embeddings().weight.device
 
-    def encode(self, prompt: str, images: Sequence[Image.Image], clips: Sequence[torch.Tensor]):
-        """One prompt -> (input_ids (L,), its images' ``ImageCrops``, clips).
+    def encode(
+        self, prompt: str, images: Sequence[Image.Image], clips: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[ImageCrops], list[torch.Tensor]]:
+        """One prompt -> (input_ids (L,) long, its images' ``ImageCrops``, its clips (N_i,)).
 
         Raises:
             ValueError: Placeholder counts differ from the media; media the model lacks.
@@ -221,7 +224,7 @@ class Generator:
         fusion = self.model.fusion
         try:
             embeds = self.model.embed_inputs(batch)
-            with _seeded(settings.seed, self.device):
+            with _seeded(settings.seed, self.device), _hf_sdpa(self.model.llm.model):
                 out = self.model.llm.model.generate(
                     inputs_embeds=embeds,
                     attention_mask=mask,
@@ -288,6 +291,24 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 def _dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
+
+
+@contextlib.contextmanager
+def _hf_sdpa(llm: torch.nn.Module) -> Iterator[None]:
+    """Decode with transformers' SDPA attention when the LLM trained with mmpt's packed one.
+
+    Generation rows are left-padded, not packed: HF's SDPA path is made for that (its padding
+    mask and cache), while the packed path would read the pads as a segment of their own.
+    """
+    impl = getattr(llm.config, "_attn_implementation", None) or ""
+    if not impl.startswith("mmpt_packed"):
+        yield
+        return
+    llm.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        llm.set_attn_implementation(impl)
 
 
 @contextlib.contextmanager

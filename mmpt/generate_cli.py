@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     from mmpt.datamodules.templates import get_template
-    from mmpt.generate import Decoding, Generator
+    from mmpt.generate import Decoding, Generator, prompt_content
 
     _check_args(args, overrides)
     if args.template is not None:
@@ -96,6 +96,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         seed=args.seed,
     )
     images = [_image(path) for path in args.image]
+    if not args.data:  # placeholder errors before the model loads
+        prompt_content(args.prompt or "", len(images), len(args.audio))
     model = _load(args, overrides)
     gen = Generator(model, args.template, args.system)
     if args.data:
@@ -149,8 +151,11 @@ def _clip(gen: Generator, path: str) -> torch.Tensor:
 
 def _load(args: argparse.Namespace, overrides: list[str]) -> VLMModule:
     """The model on ``--device``: fp32 on the CPU, its own dtype on a GPU."""
+    from transformers.utils import logging as hf_logging
+
     from mmpt.models.vlm import VLMModule
 
+    hf_logging.disable_progress_bar()  # stderr keeps to mmpt's own bar and messages
     if args.model is not None:
         import mmpt
 
@@ -220,6 +225,7 @@ def _samples(
     import webdataset as wds
 
     from mmpt.datamodules.decode import decode_image
+    from mmpt.datamodules.stages import DataError
     from mmpt.datamodules.vlm_sample import VLMSample
 
     def skip(exn: BaseException) -> bool:
@@ -237,6 +243,8 @@ def _samples(
             asked = [m["content"] for m in messages[:first] if m["role"] == "user"]
             text = prompt if prompt is not None else "\n".join(asked)
             gen.encode(text, images, clips)  # bad placeholders or media: a skip, not a crash
+        except DataError:  # the data does not fit the model: every sample would fail
+            raise
         except Exception as e:  # noqa: BLE001 - any bad sample is counted and skipped
             skip(ValueError(f"{key}: {e}"))
             continue

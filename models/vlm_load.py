@@ -122,11 +122,15 @@ def load_export(path: str | Path, attn_implementation: str | None = None) -> VLM
     config = read_export_config(folder)
     llm_cfg = config["llm"]
     impl = attn_implementation or llm_cfg.get("attn_implementation") or "packed"
+    backend = "auto"
+    if impl.startswith("mmpt_packed"):  # mmpt_packed[_<backend>]: registered by CausalLM
+        impl, backend = "packed", impl.removeprefix("mmpt_packed").lstrip("_") or "auto"
     llm = CausalLM(
         pretrained=str(folder / llm_cfg.get("folder", LLM_DIR)),
         tokenizer=str(folder / llm_cfg.get("tokenizer", TOKENIZER_DIR)),
         image_token=llm_cfg["image_token"],
-        attn_implementation="packed" if impl == "mmpt_packed" else impl,
+        attn_implementation=impl,
+        attn_backend=backend,
     )
     kwargs: dict[str, Any] = {
         "val_shuffled_images": config.get("val_shuffled_images", True),

@@ -130,6 +130,16 @@ def test_layout_and_state_dict(shapes, tmp_path):  # noqa: F811
     assert set(own) - set(state) <= {"llm.model.lm_head.weight"}
 
 
+def test_the_trained_attention_comes_back(shapes, tmp_path):  # noqa: F811
+    model = tiny_vlm(shapes, llm={"attn_backend": "sdpa"})
+    impl = model.llm.model.config._attn_implementation
+    assert impl == "mmpt_packed_sdpa"
+    again = mmpt.load(model.export_mmpt(tmp_path / "e"))
+    assert again.llm.model.config._attn_implementation == impl
+    eager = mmpt.load(tmp_path / "e", attn_implementation="eager")
+    assert eager.llm.model.config._attn_implementation == "eager"
+
+
 def test_bad_folders_give_clear_errors(shapes, tmp_path):  # noqa: F811
     model = tiny_vlm(shapes)
     out = model.export_mmpt(tmp_path / "ok")
@@ -162,3 +172,18 @@ def test_llava_folders_go_to_the_llava_reader(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mmpt.export.hf_llava_load", fake)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
     assert mmpt.load(tmp_path) == "llava model" and seen == [tmp_path]
+
+
+def test_import_mmpt_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, mmpt; assert callable(mmpt.load); print('torch' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", "import mmpt, sys; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"
+    assert subprocess.run([sys.executable, "-c", code], check=True).returncode == 0

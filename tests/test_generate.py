@@ -79,12 +79,14 @@ def greedy_by_hand(gen: Generator, prompt: str, images: list, steps: int) -> lis
 @pytest.mark.parametrize("which", ["model", "fused"])
 def test_greedy_equals_a_hand_written_loop_and_batched_equals_alone(which, request):
     gen = Generator(request.getfixturevalue(which))
-    steps = Decoding(max_new_tokens=6)
+    steps = Decoding(max_new_tokens=4)
     batched = gen.generate_ids(PROMPTS, IMAGES, decoding=steps)
     for prompt, images, got in zip(PROMPTS, IMAGES, batched, strict=True):
-        assert got == greedy_by_hand(gen, prompt, images, 6)
+        assert got == greedy_by_hand(gen, prompt, images, 4)
         assert gen.generate_ids([prompt], [images], decoding=steps)[0] == got
     assert any(len(ids) > 0 for ids in batched)
+    # decoding ran on HF's SDPA; training's packed attention is back
+    assert gen.model.llm.model.config._attn_implementation.startswith("mmpt_packed")
 
 
 def test_speech_batched_equals_alone(tmp_path):
@@ -111,15 +113,18 @@ def test_stop_strings_cut_the_output(model):
     assert cut_at_stop("a b. c", [".", " b"]) == "a"
 
 
-def test_beam_and_seeded_sampling(model):
+def test_beam_and_seeded_sampling(model, fused):
     gen = Generator(model)
-    beams = gen.generate(PROMPTS[:2], IMAGES[:2], num_beams=3, max_new_tokens=5)
+    beams = gen.generate(PROMPTS[:2], IMAGES[:2], num_beams=3, max_new_tokens=4)
     assert len(beams) == 2 and all(isinstance(t, str) for t in beams)
-    kw = {"temperature": 1.5, "top_p": 0.95, "top_k": 50, "max_new_tokens": 8}
-    first = gen.generate(PROMPTS[:2], IMAGES[:2], seed=7, **kw)
-    assert gen.generate(PROMPTS[:2], IMAGES[:2], seed=7, **kw) == first
-    others = {tuple(gen.generate(PROMPTS[:2], IMAGES[:2], seed=s, **kw)) for s in range(4)}
-    assert len(others) > 1, "sampling ignores the seed"
+    # fusion: the image context follows the beams (each sample's features repeated per beam)
+    fused_beams = Generator(fused).generate(PROMPTS[:2], IMAGES[:2], num_beams=2, max_new_tokens=3)
+    assert len(fused_beams) == 2
+    kw = {"temperature": 2.0, "top_p": 0.99, "top_k": 100, "max_new_tokens": 5}
+    first = gen.generate(PROMPTS[:1], IMAGES[:1], seed=7, **kw)
+    assert gen.generate(PROMPTS[:1], IMAGES[:1], seed=7, **kw) == first
+    others = {gen.generate(PROMPTS[:1], IMAGES[:1], seed=s, **kw)[0] for s in range(3)}
+    assert len(others | set(first)) > 1, "sampling ignores the seed"
 
 
 def test_prompt_placeholders():
@@ -136,11 +141,12 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def test_jsonl_over_shards_counts_bad_samples(model, tmp_path):
+def test_jsonl_over_shards_counts_bad_samples(model, tmp_path, capsys):
     export = model.export_mmpt(tmp_path / "export", template="plain")
     data = tmp_path / "data"
     data.mkdir()
-    chat = {"messages": [{"role": "user", "content": "what?"}, {"role": "assistant", "content": "a"}]}
+    turns = [{"role": "user", "content": "what?"}, {"role": "assistant", "content": "a"}]
+    chat = {"messages": turns}
     with TarWriter(str(data / "shard-000000.tar")) as w:
         for i in range(3):
             w.write({"__key__": f"pair{i}", "png": png(image(32, 32, i)), "txt": f"caption {i}"})
@@ -157,6 +163,14 @@ def test_jsonl_over_shards_counts_bad_samples(model, tmp_path):
     assert lines[3]["prompt"].endswith("what?") and lines[3]["reference"] == "a"
     gen = Generator(model)
     assert lines[0]["output"] == gen.generate([""], [[image(32, 32, 0)]], max_new_tokens=4)[0]
+    assert "2 corrupt samples skipped, 0 empty outputs" in capsys.readouterr().out
+    # a generation cut to nothing is written as an empty output and counted
+    first = lines[0]["output"].split()[0]
+    assert main([*argv, "--max-new-tokens", "4", "--stop", first]) == 0
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert again[0]["output"] == "" and len(again) == 4
+    empty = sum(not r["output"].strip() for r in again)
+    assert f"2 corrupt samples skipped, {empty} empty outputs" in capsys.readouterr().out
 
 
 def test_cli_one_input_and_errors(model, tmp_path, capsys):
@@ -178,3 +192,25 @@ def test_cli_one_input_and_errors(model, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_cli_from_config_and_checkpoint(tmp_path, monkeypatch, capsys):
+    from mmpt.cli import build_cli
+    from mmpt.synth import make_synthetic
+
+    monkeypatch.chdir(tmp_path)
+    make_synthetic("image-text", "data/shapes", train_samples=8, image_size=32)
+    cfg = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "vila_stage1.yaml")
+    torch.manual_seed(3)
+    model = build_cli(["-c", cfg, "--trainer.logger=false"], run=False).model
+    torch.save({"state_dict": perturb(model).state_dict()}, "model.ckpt")
+    image(32, 32, 4).save("a.png")
+    override = "--model.init_args.val_no_audio=false"  # extra --model... flags reach the config
+    argv = ["generate", "-c", cfg, "--ckpt", "model.ckpt", override, "--image", "a.png"]
+    assert main([*argv, "--max-new-tokens", "5", "--prompt", "what"]) == 0
+    model.data_template = "plain"
+    want = Generator(model).generate(["what"], [[Image.open("a.png")]], max_new_tokens=5)[0]
+    assert capsys.readouterr().out == want + "\n"
+    assert main(["generate", "-c", cfg, "--ckpt", "none.ckpt", "--image", "a.png"]) == 2
+    assert "--ckpt: no checkpoint at 'none.ckpt'" in capsys.readouterr().err
