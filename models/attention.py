@@ -28,6 +28,7 @@ __all__ = [
     "packed_attention",
     "register_packed_attention",
     "resolve_backend",
+    "unusable_reason",
     "xbias",
     "xops",
 ]
@@ -48,8 +49,13 @@ _RESOLVED: dict[tuple[str, str], str] = {}
 _FALLBACK_LOGGED: set[str] = set()
 
 
-def _unusable(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run its own kernels on ``device`` (None: it can)."""
+def unusable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run its own kernels on ``device`` (None: it can).
+
+    Args:
+        backend: ``xformers``, ``flex`` or ``sdpa``.
+        device: The device the attention would run on.
+    """
     if backend == "xformers":
         return xformers_unusable_reason(device)
     if backend == "flex" and device.type != "cuda":
@@ -82,10 +88,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return _RESOLVED[key]
     if backend == "auto":
         order = AUTO_ORDER.get(device.type, ("sdpa",))
-        chosen = next(b for b in (*order, "sdpa") if _unusable(b, device) is None)
-        skipped = [f"{b}: {_unusable(b, device)}" for b in order[: order.index(chosen)]]
+        chosen = next(b for b in (*order, "sdpa") if unusable_reason(b, device) is None)
+        skipped = [f"{b}: {unusable_reason(b, device)}" for b in order[: order.index(chosen)]]
         log.info("attn_backend auto -> %s on %s%s", chosen, device, f" ({skipped})" * bool(skipped))
-    elif backend == "xformers" and (why := _unusable(backend, device)) is not None:
+    elif backend == "xformers" and (why := unusable_reason(backend, device)) is not None:
         if device.type == "cuda":
             raise ValueError(
                 f"attn_backend: xformers cannot run: {why}. Install an xformers build for "
