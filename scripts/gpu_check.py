@@ -25,52 +25,64 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 SMOKE_DATA = "data/bench/smoke32"
-_SMOKE_SYNTH = (
-    f'{{"kind": "image-text", "out": "{SMOKE_DATA}", "train_samples": 48, "image_size": 32}}'
-)
-_SMOKE_DATA = [
-    f"data.init_args.synthetic={_SMOKE_SYNTH}",
-    f'data.init_args.train={{"urls": "{SMOKE_DATA}/train", "shuffle_buffer": 0}}',
-    "data.init_args.num_workers=0",
-]
 _TINY_TIMM = '{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'
-#: Overrides that shrink each bench recipe to seconds on a CPU (``--smoke``).
-SMOKE: dict[str, list[str]] = {
-    "clip": [
-        'model.init_args.vision.init_args.vision_cfg={"image_size": 32, "patch_size": 8, '
-        '"width": 32, "layers": 2, "head_width": 16}',
-        "model.init_args.vision.init_args.embed_dim=16",
-        'model.init_args.text.init_args.text_cfg={"context_length": 12, "width": 32, '
-        '"heads": 2, "layers": 1}',
-        "model.init_args.text.init_args.embed_dim=16",
-        "data.init_args.batch_size=8",
-        *_SMOKE_DATA,
-    ],
-    "mae": [
-        "model.init_args.encoder.init_args.model_name=vit_tiny_patch16_224",
-        "model.init_args.encoder.init_args.image_size=32",
-        f"model.init_args.encoder.init_args.model_kwargs={_TINY_TIMM}",
-        "model.init_args.decoder_dim=16",
-        "model.init_args.decoder_depth=1",
-        "model.init_args.decoder_heads=2",
-        "data.init_args.batch_size=8",
-        *_SMOKE_DATA,
-    ],
-    "vlm": [
-        'model.init_args.llm.init_args.config={"model_type": "qwen2", "vocab_size": 128, '
-        '"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, '
-        '"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}',
-        f"model.init_args.llm.init_args.tokenizer={SMOKE_DATA}/tokenizer",
-        'model.init_args.vision.init_args.config={"model_type": "siglip_vision_model", '
-        '"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, '
-        '"num_attention_heads": 2, "patch_size": 8, "image_size": 32}',
-        'model.init_args.resolution={"class_path": "mmpt.datamodules.resolution.FixedResolution",'
-        ' "init_args": {"image_size": 32, "patch_size": 8}}',
-        "data.init_args.max_seq_len=256",
-        "data.init_args.batch_size=2",
-        *_SMOKE_DATA,
-    ],
-}
+_TINY_QWEN2 = (
+    '{"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, '
+    '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, '
+    '"max_position_embeddings": 512}'
+)
+_TINY_SIGLIP = (
+    '{"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, '
+    '"num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8, "image_size": 32}'
+)
+
+
+def smoke_overrides(name: str, data: str) -> list[str]:
+    """``--set`` overrides that shrink bench recipe ``name`` to seconds on a CPU.
+
+    Args:
+        name: ``clip``, ``mae`` or ``vlm``.
+        data: Folder for the tiny synthetic shards (rendered on first use).
+    """
+    synth = {"kind": "image-text", "out": data, "train_samples": 48, "image_size": 32}
+    common = [
+        f"data.init_args.synthetic={json.dumps(synth)}",
+        f'data.init_args.train={{"urls": "{data}/train", "shuffle_buffer": 0}}',
+        "data.init_args.num_workers=0",
+    ]
+    model = "model.init_args"
+    return {
+        "clip": [
+            f'{model}.vision.init_args.vision_cfg={{"image_size": 32, "patch_size": 8, '
+            '"width": 32, "layers": 2, "head_width": 16}',
+            f"{model}.vision.init_args.embed_dim=16",
+            f'{model}.text.init_args.text_cfg={{"context_length": 12, "width": 32, '
+            '"heads": 2, "layers": 1}',
+            f"{model}.text.init_args.embed_dim=16",
+            "data.init_args.batch_size=8",
+        ],
+        "mae": [
+            f"{model}.encoder.init_args.model_name=vit_tiny_patch16_224",
+            f"{model}.encoder.init_args.image_size=32",
+            f"{model}.encoder.init_args.model_kwargs={_TINY_TIMM}",
+            f"{model}.decoder_dim=16",
+            f"{model}.decoder_depth=1",
+            f"{model}.decoder_heads=2",
+            "data.init_args.batch_size=8",
+        ],
+        "vlm": [
+            f"{model}.llm.init_args.config={_TINY_QWEN2}",
+            f"{model}.llm.init_args.tokenizer={data}/tokenizer",
+            f"{model}.vision.init_args.config={_TINY_SIGLIP}",
+            f'{model}.resolution={{"class_path": '
+            '"mmpt.datamodules.resolution.FixedResolution", '
+            '"init_args": {"image_size": 32, "patch_size": 8}}',
+            "data.init_args.max_seq_len=256",
+            "data.init_args.batch_size=2",
+        ],
+    }[name] + common
+
+
 TRAIN = {
     "clip": "configs/bench/clip_vit_b16.yaml",
     "mae": "configs/bench/mae_vit_b16.yaml",
@@ -78,7 +90,7 @@ TRAIN = {
 }
 
 
-def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
+def steps(out: Path, smoke: bool, data: str = SMOKE_DATA) -> list[tuple[str, list[str], int]]:
     """(name, command, seconds allowed) of every step, in order."""
     attn = [PY, "scripts/bench_attention.py", "--json", str(out / "attention.json")]
     if smoke:
@@ -96,7 +108,7 @@ def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
         cmd += ["--json", str(out / f"train_{name}.json")]
         if smoke:
             cmd += ["--steps", "1", "--warmup", "1"]
-            cmd += [x for o in SMOKE[name] for x in ("--set", o)]
+            cmd += [x for o in smoke_overrides(name, data) for x in ("--set", o)]
         else:
             cmd += ["--steps", "8", "--warmup", "3"]
         todo.append((f"train_{name}", cmd, 60 if smoke else 120))
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for the JSON files")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU is fine)")
     p.add_argument("--only", default=None, help="comma list of step names to run")
+    p.add_argument("--data-dir", default=SMOKE_DATA, help="--smoke: folder for tiny shards")
     p.add_argument(
         "--in-process",
         action="store_true",
@@ -205,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"smoke": a.smoke, "python": platform.python_version(), "steps": {}}
     only = set(a.only.split(",")) if a.only else None
-    for name, cmd, limit in steps(out, a.smoke):
+    for name, cmd, limit in steps(out, a.smoke, a.data_dir):
         if only is not None and name not in only:
             continue
         print(f"[gpu_check] {name} (limit {limit} s): {' '.join(cmd)}", flush=True)
