@@ -17,6 +17,7 @@ import json
 import math
 import resource
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -125,16 +126,28 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
-    rows = [
-        bench_config(
-            c, args.steps, args.warmup, args.device, args.precision, args.peak_tflops, args.set
-        )
-        for c in args.config
-    ]
+    rows: list[dict[str, Any]] = []
+    for config in args.config:  # one failure is recorded, the next config still runs
+        try:
+            rows.append(
+                bench_config(
+                    config,
+                    args.steps,
+                    args.warmup,
+                    args.device,
+                    args.precision,
+                    args.peak_tflops,
+                    args.set,
+                )
+            )
+        except Exception as err:  # noqa: BLE001 (recorded with its traceback)
+            rows.append({"config": config, "error": f"{type(err).__name__}: {err}"})
+            rows[-1]["traceback"] = traceback.format_exc()[-3000:]
+            print(f"{config}: FAILED: {rows[-1]['error']}", file=sys.stderr)
+        if args.json:  # after every config: an interrupted run keeps what it measured
+            Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
     print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -211,7 +211,9 @@ def test_from_pretrained_with_registered_implementation(tmp_path):
 
 
 needs_xformers = pytest.mark.skipif(
-    not torch.cuda.is_available() or attention.xops is None, reason="needs CUDA + xformers"
+    not torch.cuda.is_available()
+    or attention.unusable_reason("xformers", torch.device("cuda")) is not None,
+    reason="needs CUDA + a usable xformers",
 )
 
 

@@ -151,9 +151,7 @@ def test_causal_lm_backend_packed_logits_equal_samples_alone(tok_dir, backend, m
     assert llm.model.config._attn_implementation == f"mmpt_packed_{backend}"
     calls = []
     inner = attention.flex_packed_attention
-    monkeypatch.setattr(
-        attention, "flex_packed_attention", lambda *a: calls.append(1) or inner(*a)
-    )
+    monkeypatch.setattr(attention, "flex_packed_attention", lambda *a: calls.append(1) or inner(*a))
     seqs = samples()
     batch, kwargs = packed_kwargs(seqs)
     with torch.no_grad():
@@ -186,7 +184,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 def usable(backend: str) -> pytest.MarkDecorator:
     why = None
     if torch.cuda.is_available():
-        why = attention._unusable(backend, torch.device("cuda"))
+        why = attention.unusable_reason(backend, torch.device("cuda"))
     return pytest.mark.skipif(why is not None, reason=str(why))
 
 

@@ -1,6 +1,7 @@
 """GPU checks (opt-in: ``pytest -m gpu``, run on the device machine): bf16 contrastive steps,
 uint8 batches normalised on the device, the loss in fp32 under autocast, and a tiny packed
-CausalLM on the xformers path (bf16 forward, gradients, training steps)."""
+CausalLM on the xformers path (bf16 forward, gradients, training steps) and on FlexAttention
+and SDPA (gradients)."""
 
 from __future__ import annotations
 
@@ -80,20 +81,26 @@ def test_bf16_contrastive_training_steps_learn(tmp_path):
 
 # ---------------------------------------------------------------- packed CausalLM on xformers
 
+XFORMERS_UNUSABLE = (
+    attention.unusable_reason("xformers", torch.device("cuda"))
+    if torch.cuda.is_available()
+    else "needs a CUDA device"
+)
 needs_xformers = pytest.mark.skipif(
-    attention.xops is None,
-    reason="needs xformers (pip install 'mmpt[gpu]'): mmpt's CUDA packed-attention path",
+    XFORMERS_UNUSABLE is not None,
+    reason=f"xformers cannot run here ({XFORMERS_UNUSABLE}); see scripts/fetch_gpu_wheels.sh",
 )
 VOCAB = 128
 PACK_LENGTHS = (9, 1, 14, 6, 11, 3, 16, 4)  # 64 tokens, a 1-token sample included
 PACK_LEN = 32
 
 
-def tiny_llm(tok_dir: Path, dtype: str, device: str = "cuda") -> CausalLM:
+def tiny_llm(tok_dir: Path, dtype: str, device: str = "cuda", backend: str = "auto") -> CausalLM:
     """2-layer Qwen2 CausalLM (4 / 2 heads), init std 0.1 so that a leak would show."""
     torch.manual_seed(0)
     config = {**tiny_config(vocab_size=VOCAB), "initializer_range": 0.1}
-    return CausalLM(config=config, tokenizer=str(tok_dir), dtype=dtype).to(device)
+    llm = CausalLM(config=config, tokenizer=str(tok_dir), dtype=dtype, attn_backend=backend)
+    return llm.to(device)
 
 
 def packed_inputs(device: str = "cuda") -> tuple[list[dict], dict, dict]:
@@ -224,6 +231,21 @@ def test_packed_gradients_match_unpacked(tmp_path, xformers_calls, dtype):
     else:
         rel = ((packed - solo).norm() / solo.norm()).item()
         assert rel < 5e-2, f"bf16 packed vs unpacked gradients: relative error {rel:.3g}"
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_gradients_match_unpacked_per_backend(tmp_path, monkeypatch, backend, dtype):
+    calls = []
+    inner = attention.flex_packed_attention
+    monkeypatch.setattr(attention, "flex_packed_attention", lambda *a: calls.append(1) or inner(*a))
+    llm = tiny_llm(write_tokenizer(tmp_path), dtype, backend=backend).train()
+    seqs, _, kwargs = packed_inputs()
+    packed, solo = packed_and_solo_grads(llm, seqs, kwargs)
+    assert len(calls) == (len(llm.decoder_layers) if backend == "flex" else 0)
+    assert torch.isfinite(packed).all() and solo.norm() > 0
+    rel = ((packed - solo).norm() / solo.norm()).item()
+    assert rel < (1e-4 if dtype == "float32" else 5e-2), f"{backend} {dtype}: {rel:.3g}"
 
 
 @needs_xformers
