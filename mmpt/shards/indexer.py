@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from mmpt.shards.index import INDEX_NAME, ShardIndex, ShardInfo, load_index
 
@@ -245,7 +245,7 @@ def index_shards(spec: str | Path, out: str | Path | None = None, workers: int =
     if not good:
         raise ValueError(f"no readable shard in {spec}: {corrupt[0][0]}: {corrupt[0][1]}")
     _write(path, good, source, corrupt)
-    return IndexReport(path, source, good, corrupt, note)  # type: ignore[arg-type]
+    return IndexReport(path, source, good, corrupt, note)
 
 
 def _count_all(urls: list[str], workers: int) -> list[ShardCount]:
@@ -256,7 +256,9 @@ def _count_all(urls: list[str], workers: int) -> list[ShardCount]:
         return list(pool.imap(count_shard, urls, chunk))
 
 
-def _write(path: Path, shards: list[ShardCount], source: str, corrupt: list[Any]) -> None:
+def _write(
+    path: Path, shards: list[ShardCount], source: str, corrupt: list[tuple[str, str]]
+) -> None:
     keys = sorted(set().union(*(s.keys for s in shards)))
     bare = {k.rpartition(".")[2] for k in keys}  # "0.jpg" is an image too
     modalities = [m for m, exts in _MODALITY_EXTS.items() if bare & exts]
