@@ -80,7 +80,7 @@ def test_llava_conversations_with_two_roots_and_counted_skips(tmp_path: Path, ca
     (tmp_path / "mix.json").write_text(json.dumps(llava_rows(tmp_path)))
     out = build(capsys, "--kind", "conversation", "--from", str(tmp_path / "mix.json"),
                 "--images", str(tmp_path / "a"), "--images", str(tmp_path / "b"),
-                "--out", str(tmp_path / "sft"))  # fmt: skip
+                "--out", str(tmp_path / "sft"), "--workers", "2")  # fmt: skip
     assert "wrote 3 samples" in out
     assert ("skipped 5: bad_row=1, corrupt_image=1, empty_text=1, marker_image_mismatch=1, "
             "missing_image=1") in out  # fmt: skip
