@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shards", type=int, default=1000)
     p.add_argument("--per-shard", type=int, default=50)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--data", type=Path, default=Path("data/bench_index"))
+    p.add_argument("--data", type=Path, default=Path("/tmp/mmpt_bench/index"))
     args = p.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python scripts/bench_index.py", shlex.join(given)]).strip()
