@@ -266,7 +266,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     index = sub.add_parser(
-        "index", help="count the samples of existing shards and write their index.json"
+        "index",
+        help="count the samples of existing shards and write their index.json",
+        description="Count the samples of existing shards (tar headers, no decoding; or "
+        "img2dataset's *_stats.json / open_clip's sizes.json when they agree with the first "
+        "shard) and write index.json, which gives training its run length. Unreadable shards "
+        "are listed and left out of the index (exit code 1).",
     )
     index.add_argument(
         "path", metavar="PATH", help="a shard folder, a .tar file or pattern, pipe: or fsspec URL"

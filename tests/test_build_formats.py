@@ -80,7 +80,7 @@ def test_llava_conversations_with_two_roots_and_counted_skips(tmp_path: Path, ca
     (tmp_path / "mix.json").write_text(json.dumps(llava_rows(tmp_path)))
     out = build(capsys, "--kind", "conversation", "--from", str(tmp_path / "mix.json"),
                 "--images", str(tmp_path / "a"), "--images", str(tmp_path / "b"),
-                "--out", str(tmp_path / "sft"))  # fmt: skip
+                "--out", str(tmp_path / "sft"), "--workers", "2")  # fmt: skip
     assert "wrote 3 samples" in out
     assert ("skipped 5: bad_row=1, corrupt_image=1, empty_text=1, marker_image_mismatch=1, "
             "missing_image=1") in out  # fmt: skip
@@ -294,3 +294,45 @@ def test_vila_stage3_trains_on_built_llava(workdir: Path, capsys) -> None:
           "--images", "b", "--out", "sft", "--samples-per-shard", "3")  # fmt: skip
     fit("vila_stage3.yaml", tmp_path / "sft")
     assert_trained_without_skips(Path("runs/vila_tiny_stage3/version_0/metrics.csv"))
+
+
+@pytest.mark.slow
+def test_eval_reads_built_retrieval_and_classification_shards(tmp_path: Path, capsys) -> None:
+    """`mmpt eval retrieval` scores all 5 captions per image; `eval zeroshot` finds the classes
+    and templates in the built index."""
+    import yaml
+
+    from mmpt.cli import main
+    from tests.test_cli import tiny_fit_config
+
+    entries = []
+    for i in range(6):
+        image(tmp_path / "coco" / "val2014" / f"{i}.jpg", i, "JPEG")
+        entries.append({"filepath": "val2014", "filename": f"{i}.jpg", "split": "test",
+                        "sentences": [{"raw": f"photo {k} of {i}"} for k in range(5)]})  # fmt: skip
+    (tmp_path / "karpathy.json").write_text(json.dumps({"images": entries}))
+    build(capsys, "--kind", "retrieval", "--from", str(tmp_path / "karpathy.json"),
+          "--images", str(tmp_path / "coco"), "--out", str(tmp_path / "ret"))  # fmt: skip
+    for c, name in enumerate(["ant", "bee", "cat"]):
+        for i in range(2):
+            image(tmp_path / "val" / name / f"{i}.png", 10 * c + i)
+    build(capsys, "--kind", "classification", "--from", str(tmp_path / "val"),
+          "--out", str(tmp_path / "cls"))  # fmt: skip
+    cfg = tiny_fit_config(tmp_path / "ret", tmp_path / "run")
+    cfg["trainer"] |= {"max_steps": 1, "val_check_interval": 1, "limit_val_batches": 1}
+    cfg["data"]["init_args"] |= {"batch_size": 2, "val_text_key": "json:captions"}
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["fit", "-c", str(tmp_path / "fit.yaml")]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    common = ["-c", str(tmp_path / "fit.yaml"), "--ckpt", str(last), "--num-workers", "0",
+              "--device", "cpu"]  # fmt: skip
+    argv = ["eval", "retrieval", *common, "--data", str(tmp_path / "ret"),
+            "--text-key", "json:captions", "--out", str(tmp_path / "e1")]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "e1" / "retrieval.json").read_text())
+    assert report["num_images"] == 6 and report["num_texts"] == 30
+    argv = ["eval", "zeroshot", *common, "--data", str(tmp_path / "cls"),
+            "--out", str(tmp_path / "e2")]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "e2" / "zeroshot.json").read_text())
+    assert report["num_images"] == 6 and 0.0 <= report["metrics"]["zeroshot/top1"] <= 1.0

@@ -166,3 +166,14 @@ def test_clip_fit_takes_its_run_length_from_the_index(tmp_path: Path) -> None:
     metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     steps = {row.split(",")[metrics[0].split(",").index("step")] for row in metrics[1:]}
     assert max(int(s) for s in steps if s) + 1 == 32 // 8  # 32 samples, batch 8: 4 steps
+
+
+def test_fsspec_url(tmp_path: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    img2dataset_shards(tmp_path / "s", [3, 4], stats=False)
+    for name in ("00000.tar", "00001.tar"):
+        with fsspec.open(f"memory://idx/{name}", "wb") as f:
+            f.write((tmp_path / "s" / name).read_bytes())
+    report = index_shards("memory://idx/{00000..00001}.tar", out=tmp_path / "out")
+    assert report.num_samples == 7 and report.index_path == tmp_path / "out" / "index.json"
+    assert [s.samples for s in load_index(tmp_path / "out").shards] == [3, 4]

@@ -53,7 +53,7 @@ def class_names(folders: list[str], classnames: str | Path | None) -> list[str]:
 
 
 def _compose(doc: Doc, key: str) -> dict[str, Any]:
-    info = {"key": key, **doc.data}
+    info = {"key": key, **doc.data, "captions": [doc.data["caption"]]}
     return {"jpg": doc.encoded[0], "cls": str(doc.data["label"]), "txt": doc.data["caption"],
             "json": info}  # fmt: skip
 
@@ -71,8 +71,9 @@ def build_classification_shards(
 ) -> BuildReport:
     """Write an ImageFolder as shards of ``jpg``, ``cls`` and json ``label``/``classname``.
 
-    Each sample's ``txt`` is the first template filled with its class name, so image-text
-    readers (``mmpt eval``) read the set too. Skips, counted by reason: ``corrupt_image``.
+    Each sample's caption (``txt``, json ``caption`` and ``captions``) is the first template
+    filled with its class name, so image-text readers (``mmpt eval zeroshot`` with any
+    ``val_text_key``) read the set too. Skips, counted by reason: ``corrupt_image``.
 
     Args:
         source: The root folder, one sub-folder per class.

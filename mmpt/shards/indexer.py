@@ -1,7 +1,8 @@
 """``mmpt data index``: count the samples of existing shards and write their ``index.json``.
 
-Counts come from the tar headers (no member is decoded; a local tar is read by seeking past
-each member's data), grouped into samples by WebDataset's own key rule, or from the counts
+Counts come from the tar headers (:mod:`~mmpt.shards.tar_headers`: nothing is decoded, and a
+local tar is read by seeking past each member's data), grouped into samples by WebDataset's
+own key rule, or from the counts
 that img2dataset (``<shard>_stats.json``, field ``successes``) or open_clip (``sizes.json``)
 wrote beside the shards, when those cover every shard and agree with the first shard's
 headers.
@@ -12,13 +13,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 from mmpt.shards.index import INDEX_NAME, ShardIndex, ShardInfo, load_index
+from mmpt.shards.tar_headers import tar_members
 
 SOURCES = ("tar headers", "img2dataset *_stats.json", "open_clip sizes.json")
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skip_meta
@@ -93,16 +93,6 @@ def sample_keys(members: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, str]
             yield key, ext.lower()
 
 
-def _open(url: str) -> tuple[tarfile.TarFile, IO[bytes] | None]:
-    """A local tar opened for seeking (headers only), or a stream for remote URLs."""
-    from mmpt.datamodules.urls import is_remote, open_url
-
-    if not is_remote(url):
-        return tarfile.open(url, "r:*"), None
-    stream = open_url(url)
-    return tarfile.open(fileobj=stream, mode="r|*"), stream
-
-
 def count_shard(url: str) -> ShardCount:
     """Count one shard's samples from its tar headers (never raises for a bad shard).
 
@@ -112,27 +102,18 @@ def count_shard(url: str) -> ShardCount:
     Returns:
         The count; ``error`` says why reading stopped early.
     """
+    from mmpt.datamodules.urls import open_url
+
     result = ShardCount(url)
-    stream = None
     try:
-        tf, stream = _open(url)
-        with tf:
-
-            def members() -> Iterator[tuple[str, bool]]:
-                while (info := tf.next()) is not None:
-                    yield info.name, info.isreg()
-                    tf.members = []  # keep no header list: shards can hold 100k members
-
+        with open_url(url) as stream:
             last = None
-            for key, ext in sample_keys(members()):
+            for key, ext in sample_keys(tar_members(stream)):
                 result.keys.add(ext)
                 if key != last:
                     result.samples, last = result.samples + 1, key
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError) as e:  # TarHeaderError is a ValueError
         result.error = f"{type(e).__name__}: {e} (after {result.samples} samples)"
-    finally:
-        if stream is not None:
-            stream.close()
     return result
 
 
@@ -245,7 +226,7 @@ def index_shards(spec: str | Path, out: str | Path | None = None, workers: int =
     if not good:
         raise ValueError(f"no readable shard in {spec}: {corrupt[0][0]}: {corrupt[0][1]}")
     _write(path, good, source, corrupt)
-    return IndexReport(path, source, good, corrupt, note)  # type: ignore[arg-type]
+    return IndexReport(path, source, good, corrupt, note)
 
 
 def _count_all(urls: list[str], workers: int) -> list[ShardCount]:
@@ -256,7 +237,9 @@ def _count_all(urls: list[str], workers: int) -> list[ShardCount]:
         return list(pool.imap(count_shard, urls, chunk))
 
 
-def _write(path: Path, shards: list[ShardCount], source: str, corrupt: list[Any]) -> None:
+def _write(
+    path: Path, shards: list[ShardCount], source: str, corrupt: list[tuple[str, str]]
+) -> None:
     keys = sorted(set().union(*(s.keys for s in shards)))
     bare = {k.rpartition(".")[2] for k in keys}  # "0.jpg" is an image too
     modalities = [m for m, exts in _MODALITY_EXTS.items() if bare & exts]
