@@ -92,9 +92,6 @@ def _parser() -> argparse.ArgumentParser:
 def _build_model(configs: list[str], overrides: list[str]) -> nn.Module:
     from mmpt.cli import build_cli
 
-    for cfg in configs:
-        if not Path(cfg).is_file():
-            raise FileNotFoundError(f"-c: no config file at {cfg!r}")
     cli_args = [a for c in configs for a in ("-c", c)]
     # the export runs on the CPU whatever devices the training config asked for
     cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1"]
@@ -111,6 +108,9 @@ def export(args: argparse.Namespace, overrides: list[str]) -> Path:
     """
     from mmpt.models.module import load_checkpoint
 
+    for cfg in args.config:
+        if not Path(cfg).is_file():
+            raise FileNotFoundError(f"-c: no config file at {cfg!r}")
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     model = _build_model(args.config, overrides)
