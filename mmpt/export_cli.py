@@ -17,7 +17,8 @@ from torch import nn
 FORMATS = {
     "open_clip": "contrastive image-text model -> open_clip folder (config, weights, tokenizer)",
     "timm": "the image tower of any model (MAE encoder, contrastive vision) -> timm checkpoint",
-    "hf": "the wav2vec 2.0 speech tower of any model -> transformers folder + feature extractor",
+    "hf": "transformers folder: open_clip-tower CLIP -> CLIPModel + CLIPProcessor; otherwise the "
+    "wav2vec 2.0 speech tower of any model -> Wav2Vec2Model + feature extractor",
     "mmpt": "VLM -> mmpt's HF-style folder (LLM, connector, vision, mmpt_vlm.json)",
 }
 Exporter = Callable[[nn.Module, Path, argparse.Namespace], Path]
@@ -43,6 +44,12 @@ def _hf_speech(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
     return export_hf_wav2vec2(find_part(model, "audio"), out)
 
 
+def _hf_clip(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
+    from mmpt.export.hf_clip import export_hf_clip
+
+    return export_hf_clip(model, out)
+
+
 def _mmpt_vlm(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
     return Path(model.export_hf(out))
 
@@ -54,11 +61,14 @@ def targets(model: nn.Module) -> dict[str, Exporter]:
     found: dict[str, Exporter] = {}
     if hasattr(model, "export_hf"):  # VLMModule
         found["mmpt"] = _mmpt_vlm
-    if getattr(model, "text", None) is not None and getattr(model, "vision", None) is not None:
+    towers = [getattr(model, a, None) for a in ("vision", "text")]
+    if "mmpt" not in found and all(t is not None for t in towers):  # contrastive image-text
         found["open_clip"] = _open_clip
     if any(hasattr(getattr(model, a, None), "image_preprocess") for a in ("vision", "encoder")):
         found["timm"] = _timm
-    if any(isinstance(getattr(model, a, None), Wav2Vec2Tower) for a in ("audio", "encoder")):
+    if "open_clip" in found:
+        found["hf"] = _hf_clip
+    elif any(isinstance(getattr(model, a, None), Wav2Vec2Tower) for a in ("audio", "encoder")):
         found["hf"] = _hf_speech
     return found
 

@@ -10,7 +10,9 @@ import open_clip
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 import yaml
+from transformers import CLIPModel
 
 from mmpt.bands import S2_L1C
 from mmpt.cli import build_cli, main
@@ -87,6 +89,14 @@ def test_contrastive_auto_exports_open_clip(workdir: Path) -> None:
         torch.testing.assert_close(
             clip.encode_text(tokens, normalize=True), model.encode_text(tokens), atol=1e-5, rtol=0
         )
+    assert main(["export", *args, "--ckpt", "clip.ckpt", "--out", "hf-clip", "--format", "hf"]) == 0
+    hf = CLIPModel.from_pretrained("hf-clip").eval()
+    with torch.no_grad():
+        out = hf.get_image_features(pixel_values=images)
+        out = out if torch.is_tensor(out) else out.pooler_output
+        torch.testing.assert_close(
+            F.normalize(out, dim=-1), model.encode_image(images), atol=1e-5, rtol=0
+        )
 
 
 def test_quickstart_clip_exports_its_timm_tower_not_open_clip(workdir: Path, capsys) -> None:
@@ -138,9 +148,12 @@ def test_bad_input_is_one_line_and_exit_2(workdir: Path, capsys) -> None:
     assert main(["export", *CLIP, "--ckpt", "nope.ckpt", "--out", "o"]) == 2
     assert "no checkpoint at 'nope.ckpt'" in capsys.readouterr().err
     Path("empty.ckpt").write_bytes(b"")
-    assert main(["export", *CLIP, "--ckpt", "empty.ckpt", "--out", "o", "--format", "hf"]) == 2
+    assert main(["export", *CLIP, "--ckpt", "empty.ckpt", "--out", "o", "--format", "mmpt"]) == 2
     err = capsys.readouterr().err
-    assert "--format hf does not apply to ContrastiveModule; it exports to open_clip, timm" in err
+    assert (
+        "--format mmpt does not apply to ContrastiveModule; it exports to open_clip, timm, hf"
+        in err
+    )
     assert not Path("o").exists()
 
 
