@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-from open_clip.transformer import VisionTransformer
+from open_clip.model import CLIPTextCfg
 from torch import nn
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -33,15 +31,11 @@ from mmpt.models.encoders.open_clip_text import OpenCLIPTextTower
 from mmpt.models.encoders.open_clip_vision import OpenCLIPVisionTower, open_clip_vit_table
 from mmpt.models.encoders.vit_convert import Rename, from_timm_view, table_entries, timm_view
 
+from .clip_vit import clip_vit_shape, non_default
+
 SUPPORTED = "an OpenCLIPVisionTower ViT and an OpenCLIPTextTower trained with ClipLoss"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-#: config fields that only size the towers (or do not apply to them): any other must be default
-_VISION_SIZES = {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size"}
-_VISION_FREE = (
-    _VISION_SIZES
-    | {"patch_dropout", "output_tokens"}
-    | {f.name for f in dataclasses.fields(CLIPVisionCfg) if f.name.startswith("timm_")}
-)
+#: text_cfg fields that only size the tower or do not apply to it; any other must be default
 _TEXT_FREE = {
     "context_length",
     "vocab_size",
@@ -61,30 +55,20 @@ def _unsupported(what: str) -> ValueError:
     return ValueError(f"transformers CLIPModel cannot express {what}; it supports {SUPPORTED}")
 
 
-def _check_defaults(cfg: dict[str, Any], defaults: Any, free: set[str], tower: str) -> None:
-    base = {f.name: f.default for f in dataclasses.fields(defaults)}
-    odd = sorted(k for k, v in cfg.items() if k not in free and v != base.get(k, v))
-    if odd or cfg.get("timm_model_name"):
-        what = "a timm trunk" if cfg.get("timm_model_name") else f"open_clip options {odd}"
-        raise _unsupported(f"{what} in the {tower} tower")
-
-
 def clip_config(vision: OpenCLIPVisionTower, text: OpenCLIPTextTower) -> CLIPConfig:
     """The ``CLIPConfig`` of two open_clip towers (ValueError when one is not CLIP-shaped)."""
-    v_args, t_args = vision.describe()["init_args"], text.describe()["init_args"]
-    vcfg, tcfg = v_args["vision_cfg"], t_args["text_cfg"]
-    if not isinstance(vision.visual, VisionTransformer):
-        raise _unsupported(f"an image tower {type(vision.visual).__name__}")
-    _check_defaults(vcfg, CLIPVisionCfg, _VISION_FREE, "vision")
-    _check_defaults(tcfg, CLIPTextCfg, _TEXT_FREE, "text")
-    quick = {bool(open_clip_model_cfg(a["model_name"]).get("quick_gelu")) for a in (v_args, t_args)}
-    if len(quick) > 1:
+    try:
+        v, quick = clip_vit_shape(vision)
+    except ValueError as err:
+        raise _unsupported(str(err)) from err
+    t_args = text.describe()["init_args"]
+    odd = non_default(t_args["text_cfg"], CLIPTextCfg, _TEXT_FREE)
+    if odd:
+        raise _unsupported(f"open_clip options {odd} of the text tower")
+    if quick != bool(open_clip_model_cfg(t_args["model_name"]).get("quick_gelu", False)):
         raise _unsupported("towers with different activations (quick_gelu)")
-    act = "quick_gelu" if quick.pop() else "gelu"
-    v, t = (
-        {**dataclasses.asdict(CLIPVisionCfg()), **vcfg},
-        {**dataclasses.asdict(CLIPTextCfg()), **tcfg},
-    )
+    act = "quick_gelu" if quick else "gelu"
+    t = {**dataclasses.asdict(CLIPTextCfg()), **t_args["text_cfg"]}
     return CLIPConfig(
         projection_dim=int(text.output_dim),
         vision_config={
