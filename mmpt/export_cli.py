@@ -126,7 +126,10 @@ def export(args: argparse.Namespace, overrides: list[str]) -> Path:
     model = _build_model(args.config, overrides)
     found = targets(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no export target")
+        raise ValueError(
+            f"{type(model).__name__} has no export target: open_clip needs image and text "
+            "towers, timm an image tower, hf those or a wav2vec 2.0 tower, mmpt a VLM"
+        )
     fmt = next(iter(found)) if args.format == "auto" else args.format
     if fmt not in found:
         raise ValueError(
