@@ -20,7 +20,8 @@ from mmpt.safe_load import add_unsafe_load_flag
 FORMATS = {
     "open_clip": "contrastive image-text model -> open_clip folder (config, weights, tokenizer)",
     "timm": "the image tower of any model (MAE encoder, contrastive vision) -> timm checkpoint",
-    "hf": "the wav2vec 2.0 speech tower of any model -> transformers folder + feature extractor",
+    "hf": "transformers folder: open_clip-tower CLIP -> CLIPModel + CLIPProcessor; otherwise the "
+    "wav2vec 2.0 speech tower of any model -> Wav2Vec2Model + feature extractor",
     "llava": "VLM with an HF SigLIP/CLIP tower and mlp2x_gelu -> transformers LLaVA + processor",
     "mmpt": "any VLM -> mmpt's own folder (mmpt.load, `mmpt generate --model` rebuild it)",
 }
@@ -46,6 +47,12 @@ def _hf_speech(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
     from mmpt.export.parts import find_part
 
     return export_hf_wav2vec2(find_part(model, "audio"), out)
+
+
+def _hf_clip(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
+    from mmpt.export.hf_clip import export_hf_clip
+
+    return export_hf_clip(model, out)
 
 
 def _mmpt_vlm(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
@@ -81,11 +88,14 @@ def targets(model: nn.Module) -> dict[str, Exporter]:
     found: dict[str, Exporter] = {}
     if hasattr(model, "export_mmpt"):  # VLMModule
         found["llava"], found["mmpt"] = _llava, _mmpt_vlm
-    if getattr(model, "text", None) is not None and getattr(model, "vision", None) is not None:
+    towers = [getattr(model, a, None) for a in ("vision", "text")]
+    if "mmpt" not in found and all(t is not None for t in towers):  # contrastive image-text
         found["open_clip"] = _open_clip
     if any(hasattr(getattr(model, a, None), "image_preprocess") for a in ("vision", "encoder")):
         found["timm"] = _timm
-    if any(isinstance(getattr(model, a, None), Wav2Vec2Tower) for a in ("audio", "encoder")):
+    if "open_clip" in found:
+        found["hf"] = _hf_clip
+    elif any(isinstance(getattr(model, a, None), Wav2Vec2Tower) for a in ("audio", "encoder")):
         found["hf"] = _hf_speech
     return found
 
@@ -122,9 +132,6 @@ def _build(configs: list[str], overrides: list[str]) -> tuple[nn.Module, str | N
     """The config's model, and the name of the data template it trained with (or None)."""
     from mmpt.run_config import build_from_config
 
-    for cfg in configs:
-        if not Path(cfg).is_file():
-            raise FileNotFoundError(f"-c: no config file at {cfg!r}")
     cli = build_from_config(configs, overrides, cpu=True)
     template = getattr(getattr(cli.datamodule, "template", None), "name", None)
     return cli.model, template
@@ -139,12 +146,18 @@ def export(args: argparse.Namespace, overrides: list[str]) -> Path:
     """
     from mmpt.models.module import load_checkpoint
 
+    for cfg in args.config:
+        if not Path(cfg).is_file():
+            raise FileNotFoundError(f"-c: no config file at {cfg!r}")
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     model, args.template = _build(args.config, overrides)
     found = targets(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no export target")
+        raise ValueError(
+            f"{type(model).__name__} has no export target: open_clip needs image and text "
+            "towers, timm an image tower, hf those or a wav2vec 2.0 tower, mmpt a VLM"
+        )
     fmt = next(iter(found)) if args.format == "auto" else args.format
     if args.format == "auto" and fmt == "llava":
         fmt = _vlm_auto(model)

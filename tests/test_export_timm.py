@@ -15,6 +15,7 @@ from mmpt.models.encoders import OpenCLIPVisionTower, TimmVisionTower
 
 # configs/quickstart/ssl4eo_mae_tiny.yaml's encoder (two blocks instead of four)
 MAE_TINY = {"patch_size": 4, "embed_dim": 96, "depth": 2, "num_heads": 3}
+CLIP_VIT = {"layers": 2, "width": 32, "head_width": 16, "image_size": 32, "patch_size": 8}
 MEAN = [0.1 + 0.01 * i for i in range(13)]
 STD = [0.2 + 0.02 * i for i in range(13)]
 
@@ -89,6 +90,18 @@ def test_open_clip_timm_trunk_without_own_head(tmp_path: Path) -> None:
             torch.testing.assert_close(model(images), tower(images), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["ViT-B-16", "ViT-B-32-quickgelu"])
+def test_open_clip_vit_as_timm_clip_architecture(tmp_path: Path, name: str) -> None:
+    tower = perturbed(OpenCLIPVisionTower(name, embed_dim=16, vision_cfg=CLIP_VIT))
+    out = export_timm(tower, tmp_path / "vit")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"].endswith("quickgelu_224") == ("quickgelu" in name)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for model in loaded_both_ways(out):
+            torch.testing.assert_close(model(images), tower(images), atol=1e-5, rtol=0)
+
+
 def test_towers_timm_cannot_express_are_refused(tmp_path: Path) -> None:
     grouped = TimmVisionTower(
         "vit_tiny_patch16_224",
@@ -102,8 +115,8 @@ def test_towers_timm_cannot_express_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="band groups.*timm has no architecture"):
         export_timm(grouped, tmp_path / "g")
-    vcfg = {"layers": 2, "width": 32, "head_width": 16, "image_size": 32, "patch_size": 8}
-    with pytest.raises(ValueError, match="supports TimmVisionTower"):
+    vcfg = {**CLIP_VIT, "attentional_pool": True}
+    with pytest.raises(ValueError, match=r"\['attentional_pool'\].*supports TimmVisionTower"):
         export_timm(OpenCLIPVisionTower("ViT-B-16", embed_dim=16, vision_cfg=vcfg), tmp_path / "o")
     projected = OpenCLIPVisionTower(
         "ViT-B-16", embed_dim=16, vision_cfg={"timm_model_name": "test_vit", "image_size": 160}

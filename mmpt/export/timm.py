@@ -1,4 +1,4 @@
-"""Export an image tower (timm tower, MAE encoder, open_clip timm trunk) as a timm checkpoint.
+"""Export an image tower (timm tower, MAE encoder, open_clip ViT or timm trunk) as timm weights.
 
 The folder is what ``timm.models.save_for_hf`` writes: ``model.safetensors`` and a hub-style
 ``config.json`` (``architecture``, ``model_args`` with ``img_size``/``in_chans``/``patch_size``
@@ -27,8 +27,39 @@ from mmpt.models.encoders.open_clip_vision import OpenCLIPVisionTower
 from mmpt.models.encoders.timm_vit import TimmVisionTower
 from mmpt.preprocess import ImagePreprocess
 
+from .clip_vit import clip_vit_shape, clip_vit_timm_state
+
 BANDS_FILE = "mmpt_bands.json"
-SUPPORTED = "TimmVisionTower (also an MAE's encoder) and OpenCLIPVisionTower with a timm trunk"
+SUPPORTED = (
+    "TimmVisionTower (also an MAE's encoder), OpenCLIPVisionTower with a timm trunk, and "
+    "OpenCLIPVisionTower CLIP ViTs (as timm's vit_*_clip_* architecture)"
+)
+
+
+def _from_clip_vit(tower: OpenCLIPVisionTower) -> nn.Module:
+    """A timm CLIP ViT holding an open_clip ViT's weights (its projection as the head)."""
+    try:
+        cfg, quick = clip_vit_shape(tower)
+    except ValueError as err:
+        raise ValueError(f"timm export: {err}; it supports {SUPPORTED}") from err
+    arch = "vit_base_patch16_clip_quickgelu_224" if quick else "vit_base_patch16_clip_224"
+    model = timm.create_model(
+        arch,
+        pretrained=False,
+        img_size=tower.image_preprocess.size,
+        patch_size=cfg["patch_size"],
+        embed_dim=cfg["width"],
+        depth=cfg["layers"],
+        num_heads=cfg["width"] // cfg["head_width"],
+        mlp_ratio=cfg["mlp_ratio"],
+        num_classes=tower.output_dim,
+        global_pool="token",
+    )
+    state = clip_vit_timm_state(tower)
+    proj = tower.visual.proj.detach()  # (width, embed_dim), applied as x @ proj
+    state.update({"head.weight": proj.T, "head.bias": proj.new_zeros(proj.shape[1])})
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 def _timm_model(tower: nn.Module) -> nn.Module:
@@ -49,6 +80,8 @@ def _timm_model(tower: nn.Module) -> nn.Module:
                 "does not hold; export the whole model with --format open_clip"
             )
         return tower.visual.trunk
+    if isinstance(tower, OpenCLIPVisionTower):
+        return _from_clip_vit(tower)
     raise ValueError(f"timm export supports {SUPPORTED}, not {type(tower).__name__}")
 
 
@@ -69,9 +102,11 @@ def export_timm(tower: nn.Module, out: str | Path) -> Path:
     """Write ``tower`` as a timm checkpoint folder.
 
     Args:
-        tower: A ``TimmVisionTower`` (a contrastive model's ``vision``, an MAE's ``encoder``)
-            or an ``OpenCLIPVisionTower`` whose timm trunk carries its projection (open_clip
-            ``timm_proj`` empty or ``none``). Its ``forward`` on (B, C, H, W) normalised
+        tower: A ``TimmVisionTower`` (a contrastive model's ``vision``, an MAE's ``encoder``),
+            an ``OpenCLIPVisionTower`` whose timm trunk carries its projection (open_clip
+            ``timm_proj`` empty or ``none``), or a CLIP-shaped open_clip ViT (written as timm's
+            ``vit_base_patch16_clip[_quickgelu]_224`` with its sizes in ``model_args``, the
+            projection as a zero-bias head). Its ``forward`` on (B, C, H, W) normalised
             pixels equals the exported model's.
         out: Output folder (created).
 

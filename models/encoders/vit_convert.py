@@ -7,8 +7,9 @@ kernels (band mapping included), and the timm <-> other-implementation name tabl
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,3 +152,50 @@ def renames(layers: dict[str, str]) -> list[Rename]:
 def token_rename(timm_name: str, theirs: str) -> Rename:
     """A class token (D,) or position embedding (N, D) stored flat in the other module."""
     return Rename(timm_name, (theirs,), to_timm=_tokens)
+
+
+#: timm name -> (the module's name(s), the rule), for the entries of a table a module has.
+Entries = dict[str, tuple[tuple[str, ...], Rename]]
+
+
+def table_entries(names: Collection[str], table: Sequence[Rename]) -> Entries:
+    """The entries of ``table`` whose names all exist in ``names``, blocks counted from them.
+
+    A later entry for the same timm name replaces an earlier one.
+    """
+    entries: Entries = {}
+    for rule in table:
+        for i in itertools.count() if "{i}" in rule.timm else (0,):
+            theirs = tuple(n.format(i=i) for n in rule.theirs)
+            if not all(n in names for n in theirs):
+                break
+            entries[rule.timm.format(i=i)] = (theirs, rule)
+    return entries
+
+
+def timm_view(state: dict[str, torch.Tensor], entries: Entries) -> dict[str, torch.Tensor]:
+    """A module's tensors named in ``entries``, in timm names and layouts."""
+    view = {}
+    for name, (theirs, rule) in entries.items():
+        joined = torch.cat([state[n] for n in theirs]) if len(theirs) > 1 else state[theirs[0]]
+        view[name] = rule.to_timm(joined) if rule.to_timm else joined
+    return view
+
+
+def from_timm_view(
+    tensors: dict[str, torch.Tensor], entries: Entries, shapes: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """timm-named ``tensors`` -> the module's names and layouts (inverse of :func:`timm_view`).
+
+    Args:
+        tensors: timm name -> tensor, a subset of ``entries``' names.
+        entries: The module's table entries (:func:`table_entries`).
+        shapes: The module's state dict (only shapes are read; meta tensors do).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        theirs, rule = entries[name]
+        shape = torch.Size([sum(shapes[n].shape[0] for n in theirs), *shapes[theirs[0]].shape[1:]])
+        value = rule.from_timm(value, shape) if rule.from_timm else value.reshape(shape)
+        out.update(zip(theirs, value.chunk(len(theirs)), strict=True))
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -18,7 +17,14 @@ from mmpt.safe_load import load_torch_file
 from .timm_weights import resolve_checkpoint_file
 from .vit_convert import BAND_ALIASES as BAND_ALIASES
 from .vit_convert import GROUP_KEY as GROUP_KEY
-from .vit_convert import Rename, _adapt_patch, _resize_grouped_pos_embed
+from .vit_convert import (
+    Rename,
+    _adapt_patch,
+    _resize_grouped_pos_embed,
+    from_timm_view,
+    table_entries,
+    timm_view,
+)
 from .vit_convert import _map_bands as _map_bands
 from .vit_convert import _resize_pos_embed as _resize_pos_embed
 from .vit_convert import _tokens as _tokens
@@ -291,26 +297,12 @@ def init_converted_from(
         ValueError: No weight of the checkpoint fits the module.
     """
     own = module.state_dict()
-    entries: dict[str, tuple[tuple[str, ...], Rename]] = {}
-    for rule in table:
-        for i in itertools.count() if "{i}" in rule.timm else (0,):
-            theirs = tuple(n.format(i=i) for n in rule.theirs)
-            if not all(n in own for n in theirs):
-                break
-            entries[rule.timm.format(i=i)] = (theirs, rule)
-    canon = {}
-    for name, (theirs, rule) in entries.items():
-        joined = torch.cat([own[n] for n in theirs]) if len(theirs) > 1 else own[theirs[0]]
-        canon[name] = rule.to_timm(joined) if rule.to_timm else joined
+    entries = table_entries(own.keys(), table)
+    canon = timm_view(own, entries)
     source = read_vit_source(path, canon.keys(), flag)
     report = InitReport(source.file, source.prefix)
     tensors = adapt_vit_state(source, canon, grid, bands, report)
-    out: dict[str, torch.Tensor] = {}
-    for name, value in tensors.items():
-        theirs, rule = entries[name]
-        shape = torch.Size([sum(own[n].shape[0] for n in theirs), *own[theirs[0]].shape[1:]])
-        value = rule.from_timm(value, shape) if rule.from_timm else value.reshape(shape)
-        out.update(zip(theirs, value.chunk(len(theirs)), strict=True))
+    out = from_timm_view(tensors, entries, own)
     report.loaded = list(out)
     report.missing = [k for k in own if k not in out]
     _finish(report, source, path, flag)

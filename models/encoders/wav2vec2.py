@@ -327,15 +327,24 @@ class Wav2Vec2Tower(nn.Module):
         """
         if self.source != "hf":
             raise ValueError("save_pretrained is for HF models; torch.save(model.state_dict())")
+        self.model.save_pretrained(path)
+        self.feature_extractor().save_pretrained(path)
+
+    def feature_extractor(self) -> Any:
+        """The HF ``Wav2Vec2FeatureExtractor`` preparing inputs as this tower was trained.
+
+        Sampling rate, per-clip standardisation and zero padding; ``return_attention_mask``
+        only for towers that use an attention mask (the wav2vec 2.0 padding rule).
+        """
         from transformers import Wav2Vec2FeatureExtractor
 
-        self.model.save_pretrained(path)
         pre = self.audio_preprocess
-        Wav2Vec2FeatureExtractor(
+        return Wav2Vec2FeatureExtractor(
             sampling_rate=pre.sample_rate,
             do_normalize=pre.normalize,
+            padding_value=0.0,
             return_attention_mask=self.uses_attention_mask,
-        ).save_pretrained(path)
+        )
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable ``class_path``/``init_args`` that rebuild this architecture.
