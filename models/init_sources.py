@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -161,7 +162,6 @@ def from_timm(path: str, model: nn.Module) -> Mapped:
         out.scope += [f"{prefix}model.{k}" for k in own]
         out.state.update({f"{prefix}model.{k}": v for k, v in tensors.items()})
         out.adapted.update({f"{prefix}model.{k}": how for k, how in report.resized.items()})
-        out.adapted.update({f"{prefix}model.{k}": why for k, why in report.mismatched.items()})
         left = {source.prefix + k for k in report.unexpected}
         unexpected = left if unexpected is None else unexpected & left
     out.unexpected = sorted(unexpected or [])
@@ -218,16 +218,27 @@ def from_folder_hooks(folder: str, model: nn.Module) -> Mapped | None:
     ``mmpt.export.hf_llava.llava_state_dict`` (mmpt keys -> tensors).
     """
     if os.path.isfile(os.path.join(folder, "mmpt_vlm.json")):
-        from mmpt.load import export_state_dict  # type: ignore[import-not-found]
-
+        export_state_dict = _reader("mmpt.load", "export_state_dict", folder)
         state = dict(export_state_dict(folder))
         return Mapped("mmpt export folder", family_of(set(state)), state)
     if hf_model_type(folder) == "llava":
-        from mmpt.export.hf_llava import llava_state_dict  # type: ignore[import-not-found]
-
+        llava_state_dict = _reader("mmpt.export.hf_llava", "llava_state_dict", folder)
         state = dict(llava_state_dict(folder, model))
         return Mapped("transformers LLaVA folder", "VLM", state)
     return None
+
+
+def _reader(module: str, name: str, folder: str) -> Any:
+    """``module.name``, imported when a folder needs it; a clear error when it is missing."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"{FLAG}={folder!r}: reading this folder needs {module}.{name}, which this mmpt "
+            f"install lacks ({err})"
+        ) from None
 
 
 def hf_model_type(folder: str) -> str | None:
