@@ -17,7 +17,7 @@ from mmpt.batch import ImageLayout, VLMBatch
 from mmpt.datamodules.audio import pad_audio
 from mmpt.datamodules.decode import decode_image
 from mmpt.datamodules.packing import collate_packed, pack_row, pack_stream
-from mmpt.datamodules.resolution import header_size
+from mmpt.datamodules.resolution import ImageCrops, header_size
 from mmpt.datamodules.stages import batched
 from mmpt.preprocess import VLMPreprocess
 
@@ -83,8 +83,7 @@ class VLMCollate:
     def __call__(self, rows: list[dict[str, Any]]) -> VLMBatch:
         """Collate packed rows (see ``collate_packed``) and their images."""
         packed = collate_packed(rows)
-        groups: dict[tuple[int, int], list[torch.Tensor]] = {}
-        layouts, failed = [], 0
+        all_crops, failed = [], 0
         for images, counts in zip(packed["images"], packed["image_tokens"], strict=True):
             for data, count in zip(images, counts, strict=True):
                 try:
@@ -99,20 +98,8 @@ class VLMCollate:
                         f"{self.pre.image_tokens(crops)} tokens for an image it budgeted "
                         f"{count} for: its num_tokens() disagrees with its crops"
                     )
-                refs = []
-                for crop in crops.pixels:
-                    group = groups.setdefault(tuple(crop.shape[1:]), [])
-                    refs.append((list(groups).index(tuple(crop.shape[1:])), len(group)))
-                    group.append(crop)
-                layouts.append(
-                    ImageLayout(
-                        refs,
-                        list(crops.grids),
-                        crops.row_end_tokens,
-                        crops.tiles,
-                        crops.global_view,
-                    )
-                )
+                all_crops.append(crops)
+        pixels, layouts = group_crops(all_crops)
         clips = [c for per_sample in packed.get("audio", []) for c in per_sample]
         audio, audio_lengths = pad_audio(clips) if clips else (None, None)
         return VLMBatch(
@@ -123,7 +110,7 @@ class VLMCollate:
             position_ids=packed["position_ids"],
             cu_seqlens=packed["cu_seqlens"],
             max_seqlen=packed["max_seqlen"],
-            pixels=[torch.stack(g) for g in groups.values()],
+            pixels=pixels,
             images=layouts,
             keys=packed["key"],
             template=self.template,
@@ -132,3 +119,28 @@ class VLMCollate:
             num_truncated=sum(packed["truncated"]),
             skipped=failed + packed["num_dropped"],
         )
+
+
+def group_crops(images: list[ImageCrops]) -> tuple[list[torch.Tensor], list[ImageLayout]]:
+    """Stack the crops of several images by size and record where each image's crops went.
+
+    Args:
+        images: Each image's ``ImageCrops`` (a resolution policy's output), in token order.
+
+    Returns:
+        ``pixels``: one (n_g, 3, H_g, W_g) tensor per distinct crop size, and one
+        :class:`ImageLayout` per image (``VLMBatch.pixels`` / ``VLMBatch.images``).
+    """
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    layouts = []
+    for crops in images:
+        refs = []
+        for crop in crops.pixels:
+            group = groups.setdefault(tuple(crop.shape[1:]), [])
+            refs.append((list(groups).index(tuple(crop.shape[1:])), len(group)))
+            group.append(crop)
+        grids = list(crops.grids)
+        layouts.append(
+            ImageLayout(refs, grids, crops.row_end_tokens, crops.tiles, crops.global_view)
+        )
+    return [torch.stack(g) for g in groups.values()], layouts

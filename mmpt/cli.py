@@ -23,8 +23,10 @@ data:
   data build      raw files -> WebDataset shards   mmpt data build --from captions.csv --out DIR
   data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
 
-export and checkpoints:
-  export          VLM checkpoint -> HF-style folder mmpt export -c CFG --ckpt CKPT --out DIR
+export, generation and checkpoints:
+  export          checkpoint -> transformers LLaVA, open_clip, timm, HF wav2vec2 or mmpt's format
+                                                    mmpt export -c CFG --ckpt CKPT --out DIR
+  generate        images/audio + prompt -> text     mmpt generate --model DIR --image a.jpg
   merge           weighted average of checkpoints   mmpt merge --ckpt A B --weights 0.5 0.5 --out M
   schedule        plot a config's LR schedule (PNG) mmpt schedule -c CONFIG [--total-steps N]
 
@@ -98,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmpt.export_cli import main as export_main
 
         return export_main(argv[1:])
+    if argv[0] == "generate":
+        from mmpt.generate_cli import main as generate_main
+
+        return generate_main(argv[1:])
     if argv[0] == "eval":
         from mmpt.eval.cli import main as eval_main
 

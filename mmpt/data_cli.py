@@ -1,4 +1,4 @@
-"""``mmpt data``: make synthetic shards, build shards from raw files, inspect shards."""
+"""``mmpt data``: make synthetic shards, build shards from raw files, index and inspect shards."""
 
 from __future__ import annotations
 
@@ -13,6 +13,10 @@ from typing import Any
 
 from mmpt.shards.audio_build import build_audio_text_shards
 from mmpt.shards.build import build_image_text_shards
+from mmpt.shards.imagefolder import build_classification_shards
+from mmpt.shards.interleaved_build import build_interleaved_shards
+from mmpt.shards.karpathy import build_retrieval_shards
+from mmpt.shards.llava import build_conversation_shards
 from mmpt.shards.multispectral_build import build_multispectral_shards
 from mmpt.shards.video_build import build_video_text_shards
 from mmpt.synth import SYNTH_KINDS
@@ -23,7 +27,13 @@ BUILD_KINDS: dict[str, Callable[..., Any]] = {
     "video-text": build_video_text_shards,
     "multispectral": build_multispectral_shards,
     "audio-text": build_audio_text_shards,
+    "conversation": build_conversation_shards,
+    "interleaved": build_interleaved_shards,
+    "retrieval": build_retrieval_shards,
+    "classification": build_classification_shards,
 }
+#: Kinds whose --from and --images may be given several times (shards of one data set).
+_SEVERAL = ("conversation", "interleaved")
 
 #: Option names whose flag is not ``--`` + the name with dashes.
 _FLAGS = {"images_root": "--images", "videos_root": "--videos", "audio_root": "--audio"}
@@ -42,6 +52,19 @@ EPILOG = """examples:
   mmpt data build --kind multispectral --from EuroSAT_MS/ --out shards/eurosat --format tif
   mmpt data build --kind audio-text --from transcripts.jsonl --audio clips/ \
       --out shards/speech --resample 16000 --workers 8
+  mmpt data build --kind conversation --from llava_v1_5_mix665k.json --images /data/llava \
+      --out shards/sft --workers 8
+  mmpt data build --kind conversation --pairs --from blip_laion_cc_sbu_558k.json \
+      --images /data/llava-pretrain --out shards/pretrain
+  mmpt data build --kind interleaved --from mmc4/docs_shard_*.jsonl --images mmc4/images \
+      --out shards/mmc4 --min-sim 0.24
+  mmpt data build --kind interleaved --from obelics/*.parquet --images-from-bytes \
+      --out shards/obelics
+  mmpt data build --kind retrieval --from dataset_coco.json --images /data/coco --split test \
+      --out shards/coco-test
+  mmpt data build --kind classification --from /data/imagenet/val --out shards/in1k-val
+  mmpt data index /data/laion-shards --workers 8
+  mmpt data index 'pipe:aws s3 cp s3://bucket/shards/{00000..00999}.tar -' --out shards.json
   mmpt data inspect shards/ --check
 """
 
@@ -53,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="{synth,build,inspect}", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{synth,build,index,inspect}", required=True
+    )
 
     synth = sub.add_parser("synth", help="write a learnable synthetic dataset (train/ and val/)")
     synth.add_argument(
@@ -119,9 +144,12 @@ def _parser() -> argparse.ArgumentParser:
         "--from",
         dest="source",
         required=True,
+        nargs="+",
         type=Path,
         metavar="SOURCE",
-        help="a .csv/.tsv/.jsonl table or a folder of image + same-stem .txt pairs; video-text: "
+        help="a .csv/.tsv/.jsonl table or a folder of image + same-stem .txt pairs; conversation: "
+        "LLaVA .json/.jsonl file(s); interleaved: MMC4 .jsonl or OBELICS-style .parquet/.jsonl "
+        "file(s); retrieval: a Karpathy split .json; classification: an ImageFolder; video-text: "
         "an EgoClip-style table (video_uid, clip_start, clip_end, clip_text[, tag_noun, tag_verb, "
         "video_path, clip_uid]); multispectral: an SSL4EO-S12 root or sensor folder, class "
         "folders or a flat folder of .tif/.npy tiles; audio-text: a table with audio paths and "
@@ -139,8 +167,34 @@ def _parser() -> argparse.ArgumentParser:
         "--images",
         dest="images_root",
         type=Path,
+        action="append",
         metavar="DIR",
-        help="root of relative image paths",
+        help="root of relative image paths (conversation, interleaved: repeat to search several)",
+    )
+    build.add_argument(
+        "--pairs",
+        action="store_true",
+        help="conversation: write single-image two-turn rows as image-caption pairs (stage 1)",
+    )
+    build.add_argument(
+        "--min-sim",
+        type=float,
+        metavar="S",
+        help="interleaved (MMC4): drop images whose matched_sim is below S (default 0.24)",
+    )
+    build.add_argument(
+        "--images-from-bytes",
+        action="store_true",
+        help="interleaved (OBELICS-style): the images column holds the encoded images",
+    )
+    build.add_argument(
+        "--split", metavar="NAME", help="retrieval: Karpathy split(s), comma-separated (test)"
+    )
+    build.add_argument(
+        "--classnames",
+        type=Path,
+        metavar="FILE",
+        help="classification: class names, one a line in the sorted order of the class folders",
     )
     build.add_argument(
         "--videos",
@@ -211,6 +265,19 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    index = sub.add_parser(
+        "index", help="count the samples of existing shards and write their index.json"
+    )
+    index.add_argument(
+        "path", metavar="PATH", help="a shard folder, a .tar file or pattern, pipe: or fsspec URL"
+    )
+    index.add_argument(
+        "--out", type=Path, metavar="FILE", help="index.json to write (default: beside the shards)"
+    )
+    index.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="processes reading shards"
+    )
+
     insp = sub.add_parser("inspect", help="count samples and keys; find corrupt samples")
     insp.add_argument("path", type=Path, help="a shard folder or a .tar file")
     insp.add_argument("--check", action="store_true", help="decode every image and json")
@@ -273,8 +340,21 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     fn = _lookup(BUILD_KINDS, args.kind, "build")
+    for flag, values in (("--from", args.source), ("--images", args.images_root or [])):
+        if len(values) > 1 and args.kind not in _SEVERAL:
+            raise ValueError(
+                f"{flag} is given {len(values)} times; only --kind {' and '.join(_SEVERAL)} take "
+                "several"
+            )
+    source = args.source[0] if len(args.source) == 1 else args.source
+    roots = args.images_root
     given = {
-        "images_root": args.images_root,
+        "images_root": roots[0] if roots and len(roots) == 1 else roots,
+        "pairs": args.pairs,
+        "min_sim": args.min_sim,
+        "images_from_bytes": args.images_from_bytes,
+        "split": args.split,
+        "classnames": args.classnames,
         "videos_root": args.videos_root,
         "audio_root": args.audio_root,
         "reencode_short": args.reencode_short,
@@ -295,7 +375,7 @@ def _build(args: argparse.Namespace) -> int:
         "overwrite": args.overwrite,
     }
     options = _options(fn, args.kind, given)
-    report = fn(args.source, args.out, progress=not args.no_progress, **options)
+    report = fn(source, args.out, progress=not args.no_progress, **options)
     print(f"wrote {report.written} samples in {len(report.shards)} shard(s) to {report.out}")
     if getattr(report, "clamped", 0):
         print(f"clamped {report.clamped} window(s) reaching past the end of their video (kept)")
@@ -304,8 +384,29 @@ def _build(args: argparse.Namespace) -> int:
         print(f"skipped {report.total_skipped}: {reasons}")
         for item in report.skipped_examples:
             print(f"  {item['reason']}: {item['source']} ({item['detail']})")
+    if getattr(report, "dropped", None):
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.dropped.items()))
+        print(f"dropped {sum(report.dropped.values())} image(s) from written samples: {reasons}")
     if report.written == 0:
-        print(f"error: no samples written from {args.source}", file=sys.stderr)
+        print(f"error: no samples written from {' '.join(map(str, args.source))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from mmpt.shards.indexer import index_shards
+
+    report = index_shards(args.path, out=args.out, workers=args.workers)
+    if report.note:
+        print(f"not using the counts beside the shards: {report.note}")
+    print(
+        f"indexed {report.num_samples} samples in {len(report.shards)} shard(s) "
+        f"(counts from {report.source}) -> {report.index_path}"
+    )
+    if report.corrupt:
+        print(f"{len(report.corrupt)} unreadable shard(s), left out of the index:")
+        for url, error in report.corrupt:
+            print(f"  {url}: {error}")
         return 1
     return 0
 
@@ -322,14 +423,15 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mmpt data <synth|build|inspect> ...``.
+    """Run ``mmpt data <synth|build|index|inspect> ...``.
 
     Args:
         argv: Arguments after ``data``; default ``sys.argv[1:]``.
 
     Returns:
-        Exit code: 0 on success; 1 when ``inspect`` finds problems or ``build`` writes
-        nothing; 2 for bad arguments or input (printed as ``error: ...`` on stderr).
+        Exit code: 0 on success; 1 when ``inspect`` finds problems, ``index`` finds
+        unreadable shards or ``build`` writes nothing; 2 for bad arguments or input
+        (printed as ``error: ...`` on stderr).
 
     """
     parser = _parser()
@@ -339,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    commands = {"synth": _synth, "build": _build, "inspect": _inspect}
+    commands = {"synth": _synth, "build": _build, "index": _index, "inspect": _inspect}
     try:
         return commands[args.command](args)
     except (OSError, RuntimeError, ValueError) as e:

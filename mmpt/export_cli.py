@@ -1,19 +1,101 @@
-"""``mmpt export``: a trained VLM checkpoint -> an HF-style folder (LLM, connector, vision)."""
+"""``mmpt export``: a trained checkpoint -> the format of the library that will use it.
+
+The dispatcher only picks the target; each target lives in its own module (``mmpt.export.*``
+and :mod:`mmpt.models.vlm_export`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
 
 from mmpt.safe_load import add_unsafe_load_flag
+
+#: ``--format`` -> what it writes (shown in --help and in errors).
+FORMATS = {
+    "open_clip": "contrastive image-text model -> open_clip folder (config, weights, tokenizer)",
+    "timm": "the image tower of any model (MAE encoder, contrastive vision) -> timm checkpoint",
+    "hf": "the wav2vec 2.0 speech tower of any model -> transformers folder + feature extractor",
+    "llava": "VLM with an HF SigLIP/CLIP tower and mlp2x_gelu -> transformers LLaVA + processor",
+    "mmpt": "any VLM -> mmpt's own folder (mmpt.load, `mmpt generate --model` rebuild it)",
+}
+Exporter = Callable[[nn.Module, Path, argparse.Namespace], Path]
+log = logging.getLogger("mmpt.export")
+
+
+def _open_clip(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
+    from mmpt.export.open_clip import export_open_clip
+
+    return export_open_clip(model, out, name=args.name)
+
+
+def _timm(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
+    from mmpt.export.parts import find_part
+    from mmpt.export.timm import export_timm
+
+    return export_timm(find_part(model, "vision"), out)
+
+
+def _hf_speech(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
+    from mmpt.export.hf_wav2vec2 import export_hf_wav2vec2
+    from mmpt.export.parts import find_part
+
+    return export_hf_wav2vec2(find_part(model, "audio"), out)
+
+
+def _mmpt_vlm(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
+    from mmpt.models.vlm_export import export_mmpt_vlm
+
+    return export_mmpt_vlm(model, out, args.template)
+
+
+def _llava(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
+    from mmpt.export.hf_llava import export_llava, llava_unsupported
+
+    reason = llava_unsupported(model)
+    if reason is not None:
+        raise ValueError(f"--format llava: {reason}")
+    return export_llava(model, out, args.template)
+
+
+def _vlm_auto(model: nn.Module) -> str:
+    """``llava`` when transformers has a class for the model, else ``mmpt`` (logged why)."""
+    from mmpt.export.hf_llava import llava_unsupported
+
+    reason = llava_unsupported(model)
+    if reason is None:
+        return "llava"
+    log.warning("exporting to mmpt's own format, not transformers' LLaVA: %s", reason)
+    return "mmpt"
+
+
+def targets(model: nn.Module) -> dict[str, Exporter]:
+    """The formats ``model``'s family can be exported to, the default (``auto``) first."""
+    from mmpt.models.encoders.wav2vec2 import Wav2Vec2Tower
+
+    found: dict[str, Exporter] = {}
+    if hasattr(model, "export_mmpt"):  # VLMModule
+        found["llava"], found["mmpt"] = _llava, _mmpt_vlm
+    if getattr(model, "text", None) is not None and getattr(model, "vision", None) is not None:
+        found["open_clip"] = _open_clip
+    if any(hasattr(getattr(model, a, None), "image_preprocess") for a in ("vision", "encoder")):
+        found["timm"] = _timm
+    if any(isinstance(getattr(model, a, None), Wav2Vec2Tower) for a in ("audio", "encoder")):
+        found["hf"] = _hf_speech
+    return found
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmpt export",
-        description="Export a VLM checkpoint as an HF-style folder: the LLM and tokenizer "
-        "(save_pretrained), connector.safetensors, vision.safetensors and mmpt_vlm.json. "
-        "Extra --model... flags override the config, as in `mmpt fit`.",
+        description="Export a checkpoint to another library's format. Extra --model... flags "
+        "override the config, as in `mmpt fit`. Formats: "
+        + "; ".join(f"{k}: {v}" for k, v in FORMATS.items()),
     )
     p.add_argument(
         "-c",
@@ -24,27 +106,67 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) to export")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", *FORMATS],
+        help="target; auto: contrastive -> open_clip, MAE -> timm, wav2vec 2.0 -> hf, VLM -> "
+        "llava when transformers has a class for it, else mmpt",
+    )
+    p.add_argument("--name", default=None, help="open_clip model config name (default: --out's)")
     add_unsafe_load_flag(p)
     return p
+
+
+def _build(configs: list[str], overrides: list[str]) -> tuple[nn.Module, str | None]:
+    """The config's model, and the name of the data template it trained with (or None)."""
+    from mmpt.cli import build_cli
+
+    for cfg in configs:
+        if not Path(cfg).is_file():
+            raise FileNotFoundError(f"-c: no config file at {cfg!r}")
+    cli_args = [a for c in configs for a in ("-c", c)]
+    # the export runs on the CPU whatever devices the training config asked for
+    cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1"]
+    cpu += ["--trainer.strategy=auto", "--trainer.logger=false"]
+    cli = build_cli([*cli_args, *cpu, *overrides], run=False)
+    template = getattr(getattr(cli.datamodule, "template", None), "name", None)
+    return cli.model, template
+
+
+def export(args: argparse.Namespace, overrides: list[str]) -> Path:
+    """Build the model of ``args.config``, load ``args.ckpt`` and write ``args.format``.
+
+    Raises:
+        FileNotFoundError: A missing config or checkpoint.
+        ValueError: A format the model's family (or its towers) cannot be exported to.
+    """
+    from mmpt.models.module import load_checkpoint
+
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
+    model, args.template = _build(args.config, overrides)
+    found = targets(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no export target")
+    fmt = next(iter(found)) if args.format == "auto" else args.format
+    if args.format == "auto" and fmt == "llava":
+        fmt = _vlm_auto(model)
+    if fmt not in found:
+        raise ValueError(
+            f"--format {fmt} does not apply to {type(model).__name__}; it exports to "
+            f"{', '.join(found)}"
+        )
+    load_checkpoint(model, args.ckpt, unsafe=args.unsafe_load or None)
+    model.eval()
+    return found[fmt](model, Path(args.out), args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mmpt export``; returns an exit code (2 for bad input)."""
     args, overrides = _parser().parse_known_args(argv)
     try:
-        from mmpt.cli import build_cli
-        from mmpt.models.module import load_checkpoint
-
-        cli_args = [a for c in args.config for a in ("-c", c)]
-        # the export runs on the CPU whatever devices the training config asked for
-        cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=1"]
-        cpu += ["--trainer.strategy=auto", "--trainer.logger=false"]
-        cli = build_cli([*cli_args, *cpu, *overrides], run=False)
-        model = cli.model
-        if not hasattr(model, "export_hf"):
-            raise ValueError(f"{type(model).__name__} has no HF export (VLMModule has)")
-        load_checkpoint(model, args.ckpt, unsafe=args.unsafe_load or None)
-        out = model.export_hf(args.out)
+        out = export(args, overrides)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,42 +1,108 @@
-"""One attention function for packed sequences: xformers on CUDA, torch SDPA elsewhere."""
+"""One attention function for packed sequences, with backends chosen in YAML.
+
+Backends (``attn_backend``): ``xformers`` (``memory_efficient_attention`` with a
+``BlockDiagonalCausalMask``, :mod:`.attn_xformers`), ``flex`` (FlexAttention with a document
+``BlockMask``, :mod:`.attn_flex`), ``sdpa`` (torch SDPA with the equivalent dense boolean
+mask) and ``auto`` (:func:`resolve_backend`).
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
-import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .attn_flex import flex_packed_attention
+from .attn_segments import Memo, cu_seqlens_from_position_ids, segment_ids, segment_lengths
+from .attn_xformers import xbias, xformers_attention, xformers_unusable_reason, xops
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "cu_seqlens_from_position_ids",
+    "hf_packing_kwargs",
+    "is_packed_implementation",
+    "packed_attention",
+    "register_packed_attention",
+    "resolve_backend",
+    "xbias",
+    "xops",
+]
+
 log = logging.getLogger("mmpt.attention")
 
-try:  # the GPU path; xformers has no CPU kernels
-    import xformers.ops as xops
-    from xformers.ops.fmha import attn_bias as xbias
-except ImportError:
-    xops = xbias = None
+BACKENDS = ("auto", "xformers", "flex", "sdpa")
+#: ``auto``'s preference per device type, fastest first; the first that can run is used.
+#: CPU: SDPA, measured (docs/benchmarks.md, "Attention backends": FlexAttention has no fused
+#: CPU kernel outside torch.compile and no CPU backward; xformers has no CPU kernels). CUDA:
+#: xformers (varlen flash/cutlass kernels that skip the blocks between segments), then
+#: FlexAttention (compiled, skips them too), then SDPA (a dense mask: no flash kernel, the
+#: full T x T scores per row). The CUDA order is the design's until ``scripts/gpu_check.sh``
+#: has measured it on the device (its ``attention_op.json`` / ``attention_model.json``); update
+#: this table from those numbers. Devices not listed use SDPA.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("xformers", "flex", "sdpa"), "cpu": ("sdpa",)}
+_RESOLVED: dict[tuple[str, str], str] = {}
+_FALLBACK_LOGGED: set[str] = set()
 
 
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Flat segment boundaries of packed rows: a new segment starts wherever positions restart.
+def _unusable(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run its own kernels on ``device`` (None: it can)."""
+    if backend == "xformers":
+        return xformers_unusable_reason(device)
+    if backend == "flex" and device.type != "cuda":
+        return f"FlexAttention has no fused {device.type} kernels (forward-only eager mode)"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs on ``device`` for the configured ``attn_backend``.
+
+    ``auto`` takes the first of ``AUTO_ORDER[device.type]`` that can run (SDPA where the
+    device is not listed). An explicit backend that cannot run on a CUDA device is an
+    error; on other devices xformers falls back to SDPA (it has no CPU kernels), and flex
+    keeps running eagerly for the forward (see :func:`packed_attention`).
 
     Args:
-        position_ids: (B, T) long positions; a 0 (or the start of a row) opens a segment.
+        backend: One of ``BACKENDS``.
+        device: The device of the query.
 
     Returns:
-        Int32 tensor (S + 1,) of offsets into the row-major flattened (B * T) tokens, from 0
-        to B * T; every row start is a boundary.
+        ``"xformers"``, ``"flex"`` or ``"sdpa"``.
+
+    Raises:
+        ValueError: Unknown ``backend``, or an explicit one that cannot run on CUDA.
     """
-    if position_ids.ndim != 2:
-        raise ValueError(f"position_ids must be (B, T), got shape {tuple(position_ids.shape)}")
-    starts = position_ids == 0
-    starts[:, 0] = True
-    flat = starts.reshape(-1).nonzero().squeeze(1)
-    end = torch.tensor([position_ids.numel()], device=flat.device, dtype=flat.dtype)
-    return torch.cat([flat, end]).to(torch.int32)
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    key = (backend, str(device))
+    if key in _RESOLVED:
+        return _RESOLVED[key]
+    if backend == "auto":
+        order = AUTO_ORDER.get(device.type, ("sdpa",))
+        chosen = next(b for b in (*order, "sdpa") if _unusable(b, device) is None)
+        skipped = [f"{b}: {_unusable(b, device)}" for b in order[: order.index(chosen)]]
+        log.info("attn_backend auto -> %s on %s%s", chosen, device, f" ({skipped})" * bool(skipped))
+    elif backend == "xformers" and (why := _unusable(backend, device)) is not None:
+        if device.type == "cuda":
+            raise ValueError(
+                f"attn_backend: xformers cannot run: {why}. Install an xformers build for "
+                f"torch {torch.__version__} (scripts/fetch_gpu_wheels.sh), or set "
+                "attn_backend: flex, sdpa or auto"
+            )
+        log.warning("attn_backend: xformers on %s: %s; using SDPA", device, why)
+        chosen = "sdpa"
+    else:
+        chosen = backend
+    _RESOLVED[key] = chosen
+    return chosen
+
+
+def is_packed_implementation(name: str | None) -> bool:
+    """Whether an HF ``attn_implementation`` name keeps packed samples apart."""
+    return bool(name) and (name.startswith("mmpt_packed") or name == "flash_attention_2")
 
 
 def hf_packing_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict[str, Any]:
@@ -57,57 +123,7 @@ def hf_packing_kwargs(cu_seqlens: torch.Tensor, max_seqlen: int) -> dict[str, An
     }
 
 
-class _Memo:
-    """Remembers one value per key tensor, so all layers of a forward share one mask."""
-
-    def __init__(self) -> None:
-        self._ref: weakref.ref | None = None
-        self._key: tuple = ()
-        self._value: Any = None
-
-    def get(self, tensor: torch.Tensor, key: tuple, build: Callable[[], Any]) -> Any:
-        full = (tensor._version, *key)
-        if self._ref is None or self._ref() is not tensor or self._key != full:
-            self._ref, self._key, self._value = weakref.ref(tensor), full, build()
-        return self._value
-
-
-_XF_BIAS, _SDPA_MASK, _CU_FROM_POS = _Memo(), _Memo(), _Memo()
-
-
-def _segment_lengths(cu_seqlens: torch.Tensor, rows: int, row_len: int) -> list[int]:
-    """Non-empty segment lengths, checked to rise from 0 to B * T and to cut at row starts."""
-    cu = cu_seqlens.tolist()  # one host sync per forward (memoized)
-    lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
-    cuts = set(range(0, rows * row_len + 1, row_len))
-    if cu[0] != 0 or cu[-1] != rows * row_len or min(lengths) < 0 or not cuts <= set(cu):
-        raise ValueError(
-            f"cu_seqlens must rise from 0 to B * T = {rows} * {row_len} with every row start "
-            f"a boundary; got {cu[:4]}...{cu[-2:]}"
-        )
-    return [n for n in lengths if n > 0]
-
-
-def _xformers(q, k, v, cu_seqlens, causal, scale, dropout) -> torch.Tensor:
-    """The xformers path; q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D)."""
-    (b, hq, t, _), hkv = q.shape, k.shape[1]
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, T, H, D) is xformers' layout
-    if cu_seqlens is not None:  # packed: one flat row, block-diagonal bias
-        kind = xbias.BlockDiagonalCausalMask if causal else xbias.BlockDiagonalMask
-        bias = _XF_BIAS.get(
-            cu_seqlens,
-            (causal, b, t),
-            lambda: kind.from_seqlens(_segment_lengths(cu_seqlens, b, t), device=q.device),
-        )
-        q, k, v = (x.reshape(1, b * t, *x.shape[2:]) for x in (q, k, v))
-    else:
-        bias = xbias.LowerTriangularMask() if causal else None
-    if hq != hkv:  # GQA: xformers' (B, T, G, H, D) layout, K/V expanded with stride 0
-        rep = hq // hkv
-        q = q.unflatten(2, (hkv, rep))
-        k, v = (x.unsqueeze(3).expand(*x.shape[:3], rep, x.shape[-1]) for x in (k, v))
-    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout, scale=scale)
-    return out.reshape(b, t, hq, -1).transpose(1, 2)
+_SDPA_MASK, _CU_FROM_POS = Memo(), Memo()
 
 
 def _dense_mask(cu_seqlens, b, tq, tk, causal, sliding_window, device) -> torch.Tensor:
@@ -119,9 +135,8 @@ def _dense_mask(cu_seqlens, b, tq, tk, causal, sliding_window, device) -> torch.
         mask = mask & (qi - ki < sliding_window)
     mask = mask[None, None]
     if cu_seqlens is not None:  # same segment: compare segment ids, one per token
-        _segment_lengths(cu_seqlens, b, tq)
-        tokens = torch.arange(b * tq, device=device, dtype=cu_seqlens.dtype)
-        seg = torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True).view(b, tq)
+        segment_lengths(cu_seqlens, b, tq)
+        seg = segment_ids(cu_seqlens, b * tq).view(b, tq)
         mask = mask & (seg[:, :, None] == seg[:, None, :])[:, None]
     return mask
 
@@ -136,17 +151,21 @@ def packed_attention(
     dropout: float = 0.0,
     key_padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Attention where packed segments never see each other.
 
     With ``cu_seqlens`` the B rows are read as one flat stream of B * T tokens cut into
     segments (every row start must be a segment start, as ``datamodules.packing`` makes
     them); a token attends only to earlier (``causal``) or all tokens of its own segment.
-    On CUDA with xformers this runs ``memory_efficient_attention`` with a
-    ``BlockDiagonalCausalMask``; otherwise torch SDPA with the equivalent boolean mask,
-    built once per ``cu_seqlens`` tensor and shared by every layer and head. Padding masks,
-    sliding windows and Tq != Tk (decoding with a cache, bottom-right aligned) take the
-    SDPA path.
+    ``backend`` picks the kernel (:func:`resolve_backend`): xformers
+    ``memory_efficient_attention`` with a ``BlockDiagonalCausalMask``, FlexAttention with a
+    document ``BlockMask``, or torch SDPA with the equivalent boolean mask; masks are built
+    once per ``cu_seqlens`` tensor and shared by every layer and head. Padding masks,
+    sliding windows and Tq != Tk (decoding with a cache, bottom-right aligned) always take
+    the SDPA path, and so does unpacked attention under flex (SDPA's causal kernels). Off
+    CUDA, flex runs eagerly for the forward only: a call that needs gradients there uses
+    SDPA (logged once).
 
     Args:
         query: (B, Hq, Tq, D), the layout transformers' attention functions receive.
@@ -159,6 +178,7 @@ def packed_attention(
         dropout: Attention dropout probability (pass 0.0 in eval).
         key_padding_mask: Optional bool (B, Tk), True = real token.
         sliding_window: Optional window: query i sees keys j with i - j < window.
+        backend: One of ``BACKENDS`` (``auto``, ``xformers``, ``flex``, ``sdpa``).
 
     Returns:
         (B, Hq, Tq, D) attention output.
@@ -172,8 +192,16 @@ def packed_attention(
     if sliding_window is not None and sliding_window >= tk:
         sliding_window = None  # cannot bind: keep the fast paths
     flat = key_padding_mask is None and sliding_window is None and tq == tk
-    if query.is_cuda and xops is not None and flat:
-        return _xformers(query, key, value, cu_seqlens, causal, scale, dropout)
+    kernel = resolve_backend(backend, query.device) if flat else "sdpa"
+    if kernel == "xformers":
+        return xformers_attention(query, key, value, cu_seqlens, causal, scale, dropout)
+    if kernel == "flex" and cu_seqlens is not None:
+        needs_grad = any(x.requires_grad for x in (query, key, value))
+        if query.is_cuda or not (needs_grad and torch.is_grad_enabled()):
+            return flex_packed_attention(query, key, value, cu_seqlens, causal, scale, dropout)
+        if str(query.device) not in _FALLBACK_LOGGED:
+            _FALLBACK_LOGGED.add(str(query.device))
+            log.warning("FlexAttention has no %s backward: this call uses SDPA", query.device)
     args = (b, tq, tk, causal, sliding_window, query.device)
     mask = None  # None: plain attention, SDPA picks its fastest kernel
     if cu_seqlens is not None:
@@ -244,6 +272,8 @@ def _hf_attention(
     cu_seq_lens_q: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """The transformers ``AttentionInterface`` entry: (B, H, T, D) in, (B, T, H, D) out."""
@@ -267,7 +297,7 @@ def _hf_attention(
             "are their own segment, so pass attention_mask=None"
         )
     out = packed_attention(
-        query, key, value, cu, causal, scaling, dropout, attention_mask, sliding_window
+        query, key, value, cu, causal, scaling, dropout, attention_mask, sliding_window, backend
     )
     return out.transpose(1, 2), None
 
@@ -286,7 +316,7 @@ def _hf_mask(
     return None if bool(attention_mask.all()) else attention_mask
 
 
-def register_packed_attention(name: str = "mmpt_packed") -> str:
+def register_packed_attention(name: str | None = None, backend: str = "auto") -> str:
     """Register ``packed_attention`` with transformers' public attention interfaces.
 
     Packing info reaches every attention layer through the kwargs of ``model(...)``:
@@ -295,14 +325,23 @@ def register_packed_attention(name: str = "mmpt_packed") -> str:
     HF from building a dense 4D mask; a 2D padding mask still reaches the attention.
 
     Args:
-        name: The implementation's name.
+        name: The implementation's name; default ``mmpt_packed`` for ``backend="auto"``,
+            else ``mmpt_packed_<backend>``.
+        backend: The attention backend of this implementation (one of ``BACKENDS``).
 
     Returns:
         ``name``, for ``from_pretrained(..., attn_implementation=name)``,
         ``from_config(..., attn_implementation=name)`` or ``model.set_attn_implementation``.
+
+    Raises:
+        ValueError: Unknown ``backend``.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
 
-    AttentionInterface.register(name, _hf_attention)
+    if backend not in BACKENDS:
+        raise ValueError(f"attn_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if name is None:
+        name = "mmpt_packed" if backend == "auto" else f"mmpt_packed_{backend}"
+    AttentionInterface.register(name, functools.partial(_hf_attention, backend=backend))
     AttentionMaskInterface.register(name, _hf_mask)
     return name

@@ -10,7 +10,6 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -216,31 +215,20 @@ def from_hf_clip(folder: str, model: nn.Module) -> Mapped:
 def from_folder_hooks(folder: str, model: nn.Module) -> Mapped | None:
     """An mmpt export folder (``mmpt_vlm.json``) or a transformers LLaVA folder; else None.
 
-    Read by the modules that write those formats: ``mmpt.load.export_state_dict`` and
-    ``mmpt.export.hf_llava.llava_state_dict`` (mmpt keys -> tensors).
+    Read by the modules that write those formats: ``mmpt.models.vlm_load.export_state_dict`` and
+    ``mmpt.export.hf_llava_load.llava_state_dict`` (mmpt keys -> tensors).
     """
     if os.path.isfile(os.path.join(folder, "mmpt_vlm.json")):
-        export_state_dict = _reader("mmpt.load", "export_state_dict", folder)
+        from mmpt.models.vlm_load import export_state_dict
+
         state = dict(export_state_dict(folder))
         return Mapped("mmpt export folder", family_of(set(state)), state)
-    if hf_model_type(folder) == "llava":
-        llava_state_dict = _reader("mmpt.export.hf_llava", "llava_state_dict", folder)
+    if hf_model_type(folder) in ("llava", "llava_next"):
+        from mmpt.export.hf_llava_load import llava_state_dict
+
         state = dict(llava_state_dict(folder, model))
         return Mapped("transformers LLaVA folder", "VLM", state)
     return None
-
-
-def _reader(module: str, name: str, folder: str) -> Any:
-    """``module.name``, imported when a folder needs it; a clear error when it is missing."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(
-            f"{FLAG}={folder!r}: reading this folder needs {module}.{name}, which this mmpt "
-            f"install lacks ({err})"
-        ) from None
 
 
 def hf_model_type(folder: str) -> str | None:

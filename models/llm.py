@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .attention import register_packed_attention
+from .attention import BACKENDS, register_packed_attention
 from .encoders.tokenizers import resolve_hf_path
 
 log = logging.getLogger("mmpt.llm")
@@ -63,6 +63,7 @@ class CausalLM(nn.Module):
         tokenizer: str | None = None,
         image_token: str = "<image>",
         attn_implementation: str = "packed",
+        attn_backend: str = "auto",
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -78,13 +79,18 @@ class CausalLM(nn.Module):
             attn_implementation: "packed" (mmpt's block-diagonal attention, see
                 ``register_packed_attention``), or an HF name: "sdpa", "eager",
                 "flash_attention_2".
+            attn_backend: The kernel of the "packed" attention: "auto" (the fastest that runs
+                on the device, ``mmpt.models.attention.AUTO_ORDER``), "xformers"
+                (``BlockDiagonalCausalMask``), "flex" (FlexAttention, document ``BlockMask``)
+                or "sdpa" (dense block-diagonal mask).
             dtype: Parameter dtype name ("bfloat16", "float32" ...); None keeps float32 for
                 ``config`` and the checkpoint's dtype for ``pretrained``.
             gradient_checkpointing: Recompute decoder layer activations in backward.
 
         Raises:
             ValueError: Neither or both of ``pretrained`` / ``config``; ``config`` without
-                ``tokenizer`` or ``model_type``; an unknown ``dtype``.
+                ``tokenizer`` or ``model_type``; an unknown ``dtype`` or ``attn_backend``;
+                an ``attn_backend`` other than auto with a non-packed attention.
             FileNotFoundError: Weights or tokenizer not found locally or in the HF cache.
 
         """
@@ -94,9 +100,17 @@ class CausalLM(nn.Module):
                 f"give exactly one of {FLAG}.pretrained (a local HF folder or cached repo id) "
                 f"or {FLAG}.config (a dict with model_type, for tiny test models)"
             )
-        impl = (
-            register_packed_attention() if attn_implementation == "packed" else attn_implementation
-        )
+        if attn_backend not in BACKENDS:
+            raise ValueError(
+                f"{FLAG}.attn_backend must be one of {', '.join(BACKENDS)}, got {attn_backend!r}"
+            )
+        if attn_implementation != "packed" and attn_backend != "auto":
+            raise ValueError(
+                f"{FLAG}.attn_backend: {attn_backend} needs {FLAG}.attn_implementation: packed "
+                f"(got {attn_implementation!r}, which picks its own kernel)"
+            )
+        packed = attn_implementation == "packed"
+        impl = register_packed_attention(backend=attn_backend) if packed else attn_implementation
         kwargs: dict[str, Any] = {"attn_implementation": impl}
         if dtype is not None:
             if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):

@@ -8,6 +8,7 @@ tower: MAE does not use a projection head, which would get no gradient (DDP woul
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,10 +67,11 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_prefix_tokens + num_patches, dim))
+        norm = functools.partial(nn.LayerNorm, eps=1e-6)  # facebookresearch/mae's decoder
         self.blocks = nn.ModuleList(
-            Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)
+            Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(dim)
+        self.norm = norm(dim)
         if isinstance(patch_dim, int):
             self.head = nn.Linear(dim, patch_dim)
         else:

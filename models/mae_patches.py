@@ -66,7 +66,9 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def patch_errors(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True) -> torch.Tensor:
-    """Mean squared error of every patch, in float32.
+    """Mean squared error of every patch, in the inputs' dtype and at least float32.
+
+    Half-precision predictions (autocast) are compared in float32; float64 stays float64.
 
     Args:
         pred: (B, N, p * p * C) predicted patches.
@@ -76,14 +78,19 @@ def patch_errors(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = True
     Returns:
         (B, N) per-patch MSE.
     """
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    target = target.to(dtype)
     if norm_pix:
         target = normalize_patches(target)
-    return (pred.float() - target.float()).pow(2).mean(dim=-1)
+    return (pred.to(dtype) - target).pow(2).mean(dim=-1)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, N) ``values`` over the entries where the (B, N) ``mask`` is 1 (scalar)."""
-    mask = mask.float()
+    """Mean of (B, N) ``values`` over the entries where the (B, N) ``mask`` is 1 (scalar).
+
+    The result has ``values``' dtype.
+    """
+    mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 

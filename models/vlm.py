@@ -25,7 +25,7 @@ from mmpt.batch import ImageLayout, VLMBatch
 from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeResolution
 from mmpt.datamodules.templates import check_targets
 from mmpt.eval.forgetting import eval_prefix
-from mmpt.models.attention import hf_packing_kwargs
+from mmpt.models.attention import hf_packing_kwargs, is_packed_implementation
 from mmpt.models.connectors import MLP2xGelu, SpeechAdapter
 from mmpt.models.fusion import FusionBlocks, fusion_context, insert_gated_cross_attention
 from mmpt.models.llm import CausalLM, splice_tokens
@@ -36,7 +36,6 @@ from mmpt.preprocess import VLMPreprocess
 log = logging.getLogger("mmpt.vlm")
 
 ResolutionPolicy = FixedResolution | AnyResTiles | NativeResolution
-PACKED_ATTENTION = ("mmpt_packed", "flash_attention_2")
 
 
 @dataclass
@@ -129,6 +128,9 @@ class VLMModule(MMPTModule):
                 "no model.audio (speech tokens are injected into the sequence)"
             )
         self.fusion_config = fusion
+        #: Name of the data template the model trained with, when known (set by
+        #: :meth:`from_export`; ``mmpt generate`` formats prompts with it).
+        self.data_template: str | None = None
         if fusion is not None:  # registered first, so its parameters are named fusion.*
             self.fusion: FusionBlocks | None = insert_gated_cross_attention(
                 llm.model, llm.hidden_size, fusion.every, fusion.heads, fusion.ff_mult
@@ -309,40 +311,54 @@ class VLMModule(MMPTModule):
                 attention that would let packed samples see each other.
         """
         impl = getattr(self.llm.model.config, "_attn_implementation", None)
-        if batch.num_samples > len(batch) and impl not in PACKED_ATTENTION:
+        if batch.num_samples > len(batch) and not is_packed_implementation(impl):
             raise ValueError(
                 f"packed rows need block-diagonal attention, but the LLM uses {impl!r}: set "
                 "model.llm.attn_implementation: packed (or data.packing: false)"
             )
+        embeds = self.embed_inputs(batch, shuffle_images, zero_audio)
+        return self.llm(
+            inputs_embeds=embeds,
+            position_ids=batch.position_ids,
+            labels=batch.labels,
+            use_cache=False,
+            **hf_packing_kwargs(batch.cu_seqlens, batch.max_seqlen),
+        )
+
+    def embed_inputs(
+        self, batch: VLMBatch, shuffle_images: bool = False, zero_audio: bool = False
+    ) -> torch.Tensor:
+        """LLM input embeddings (R, L, llm_dim) of a batch, its media in place.
+
+        With token injection the image and audio tokens replace their placeholders. Under
+        fusion the image markers keep their embeddings and the gated blocks' context is set
+        to the batch's images (it stays set until the next batch: keep it through backward,
+        or through ``generate``).
+
+        Args:
+            batch: Rows (packed or left-padded) and their images and audio clips.
+            shuffle_images: Swap images between samples (see :meth:`forward`).
+            zero_audio: Replace every audio token by zeros.
+
+        Raises:
+            ValueError: Media token and media counts disagree.
+        """
         tokens = self.image_tokens(batch)
         if shuffle_images:
             tokens = self.shuffle_images(tokens)
-        packing = hf_packing_kwargs(batch.cu_seqlens, batch.max_seqlen)
         marks = batch.input_ids == self.llm.image_token_id
+        embeds = self.llm.embed(batch.input_ids)
         if self.fusion is not None:
-            ref = self.llm.embed(batch.input_ids[:1, :1])
-            fusion_context(self.fusion, batch, tokens, marks, ref)
-            return self.llm(
-                input_ids=batch.input_ids,
-                position_ids=batch.position_ids,
-                labels=batch.labels,
-                use_cache=False,
-                **packing,
-            )
-        embeds = splice_tokens(self.llm.embed(batch.input_ids), marks, tokens, "image")
+            fusion_context(self.fusion, batch, tokens, marks, embeds)
+            return embeds
+        embeds = splice_tokens(embeds, marks, tokens, "image")
         if self.audio is not None:
             clips = self.audio_tokens(batch)
             if zero_audio:
                 clips = [torch.zeros_like(t) for t in clips]
             audio_marks = batch.input_ids == self.audio_token_id
             embeds = splice_tokens(embeds, audio_marks, clips, "audio")
-        return self.llm(
-            inputs_embeds=embeds,
-            position_ids=batch.position_ids,
-            labels=batch.labels,
-            use_cache=False,
-            **packing,
-        )
+        return embeds
 
     # ---- steps ------------------------------------------------------------------------------
 
@@ -384,17 +400,37 @@ class VLMModule(MMPTModule):
         """As validation, logged under ``test/``."""
         self._eval_step(batch, "test")
 
-    # ---- export -----------------------------------------------------------------------------
+    # ---- export ---------------------------------------------------------------------------
 
-    def export_hf(self, path: str | Path) -> Path:
-        """Write an HF-style folder of the model (see :func:`~mmpt.models.vlm_export.export_vlm`).
+    def export_mmpt(self, path: str | Path, template: str | None = None) -> Path:
+        """Write mmpt's own loadable folder (``mmpt-vlm/3``, see :mod:`mmpt.models.vlm_export`).
 
         Args:
             path: Output folder.
+            template: The data template the model trained with (None when unknown).
 
         Returns:
             The folder.
         """
-        from mmpt.models.vlm_export import export_vlm
+        from mmpt.models.vlm_export import export_mmpt_vlm
 
-        return export_vlm(self, path)
+        return export_mmpt_vlm(self, path, template)
+
+    @classmethod
+    def from_export(cls, path: str | Path, attn_implementation: str | None = None) -> VLMModule:
+        """Rebuild the exact model of an ``mmpt-vlm/3`` export folder (no training config).
+
+        Args:
+            path: The folder written by :meth:`export_mmpt` (``mmpt export``).
+            attn_implementation: The LLM's attention; default the one it trained with.
+
+        Returns:
+            The model in eval mode on the CPU, ``data_template`` set from the export.
+
+        Raises:
+            FileNotFoundError: No such folder, or a file of the export is missing (named).
+            ValueError: Not an mmpt export, or another format version (both named).
+        """
+        from mmpt.models.vlm_load import load_export
+
+        return load_export(path, attn_implementation)

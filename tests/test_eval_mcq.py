@@ -15,7 +15,8 @@ import yaml
 
 from mmpt.cli import main
 from mmpt.datamodules.stages import SkipCounter, read_shards
-from mmpt.eval.mcq import MCQBatch, evaluate_mcq, parse_type_names
+from mmpt.eval.mcq import MCQBatch, egovlp_type_names, evaluate_mcq, parse_type_names
+from mmpt.eval.video_metrics import egomcq_accuracy
 from mmpt.models.encoders import OpenCLIPTextTower, VideoViTTower
 from mmpt.models.video_text import VideoTextModule
 from mmpt.preprocess import ImagePreprocess
@@ -87,6 +88,41 @@ def test_parse_type_names() -> None:
         parse_type_names("{1: inter}", {})
     with pytest.raises(ValueError, match="among"):
         parse_type_names('{"1": "outer"}', {})
+
+
+def egovlp_reference(scores, answers, types) -> dict[str, float]:
+    """EgoVLP's egomcq_accuracy_metrics, restated: sorted ids zipped with Intra, Inter; argmax."""
+    out = {}
+    for type_i, group in zip(torch.unique(types), ["Intra-video", "Inter-video"], strict=False):
+        hits = [
+            int(torch.argmax(s)) == int(a)
+            for s, a, t in zip(scores, answers, types, strict=True)
+            if t == type_i
+        ]
+        out[group] = 100 * sum(hits) / len(hits)
+    return out
+
+
+def test_egovlp_type_names_and_tie_rule_against_the_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(40, 5, generator=g)  # continuous: no ties
+    answers = torch.randint(0, 5, (40,), generator=g)
+    types = torch.randint(3, 5, (40,), generator=g)  # ids 3 and 4
+    assert egovlp_type_names(types.tolist()) == {3: "intra", 4: "inter"}
+    ours = egomcq_accuracy(scores, answers, types, egovlp_type_names(types.tolist()))
+    ref = egovlp_reference(scores, answers, types)
+    assert 100 * ours["intra_video_acc"] == pytest.approx(ref["Intra-video"])
+    assert 100 * ours["inter_video_acc"] == pytest.approx(ref["Inter-video"])
+    assert ref["Intra-video"] != ref["Inter-video"]  # the naming is visible in the numbers
+    # ties: argmax takes the first candidate, mmpt's strict rule counts a miss
+    tied = torch.zeros(4, 5)
+    zeros = torch.zeros(4, dtype=torch.long)
+    ref = egovlp_reference(tied, zeros, torch.tensor([1, 1, 2, 2]))
+    assert ref == {"Intra-video": 100.0, "Inter-video": 100.0}
+    ours = egomcq_accuracy(tied, zeros, torch.tensor([1, 1, 2, 2]), {1: "intra", 2: "inter"})
+    assert ours["overall_acc"] == 0.0
+    with pytest.raises(ValueError, match="two question types"):
+        egovlp_type_names([1, 1])
 
 
 # --- the command end to end -----------------------------------------------------------------

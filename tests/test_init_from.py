@@ -278,38 +278,3 @@ def test_hf_clip_folder_into_hf_vision_and_text_towers(tmp_path):
     with torch.no_grad():
         got = model.text.model(input_ids=ids).last_hidden_state
         torch.testing.assert_close(got, source.text_model(input_ids=ids).last_hidden_state)
-
-
-@pytest.mark.parametrize(
-    ("module", "function", "marker"),
-    [
-        ("mmpt.load", "export_state_dict", ("mmpt_vlm.json", "{}")),
-        ("mmpt.export.hf_llava", "llava_state_dict", ("config.json", '{"model_type": "llava"}')),
-    ],
-)
-def test_export_and_llava_folders_go_to_their_readers(
-    tmp_path, monkeypatch, module, function, marker
-):
-    """The dispatch calls the reader another module provides (stood in for here)."""
-    import sys
-    import types
-
-    (tmp_path / marker[0]).write_text(marker[1])
-    model = ContrastiveModule(TimmVisionTower(**TINY_VISION["init_args"]), text_tower())
-    if module not in sys.modules:
-        with pytest.raises(ValueError, match=rf"needs {module}\.{function}"):
-            load_init_from(model, [str(tmp_path)])
-    torch.manual_seed(7)
-    want = ContrastiveModule(TimmVisionTower(**TINY_VISION["init_args"]), text_tower()).state_dict()
-    calls = []
-
-    def reader(folder: str, *args: Any) -> dict[str, torch.Tensor]:
-        calls.append((folder, args))
-        return want
-
-    fake = types.ModuleType(module)
-    setattr(fake, function, reader)
-    monkeypatch.setitem(sys.modules, module, fake)
-    (report,) = load_init_from(model, [str(tmp_path)])
-    assert calls and calls[0][0] == str(tmp_path) and report.missing == []
-    torch.testing.assert_close(model.state_dict(), want, rtol=0, atol=0)

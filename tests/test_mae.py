@@ -97,6 +97,28 @@ def test_loss_matches_direct_formula(norm_pix: bool) -> None:
     assert torch.equal(mae_loss(changed, target, mask, norm_pix=norm_pix), loss)
 
 
+def test_loss_dtype_follows_the_input() -> None:
+    """fp64 in -> fp64 out (exact to fp64 rounding); half precision is compared in fp32."""
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8).double()
+    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 1]], dtype=torch.float64)
+    loss = mae_loss(pred, target, mask, norm_pix=True)
+    assert loss.dtype == torch.float64
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    direct = ((pred - (target - mean) / (var + 1e-6).sqrt()) ** 2).mean(-1)
+    expected = (direct * mask).sum() / mask.sum()
+    assert abs(loss.item() - expected.item()) < 1e-14  # fp32 math would be off by ~1e-7
+    half = mae_loss(pred.bfloat16(), target.float(), mask.bool(), norm_pix=False)
+    assert half.dtype == torch.float32
+
+
+def test_decoder_layer_norms_use_mae_eps() -> None:
+    """facebookresearch/mae builds the decoder with partial(nn.LayerNorm, eps=1e-6)."""
+    norms = [m for m in _mae().decoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 3  # two per block (1 block) and the final one
+    assert {m.eps for m in norms} == {1e-6}
+
+
 def test_encoder_sees_only_visible_tokens() -> None:
     model = _mae(mask_ratio=0.75)
     lengths: list[int] = []

@@ -180,7 +180,7 @@ def test_frozen_llm_and_encoder_only_the_adapter_learns(tones):
 
 def test_export_writes_the_speech_parts(tones, tmp_path):
     model = speech_lm(tones)
-    out = model.export_hf(tmp_path / "hf")
+    out = model.export_mmpt(tmp_path / "hf")
     config = json.loads((out / "mmpt_vlm.json").read_text())
     assert config["audio_token_id"] == model.audio_token_id
     assert config["audio"]["class_path"].endswith("LogMelTower")

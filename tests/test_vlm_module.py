@@ -200,20 +200,20 @@ def test_row_end_tokens_need_a_grid_preserving_connector(shapes):
         tiny_vlm(shapes, resolution=AnyResTiles(32, 8, 4), connector=MLPDownsample)
 
 
-def test_export_hf_folder(shapes, tmp_path):
+def test_export_folder(shapes, tmp_path):
     model = tiny_vlm(shapes, connector=MLPDownsample)
-    out = model.export_hf(tmp_path / "hf")
+    out = model.export_mmpt(tmp_path / "export")
     config = json.loads((out / "mmpt_vlm.json").read_text())
     assert config["connector"]["class_path"].endswith("MLPDownsample")
     assert config["connector"]["init_args"]["llm_dim"] == 32
     assert config["vision"]["init_args"]["model_name"] == "vit_tiny_patch16_224"
     assert config["resolution"]["init_args"] == {"image_size": 32, "patch_size": 8}
-    assert config["image_token"] == "<image>"
+    assert config["llm"]["image_token"] == "<image>"
     conn = load_file(out / "connector.safetensors")
     for k, v in model.connector.state_dict().items():
         assert torch.equal(conn[k], v)
     assert set(load_file(out / "vision.safetensors")) == set(model.vision.state_dict())
-    again = CausalLM(pretrained=str(out))
+    again = CausalLM(pretrained=str(out / "llm"))
     ids = torch.tensor([[3, 10, 11, 12]])
     with torch.no_grad():
         assert torch.allclose(again.model(ids).logits, model.llm.model(ids).logits, atol=1e-6)

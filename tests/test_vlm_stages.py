@@ -60,10 +60,11 @@ def test_three_stages_chain_and_export(tmp_path, monkeypatch, caplog):
     export = ["export", "-c", stage[3], "-c", "gpus.yaml", "--ckpt", str(s3), "--out", "hf"]
     assert main(export) == 0
     config = json.loads(Path("hf/mmpt_vlm.json").read_text())
-    assert config["image_token"] == "<image>"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "connector.safetensors"} <= {
-        p.name for p in Path("hf").iterdir()
+    assert config["llm"]["image_token"] == "<image>" and config["template"] == "chatml"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in Path("hf/llm").iterdir()
     }
+    assert (Path("hf") / "connector.safetensors").is_file()
 
 
 def test_export_of_a_missing_checkpoint_is_a_clean_error(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,19 @@
-"""EgoMCQ evaluation: read multiple-choice shards, score 5 clips per query, accuracy + plot."""
+"""EgoMCQ evaluation: read multiple-choice shards, score 5 clips per query, accuracy + plot.
+
+Differences from EgoVLP's reference metric (``egomcq_accuracy_metrics`` in EgoVLP's
+``model/metric.py``), on purpose and tested:
+
+- **Tie rule.** EgoVLP predicts ``torch.argmax(scores)``, which on tied scores picks the
+  first (lowest-index) candidate, so a model with constant scores scores the share of answers
+  at index 0. mmpt counts a query as correct only when its answer scores strictly higher than
+  every other candidate (:func:`~mmpt.eval.video_metrics.egomcq_accuracy`): ties and NaN are
+  misses. Without ties both rules give the same accuracy.
+- **Type names.** EgoVLP zips ``torch.unique(types)`` (sorted ids) with
+  ``["Intra-video", "Inter-video"]``, so there the smaller type id is named "Intra-video",
+  whatever the annotation meant. mmpt takes the id -> name mapping explicitly
+  (``--type-names`` or the index's ``meta.mcq_types``); :func:`egovlp_type_names` builds
+  EgoVLP's mapping, to reproduce its published inter/intra numbers.
+"""
 
 from __future__ import annotations
 
@@ -175,6 +190,24 @@ def parse_type_names(type_names: str | Mapping[Any, str] | None, meta: dict) -> 
     if not set(out.values()) <= set(EGOMCQ_GROUPS):
         raise ValueError(f"type names must be among {EGOMCQ_GROUPS}, got {out}")
     return out
+
+
+def egovlp_type_names(type_ids: Iterable[int]) -> dict[int, str]:
+    """EgoVLP's id -> name assignment: the smaller of the two type ids is "intra".
+
+    Args:
+        type_ids: The question type ids present in the data (two distinct values).
+
+    Returns:
+        ``{smaller: "intra", larger: "inter"}``, as EgoVLP's reference metric names them.
+
+    Raises:
+        ValueError: The data does not have exactly two distinct type ids.
+    """
+    ids = sorted({int(i) for i in type_ids})
+    if len(ids) != 2:
+        raise ValueError(f"EgoMCQ has two question types, got type ids {ids}")
+    return {ids[0]: "intra", ids[1]: "inter"}
 
 
 @torch.no_grad()

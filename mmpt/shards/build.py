@@ -35,6 +35,8 @@ class BuildReport:
             ``empty_caption``, ``missing_caption``, ``remote_url``, ``bad_row``).
         skipped_examples: The first few skipped items: ``source``, ``reason``, ``detail``.
         shards: Paths of the written ``.tar`` files.
+        dropped: Parts dropped from samples that were still written, by reason (the images
+            of an interleaved document: ``missing_image``, ``below_min_sim`` ...).
 
     """
 
@@ -43,6 +45,7 @@ class BuildReport:
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_examples: list[dict[str, str]] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_skipped(self) -> int:
@@ -66,6 +69,43 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def encode_image(
+    data: bytes, resize_short_side: int | None, jpeg_quality: int
+) -> tuple[bytes, tuple[int, int], tuple[int, int]]:
+    """Check an encoded image fully and return it as a JPEG fit for shards.
+
+    An upright RGB/greyscale JPEG that needs no resize is returned byte for byte; anything
+    else is converted to RGB (transparency onto white, EXIF orientation applied), downscaled
+    to ``resize_short_side`` when larger, and re-encoded at ``jpeg_quality``.
+
+    Returns:
+        (JPEG bytes, (width, height) written, (width, height) of the source).
+
+    Raises:
+        Exception: Any decode failure (the image is corrupt).
+    """
+    with Image.open(io.BytesIO(data)) as im:
+        im.verify()  # structure check; load() below decodes the pixels
+    im = Image.open(io.BytesIO(data))
+    original = im.size
+    resize = resize_short_side is not None and min(im.size) > resize_short_side
+    upright = im.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    if im.format == "JPEG" and not resize and upright and im.mode in ("RGB", "L"):
+        im.load()
+        return data, im.size, original
+    if resize:  # let the JPEG decoder skip detail the resize would throw away
+        scale = resize_short_side / min(im.size)
+        im.draft("RGB", (round(im.width * scale), round(im.height * scale)))
+    im = _to_rgb(ImageOps.exif_transpose(im))
+    if resize:
+        scale = resize_short_side / min(im.size)
+        target = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+        im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=jpeg_quality)
+    return buf.getvalue(), im.size, original
+
+
 def _process(row: Row, resize_short_side: int | None, jpeg_quality: int) -> Row:
     """Check, and where needed resize and re-encode, one image (runs in pool workers)."""
     data = read_item(
@@ -74,27 +114,7 @@ def _process(row: Row, resize_short_side: int | None, jpeg_quality: int) -> Row:
     if data is None:
         return row
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()  # structure check; load() below decodes the pixels
-        im = Image.open(io.BytesIO(data))
-        row.original_size = im.size
-        resize = resize_short_side is not None and min(im.size) > resize_short_side
-        upright = im.getexif().get(_EXIF_ORIENTATION, 1) == 1
-        if im.format == "JPEG" and not resize and upright and im.mode in ("RGB", "L"):
-            im.load()
-            row.jpg, row.size = data, im.size
-            return row
-        if resize:  # let the JPEG decoder skip detail the resize would throw away
-            scale = resize_short_side / min(im.size)
-            im.draft("RGB", (round(im.width * scale), round(im.height * scale)))
-        im = _to_rgb(ImageOps.exif_transpose(im))
-        if resize:
-            scale = resize_short_side / min(im.size)
-            target = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-            im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=jpeg_quality)
-        row.jpg, row.size = buf.getvalue(), im.size
+        row.jpg, row.size, row.original_size = encode_image(data, resize_short_side, jpeg_quality)
     except Exception as e:  # any decode failure means a corrupt image: skip it, never crash
         row.problem = ("corrupt_image", f"{type(e).__name__}: {e}")
     return row

@@ -85,13 +85,20 @@ class SpeechAdapter(nn.Module):
 
         Args:
             frames: (B, T, audio_dim) encoder frame features; frames past a clip's length are
-                zeroed first, so padding never leaks into its last tokens.
+                zeroed first and after every convolution, so padding never leaks into its
+                last tokens (a clip gives the same tokens alone and padded in a batch).
             frame_lengths: Long tensor (B,), valid frames per clip.
 
         Returns:
             Tokens (B, T', llm_dim) and their valid counts (B,), ``T' = lengths(T)``.
         """
         x = frames * length_mask(frame_lengths, frames.shape[1]).unsqueeze(-1).to(frames.dtype)
-        x = self.convs(x.transpose(1, 2)).transpose(1, 2)
+        x, lengths, step = x.transpose(1, 2), frame_lengths, ConvLengths((3,), (2,), (1,))
+        for layer in self.convs:  # re-zero past each clip, as its own zero padding would be
+            x = layer(x)
+            if isinstance(layer, nn.Conv1d):
+                lengths = step(lengths)
+                x = x * length_mask(lengths, x.shape[2]).unsqueeze(1).to(x.dtype)
+        x = x.transpose(1, 2)
         x = self.norm(self.blocks(self.proj(x)))
         return x, self.lengths(frame_lengths)

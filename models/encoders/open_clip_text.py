@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 from open_clip.model import _build_text_tower, resize_text_pos_embed
 from torch import nn
 
+from . import class_path
 from .open_clip_vision import (
     load_open_clip_state_dict,
     load_tower_state,
@@ -130,6 +134,12 @@ class OpenCLIPTextTower(nn.Module):
         self.tokenizer = OpenCLIPTokenizer(context_length=int(self.text.context_length))
         if file is not None:
             self._load(file)
+        self._init_args: dict[str, Any] = {
+            "model_name": model_name,
+            "embed_dim": self.output_dim,
+            "pretrained": None,  # weights travel separately
+            "text_cfg": copy.deepcopy(tcfg),
+        }
 
     def _load(self, file: str) -> None:
         state = text_state_from_clip(load_open_clip_state_dict(file))
@@ -150,6 +160,14 @@ class OpenCLIPTextTower(nn.Module):
         """
         out = self.text(tokens)
         return out[0] if isinstance(out, tuple) else out
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable ``class_path``/``init_args`` that rebuild this architecture.
+
+        ``pretrained`` is None (weights travel separately); ``text_cfg`` is the full merged
+        config, ``embed_dim`` the resolved width.
+        """
+        return {"class_path": class_path(self), "init_args": copy.deepcopy(self._init_args)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Turn activation checkpointing of the transformer blocks on or off."""
