@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mmpt.shards.index import INDEX_NAME, ShardIndex, ShardInfo, load_index
+from mmpt.shards.members import member_problem
 
 SOURCES = ("tar headers", "img2dataset *_stats.json", "open_clip sizes.json")
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skip_meta
@@ -80,11 +81,13 @@ def sample_keys(members: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, str]
     Yields:
         The key and lower-case extension of each regular, non-meta member with an extension
         (``webdataset.tariterators.base_plus_ext``); consecutive equal keys are one sample.
+        Members with an absolute or ``..`` path are left out, as the training reader skips
+        them (:mod:`mmpt.shards.members`).
     """
     from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
     for name, regular in members:
-        if not regular or _SKIP_META.match(name):
+        if not regular or _SKIP_META.match(name) or member_problem(name) is not None:
             continue
         if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
             continue
