@@ -133,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     # The streams' lengths are exact per rank and worker (tests/test_datamodule_pipeline.py).
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     from mmpt.datamodules.stages import DataError
+    from mmpt.models.init_from import InitFromError
+    from mmpt.safe_load import UnsafeCheckpointError
 
     try:
         build_cli(None if from_shell else argv)
     except DataError as e:  # the data does not fit the model: say why, without a traceback
         print(f"error: {data_error_message(e)}", file=sys.stderr)
+        return 2
+    except (InitFromError, UnsafeCheckpointError) as e:  # a checkpoint refused: one line
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

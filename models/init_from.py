@@ -49,6 +49,13 @@ MIN_LOADED_FRACTION = 0.5
 STRICT_FLAG = "model.init_args.init_from_strict"
 
 
+class InitFromError(ValueError):
+    """``model.init_from`` cannot be applied: nothing fits, or too little does.
+
+    ``mmpt fit`` prints it as one ``error:`` line.
+    """
+
+
 @dataclass
 class InitFromReport:
     """What one ``init_from`` source gave.
@@ -152,14 +159,15 @@ def load_init_from(
 
     Raises:
         FileNotFoundError: A path does not exist.
-        ValueError: Nothing of a source fits, or (strict) too little of them all does.
+        InitFromError: Nothing of a source fits, or (strict) too little of them all does.
+        mmpt.safe_load.UnsafeCheckpointError: A pickle that needs more than plain data.
     """
     own = model.state_dict()
     mapped = [read_source(p, model) for p in paths]
     fits = [_fitting(m, own) for m in mapped]
     for path, m, fit in zip(paths, mapped, fits, strict=True):
         if not fit:
-            raise ValueError(
+            raise InitFromError(
                 f"{FLAG}={path!r}: no parameter matches this {family_of(set(own))} model by "
                 f"name and shape (read as {m.format}, {m.family}; source keys e.g. "
                 f"{sorted(m.state)[:3]}, model keys e.g. {sorted(own)[:3]})"
@@ -178,7 +186,7 @@ def load_init_from(
             f"set {STRICT_FLAG}: false"
         )
         if strict:
-            raise ValueError(message)
+            raise InitFromError(message)
         log.warning(message)
     reports = []
     for path, m, fit in zip(paths, mapped, fits, strict=True):

@@ -130,12 +130,14 @@ def from_open_clip(state: dict[str, torch.Tensor], model: nn.Module) -> Mapped:
     for prefix, tower in text_towers:
         out.scope += prefixed(f"{prefix}text.", tower.text)
         out.state.update({f"{prefix}text.{k}": v for k, v in text.items()})
-        used.update(text)
+        nested = "text.token_embedding.weight" in state  # CustomTextCLIP keeps text.*
+        used.update(f"text.{k}" if nested else k for k in text)
     own = model.state_dict()
     for name in ("logit_scale", "logit_bias"):
-        if name in state and f"loss.{name}" in own:
+        target = own.get(f"loss.{name}")
+        if name in state and target is not None and target.numel() == state[name].numel():
             out.scope.append(f"loss.{name}")
-            out.state[f"loss.{name}"] = state[name].reshape(own[f"loss.{name}"].shape)
+            out.state[f"loss.{name}"] = state[name].reshape(target.shape)
             used.add(name)
     out.unexpected = [k for k in state if k not in used and k != "text.attn_mask"]
     return out
@@ -161,7 +163,6 @@ def from_timm(path: str, model: nn.Module) -> Mapped:
         out.scope += [f"{prefix}model.{k}" for k in own]
         out.state.update({f"{prefix}model.{k}": v for k, v in tensors.items()})
         out.adapted.update({f"{prefix}model.{k}": how for k, how in report.resized.items()})
-        out.adapted.update({f"{prefix}model.{k}": why for k, why in report.mismatched.items()})
         left = {source.prefix + k for k in report.unexpected}
         unexpected = left if unexpected is None else unexpected & left
     out.unexpected = sorted(unexpected or [])

@@ -244,3 +244,37 @@ def test_a_list_counts_its_files_together(vlm_ckpt, tmp_path):
     reports = load_init_from(model, [str(vlm_ckpt), str(tmp_path / "text.pt")])
     assert reports[0].family == "VLM" and reports[1].format == "state dict"
     assert all(r.missing == [] for r in reports)
+
+
+def test_hf_clip_folder_into_hf_vision_and_text_towers(tmp_path):
+    """A full CLIP folder fills an HF image tower and an HF text tower holding a CLIP text model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    from mmpt.models.encoders.hf_text import HFTextTower
+
+    source = hf_source("clip", tmp_path / "clip")
+    words = ["[PAD]", "[UNK]", *(f"w{i}" for i in range(10))]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    text_dir = tmp_path / "clip_text"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer.save_pretrained(text_dir)
+    torch.manual_seed(9)
+    CLIPTextModel(CLIPTextConfig(**HF_TEXT)).save_pretrained(text_dir)  # another init
+    model = ContrastiveModule(
+        hf_tower("clip"),
+        HFTextTower(str(text_dir), embed_dim=32, context_length=8),
+        init_from=str(tmp_path / "clip"),
+    ).eval()
+    (report,) = load_init_from(model, [str(tmp_path / "clip")])
+    assert report.missing == []
+    assert sorted(report.unexpected) == [
+        "logit_scale",
+        "text_projection.weight",
+        "visual_projection.weight",
+    ]
+    ids = torch.randint(2, 12, (2, 8))
+    with torch.no_grad():
+        got = model.text.model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(got, source.text_model(input_ids=ids).last_hidden_state)

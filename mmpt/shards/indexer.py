@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmpt.shards.index import INDEX_NAME, ShardIndex, ShardInfo, load_index
+from mmpt.shards.members import member_problem
 from mmpt.shards.tar_headers import tar_members
 
 SOURCES = ("tar headers", "img2dataset *_stats.json", "open_clip sizes.json")
@@ -80,11 +81,13 @@ def sample_keys(members: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, str]
     Yields:
         The key and lower-case extension of each regular, non-meta member with an extension
         (``webdataset.tariterators.base_plus_ext``); consecutive equal keys are one sample.
+        Members with an absolute or ``..`` path are left out, as the training reader skips
+        them (:mod:`mmpt.shards.members`).
     """
     from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
     for name, regular in members:
-        if not regular or _SKIP_META.match(name):
+        if not regular or _SKIP_META.match(name) or member_problem(name) is not None:
             continue
         if "/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix):
             continue

@@ -89,7 +89,12 @@ def resolve_open_clip_checkpoint(model_name: str, pretrained: str, flag: str) ->
 
 
 def load_open_clip_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Load an open_clip checkpoint (safetensors, torch, ``state_dict`` wrapper, DDP prefix)."""
+    """Load an open_clip checkpoint (safetensors, torch, ``state_dict`` wrapper, DDP prefix).
+
+    Read through :mod:`mmpt.safe_load` (``weights_only`` with mmpt's allow-list).
+    """
     if path.endswith((".npz", ".npy")):
         raise ValueError(f"{path}: big_vision .npz weights are not supported; convert them first.")
-    return dict(open_clip.factory.load_state_dict(path))
+    from mmpt.models.init_sources import tensors_of
+
+    return tensors_of(path)[0]

@@ -2,8 +2,9 @@
 
 A shard holding ``../evil.txt`` and ``/tmp/abs.txt`` (written with Python's ``tarfile``) keeps
 its good samples in the training stream and in ``mmpt data inspect``, with every bad member
-counted and named with its shard; the shard writer every builder uses refuses such keys, and
-nothing is ever written outside the output folder.
+counted and named with its shard (``mmpt data index`` leaves them out of its counts too); the
+shard writer every builder uses refuses such keys, and nothing is ever written outside the
+output folder.
 """
 
 from __future__ import annotations
@@ -84,6 +85,14 @@ def test_inspect_counts_and_names_them(shard: Path) -> None:
     assert len(named) == len(BAD)
     assert all(shard.name in p for p in named)
     assert any("'../evil.txt'" in p for p in named)
+
+
+def test_data_index_counts_what_the_reader_reads(shard: Path) -> None:
+    from mmpt.shards.indexer import count_shard
+
+    count = count_shard(str(shard))
+    assert count.error is None and count.samples == 2
+    assert count.keys == {"jpg", "txt"}
 
 
 @pytest.mark.parametrize("key", ["../evil", "/tmp/mmpt-abs-evil", "x/../../evil"])
