@@ -11,6 +11,12 @@ reading but not decoding the samples before the position, so the plain mode goes
 exactly the samples of the epoch not yet seen and the resampled mode continues the same
 random stream (a mixture schedule included: the draws before the position are replayed
 with the weights they had).
+
+A fast-forwarded worker does not decode, so its random generators cannot be where the
+uninterrupted worker's were. So decoding never depends on them: python's ``random``, numpy's
+and torch's CPU generator are seeded for each sample from (seed, epoch, rank, worker, stream,
+position) (:mod:`mmpt.datamodules.seeding`), so a sample's random crop, flip or caption choice
+is the same whenever and wherever it is decoded.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch.distributed as dist
+import torch.utils.data
+
+from mmpt.datamodules.seeding import sample_seed, seeded
 
 log = logging.getLogger("mmpt.data")
 
@@ -129,19 +138,32 @@ class Ledger:
 class Held:
     """``sample -> fn(sample)`` that records the decoded sample in the ledger (else raises).
 
+    Each sample with a position decodes under generators seeded from ``seed`` and that
+    position (:func:`seeded`), so its augmentations do not depend on what was decoded before.
+
     Args:
         fn: Raw sample -> item (raising skips and counts the sample).
         ledger: Where decoded, not yet batched items are recorded.
         stream: ``main`` or ``replay``.
+        seed: Seed of this worker's stream for the epoch (:func:`sample_seed` of seed, epoch,
+            rank, worker); None decodes with the generators as they are.
     """
 
-    def __init__(self, fn: Callable[[dict[str, Any]], Any], ledger: Ledger, stream: str) -> None:
-        self.fn, self.ledger, self.stream = fn, ledger, stream
+    def __init__(
+        self, fn: Callable[[dict[str, Any]], Any], ledger: Ledger, stream: str,
+        seed: int | None = None,
+    ) -> None:  # fmt: skip
+        self.fn, self.ledger, self.stream, self.seed = fn, ledger, stream, seed
+        self.restore = torch.utils.data.get_worker_info() is None  # the training process
 
     def __call__(self, sample: dict[str, Any]) -> Any:
         """Decode, then record (key, position)."""
         pos = sample.pop(POS_KEY, None)
-        out = self.fn(sample)
+        if pos is None or self.seed is None:
+            out = self.fn(sample)
+        else:
+            with seeded(sample_seed(self.seed, self.stream, pos), self.restore):
+                out = self.fn(sample)
         if pos is not None:
             self.ledger.hold(self.stream, sample.get("__key__", ""), pos)
         return out

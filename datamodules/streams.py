@@ -37,6 +37,7 @@ from mmpt.datamodules.resume import (
     WorkerTracker,
     fingerprint,
 )
+from mmpt.datamodules.seeding import sample_seed
 from mmpt.datamodules.stages import (
     SharedEpoch,
     SkipCounter,
@@ -273,7 +274,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             passes = 1 if self.worker_quota(slot) is None else None
             samples = repeat_passes(lambda: shuffle(read_shards(mine, counter), buf, rng), passes)
             samples = tag(samples, self.url_names)
-        decode = Held(Tagged(self.sample_fn), tracker.ledger, "main")
+        seed = sample_seed(self.seed, epoch, slot.rank, slot.worker)  # per-sample augmentations
+        decode = Held(Tagged(self.sample_fn), tracker.ledger, "main", seed)
         pairs = map_skipping(tracker.main(samples), decode, counter)
         names = list(self.names)
         if cfg.replay is not None:
@@ -282,7 +284,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             weights = replay.weights or [1.0] * n
             names_r = [replay.name] * n
             old = resampled_mix(self.replay_sources, names_r, weights, buf, replay_rng, counter)
-            decode_r = Held(Tagged(self.sample_fn), tracker.ledger, "replay")
+            decode_r = Held(Tagged(self.sample_fn), tracker.ledger, "replay", seed)
             replayed = map_skipping(tracker.replay(old), decode_r, counter)
             mixed = interleave(pairs, replayed, replay.fraction, start=tracker.mixed_start)
             pairs = tracker.count_mixed(mixed)
