@@ -272,6 +272,7 @@ class StreamPosition:
         self.workers: dict[int, WorkerPosition] = {}
         self.loaded: dict[str, Any] | None = None
         self.previous: tuple[int, WorkerPosition | None] | None = None  # before the last batch
+        self.next_worker = 0  # whose batch comes next, before any batch was recorded
         self.applied = False  # the training loader started (a later load comes too late)
 
     def record(self, batch: Any) -> None:
@@ -302,16 +303,20 @@ class StreamPosition:
             in_flight: The last batch recorded did not finish its step (a checkpoint saved on
                 an exception): its worker's position before it is saved, so it comes again.
         """
-        workers = dict(self.workers)
-        if in_flight and self.previous is not None:
+        workers, next_worker = dict(self.workers), self.next_worker
+        if self.previous is not None:  # the DataLoader takes its workers' batches in turn
             worker, before = self.previous
-            if before is None:
-                workers.pop(worker, None)
-            else:
-                workers[worker] = before
+            next_worker = (worker + 1) % (stream.num_workers if stream is not None else 1)
+            if in_flight:
+                next_worker = worker
+                if before is None:
+                    workers.pop(worker, None)
+                else:
+                    workers[worker] = before
         mine = {
             "epoch": self.epoch,
             "workers": {w: dataclasses.asdict(p) for w, p in sorted(workers.items())},
+            "next_worker": next_worker,
         }
         ranks = [mine]
         if world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -343,9 +348,10 @@ class StreamPosition:
         """Give the loaded position of this rank to ``stream`` (once), if it fits the run.
 
         Called just before the training workers start. It sets the stream's epoch: the saved
-        one, or the next when the saved epoch was done. A run saved with other shards, seed
-        or batch size, or another number of ranks or workers, cannot take up the same
-        streams: it is told so and starts the epoch over.
+        one, or the next when the saved epoch was done; mid-epoch, the worker whose batch
+        came next in the saved run comes first again, so batches keep their order. A run
+        saved with other shards, seed or batch size, or another number of ranks or workers,
+        cannot take up the same streams: it is told so and starts the epoch over.
         """
         state, self.loaded = self.loaded, None
         self.applied = True
@@ -366,9 +372,10 @@ class StreamPosition:
             stream.set_epoch(int(mine["epoch"]) + 1)
             return
         workers = {int(w): WorkerPosition(**p) for w, p in mine["workers"].items()}
+        self.next_worker = int(mine.get("next_worker", 0))
         stream.set_epoch(int(mine["epoch"]))  # each worker's clock goes on from its batches
-        stream.resume_from(int(mine["epoch"]), workers)
-        self.epoch, self.workers = int(mine["epoch"]), dict(workers)
+        stream.resume_from(int(mine["epoch"]), workers, self.next_worker)
+        self.epoch, self.workers, self.previous = int(mine["epoch"]), dict(workers), None
         done = sum(p.batches for p in workers.values())
         log.info("data: resuming epoch %d after %d batches on rank %d", self.epoch, done, rank)
 
