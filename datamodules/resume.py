@@ -13,10 +13,11 @@ random stream (a mixture schedule included: the draws before the position are re
 with the weights they had).
 
 A fast-forwarded worker does not decode, so its random generators cannot be where the
-uninterrupted worker's were. So decoding never depends on them: python's ``random``, numpy's
-and torch's CPU generator are seeded for each sample from (seed, epoch, rank, worker, stream,
-position) (:mod:`mmpt.datamodules.seeding`), so a sample's random crop, flip or caption choice
-is the same whenever and wherever it is decoded.
+uninterrupted worker's were. Decoding therefore never depends on them: python's ``random``,
+numpy's and torch's CPU generator are seeded for each sample from (seed, epoch, rank, worker,
+stream, position) (:mod:`mmpt.datamodules.seeding`), so a sample's random crop, flip or
+caption choice is the same whenever and wherever it is decoded. The DataLoader takes its
+workers' batches in turn, so a resumed epoch also starts with the worker whose batch came next.
 """
 
 from __future__ import annotations

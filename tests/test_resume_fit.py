@@ -1,6 +1,7 @@
 """Kill a 2-process gloo DDP ``mmpt fit`` (2 loader workers a rank) mid-epoch, resume it with
 ``--ckpt_path last``, and check from the recorded batch keys that every sample of every epoch
-was trained on exactly once: nothing repeated, nothing skipped.
+was trained on exactly once: nothing repeated, nothing skipped; and that every step of a
+resumed run has the uninterrupted run's loss (random states restored, batches in order).
 
 The first run SIGKILLs both ranks after step 5, two steps past the newest checkpoint (step 3,
 saved every 3 steps); the steps after the checkpoint are lost with the kill, as in a real
@@ -137,6 +138,8 @@ def test_killed_ddp_fit_resumes_with_every_sample_exactly_once(tmp_path: Path):
     assert [sum(w["batches"] for w in r["workers"].values()) for r in state["ranks"]] == [
         ckpt["global_step"]
     ] * RANKS
+    rng = ckpt["mmpt_rng"]  # each rank's generator states, gathered (mmpt.models.rng_state)
+    assert rng["world_size"] == RANKS and len(rng["ranks"]) == RANKS
     check_epochs(before + after, RANKS)
 
 
@@ -206,9 +209,12 @@ TINY_MAE = {
                 "image_size": 32,
                 "embed_dim": 0,
                 "model_kwargs": {
-                    "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                    "patch_size": 8,
+                    "embed_dim": 32,
+                    "depth": 2,
+                    "num_heads": 2,
                     "proj_drop_rate": 0.1,
-                },  # fmt: skip
+                },
             },
         },
         "decoder_dim": 32,
@@ -247,6 +253,7 @@ def losses(out: Path) -> dict[int, float]:
     return {(r := json.loads(line))["step"]: r["loss"] for line in lines}
 
 
+@pytest.mark.slow  # three fits (~45 s CPU); tests/test_resume_rng.py has the fast checks
 def test_killed_and_resumed_fit_has_the_uninterrupted_runs_losses(tmp_path: Path):
     """Every step after a SIGKILL and ``--ckpt_path last`` has exactly the loss of the run that
     was never interrupted: the workers' augmentations, the masks and dropout draw the same."""
@@ -254,12 +261,11 @@ def test_killed_and_resumed_fit_has_the_uninterrupted_runs_losses(tmp_path: Path
     outs = {name: tmp_path / name for name in ("whole", "killed", "resumed")}
     for out in outs.values():
         out.mkdir()
-    runs = {"whole": tmp_path / "whole_run", "killed": tmp_path / "run", "resumed": tmp_path / "run"}
-    kills = {"whole": None, "killed": MAE_KILL, "resumed": None}
-    configs = {
-        name: write_yaml(tmp_path / f"{name}.yaml", mae_config(shards, runs[name], out, kills[name]))
-        for name, out in outs.items()
-    }
+    plan = {"whole": ("whole_run", None), "killed": ("run", MAE_KILL), "resumed": ("run", None)}
+    configs = {}
+    for name, (run, kill) in plan.items():
+        cfg = mae_config(shards, tmp_path / run, outs[name], kill)
+        configs[name] = write_yaml(tmp_path / f"{name}.yaml", cfg)
     whole = mmpt_fit(configs["whole"])
     assert whole.returncode == 0, whole.stdout[-3000:]
     killed = mmpt_fit(configs["killed"])

@@ -147,3 +147,15 @@ def test_a_resumed_worker_draws_the_uninterrupted_runs_augmentations(tmp_path, w
     assert torch.equal(torch.rand(1), expected)
     assert [b.draws for b in first + rest] == [b.draws for b in whole]
     assert len({d[0] for b in whole for d in b.draws}) == 48  # every sample its own draws
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generators_are_captured_once_cuda_is_initialised():
+    x = torch.ones(64, 64, device="cuda")
+    state = capture()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    expected = torch.nn.functional.dropout(x, 0.5)  # GPU dropout draws from the CUDA generator
+    torch.nn.functional.dropout(x, 0.5)
+    restore(state)
+    assert torch.equal(torch.nn.functional.dropout(x, 0.5), expected)
