@@ -18,10 +18,11 @@ import pytest
 import torch
 from lightning.fabric.utilities.types import _Stateful
 
+from mmpt.datamodules import seeding
 from mmpt.datamodules.loader import make_loader
 from mmpt.datamodules.seeding import sample_seed, seeded
 from mmpt.datamodules.streams import ShardStream, StreamConfig
-from mmpt.models.rng_state import TrainingRNG, capture, restore
+from mmpt.models.rng_state import VERSION, TrainingRNG, capture, restore
 from tests.helpers import write_shards
 from tests.test_resume import run
 
@@ -77,9 +78,14 @@ def test_a_loaded_state_is_applied_once_and_only_on_a_matching_world(caplog):
 
 def test_sample_seeds_are_the_same_in_every_process_and_distinct():
     """Unlike ``hash()`` of a string, the seed does not change with the process's hash seed."""
-    code = "from mmpt.datamodules.seeding import sample_seed; print(sample_seed(3, 'main', 7))"
+    code = (  # the module alone (the package would import every model library)
+        "import importlib.util as u, sys; spec = u.spec_from_file_location('s', sys.argv[1]); "
+        "m = u.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(m.sample_seed(3, 'main', 7))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "123"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-c", code, seeding.__file__]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == sample_seed(3, "main", 7)
     seeds = {sample_seed(3, 1, 0, w, s, p) for w in range(2) for s in ("main", "replay")
@@ -159,3 +165,16 @@ def test_cuda_generators_are_captured_once_cuda_is_initialised():
     torch.nn.functional.dropout(x, 0.5)
     restore(state)
     assert torch.equal(torch.nn.functional.dropout(x, 0.5), expected)
+
+
+def test_each_rank_restores_its_own_states():
+    """A checkpoint of 2 ranks holds one entry per rank; rank 1 takes the second."""
+    random.seed(0)
+    rank0 = capture()
+    random.seed(1)
+    rank1 = capture()
+    expected = random.random()
+    rng = TrainingRNG()
+    rng.load_state_dict({"version": VERSION, "world_size": 2, "ranks": [rank0, rank1]})
+    rng.apply(1, 2)
+    assert random.random() == expected
