@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch.utils.data
 
+from mmpt.datamodules.seeding import sample_seed
+
 if TYPE_CHECKING:
     from mmpt.datamodules.streams import ShardStream
 
@@ -23,6 +25,11 @@ class DeferredLoader(torch.utils.data.DataLoader):
     state). ``before_iter`` runs just before the real iterator is made, when the trainer has
     restored everything, so the workers start from the right epoch and position.
 
+    It follows Lightning's resumable-loader protocol (``state_dict`` / ``load_state_dict``),
+    so a mid-epoch resume is not reported as unreliable; the position itself is saved and
+    restored by the datamodule (:class:`~mmpt.datamodules.resume.StreamPosition`, every
+    worker of every rank), which hands it to the stream in ``before_iter``.
+
     Args:
         *args: As for :class:`torch.utils.data.DataLoader`.
         before_iter: Called before each real iterator is made.
@@ -35,6 +42,13 @@ class DeferredLoader(torch.utils.data.DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         return _Deferred(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the datamodule's checkpoint entry holds the stream position."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to load: the datamodule restores the stream position (see the class)."""
 
 
 class _Deferred:
@@ -67,6 +81,10 @@ def make_loader(
     In plain mode it never starts more workers than the rank has shards (idle workers would
     only cost memory), and the stream's length is computed for the worker count used.
     With ``before_iter`` it is a :class:`DeferredLoader` (the training loader).
+
+    The loader has its own generator, seeded from the stream's seed, for its workers' base
+    seed: making an iterator never draws from torch's global generator, whose training draws
+    (dropout, masks) a resumed run restores (:mod:`mmpt.models.rng_state`).
     """
     if not stream.config.resampled:
         shards_here = len(stream.urls[stream.rank :: stream.world_size])
@@ -79,6 +97,7 @@ def make_loader(
         "persistent_workers": num_workers > 0,
         "pin_memory": pin_memory,
         "prefetch_factor": 4 if num_workers > 0 else None,
+        "generator": torch.Generator().manual_seed(sample_seed(stream.seed, "loader")),
     }
     if before_iter is not None:
         return DeferredLoader(stream, before_iter=before_iter, **options)

@@ -11,6 +11,13 @@ reading but not decoding the samples before the position, so the plain mode goes
 exactly the samples of the epoch not yet seen and the resampled mode continues the same
 random stream (a mixture schedule included: the draws before the position are replayed
 with the weights they had).
+
+A fast-forwarded worker does not decode, so its random generators cannot be where the
+uninterrupted worker's were. Decoding therefore never depends on them: python's ``random``,
+numpy's and torch's CPU generator are seeded for each sample from (seed, epoch, rank, worker,
+stream, position) (:mod:`mmpt.datamodules.seeding`), so a sample's random crop, flip or
+caption choice is the same whenever and wherever it is decoded. The DataLoader takes its
+workers' batches in turn, so a resumed epoch also starts with the worker whose batch came next.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch.distributed as dist
+import torch.utils.data
+
+from mmpt.datamodules.seeding import sample_seed, seeded
 
 log = logging.getLogger("mmpt.data")
 
@@ -129,19 +139,32 @@ class Ledger:
 class Held:
     """``sample -> fn(sample)`` that records the decoded sample in the ledger (else raises).
 
+    Each sample with a position decodes under generators seeded from ``seed`` and that
+    position (:func:`seeded`), so its augmentations do not depend on what was decoded before.
+
     Args:
         fn: Raw sample -> item (raising skips and counts the sample).
         ledger: Where decoded, not yet batched items are recorded.
         stream: ``main`` or ``replay``.
+        seed: Seed of this worker's stream for the epoch (:func:`sample_seed` of seed, epoch,
+            rank, worker); None decodes with the generators as they are.
     """
 
-    def __init__(self, fn: Callable[[dict[str, Any]], Any], ledger: Ledger, stream: str) -> None:
-        self.fn, self.ledger, self.stream = fn, ledger, stream
+    def __init__(
+        self, fn: Callable[[dict[str, Any]], Any], ledger: Ledger, stream: str,
+        seed: int | None = None,
+    ) -> None:  # fmt: skip
+        self.fn, self.ledger, self.stream, self.seed = fn, ledger, stream, seed
+        self.restore = torch.utils.data.get_worker_info() is None  # the training process
 
     def __call__(self, sample: dict[str, Any]) -> Any:
         """Decode, then record (key, position)."""
         pos = sample.pop(POS_KEY, None)
-        out = self.fn(sample)
+        if pos is None or self.seed is None:
+            out = self.fn(sample)
+        else:
+            with seeded(sample_seed(self.seed, self.stream, pos), self.restore):
+                out = self.fn(sample)
         if pos is not None:
             self.ledger.hold(self.stream, sample.get("__key__", ""), pos)
         return out
@@ -250,6 +273,7 @@ class StreamPosition:
         self.workers: dict[int, WorkerPosition] = {}
         self.loaded: dict[str, Any] | None = None
         self.previous: tuple[int, WorkerPosition | None] | None = None  # before the last batch
+        self.next_worker = 0  # whose batch comes next, before any batch was recorded
         self.applied = False  # the training loader started (a later load comes too late)
 
     def record(self, batch: Any) -> None:
@@ -280,16 +304,20 @@ class StreamPosition:
             in_flight: The last batch recorded did not finish its step (a checkpoint saved on
                 an exception): its worker's position before it is saved, so it comes again.
         """
-        workers = dict(self.workers)
-        if in_flight and self.previous is not None:
+        workers, next_worker = dict(self.workers), self.next_worker
+        if self.previous is not None:  # the DataLoader takes its workers' batches in turn
             worker, before = self.previous
-            if before is None:
-                workers.pop(worker, None)
-            else:
-                workers[worker] = before
+            next_worker = (worker + 1) % (stream.num_workers if stream is not None else 1)
+            if in_flight:
+                next_worker = worker
+                if before is None:
+                    workers.pop(worker, None)
+                else:
+                    workers[worker] = before
         mine = {
             "epoch": self.epoch,
             "workers": {w: dataclasses.asdict(p) for w, p in sorted(workers.items())},
+            "next_worker": next_worker,
         }
         ranks = [mine]
         if world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -321,9 +349,10 @@ class StreamPosition:
         """Give the loaded position of this rank to ``stream`` (once), if it fits the run.
 
         Called just before the training workers start. It sets the stream's epoch: the saved
-        one, or the next when the saved epoch was done. A run saved with other shards, seed
-        or batch size, or another number of ranks or workers, cannot take up the same
-        streams: it is told so and starts the epoch over.
+        one, or the next when the saved epoch was done; mid-epoch, the worker whose batch
+        came next in the saved run comes first again, so batches keep their order. A run
+        saved with other shards, seed or batch size, or another number of ranks or workers,
+        cannot take up the same streams: it is told so and starts the epoch over.
         """
         state, self.loaded = self.loaded, None
         self.applied = True
@@ -344,9 +373,10 @@ class StreamPosition:
             stream.set_epoch(int(mine["epoch"]) + 1)
             return
         workers = {int(w): WorkerPosition(**p) for w, p in mine["workers"].items()}
+        self.next_worker = int(mine.get("next_worker", 0))
         stream.set_epoch(int(mine["epoch"]))  # each worker's clock goes on from its batches
-        stream.resume_from(int(mine["epoch"]), workers)
-        self.epoch, self.workers = int(mine["epoch"]), dict(workers)
+        stream.resume_from(int(mine["epoch"]), workers, self.next_worker)
+        self.epoch, self.workers, self.previous = int(mine["epoch"]), dict(workers), None
         done = sum(p.batches for p in workers.values())
         log.info("data: resuming epoch %d after %d batches on rank %d", self.epoch, done, rank)
 

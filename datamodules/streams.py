@@ -37,6 +37,7 @@ from mmpt.datamodules.resume import (
     WorkerTracker,
     fingerprint,
 )
+from mmpt.datamodules.seeding import sample_seed
 from mmpt.datamodules.stages import (
     DataError,
     SharedEpoch,
@@ -126,6 +127,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.track = False  # attach each batch's position (the training stream; see resume.py)
         self.resume_epoch: int | None = None
         self.resume: dict[int, WorkerPosition] = {}
+        self.resume_first = 0  # the slot the DataLoader's worker 0 takes in the resumed epoch
         counts = [s.counts for s in sources]
         self.counts = None if any(c is None for c in counts) else [n for c in counts for n in c]
 
@@ -208,13 +210,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         quotas = self.worker_quotas(self.rank)
         return None if quotas is None else quotas[slot.worker]
 
-    def resume_from(self, epoch: int, workers: dict[int, WorkerPosition]) -> None:
+    def resume_from(self, epoch: int, workers: dict[int, WorkerPosition], first: int = 0) -> None:
         """Take up epoch ``epoch`` where a checkpoint left each worker (before iterating).
 
         Workers of that epoch without a position start it from the beginning; later epochs
         are not affected.
+
+        Args:
+            epoch: The epoch to take up.
+            workers: Each worker's position in it.
+            first: The worker whose batch came next in the saved run. A DataLoader takes its
+                workers' batches in turn starting at worker 0, so in this epoch DataLoader
+                worker ``i`` plays the stream's worker ``(first + i) % num_workers``: the
+                batches come in the uninterrupted run's order.
         """
-        self.resume_epoch, self.resume = epoch, dict(workers)
+        self.resume_epoch, self.resume, self.resume_first = epoch, dict(workers), first
 
     def fingerprint(self) -> str:
         """What a saved position depends on (shards, seed, batch size, stream settings)."""
@@ -275,7 +285,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             passes = 1 if self.worker_quota(slot) is None else None
             samples = repeat_passes(lambda: shuffle(read_shards(mine, counter), buf, rng), passes)
             samples = tag(samples, self.url_names)
-        decode = Held(Tagged(self.sample_fn), tracker.ledger, "main")
+        seed = sample_seed(self.seed, epoch, slot.rank, slot.worker)  # per-sample augmentations
+        decode = Held(Tagged(self.sample_fn), tracker.ledger, "main", seed)
         pairs = map_skipping(tracker.main(samples), decode, counter)
         names = list(self.names)
         if cfg.replay is not None:
@@ -284,7 +295,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             weights = replay.weights or [1.0] * n
             names_r = [replay.name] * n
             old = resampled_mix(self.replay_sources, names_r, weights, buf, replay_rng, counter)
-            decode_r = Held(Tagged(self.sample_fn), tracker.ledger, "replay")
+            decode_r = Held(Tagged(self.sample_fn), tracker.ledger, "replay", seed)
             replayed = map_skipping(tracker.replay(old), decode_r, counter)
             mixed = interleave(pairs, replayed, replay.fraction, start=tracker.mixed_start)
             pairs = tracker.count_mixed(mixed)
@@ -294,6 +305,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         slot = Slot.current(self.rank, self.world_size)
         epoch = self.epoch.get()
+        if epoch == self.resume_epoch and self.resume_first:  # see resume_from
+            worker = (slot.worker + self.resume_first) % slot.num_workers
+            slot = dataclasses.replace(slot, worker=worker)
         start = self._start(slot, epoch)
         tracker = WorkerTracker(slot.worker, epoch, start, bool(self.config.weight_schedule))
         counter = SkipCounter()

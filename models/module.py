@@ -16,6 +16,7 @@ from torch import nn
 
 from mmpt.models.init_from import load_init_from
 from mmpt.models.init_from import load_matching as load_matching
+from mmpt.models.rng_state import RNG_KEY, TrainingRNG
 from mmpt.models.schedules import Schedule, WarmupCosine
 from mmpt.safe_load import load_tensors
 
@@ -78,6 +79,7 @@ class MMPTModule(L.LightningModule):
         self.trainable_patterns = list(trainable) if trainable is not None else None
         self.init_from = init_from
         self.init_from_strict = init_from_strict
+        self.training_rng = TrainingRNG()  # generator states saved in checkpoints
 
     def configure_model(self) -> None:
         """Apply ``init_from`` and the freeze/trainable lists once; shard under FSDP2.
@@ -97,7 +99,12 @@ class MMPTModule(L.LightningModule):
             shard(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record the image tower's architecture and preprocessing under :data:`TOWER_KEY`."""
+        """Record the image tower (:data:`TOWER_KEY`) and every rank's random generator states.
+
+        The states go under :data:`~mmpt.models.rng_state.RNG_KEY` (every rank calls this).
+        """
+        rng = self.training_rng.state_dict(self.global_rank, self.trainer.world_size)
+        checkpoint[RNG_KEY] = rng
         tower = getattr(self, self.image_tower_attr, None)
         if tower is not None and hasattr(tower, "describe"):
             checkpoint[TOWER_KEY] = {
@@ -118,6 +125,20 @@ class MMPTModule(L.LightningModule):
         if dm is not None and hasattr(dm, "set_epoch"):
             done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
             dm.set_epoch(self.current_epoch, offset=int(done))
+        self.training_rng.apply(self.global_rank, self.trainer.world_size)  # a resumed run's
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the checkpoint's random generator states until training starts."""
+        self.training_rng.load_state_dict(checkpoint.get(RNG_KEY))
+
+    def on_validation_model_eval(self) -> None:
+        """Validation runs on a fork of the random states: it never moves the training draws."""
+        self.training_rng.fork()
+        super().on_validation_model_eval()
+
+    def on_validation_end(self) -> None:
+        """Back to the training random states (after callbacks, which may save a checkpoint)."""
+        self.training_rng.join()
 
     def on_train_epoch_start(self) -> None:
         """Tell the datamodule the epoch (shard order and shuffles follow it)."""

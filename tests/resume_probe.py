@@ -1,4 +1,5 @@
-"""Callbacks for the kill-and-resume fit tests: record each rank's batch keys, die mid-epoch."""
+"""Callbacks for the kill-and-resume fit tests: record each rank's batch keys and losses, die
+mid-epoch."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import lightning as L
 
 
 class KeyRecorder(L.Callback):
-    """Append ``{"epoch", "step", "keys"}`` of every training batch to ``<out>/keys_rank<r>.jsonl``.
+    """Append ``{"epoch", "step", "keys"}`` of every training batch to ``<out>/keys_rank<r>.jsonl``
+    and ``{"step", "loss"}`` to ``<out>/losses_rank<r>.jsonl``.
 
-    ``step`` is the optimizer steps done before the batch. Each line is flushed and synced
-    before the step runs, so a SIGKILL loses nothing recorded.
+    ``step`` is the optimizer steps done before the batch; ``loss`` is the rank's training loss
+    of that batch (JSON keeps every bit of a float). Each line is flushed and synced at once,
+    so a SIGKILL loses nothing recorded.
     """
 
     def __init__(self, out: str) -> None:
@@ -25,8 +28,18 @@ class KeyRecorder(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         line = {"epoch": trainer.current_epoch, "step": trainer.global_step, "keys": batch.keys}
-        path = self.out / f"keys_rank{trainer.global_rank}.jsonl"
-        with path.open("a") as f:
+        self._write(f"keys_rank{trainer.global_rank}.jsonl", line)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        line = {"step": trainer.global_step - 1, "loss": float(loss)}
+        self._write(f"losses_rank{trainer.global_rank}.jsonl", line)
+
+    def _write(self, name: str, line: dict[str, Any]) -> None:
+        with (self.out / name).open("a") as f:
             f.write(json.dumps(line) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -117,12 +117,14 @@ def run(build: Callable[[], ShardStream], workers: int, stop: int | None, state=
 
 
 def check_exact(build: Callable[[], ShardStream], workers: int, stop: int) -> list[KeyBatch]:
-    """The stopped + resumed run makes each worker's batches of the uninterrupted run."""
+    """The stopped + resumed run makes the uninterrupted run's batches, in its order (the
+    worker whose batch came next comes first again)."""
     whole, _ = run(build, workers, None)
     first, state = run(build, workers, stop)
     rest, _ = run(build, workers, None, state)
     assert len(first) == stop and len(first) + len(rest) == len(whole)
     assert by_worker(first + rest) == by_worker(whole)
+    assert [b.keys for b in first + rest] == [b.keys for b in whole]
     return whole
 
 

@@ -1,6 +1,7 @@
 """Kill a 2-process gloo DDP ``mmpt fit`` (2 loader workers a rank) mid-epoch, resume it with
 ``--ckpt_path last``, and check from the recorded batch keys that every sample of every epoch
-was trained on exactly once: nothing repeated, nothing skipped.
+was trained on exactly once: nothing repeated, nothing skipped; and that every step of a
+resumed run has the uninterrupted run's loss (random states restored, batches in order).
 
 The first run SIGKILLs both ranks after step 5, two steps past the newest checkpoint (step 3,
 saved every 3 steps); the steps after the checkpoint are lost with the kill, as in a real
@@ -137,6 +138,8 @@ def test_killed_ddp_fit_resumes_with_every_sample_exactly_once(tmp_path: Path):
     assert [sum(w["batches"] for w in r["workers"].values()) for r in state["ranks"]] == [
         ckpt["global_step"]
     ] * RANKS
+    rng = ckpt["mmpt_rng"]  # each rank's generator states, gathered (mmpt.models.rng_state)
+    assert rng["world_size"] == RANKS and len(rng["ranks"]) == RANKS
     check_epochs(before + after, RANKS)
 
 
@@ -193,3 +196,90 @@ def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning reads these to join an existing job; the test launches its own."""
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
+
+
+#: Tiny MAE with dropout: random masks (training and validation) and dropout in the process.
+TINY_MAE = {
+    "class_path": "mmpt.models.mae.MAEModule",
+    "init_args": {
+        "encoder": {
+            "class_path": "mmpt.models.encoders.TimmVisionTower",
+            "init_args": {
+                "model_name": "vit_tiny_patch16_224",
+                "image_size": 32,
+                "embed_dim": 0,
+                "model_kwargs": {
+                    "patch_size": 8,
+                    "embed_dim": 32,
+                    "depth": 2,
+                    "num_heads": 2,
+                    "proj_drop_rate": 0.1,
+                },
+            },
+        },
+        "decoder_dim": 32,
+        "decoder_depth": 1,
+        "decoder_heads": 2,
+        "log_reconstructions": 0,
+    },
+}
+#: 4 shards of 8, 4 per batch, 2 workers: 8 steps an epoch; checkpoints and validation every 5.
+MAE_SAMPLES, MAE_KILL, MAE_EVERY = 32, 7, 5
+
+
+def mae_config(shards: Path, run: Path, out: Path, kill: int | None) -> dict[str, Any]:
+    """MAE on the test shards for 2 epochs: random crops and flips in 2 loader workers, random
+    masks and dropout in the training process, a validation (with random masks) at step 5."""
+    cfg = fit_config(shards, run, out, kill, MAE_EVERY, devices=1)
+    cfg["trainer"].update(val_check_interval=MAE_EVERY, limit_val_batches=1)
+    cfg["model"] = TINY_MAE
+    val = {"urls": str(shards), "shuffle_buffer": 0, "shuffle_shards": False}
+    cfg["data"] = {
+        "class_path": "mmpt.datamodules.images.ImageDataModule",
+        "init_args": {
+            "train": {"urls": str(shards), "shuffle_buffer": 6},
+            "val": val,
+            "batch_size": 4,
+            "num_workers": 2,
+            "train_crop_scale": [0.5, 1.0],
+        },
+    }
+    return cfg
+
+
+def losses(out: Path) -> dict[int, float]:
+    """Step -> training loss, as recorded by :class:`tests.resume_probe.KeyRecorder`."""
+    lines = (out / "losses_rank0.jsonl").read_text().splitlines()
+    return {(r := json.loads(line))["step"]: r["loss"] for line in lines}
+
+
+@pytest.mark.slow  # three fits (~45 s CPU); tests/test_resume_rng.py has the fast checks
+def test_killed_and_resumed_fit_has_the_uninterrupted_runs_losses(tmp_path: Path):
+    """Every step after a SIGKILL and ``--ckpt_path last`` has exactly the loss of the run that
+    was never interrupted: the workers' augmentations, the masks and dropout draw the same."""
+    shards = write_shards(tmp_path / "shards", n=MAE_SAMPLES, per_shard=8)
+    outs = {name: tmp_path / name for name in ("whole", "killed", "resumed")}
+    for out in outs.values():
+        out.mkdir()
+    plan = {"whole": ("whole_run", None), "killed": ("run", MAE_KILL), "resumed": ("run", None)}
+    configs = {}
+    for name, (run, kill) in plan.items():
+        cfg = mae_config(shards, tmp_path / run, outs[name], kill)
+        configs[name] = write_yaml(tmp_path / f"{name}.yaml", cfg)
+    whole = mmpt_fit(configs["whole"])
+    assert whole.returncode == 0, whole.stdout[-3000:]
+    killed = mmpt_fit(configs["killed"])
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    resumed = mmpt_fit(configs["resumed"], "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "not resumable" not in resumed.stdout  # Lightning's resumable-loader protocol
+
+    expected = losses(outs["whole"])
+    assert sorted(expected) == list(range(2 * MAE_SAMPLES // 4))
+    first = losses(outs["killed"])
+    assert first == {s: expected[s] for s in range(MAE_KILL)}  # the runs are deterministic
+    saved = (MAE_KILL // MAE_EVERY) * MAE_EVERY
+    after = losses(outs["resumed"])
+    assert sorted(after) == list(range(saved, len(expected)))
+    differ = {s: (loss, expected[s]) for s, loss in after.items() if loss != expected[s]}
+    assert not differ, f"steps whose loss differs from the uninterrupted run's: {differ}"
