@@ -60,8 +60,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Readers of a checkpoint path, including a resume after a crash, see either the previous file
     or the complete new one, never a truncated file. Local loads (``--ckpt_path`` resumes) go
     through :func:`mmpt.safe_load.load_torch_file`: ``weights_only`` with mmpt's allow-list
-    (Lightning's own load would use torch's default allow-list, without Lightning's and mmpt's
-    plain-data types); ``MMPT_UNSAFE_LOAD=1`` or ``weights_only=False`` passed to the Trainer
+    (Lightning's own load would use torch's default allow-list, without mmpt's plain-data
+    types); ``MMPT_UNSAFE_LOAD=1`` or ``weights_only=False`` passed to the Trainer
     allow a trusted legacy pickle. Remote loads and removing are unchanged.
 
     Remote fsspec URLs (``s3://``, ``gs://``, ...) fall back to Lightning's

@@ -45,14 +45,15 @@ class UnsafeCheckpointError(ValueError):
 def allowed_globals() -> tuple[type, ...]:
     """The types a checkpoint may hold besides tensors and plain containers.
 
-    Exactly what mmpt and Lightning write into checkpoints: Lightning's ``AttributeDict``
-    (``hyper_parameters``) and ``pathlib`` paths (callback state such as a checkpoint
-    folder). Plain data only: no function or other callable is ever on this list.
+    What mmpt and Lightning write beyond torch's own list: checkpoints of every quickstart
+    family (CLIP, VLM, MAE, audio-text, BLSP, EgoVLP) and EMA runs hold tensors, plain
+    containers and numbers only; Lightning stores ``hyper_parameters`` as a plain dict, whose
+    values are a module's ``__init__`` arguments, which may be ``pathlib`` paths. Plain data
+    only: no function or other callable is ever on this list. (Lightning's ``AttributeDict``
+    cannot be on it: torch's weights-only unpickler fills no dict subclass.)
     """
-    from lightning.fabric.utilities.data import AttributeDict
-
     paths = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath)
-    return (AttributeDict, *paths, pathlib.PureWindowsPath)
+    return (*paths, pathlib.PureWindowsPath)
 
 
 def unsafe_from_env() -> bool:
@@ -80,7 +81,8 @@ def _refused(path: str, err: Exception) -> UnsafeCheckpointError:
     names = [n for n in names if n not in allowed]
     if not names:
         found = re.search(r"GLOBAL (\S+)", str(err))
-        names = [found.group(1)] if found else [f"unknown ({str(err).splitlines()[0]})"]
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        names = [found.group(1) if found else why.group(1) if why else str(err)[:200]]
     return UnsafeCheckpointError(
         f"{path}: refused to load: unpickling it needs {', '.join(names)}, which could run "
         "arbitrary code (mmpt loads checkpoints with torch.load(weights_only=True) and an "

@@ -305,7 +305,7 @@ def _safe_strategy_load(load: Any, path: Any, weights_only: bool | None) -> dict
     """Run a strategy's checkpoint load behind :func:`mmpt.safe_load.check_pickle`.
 
     Lightning's FSDP resume unpickles a full checkpoint without ``weights_only``; FSDP2's uses
-    torch's default allow-list, which lacks Lightning's ``AttributeDict``.
+    torch's default allow-list, which lacks mmpt's (paths in hyper-parameters).
     """
     unsafe = True if weights_only is False else None
     check_pickle(path, unsafe)

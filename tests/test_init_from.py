@@ -278,3 +278,29 @@ def test_hf_clip_folder_into_hf_vision_and_text_towers(tmp_path):
     with torch.no_grad():
         got = model.text.model(input_ids=ids).last_hidden_state
         torch.testing.assert_close(got, source.text_model(input_ids=ids).last_hidden_state)
+
+
+def test_mmpt_fit_prints_a_refused_init_from_as_one_line(vlm_ckpt, tmp_path, capsys):
+    import yaml
+
+    from mmpt.cli import main
+    from tests.helpers import write_shards
+
+    shards = write_shards(tmp_path / "shards", n=8, per_shard=8)
+    config = {
+        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False},
+        "model": {
+            "class_path": "mmpt.models.contrastive.ContrastiveModule",
+            "init_args": {"vision": TINY_VISION, "text": TINY_TEXT, "init_from": str(vlm_ckpt)},
+        },
+        "data": {
+            "class_path": "mmpt.datamodules.image_text.ImageTextDataModule",
+            "init_args": {"train": {"urls": str(shards)}, "num_workers": 0, "batch_size": 4},
+        },
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    root = ["--trainer.default_root_dir", str(tmp_path / "run")]
+    assert main(["fit", "-c", str(tmp_path / "cfg.yaml"), *root]) == 2
+    err = capsys.readouterr().err
+    assert "error: model.init_from=" in err and "VLM model, this is a contrastive" in err
+    assert "Traceback" not in err

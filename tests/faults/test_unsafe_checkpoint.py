@@ -221,3 +221,17 @@ def test_real_checkpoints_load_everywhere(real, tmp_path, capsys):
     )
     trainer.fit(resumed, datamodule=real["dm"], ckpt_path=str(ckpt))  # --ckpt_path resume
     assert trainer.global_step == 3
+
+
+def test_the_allow_list_admits_path_values(real, tmp_path):
+    """Plain data a Lightning module may save beyond torch's list (paths in hyper-parameters)."""
+    from mmpt.safe_load import load_torch_file
+
+    obj = torch.load(real["ckpt"], map_location="cpu", weights_only=True)
+    obj["hyper_parameters"] = {"lr": 1e-3, "data": Path("/data/shards")}
+    torch.save(obj, tmp_path / "hparams.ckpt")
+    with pytest.raises(Exception, match="PosixPath"):
+        torch.load(tmp_path / "hparams.ckpt", weights_only=True)  # torch's own list refuses
+    loaded = load_torch_file(tmp_path / "hparams.ckpt")
+    assert loaded["hyper_parameters"] == {"lr": 1e-3, "data": Path("/data/shards")}
+    check_pickle(tmp_path / "hparams.ckpt")
