@@ -117,6 +117,9 @@ def test_pipe_url_pattern_and_out_file(tmp_path: Path, capsys) -> None:
     index = json.loads(out.read_text())
     assert [s["samples"] for s in index["shards"]] == [2, 5]
     assert index["shards"][0]["name"] == f"pipe:cat {tmp_path}/s/00000.tar"
+    # the datamodules take the index file as a source: remote shards with their counts
+    resolved = resolve_source(str(out))
+    assert resolved.counts == [2, 5] and resolved.urls[1] == f"pipe:cat {tmp_path}/s/00001.tar"
     # a local glob, indexed beside the shards
     assert data_main(["index", str(tmp_path / "s" / "*.tar")]) == 0
     assert load_index(tmp_path / "s").num_samples == 7
@@ -177,3 +180,7 @@ def test_fsspec_url(tmp_path: Path) -> None:
     report = index_shards("memory://idx/{00000..00001}.tar", out=tmp_path / "out")
     assert report.num_samples == 7 and report.index_path == tmp_path / "out" / "index.json"
     assert [s.samples for s in load_index(tmp_path / "out").shards] == [3, 4]
+    # local shards indexed into another folder: listed by absolute path, found again
+    index_shards(str(tmp_path / "s" / "*.tar"), out=tmp_path / "elsewhere.json")
+    resolved = resolve_source(str(tmp_path / "elsewhere.json"))
+    assert resolved.counts == [3, 4] and resolved.urls[0] == str(tmp_path / "s" / "00000.tar")
