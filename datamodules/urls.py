@@ -9,7 +9,7 @@ from typing import IO
 
 import braceexpand
 
-from mmpt.shards.index import load_index
+from mmpt.shards.index import INDEX_NAME, ShardIndex, load_index
 
 REMOTE_PREFIXES = ("pipe:",)
 
@@ -44,10 +44,11 @@ class ResolvedSource:
 def resolve_source(spec: str, field: str = "data.train.urls") -> ResolvedSource:
     """Turn one user-written source into its list of shards.
 
-    Accepts a local folder (its ``index.json``, else every ``*.tar`` in it), a local file or
-    glob, a brace pattern (``shards-{000000..000099}.tar``), a ``pipe:`` command or an fsspec
-    URL (``s3://``, ``gs://``, ``https://`` ...). Local shards must exist: remote ones are
-    checked when opened.
+    Accepts a local folder (its ``index.json``, else every ``*.tar`` in it), a local index
+    ``.json`` file (``mmpt data index --out``: its shards, local or remote, with their counts),
+    a local file or glob, a brace pattern (``shards-{000000..000099}.tar``), a ``pipe:``
+    command or an fsspec URL (``s3://``, ``gs://``, ``https://`` ...). Local shards must
+    exist: remote ones are checked when opened.
 
     Args:
         spec: The pattern.
@@ -62,6 +63,9 @@ def resolve_source(spec: str, field: str = "data.train.urls") -> ResolvedSource:
         spec = spec[len("file://") :]
     if not is_remote(spec) and Path(spec).is_dir():
         return _resolve_folder(Path(spec), field)
+    index = load_index(spec) if not is_remote(spec) and spec.endswith(".json") else None
+    if index is not None:
+        return _resolve_index(Path(spec), index, field)
     urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part)]
     if any(is_remote(u) for u in urls):
         return ResolvedSource(urls, None, {}, spec)
@@ -90,16 +94,22 @@ def _resolve_folder(folder: Path, field: str) -> ResolvedSource:
                 "build shards with `mmpt data build` or `mmpt data synth`."
             )
         return ResolvedSource(tars, None, {}, str(folder))
-    urls = [str(folder / s.name) for s in index.shards]
-    missing = [u for u in urls if not Path(u).is_file()]
+    return _resolve_index(folder / INDEX_NAME, index, field)
+
+
+def _resolve_index(path: Path, index: ShardIndex, field: str) -> ResolvedSource:
+    """The shards an index file lists: names relative to its folder, or absolute/remote URLs."""
+    urls = [s.name if is_remote(s.name) else str(path.parent / s.name) for s in index.shards]
+    missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} shard(s) listed in {folder / 'index.json'} are missing, first: "
+            f"{len(missing)} shard(s) listed in {path} are missing, first: "
             f"{missing[0]!r} (from {field}). Rebuild the shards or fix the index."
         )
     if index.num_samples == 0:
-        raise ValueError(f"{folder / 'index.json'} lists no samples (from {field}): empty source")
-    return ResolvedSource(urls, [s.samples for s in index.shards], index.meta, str(folder))
+        raise ValueError(f"{path} lists no samples (from {field}): empty source")
+    spec = str(path.parent) if path.name == INDEX_NAME else str(path)
+    return ResolvedSource(urls, [s.samples for s in index.shards], index.meta, spec)
 
 
 def _counts_from_neighbouring_index(paths: list[str]) -> tuple[list[int] | None, dict]:

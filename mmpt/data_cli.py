@@ -277,7 +277,11 @@ def _parser() -> argparse.ArgumentParser:
         "path", metavar="PATH", help="a shard folder, a .tar file or pattern, pipe: or fsspec URL"
     )
     index.add_argument(
-        "--out", type=Path, metavar="FILE", help="index.json to write (default: beside the shards)"
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="index file to write (default: index.json beside the shards); a .json file here "
+        "is itself a data source (data.train.urls: FILE), also for remote shards",
     )
     index.add_argument(
         "--workers", type=int, default=1, metavar="N", help="processes reading shards"

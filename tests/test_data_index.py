@@ -117,6 +117,9 @@ def test_pipe_url_pattern_and_out_file(tmp_path: Path, capsys) -> None:
     index = json.loads(out.read_text())
     assert [s["samples"] for s in index["shards"]] == [2, 5]
     assert index["shards"][0]["name"] == f"pipe:cat {tmp_path}/s/00000.tar"
+    # the datamodules take the index file as a source: remote shards with their counts
+    resolved = resolve_source(str(out))
+    assert resolved.counts == [2, 5] and resolved.urls[1] == f"pipe:cat {tmp_path}/s/00001.tar"
     # a local glob, indexed beside the shards
     assert data_main(["index", str(tmp_path / "s" / "*.tar")]) == 0
     assert load_index(tmp_path / "s").num_samples == 7
@@ -147,7 +150,7 @@ def test_clip_fit_takes_its_run_length_from_the_index(tmp_path: Path) -> None:
     from mmpt.cli import main
     from tests.test_cli import tiny_fit_config
 
-    img2dataset_shards(tmp_path / "s", [16, 16])
+    img2dataset_shards(tmp_path / "s", [8, 8])
     cfg = tiny_fit_config(tmp_path / "s", tmp_path / "run")
     del cfg["trainer"]["max_steps"], cfg["trainer"]["val_check_interval"]
     cfg["trainer"] |= {"max_epochs": 1, "limit_val_batches": 0, "enable_checkpointing": False}
@@ -165,7 +168,7 @@ def test_clip_fit_takes_its_run_length_from_the_index(tmp_path: Path) -> None:
     assert main(["fit", "-c", str(path)]) == 0
     metrics = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     steps = {row.split(",")[metrics[0].split(",").index("step")] for row in metrics[1:]}
-    assert max(int(s) for s in steps if s) + 1 == 32 // 8  # 32 samples, batch 8: 4 steps
+    assert max(int(s) for s in steps if s) + 1 == 16 // 8  # 16 samples, batch 8: 2 steps
 
 
 def test_fsspec_url(tmp_path: Path) -> None:
@@ -177,3 +180,7 @@ def test_fsspec_url(tmp_path: Path) -> None:
     report = index_shards("memory://idx/{00000..00001}.tar", out=tmp_path / "out")
     assert report.num_samples == 7 and report.index_path == tmp_path / "out" / "index.json"
     assert [s.samples for s in load_index(tmp_path / "out").shards] == [3, 4]
+    # local shards indexed into another folder: listed by absolute path, found again
+    index_shards(str(tmp_path / "s" / "*.tar"), out=tmp_path / "elsewhere.json")
+    resolved = resolve_source(str(tmp_path / "elsewhere.json"))
+    assert resolved.counts == [3, 4] and resolved.urls[0] == str(tmp_path / "s" / "00000.tar")

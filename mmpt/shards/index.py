@@ -69,18 +69,19 @@ class ShardIndex:
 
 
 def load_index(folder: str | Path) -> ShardIndex | None:
-    """Read ``folder/index.json`` if it exists.
+    """Read ``folder/index.json`` (or the index file ``folder`` itself names) if it exists.
 
     Args:
-        folder: A local folder of shards.
+        folder: A local folder of shards, or a ``.json`` index file (``mmpt data index --out``).
 
     Returns:
-        The index, or None when the folder has no ``index.json``.
+        The index, or None when there is no such file.
 
     Raises:
         ValueError: The file exists but is not a valid index (names the file).
     """
-    path = Path(folder) / INDEX_NAME
+    path = Path(folder)
+    path = path if path.suffix == ".json" and not path.is_dir() else path / INDEX_NAME
     if not path.is_file():
         return None
     try:
