@@ -320,14 +320,15 @@ def test_eval_reads_built_retrieval_and_classification_shards(tmp_path: Path, ca
           "--out", str(tmp_path / "cls"))  # fmt: skip
     cfg = tiny_fit_config(tmp_path / "ret", tmp_path / "run")
     cfg["trainer"] |= {"max_steps": 1, "val_check_interval": 1, "limit_val_batches": 1}
-    cfg["data"]["init_args"] |= {"batch_size": 2, "val_text_key": "json:captions"}
+    cfg["data"]["init_args"] |= {"batch_size": 2, "val_text_key": "json:captions"}  # for fit
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     assert main(["fit", "-c", str(tmp_path / "fit.yaml")]) == 0
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     common = ["-c", str(tmp_path / "fit.yaml"), "--ckpt", str(last), "--num-workers", "0",
               "--device", "cpu"]  # fmt: skip
+    # no --text-key: the retrieval shards' index.json names json:captions
     argv = ["eval", "retrieval", *common, "--data", str(tmp_path / "ret"),
-            "--text-key", "json:captions", "--out", str(tmp_path / "e1")]  # fmt: skip
+            "--out", str(tmp_path / "e1")]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((tmp_path / "e1" / "retrieval.json").read_text())
     assert report["num_images"] == 6 and report["num_texts"] == 30

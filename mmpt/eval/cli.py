@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--text-key",
             default=None,
-            help="caption field, e.g. 'json:captions' (default: data.val_text_key)",
+            help="caption field, e.g. 'json:captions' (default: the shards' index.json "
+            "meta.text_key,"
+            " else data.val_text_key)",
         )
         s.add_argument(
             "--label-key",
@@ -173,6 +175,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     # Checked on the first samples, before the long part.
     samples = peek_samples([u for source in sources for u in source.urls])
     text_flag = "--text-key" if args.text_key else "--text-key (data.val_text_key)"
+    if not args.text_key and isinstance((meta or {}).get("text_key"), str):
+        # the shards name their caption field (e.g. retrieval sets: every caption of an image)
+        dm.val_text_key, text_flag = meta["text_key"], "--text-key (the shards' index.json)"
     require_fields(samples, {text_flag: dm.val_text_key}, where)
     zeroshot = None
     if args.task == "zeroshot":
