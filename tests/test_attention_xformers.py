@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmpt.models.attention import _dense_mask, packed_attention
-from mmpt.models.attn_xformers import xformers_bias, xformers_layout
+from mmpt.models.attn_xformers import extension_load_error, xformers_bias, xformers_layout
 
 xops = pytest.importorskip("xformers.ops", reason="xformers not installed (pip install mmpt[gpu])")
 from xformers.ops import fmha  # noqa: E402
@@ -123,3 +123,12 @@ def test_xformers_semantics_on_mmpt_layout_equal_packed_sdpa(grad, heads):
         want = torch.autograd.grad(ref.sum(), (q, k, v))
         for a, b in zip(grads, want, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_extension_load_error_names_the_cause():
+    from xformers import _cpp_lib
+
+    err = extension_load_error()
+    assert (err is None) == bool(_cpp_lib._built_with_cuda)
+    if err is not None:  # e.g. "libcudart.so.12: cannot open shared object file" here
+        assert "xFormers can't load" not in err  # the cause, not xformers' wrapper
