@@ -45,6 +45,27 @@ def extension_load_error() -> str | None:
     return None if err is None else (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def _probe(device: torch.device) -> str | None:
+    """Run a tiny packed forward + backward through xformers on ``device``; None if it ran."""
+    try:  # also when first called under no_grad / inference_mode (validation) or autocast
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(device.type, enabled=False),
+        ):
+            q = torch.randn(1, 2, 2, 64, device=device, dtype=torch.float16)
+            q.requires_grad_(True)
+            bias = xbias.BlockDiagonalCausalMask.from_seqlens([1, 1], device=device)
+            xops.memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
+    except (NotImplementedError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        why = f"xformers cannot run on {device}: {first}"
+        if (load := extension_load_error()) is not None:
+            why += f" (its CUDA extension did not load: {load})"
+        return why
+    return None
+
+
 def xformers_unusable_reason(device: torch.device) -> str | None:
     """Why xformers cannot run attention on ``device``, or None when it can.
 
@@ -64,17 +85,7 @@ def xformers_unusable_reason(device: torch.device) -> str | None:
         return f"xformers has no {device.type} kernels"
     key = str(device)
     if key not in _USABLE:
-        q = torch.randn(1, 2, 2, 64, device=device, dtype=torch.float16, requires_grad=True)
-        bias = xbias.BlockDiagonalCausalMask.from_seqlens([1, 1], device=device)
-        try:
-            xops.memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
-            _USABLE[key] = None
-        except (NotImplementedError, RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            why = f"xformers cannot run on {device}: {first}"
-            if (load := extension_load_error()) is not None:
-                why += f" (its CUDA extension did not load: {load})"
-            _USABLE[key] = why
+        _USABLE[key] = _probe(device)
     return _USABLE[key]
 
 
