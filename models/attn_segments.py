@@ -81,15 +81,3 @@ def segment_ids(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
     """
     flat = torch.arange(tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens[1:].contiguous(), flat, right=True)
-
-
-def flatten_rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, T, D) -> (1, H, B * T, D): the rows as one stream, row-major."""
-    b, h, t, d = x.shape
-    return x.transpose(0, 1).reshape(1, h, b * t, d)
-
-
-def unflatten_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """(1, H, B * T, D) -> (B, H, T, D), the inverse of :func:`flatten_rows`."""
-    _, h, n, d = x.shape
-    return x.reshape(h, rows, n // rows, d).transpose(0, 1)

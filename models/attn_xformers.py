@@ -27,6 +27,45 @@ _BIAS = Memo()
 _USABLE: dict[str, str | None] = {}
 
 
+def extension_load_error() -> str | None:
+    """Why xformers' CUDA extension did not load (its deepest cause), or None if it did.
+
+    Without the extension xformers refuses every CUDA operator ("xFormers wasn't build with
+    CUDA support"), even those that run torch's own kernels. The 0.0.35 wheel's extension
+    links ``libcudart.so.12``, which a CUDA 13 torch does not ship: ``nvidia-cuda-runtime-cu12``
+    on ``LD_LIBRARY_PATH`` lets it load (``scripts/gpu_check.sh`` does this).
+    """
+    if xops is None:
+        return "xformers is not installed"
+    from xformers import _cpp_lib
+
+    err = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    while err is not None and err.__cause__ is not None:
+        err = err.__cause__
+    return None if err is None else (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _probe(device: torch.device) -> str | None:
+    """Run a tiny packed forward + backward through xformers on ``device``; None if it ran."""
+    try:  # also when first called under no_grad / inference_mode (validation) or autocast
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(device.type, enabled=False),
+        ):
+            q = torch.randn(1, 2, 2, 64, device=device, dtype=torch.float16)
+            q.requires_grad_(True)
+            bias = xbias.BlockDiagonalCausalMask.from_seqlens([1, 1], device=device)
+            xops.memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
+    except (NotImplementedError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        why = f"xformers cannot run on {device}: {first}"
+        if (load := extension_load_error()) is not None:
+            why += f" (its CUDA extension did not load: {load})"
+        return why
+    return None
+
+
 def xformers_unusable_reason(device: torch.device) -> str | None:
     """Why xformers cannot run attention on ``device``, or None when it can.
 
@@ -46,14 +85,7 @@ def xformers_unusable_reason(device: torch.device) -> str | None:
         return f"xformers has no {device.type} kernels"
     key = str(device)
     if key not in _USABLE:
-        q = torch.randn(1, 2, 2, 64, device=device, dtype=torch.float16, requires_grad=True)
-        bias = xbias.BlockDiagonalCausalMask.from_seqlens([1, 1], device=device)
-        try:
-            xops.memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
-            _USABLE[key] = None
-        except (NotImplementedError, RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            _USABLE[key] = f"xformers cannot run on {device}: {first}"
+        _USABLE[key] = _probe(device)
     return _USABLE[key]
 
 

@@ -3,7 +3,10 @@
 Each ``--config`` is built as ``mmpt fit`` would build it (``build_cli(run=False)``), then
 trained for ``--warmup + --steps`` steps on its own datamodule (quickstart configs synthesise
 their data on first use) under :class:`~mmpt.throughput.ThroughputMonitor`; the last
-``--steps`` steps are averaged. No checkpoint, logger or validation.
+``--steps`` steps are averaged. No checkpoint, logger or validation. A config that fails is
+recorded (its error and traceback in the JSON) and the next one still runs; ``--json`` is
+rewritten after every config. ``configs/bench/`` holds real-shape recipes (CLIP ViT-B/16, MAE
+ViT-B/16, a so400m + 0.5B VLM) on synthetic data, which ``scripts/gpu_check.sh`` runs.
 
     python scripts/bench_train.py --config configs/quickstart/clip_tiny.yaml \\
         --config configs/quickstart/vila_stage1.yaml --steps 5 --device cpu \\

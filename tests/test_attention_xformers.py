@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmpt.models.attention import _dense_mask, packed_attention
-from mmpt.models.attn_xformers import xformers_bias, xformers_layout
+from mmpt.models.attn_xformers import extension_load_error, xformers_bias, xformers_layout
 
 xops = pytest.importorskip("xformers.ops", reason="xformers not installed (pip install mmpt[gpu])")
 from xformers.ops import fmha  # noqa: E402
@@ -123,3 +123,31 @@ def test_xformers_semantics_on_mmpt_layout_equal_packed_sdpa(grad, heads):
         want = torch.autograd.grad(ref.sum(), (q, k, v))
         for a, b in zip(grads, want, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_extension_load_error_names_the_cause():
+    from xformers import _cpp_lib
+
+    err = extension_load_error()
+    assert (err is None) == bool(_cpp_lib._built_with_cuda)
+    if err is not None:  # e.g. "libcudart.so.12: cannot open shared object file" here
+        assert "xFormers can't load" not in err  # the cause, not xformers' wrapper
+
+
+def test_usability_probe_runs_under_inference_mode(monkeypatch):
+    """The first packed call may come from validation (inference_mode) or autocast."""
+    from mmpt.models import attn_xformers
+
+    def needs_grad(q, k, v, attn_bias=None):  # a stand-in kernel that checks what it gets
+        assert q.requires_grad and torch.is_grad_enabled()
+        return (q * k).sum(-1, keepdim=True) * v
+
+    monkeypatch.setattr(attn_xformers.xops, "memory_efficient_attention", needs_grad)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn_xformers._probe(torch.device("cpu")) is None
+
+    def refuses(q, k, v, attn_bias=None):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    monkeypatch.setattr(attn_xformers.xops, "memory_efficient_attention", refuses)
+    assert "No operator found" in attn_xformers._probe(torch.device("cpu"))
