@@ -103,8 +103,8 @@ class MMPTModule(L.LightningModule):
 
         The states go under :data:`~mmpt.models.rng_state.RNG_KEY` (every rank calls this).
         """
-        rng = self.training_rng.state_dict(self.global_rank, self.trainer.world_size)
-        checkpoint[RNG_KEY] = rng
+        world = self._trainer.world_size if self._trainer is not None else 1
+        checkpoint[RNG_KEY] = self.training_rng.state_dict(self.global_rank, world)
         tower = getattr(self, self.image_tower_attr, None)
         if tower is not None and hasattr(tower, "describe"):
             checkpoint[TOWER_KEY] = {

@@ -223,14 +223,17 @@ TINY_MAE = {
         "log_reconstructions": 0,
     },
 }
-#: 4 shards of 8, 4 per batch, 2 workers: 8 steps an epoch; checkpoints and validation every 5.
+#: Per rank 4 shards of 8, 4 per batch, 2 workers: 8 steps an epoch; checkpoints and validation
+#: every 5 steps.
 MAE_SAMPLES, MAE_KILL, MAE_EVERY = 32, 7, 5
 
 
-def mae_config(shards: Path, run: Path, out: Path, kill: int | None) -> dict[str, Any]:
+def mae_config(
+    shards: Path, run: Path, out: Path, kill: int | None, ranks: int = 1
+) -> dict[str, Any]:  # fmt: skip
     """MAE on the test shards for 2 epochs: random crops and flips in 2 loader workers, random
     masks and dropout in the training process, a validation (with random masks) at step 5."""
-    cfg = fit_config(shards, run, out, kill, MAE_EVERY, devices=1)
+    cfg = fit_config(shards, run, out, kill, MAE_EVERY, devices=ranks)
     cfg["trainer"].update(val_check_interval=MAE_EVERY, limit_val_batches=1)
     cfg["model"] = TINY_MAE
     val = {"urls": str(shards), "shuffle_buffer": 0, "shuffle_shards": False}
@@ -247,24 +250,29 @@ def mae_config(shards: Path, run: Path, out: Path, kill: int | None) -> dict[str
     return cfg
 
 
-def losses(out: Path) -> dict[int, float]:
-    """Step -> training loss, as recorded by :class:`tests.resume_probe.KeyRecorder`."""
-    lines = (out / "losses_rank0.jsonl").read_text().splitlines()
-    return {(r := json.loads(line))["step"]: r["loss"] for line in lines}
+def losses(out: Path, ranks: int) -> dict[tuple[int, int], float]:
+    """(rank, step) -> training loss, as recorded by :class:`tests.resume_probe.KeyRecorder`."""
+    return {
+        (rank, (r := json.loads(line))["step"]): r["loss"]
+        for rank in range(ranks)
+        for line in (out / f"losses_rank{rank}.jsonl").read_text().splitlines()
+    }
 
 
-@pytest.mark.slow  # three fits (~45 s CPU); tests/test_resume_rng.py has the fast checks
-def test_killed_and_resumed_fit_has_the_uninterrupted_runs_losses(tmp_path: Path):
+@pytest.mark.slow  # three fits (~45 s CPU a process); tests/test_resume_rng.py: the fast checks
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "ddp"])
+def test_killed_and_resumed_fit_has_the_uninterrupted_runs_losses(tmp_path: Path, ranks: int):
     """Every step after a SIGKILL and ``--ckpt_path last`` has exactly the loss of the run that
-    was never interrupted: the workers' augmentations, the masks and dropout draw the same."""
-    shards = write_shards(tmp_path / "shards", n=MAE_SAMPLES, per_shard=8)
+    was never interrupted, on every rank: the workers' augmentations, the masks and dropout
+    draw the same."""
+    shards = write_shards(tmp_path / "shards", n=MAE_SAMPLES * ranks, per_shard=8)
     outs = {name: tmp_path / name for name in ("whole", "killed", "resumed")}
     for out in outs.values():
         out.mkdir()
     plan = {"whole": ("whole_run", None), "killed": ("run", MAE_KILL), "resumed": ("run", None)}
     configs = {}
     for name, (run, kill) in plan.items():
-        cfg = mae_config(shards, tmp_path / run, outs[name], kill)
+        cfg = mae_config(shards, tmp_path / run, outs[name], kill, ranks)
         configs[name] = write_yaml(tmp_path / f"{name}.yaml", cfg)
     whole = mmpt_fit(configs["whole"])
     assert whole.returncode == 0, whole.stdout[-3000:]
@@ -274,12 +282,14 @@ def test_killed_and_resumed_fit_has_the_uninterrupted_runs_losses(tmp_path: Path
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "not resumable" not in resumed.stdout  # Lightning's resumable-loader protocol
 
-    expected = losses(outs["whole"])
-    assert sorted(expected) == list(range(2 * MAE_SAMPLES // 4))
-    first = losses(outs["killed"])
-    assert first == {s: expected[s] for s in range(MAE_KILL)}  # the runs are deterministic
+    steps = 2 * MAE_SAMPLES // 4
+    expected = losses(outs["whole"], ranks)
+    assert sorted(expected) == [(r, s) for r in range(ranks) for s in range(steps)]
+    first = losses(outs["killed"], ranks)
+    # the runs are deterministic
+    assert first == {(r, s): expected[r, s] for r in range(ranks) for s in range(MAE_KILL)}
     saved = (MAE_KILL // MAE_EVERY) * MAE_EVERY
-    after = losses(outs["resumed"])
-    assert sorted(after) == list(range(saved, len(expected)))
-    differ = {s: (loss, expected[s]) for s, loss in after.items() if loss != expected[s]}
+    after = losses(outs["resumed"], ranks)
+    assert sorted(after) == [(r, s) for r in range(ranks) for s in range(saved, steps)]
+    differ = {k: (loss, expected[k]) for k, loss in after.items() if loss != expected[k]}
     assert not differ, f"steps whose loss differs from the uninterrupted run's: {differ}"
