@@ -38,6 +38,8 @@ N = WORLD * B
 BLOCK = "timm.models.vision_transformer.Block"
 TEXT_BLOCK = "open_clip.transformer.ResidualAttentionBlock"
 QWEN2_LAYER = "transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer"
+#: The VLM quickstart's vision tower is a SigLIP made from a config.
+SIGLIP_LAYER = "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer"
 SIGLIP_LAYER = "transformers.models.siglip.modeling_siglip.SiglipEncoderLayer"
 
 
@@ -253,7 +255,7 @@ def test_fsdp2_fits_the_tiny_vlm_on_two_cpu_processes(tmp_path: Path) -> None:
     """mmpt.strategies.FSDP2 (fully_shard, gloo) with activation checkpointing, 2 CPU ranks."""
     strategy = {
         "class_path": "mmpt.strategies.FSDP2",
-        "init_args": {"layers": [QWEN2_LAYER, BLOCK], "activation_checkpointing": True},
+        "init_args": {"layers": [QWEN2_LAYER, SIGLIP_LAYER], "activation_checkpointing": True},
     }
     train = {"urls": "data/shapes/train", "resampled": True, "epoch_samples": 64}
     log = fit_tiny_vlm(
@@ -272,7 +274,7 @@ def test_fsdp_fits_the_tiny_vlm_and_writes_a_loadable_checkpoint(tmp_path: Path)
     """mmpt.strategies.FSDP (bf16, activation checkpointing) on one GPU."""
     strategy = {
         "class_path": "mmpt.strategies.FSDP",
-        "init_args": {"layers": [QWEN2_LAYER, BLOCK], "activation_checkpointing": True},
+        "init_args": {"layers": [QWEN2_LAYER, SIGLIP_LAYER], "activation_checkpointing": True},
     }
     fit_tiny_vlm(
         tmp_path,

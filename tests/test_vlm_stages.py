@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mmpt
 from mmpt.cli import main
 from mmpt.synth import make_synthetic
 
@@ -59,12 +60,19 @@ def test_three_stages_chain_and_export(tmp_path, monkeypatch, caplog):
     Path("gpus.yaml").write_text("trainer: {accelerator: gpu, devices: 8, strategy: ddp}\n")
     export = ["export", "-c", stage[3], "-c", "gpus.yaml", "--ckpt", str(s3), "--out", "hf"]
     assert main(export) == 0
-    config = json.loads(Path("hf/mmpt_vlm.json").read_text())
-    assert config["llm"]["image_token"] == "<image>" and config["template"] == "chatml"
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
-        p.name for p in Path("hf/llm").iterdir()
+    # the quickstart's SigLIP tower + mlp2x_gelu is a transformers LLaVA, with its chat template
+    config = json.loads(Path("hf/config.json").read_text())
+    assert config["model_type"] == "llava" and config["image_token_index"] > 0
+    assert {"model.safetensors", "tokenizer.json", "processor_config.json"} <= {
+        p.name for p in Path("hf").iterdir()
     }
-    assert (Path("hf") / "connector.safetensors").is_file()
+    back = mmpt.load("hf")
+    assert back.data_template == "chatml" and back.llm.image_token == "<image>"
+    # and mmpt's own format on request
+    assert main([*export[:-1], "own", "--format", "mmpt"]) == 0
+    config = json.loads(Path("own/mmpt_vlm.json").read_text())
+    assert config["llm"]["image_token"] == "<image>" and config["template"] == "chatml"
+    assert (Path("own") / "connector.safetensors").is_file()
 
 
 def test_export_of_a_missing_checkpoint_is_a_clean_error(tmp_path, monkeypatch, capsys):
