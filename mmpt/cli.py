@@ -8,6 +8,8 @@ import warnings
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from mmpt.user_errors import data_error_message as data_error_message
+
 TOP_HELP = """usage: mmpt <command> [options]
 
 Multimodal pretraining workbench.
@@ -145,16 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def data_error_message(error: BaseException) -> str:
-    """The message of a :class:`DataError`, without the worker traceback DataLoader adds."""
-    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    prefix = f"{type(error).__module__}.{type(error).__name__}: "
-    for name in (prefix, f"{type(error).__name__}: "):
-        last = last.removeprefix(name)
-    return last
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -173,11 +172,12 @@ def export(args: argparse.Namespace, overrides: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mmpt export``; returns an exit code (2 for bad input)."""
+    from mmpt.user_errors import run_reporting_errors
+
     args, overrides = _parser().parse_known_args(argv)
-    try:
-        out = export(args, overrides)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported to {out}")
-    return 0
+
+    def run() -> int:
+        print(f"exported to {export(args, overrides)}")
+        return 0
+
+    return run_reporting_errors(run)

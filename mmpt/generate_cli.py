@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,18 +64,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mmpt generate``; returns an exit code (2 for bad input)."""
     args, overrides = _parser().parse_known_args(argv)
-    from mmpt.cli import data_error_message
-    from mmpt.datamodules.stages import DataError
+    from mmpt.user_errors import run_reporting_errors
 
-    try:
-        return _run(args, overrides)
-    except DataError as e:
-        print(f"error: {data_error_message(e)}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(lambda: _run(args, overrides))
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:

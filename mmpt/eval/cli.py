@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,17 +95,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``mmpt eval``; returns an exit code (2 for bad input)."""
     args, overrides = _parser().parse_known_args(argv)
-    from mmpt.cli import data_error_message
-    from mmpt.datamodules.stages import DataError
+    from mmpt.user_errors import run_reporting_errors
 
-    try:
-        return _run(args, overrides)
-    except DataError as e:
-        print(f"error: {data_error_message(e)}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(lambda: _run(args, overrides))
 
 
 def _build(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any]:

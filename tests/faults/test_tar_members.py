@@ -10,7 +10,6 @@ output folder.
 from __future__ import annotations
 
 import io
-import logging
 import tarfile
 from pathlib import Path
 
