@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,7 @@ def test_quickstart_reaches_recall_target(tmp_path: Path, monkeypatch: pytest.Mo
 @pytest.mark.timeout(1200)
 def test_vila_quickstart_uses_the_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """`make demo`'s VLM run: held-out caption loss with the true images is clearly below the
-    loss with the images shuffled across samples."""
+    loss with the images shuffled across samples, and its greedy captions name the shapes."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     assert main(["fit", "-c", "configs/quickstart/vila_stage1.yaml"]) == 0
@@ -40,6 +43,18 @@ def test_vila_quickstart_uses_the_images(tmp_path: Path, monkeypatch: pytest.Mon
     final = rows[-1]
     true, shuffled = float(final["val/loss"]), float(final["val/loss_shuffled_images"])
     assert true < 0.75 * shuffled, (true, shuffled)
+    # its captions name colour and shape far above chance, through mmpt generate and through
+    # transformers' own classes on the exported LLaVA folder alike
+    ckpt = "runs/vila_tiny/last/checkpoints/last.ckpt"
+    script = ROOT / "scripts" / "quickstart_captions.py"
+    argv = [sys.executable, str(script), "--ckpt", ckpt, "--out", "captions"]
+    subprocess.run(argv, check=True)
+    report = json.loads(Path("captions/report.json").read_text())
+    chance = report["chance"]["color+shape"]
+    for path in ("mmpt_generate", "transformers_export"):
+        assert report[path]["color+shape"] > 5 * chance, report[path]
+        assert report[path]["color"] > 0.9, report[path]
+    assert report["identical_captions"] == 1.0
 
 
 @pytest.mark.slow
