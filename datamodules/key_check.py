@@ -69,10 +69,11 @@ def require_fields(samples: Sequence[dict[str, Any]], fields: dict[str, str], wh
     for flag, spec in fields.items():
         if not field_values(samples, spec):
             have = ", ".join(sample_fields(samples))
+            example = "'cls;json:class'" if "label" in flag else "'txt;json:caption'"
             raise DataError(
                 f"{where}: {spec!r} ({flag}) is in none of its first {len(samples)} samples, "
                 f"which have: {have}. Set {flag} to the field that holds it (alternatives "
-                "separated by ';', e.g. 'txt;json:caption')"
+                f"separated by ';', e.g. {example})"
             )
 
 

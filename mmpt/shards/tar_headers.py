@@ -77,12 +77,16 @@ def tar_members(f: IO[bytes]) -> Iterator[tuple[str, bool]]:
         if not block or block == bytes(BLOCK):  # end of archive (or a bare end)
             return
         if len(block) < BLOCK:
+            if offset == 0:
+                raise TarHeaderError(f"not a tar archive ({len(block)} bytes, less than a header)")
             raise TarHeaderError(f"archive ends inside a header at byte {offset}")
         try:
             expected = _number(block[148:156])
         except ValueError:
             expected = -1
         if sum(block) - sum(block[148:156]) + 8 * 32 != expected:
+            if offset == 0:
+                raise TarHeaderError("not a tar archive (its first header fails the checksum)")
             raise TarHeaderError(f"bad header checksum at byte {offset}: not a tar member")
         kind, length = block[156:157], _number(block[124:136])
         padded = (length + BLOCK - 1) // BLOCK * BLOCK
