@@ -35,6 +35,21 @@ if TYPE_CHECKING:
 BLOCK_ATTR = "gated_cross_attn"
 
 
+@dataclass
+class FusionConfig:
+    """Gated cross-attention fusion (Flamingo) instead of token injection.
+
+    Attributes:
+        every: A block before every k-th decoder layer.
+        heads: Cross-attention heads (default: the LLM's).
+        ff_mult: Feed-forward width multiple of the blocks.
+    """
+
+    every: int = 4
+    heads: int | None = None
+    ff_mult: int = 4
+
+
 def text_mask_from_image_tokens(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """Flamingo text mask from image markers: (B, T) ids -> (B, T) bool, True from the first on."""
     return (input_ids == image_token_id).cumsum(dim=-1) > 0

@@ -280,3 +280,19 @@ def splice_tokens(
     if not tokens:
         return embeds
     return embeds.masked_scatter(marks.unsqueeze(-1), torch.cat(tokens).to(embeds.dtype))
+
+
+def shuffle_same_count(tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Give every image (clip) the tokens of another with the same token count.
+
+    Images are rolled by one inside each group of equal count; an image alone in its group
+    keeps its own tokens.
+    """
+    by_count: dict[int, list[int]] = {}
+    for i, t in enumerate(tokens):
+        by_count.setdefault(t.shape[0], []).append(i)
+    out = list(tokens)
+    for idx in by_count.values():
+        for src, dst in zip(idx[1:] + idx[:1], idx, strict=True):
+            out[dst] = tokens[src]
+    return out

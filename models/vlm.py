@@ -9,10 +9,8 @@ Speech is one more modality of the same model (BLSP): a speech encoder -> ``Spee
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -26,9 +24,14 @@ from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeReso
 from mmpt.datamodules.templates import check_targets
 from mmpt.eval.forgetting import eval_prefix
 from mmpt.models.attention import hf_packing_kwargs, is_packed_implementation
-from mmpt.models.connectors import MLP2xGelu, SpeechAdapter
-from mmpt.models.fusion import FusionBlocks, fusion_context, insert_gated_cross_attention
-from mmpt.models.llm import CausalLM, splice_tokens
+from mmpt.models.connectors import ConnectorTokens, MLP2xGelu, SpeechAdapter
+from mmpt.models.fusion import (
+    FusionBlocks,
+    FusionConfig,
+    fusion_context,
+    insert_gated_cross_attention,
+)
+from mmpt.models.llm import CausalLM, shuffle_same_count, splice_tokens
 from mmpt.models.module import MMPTModule, trains
 from mmpt.models.schedules import Schedule
 from mmpt.preprocess import VLMPreprocess
@@ -36,32 +39,6 @@ from mmpt.preprocess import VLMPreprocess
 log = logging.getLogger("mmpt.vlm")
 
 ResolutionPolicy = FixedResolution | AnyResTiles | NativeResolution
-
-
-@dataclass
-class FusionConfig:
-    """Gated cross-attention fusion (Flamingo) instead of token injection.
-
-    Attributes:
-        every: A block before every k-th decoder layer.
-        heads: Cross-attention heads (default: the LLM's).
-        ff_mult: Feed-forward width multiple of the blocks.
-    """
-
-    every: int = 4
-    heads: int | None = None
-    ff_mult: int = 4
-
-
-class ConnectorTokens:
-    """Picklable ``(h, w) -> tokens`` of a connector, for the data workers (no weights)."""
-
-    def __init__(self, connector: nn.Module) -> None:
-        self.connector = copy.deepcopy(connector).to("meta")
-
-    def __call__(self, grid: tuple[int, int]) -> int:
-        """Connector output tokens for one crop whose patch grid is ``grid``."""
-        return int(self.connector.num_output_tokens(grid[0] * grid[1], tuple(grid)))
 
 
 class VLMModule(MMPTModule):
@@ -277,21 +254,7 @@ class VLMModule(MMPTModule):
         tokens, counts = self.audio_adapter(frames, frame_lengths)
         return [t[:n] for t, n in zip(tokens, counts.tolist(), strict=True)]
 
-    @staticmethod
-    def shuffle_images(tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Give every image the tokens of another image with the same token count.
-
-        Images are rolled by one inside each group of equal count; an image alone in its group
-        keeps its own tokens.
-        """
-        by_count: dict[int, list[int]] = {}
-        for i, t in enumerate(tokens):
-            by_count.setdefault(t.shape[0], []).append(i)
-        out = list(tokens)
-        for idx in by_count.values():
-            for src, dst in zip(idx[1:] + idx[:1], idx, strict=True):
-                out[dst] = tokens[src]
-        return out
+    shuffle_images = staticmethod(shuffle_same_count)
 
     # ---- forward ----------------------------------------------------------------------------
 

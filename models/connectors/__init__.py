@@ -16,9 +16,11 @@ from mmpt.models.connectors.downsample import MLPDownsample, merge_2x2, patch_gr
 from mmpt.models.connectors.mlp import MLP2xGelu
 from mmpt.models.connectors.perceiver import PerceiverResampler
 from mmpt.models.connectors.speech import SpeechAdapter
+from mmpt.models.connectors.tokens import ConnectorTokens
 
 __all__ = [
     "AvgPoolMLP",
+    "ConnectorTokens",
     "MLP2xGelu",
     "MLPDownsample",
     "PerceiverResampler",
