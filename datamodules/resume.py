@@ -22,7 +22,6 @@ workers' batches in turn, so a resumed epoch also starts with the worker whose b
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import hashlib
@@ -60,7 +59,8 @@ class WorkerPosition:
         replay_redo: Its positions below ``replay`` not taken yet.
         mixed: Items the replay interleave had yielded (its pattern goes on from there).
         ends: ``main`` after each batch of the epoch, run-length coded as ``[step, count]``
-            pairs (:func:`decode_ends` reads them): kept only with a mixture schedule, whose weights
+            pairs (read by :func:`~mmpt.datamodules.mixing.decode_ends`): kept only with a
+            mixture schedule, whose weights
             depend on the batch being filled, so that a fast-forward redraws the old samples
             with the weights they had. Plain batching without skips codes to one pair.
     """
@@ -216,42 +216,6 @@ class WorkerTracker:
             self.worker, self.epoch, self.batches, main, main_redo, replay, replay_redo,
             self.mixed, ends,
         )  # fmt: skip
-
-
-class ReplayedClock:
-    """A batch clock that, while the main stream fast-forwards, gives each old draw's batch.
-
-    Args:
-        clock: The worker's :class:`~mmpt.datamodules.mixing.BatchClock` (``made`` already
-            set to the batches done).
-        cursor: The main stream's cursor.
-        ends: :attr:`WorkerPosition.ends` (run-length coded batch ends of this epoch).
-    """
-
-    def __init__(self, clock: Any, cursor: Cursor, ends: list[list[int]]) -> None:
-        self.clock, self.cursor, self.ends = clock, cursor, decode_ends(ends)
-
-    def tick(self) -> None:
-        """One batch was made."""
-        self.clock.tick()
-
-    @property
-    def batch(self) -> int:
-        """Global index of the batch the next draw goes to."""
-        if self.cursor.forwarding:
-            made = bisect.bisect_right(self.ends, self.cursor.next)
-            return self.clock.first + made * self.clock.stride
-        return self.clock.batch
-
-
-def decode_ends(runs: list[list[int]]) -> list[int]:
-    """``[[step, count], ...]`` -> the cumulative batch-end positions."""
-    ends, at = [], 0
-    for step, count in runs:
-        for _ in range(count):
-            at += step
-            ends.append(at)
-    return ends
 
 
 def fingerprint(**facts: Any) -> str:

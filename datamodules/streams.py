@@ -21,6 +21,7 @@ import torch.utils.data
 
 from mmpt.datamodules.mixing import (
     BatchClock,
+    ReplayedClock,
     ScheduledWeights,
     SourceTally,
     Tagged,
@@ -30,13 +31,7 @@ from mmpt.datamodules.mixing import (
     resampled_mix,
     tag,
 )
-from mmpt.datamodules.resume import (
-    Held,
-    ReplayedClock,
-    WorkerPosition,
-    WorkerTracker,
-    fingerprint,
-)
+from mmpt.datamodules.resume import Held, WorkerPosition, WorkerTracker, fingerprint
 from mmpt.datamodules.seeding import sample_seed
 from mmpt.datamodules.stages import (
     DataError,

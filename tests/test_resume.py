@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from mmpt.datamodules.loader import make_loader
-from mmpt.datamodules.mixing import MixPoint, ReplayConfig
-from mmpt.datamodules.resume import Cursor, Ledger, StreamPosition, WorkerTracker, decode_ends
+from mmpt.datamodules.mixing import MixPoint, ReplayConfig, decode_ends
+from mmpt.datamodules.resume import Cursor, Ledger, StreamPosition, WorkerTracker
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from tests.helpers import write_shards
 
