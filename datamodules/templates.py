@@ -211,3 +211,23 @@ def check_targets(labels: torch.Tensor, template: str) -> None:
             "the samples have assistant turns (or captions), that the template matches the "
             "tokenizer's chat format, and that max_seq_len does not cut the targets off"
         )
+
+
+def stop_token_ids(tokenizer: Any, template: str | None) -> list[int]:
+    """Ids that end a reply: EOS, and the template's end-of-turn token when it is one token.
+
+    Chat templates close an assistant turn with their own marker (ChatML's ``<|im_end|>``,
+    Llama 3's ``<|eot_id|>``), which is what the model learned to emit. Used by generation
+    and by the LLaVA export's ``generation_config``, so both stop on the same tokens.
+
+    Raises:
+        ValueError: An unknown template name.
+    """
+    stops = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    if template is not None:
+        suffix = get_template(template, "--template").assistant_suffix
+        end = suffix.format(eos=tokenizer.eos_token or "")
+        ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+        if len(ids) == 1 and ids[0] not in stops:
+            stops.append(int(ids[0]))
+    return stops

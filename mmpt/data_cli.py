@@ -137,7 +137,9 @@ def _build(args: argparse.Namespace) -> int:
             print(f"  {item['reason']}: {item['source']} ({item['detail']})")
     if getattr(report, "dropped", None):
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(report.dropped.items()))
-        print(f"dropped {sum(report.dropped.values())} image(s) from written samples: {reasons}")
+        dropped = sum(report.dropped.values())
+        left = "a document left with none is also skipped"
+        print(f"dropped {dropped} image(s) from documents ({left}): {reasons}")
     if report.written == 0:
         print(f"error: no samples written from {' '.join(map(str, args.source))}", file=sys.stderr)
         return 1

@@ -61,12 +61,9 @@ def _mmpt_vlm(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
 
 
 def _llava(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
-    from mmpt.export.hf_llava import export_llava, llava_unsupported
+    from mmpt.export.hf_llava import export_llava
 
-    reason = llava_unsupported(model)
-    if reason is not None:
-        raise ValueError(f"--format llava: {reason}")
-    return export_llava(model, out, args.template)
+    return export_llava(model, out, args.template)  # refuses what transformers cannot load
 
 
 def _vlm_auto(model: nn.Module) -> str:

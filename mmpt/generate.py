@@ -30,6 +30,7 @@ from mmpt.datamodules.templates import (
     Segment,
     encode,
     get_template,
+    stop_token_ids,
 )
 from mmpt.datamodules.transforms import normalize_images
 from mmpt.datamodules.vlm_batching import group_crops
@@ -109,12 +110,7 @@ class Generator:
         self.template = get_template(template or model.data_template or "plain", "template")
         self.system = system
         self.pre = model.preprocess
-        tok = self.pre.tokenizer
-        self.eos_ids = [int(tok.eos_token_id)] if tok.eos_token_id is not None else []
-        suffix = self.template.assistant_suffix.format(eos=tok.eos_token or "")
-        end = tok(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-        if len(end) == 1 and end[0] not in self.eos_ids:  # <|im_end|>, <|eot_id|> end a turn
-            self.eos_ids.append(int(end[0]))
+        self.eos_ids = stop_token_ids(self.pre.tokenizer, self.template.name)
 
     @property
     def device(self) -> torch.device:
@@ -275,10 +271,14 @@ class StopOnText(StoppingCriteria):
 
     def __init__(self, tokenizer: object, stop: Sequence[str]) -> None:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        # A stop string first completes within the last len(stop) tokens (a token decodes to
+        # at least one character), so each step decodes a short tail, not the whole text.
+        self.window = max((len(s) for s in self.stop), default=0) + 2
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         """(B, T) generated ids -> (B,) bool, True where a stop string appeared."""
-        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        tail = input_ids[:, -self.window :]
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
         done = [any(s in t for s in self.stop) for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 

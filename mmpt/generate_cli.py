@@ -178,6 +178,7 @@ def _run_shards(gen: Generator, args: argparse.Namespace, decoding: Decoding) ->
     """Generate for every sample of ``--data`` into ``--out`` (JSONL); corrupt ones are skipped."""
     from rich import progress as bar
 
+    from mmpt.datamodules.stages import batched
     from mmpt.datamodules.urls import resolve_source
 
     source = resolve_source(args.data, "--data")
@@ -188,7 +189,8 @@ def _run_shards(gen: Generator, args: argparse.Namespace, decoding: Decoding) ->
     progress = bar.Progress(*columns, bar.TimeElapsedColumn(), transient=True)
     with progress, out.open("w") as f:
         task = progress.add_task("generate", total=source.num_samples)
-        for items in _batches(_samples(gen, source.urls, args.prompt, counts), args.batch_size):
+        samples = _samples(gen, source.urls, args.prompt, counts)
+        for items in batched(samples, args.batch_size, partial=True):
             texts = gen.generate(
                 [it["prompt"] for it in items],
                 [it.pop("images") for it in items],
@@ -242,14 +244,3 @@ def _samples(
         if first is not None:
             item["reference"] = messages[first]["content"]
         yield item
-
-
-def _batches(items: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

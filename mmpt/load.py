@@ -12,11 +12,11 @@ if TYPE_CHECKING:
     from mmpt.models.vlm import VLMModule
 
 #: ``config.json`` model types that :mod:`mmpt.export.hf_llava_load` reads.
-LLAVA_TYPES = ("llava", "llava_next")
+LLAVA_TYPES = ("llava",)  # LLaVA-NeXT folders are not read (hf_llava_load says why)
 
 
 def load(path: str | Path, attn_implementation: str | None = None) -> VLMModule:
-    """Load a VLM from an ``mmpt-vlm/3`` export or a transformers LLaVA / LLaVA-NeXT folder.
+    """Load a VLM from an ``mmpt-vlm/3`` export or a transformers LLaVA folder.
 
     Args:
         path: The folder (``mmpt export`` output, or a LLaVA ``save_pretrained`` folder).
@@ -40,7 +40,7 @@ def load(path: str | Path, attn_implementation: str | None = None) -> VLMModule:
         if model_type in LLAVA_TYPES:
             from mmpt.export.hf_llava_load import vlm_from_llava
 
-            return vlm_from_llava(folder)
+            return vlm_from_llava(folder, attn_implementation or "packed")
     from mmpt.models.vlm import VLMModule
 
     return VLMModule.from_export(folder, attn_implementation)

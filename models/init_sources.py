@@ -223,7 +223,7 @@ def from_folder_hooks(folder: str, model: nn.Module) -> Mapped | None:
 
         state = dict(export_state_dict(folder))
         return Mapped("mmpt export folder", family_of(set(state)), state)
-    if hf_model_type(folder) in ("llava", "llava_next"):
+    if hf_model_type(folder) == "llava":
         from mmpt.export.hf_llava_load import llava_state_dict
 
         state = dict(llava_state_dict(folder, model))

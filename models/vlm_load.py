@@ -69,7 +69,7 @@ def _describe_foreign(folder: Path) -> str:
         what = f"no {CONFIG_NAME} (found: {names})"
     return (
         f"{what}. Loadable: mmpt exports ({CONFIG_NAME} with format {FORMAT!r}, written by "
-        "`mmpt export`) and transformers LLaVA / LLaVA-NeXT folders"
+        "`mmpt export`) and transformers LLaVA folders"
     )
 
 

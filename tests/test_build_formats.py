@@ -136,8 +136,8 @@ def test_mmc4_places_images_before_their_sentence_and_counts_drops(tmp_path: Pat
                 str(tmp_path / "images"), "--out", str(tmp_path / "mmc4"))  # fmt: skip
     assert "wrote 1 samples" in out
     assert "skipped 4: bad_row=1, empty_text=1, no_image=2" in out
-    assert "dropped 4 image(s) from written samples: below_min_sim=2, corrupt_image=1, " \
-        "missing_image=1" in out  # fmt: skip
+    assert "dropped 4 image(s) from documents (a document left with none is also skipped): " \
+        "below_min_sim=2, corrupt_image=1, missing_image=1" in out  # fmt: skip
     (doc,) = samples(tmp_path / "mmc4")
     assert doc["json"]["texts"] == [None, "first.", "second.", None, "third."]
     assert doc["json"]["images"] == ["0.jpg", None, None, "1.jpg", None]

@@ -168,10 +168,15 @@ def test_llava_folders_go_to_the_llava_reader(tmp_path, monkeypatch):
 
     seen = []
     fake = types.ModuleType("mmpt.export.hf_llava_load")
-    fake.vlm_from_llava = lambda path: seen.append(Path(path)) or "llava model"
+    fake.vlm_from_llava = lambda path, attn: seen.append((Path(path), attn)) or "llava model"
     monkeypatch.setitem(sys.modules, "mmpt.export.hf_llava_load", fake)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    assert mmpt.load(tmp_path) == "llava model" and seen == [(tmp_path, "packed")]
+    assert mmpt.load(tmp_path, "sdpa") == "llava model" and seen[-1] == (tmp_path, "sdpa")
+    # LLaVA-NeXT folders are not read: refused naming what loads, never half-read
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
-    assert mmpt.load(tmp_path) == "llava model" and seen == [tmp_path]
+    with pytest.raises(ValueError, match="model_type 'llava_next'"):
+        mmpt.load(tmp_path)
 
 
 def test_import_mmpt_stays_light():

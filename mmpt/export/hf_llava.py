@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from mmpt.datamodules.templates import get_template
+from mmpt.datamodules.templates import get_template, stop_token_ids
 from mmpt.export.hf_processor import save_llava_processor
 from mmpt.models.connectors import MLP2xGelu
 from mmpt.models.encoders.hf_vision import HFVisionTower
@@ -190,25 +190,9 @@ def export_llava(model: VLMModule, out: str | Path, template: str | None = None)
         hf.tie_weights()
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
-    hf.generation_config.eos_token_id = stop_token_ids(model, template)
+    hf.generation_config.eos_token_id = stop_token_ids(model.llm.tokenizer, template)
     hf.generation_config.pad_token_id = model.preprocess.pad_id
     hf.save_pretrained(str(path))
     save_llava_processor(model, path, template, config.vision_feature_select_strategy)
     log.info("exported LLaVA (%s) to %s", type(hf).__name__, path)
     return path
-
-
-def stop_token_ids(model: VLMModule, template: str | None) -> list[int]:
-    """Ids that end a reply: EOS, and the template's end-of-turn token when it is one token.
-
-    Chat templates close an assistant turn with their own marker (ChatML's ``<|im_end|>``,
-    Llama 3's ``<|eot_id|>``), which is what the model learned to emit.
-    """
-    tok = model.llm.tokenizer
-    stops = [] if tok.eos_token_id is None else [int(tok.eos_token_id)]
-    if template is not None:
-        end = get_template(template, "--template").assistant_suffix.format(eos=tok.eos_token or "")
-        ids = tok(end, add_special_tokens=False)["input_ids"]
-        if len(ids) == 1 and ids[0] not in stops:
-            stops.append(int(ids[0]))
-    return stops

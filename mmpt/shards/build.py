@@ -32,8 +32,9 @@ class BuildReport:
             ``empty_caption``, ``missing_caption``, ``remote_url``, ``bad_row``).
         skipped_examples: The first few skipped items: ``source``, ``reason``, ``detail``.
         shards: Paths of the written ``.tar`` files.
-        dropped: Parts dropped from samples that were still written, by reason (the images
-            of an interleaved document: ``missing_image``, ``below_min_sim`` ...).
+        dropped: Parts dropped from documents, by reason (the images of an interleaved
+            document: ``missing_image``, ``below_min_sim`` ...); a document left with no
+            image is also counted in ``skipped`` (``no_image``).
 
     """
 
@@ -175,6 +176,17 @@ def _check_args(
     check_source(
         source, "a .csv/.tsv/.jsonl file", "image", images_root, "images folder (--images)"
     )
+    check_build_params(samples_per_shard, resize_short_side, jpeg_quality, workers)
+
+
+def check_build_params(
+    samples_per_shard: int, resize_short_side: int | None, jpeg_quality: int, workers: int
+) -> None:
+    """The range checks every image builder shares, each naming its flag.
+
+    Raises:
+        ValueError: A value out of range.
+    """
     short_ok = resize_short_side is None or resize_short_side >= 1
     checks = [
         ("samples_per_shard (--samples-per-shard)", samples_per_shard, samples_per_shard >= 1),

@@ -17,7 +17,7 @@ from typing import Any
 
 from mmpt.shards.build import (
     BuildReport,
-    check_ranges,
+    check_build_params,
     encode_image,
     prepare_out_dir,
     record_result,
@@ -204,15 +204,7 @@ def build_documents(
     Returns:
         The :class:`~mmpt.shards.build.BuildReport`.
     """
-    check_ranges(
-        [
-            ("samples_per_shard (--samples-per-shard)", samples_per_shard, samples_per_shard >= 1),
-            ("resize_short_side (--resize-short-side)", resize_short_side,
-             resize_short_side is None or resize_short_side >= 1),
-            ("jpeg_quality (1-100)", jpeg_quality, 1 <= jpeg_quality <= 100),
-            ("workers (--workers)", workers, workers >= 1),
-        ]
-    )  # fmt: skip
+    check_build_params(samples_per_shard, resize_short_side, jpeg_quality, workers)
     out = Path(out)
     prepare_out_dir(out, overwrite)
     report = BuildReport(out=str(out))

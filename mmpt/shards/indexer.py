@@ -246,7 +246,7 @@ def _write(
     keys = sorted(set().union(*(s.keys for s in shards)))
     bare = {k.rpartition(".")[2] for k in keys}  # "0.jpg" is an image too
     modalities = [m for m, exts in _MODALITY_EXTS.items() if bare & exts]
-    old = load_index(path.parent) if path.name == INDEX_NAME else None
+    old = load_index(path) if path.is_file() else None  # keep its meta (class names ...)
     meta = dict(old.meta) if old is not None else {}
     meta["indexed"] = {"source": source, "corrupt": [{"url": u, "error": e} for u, e in corrupt]}
     index = ShardIndex(
