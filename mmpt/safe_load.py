@@ -125,11 +125,12 @@ def load_torch_file(path: str | os.PathLike, unsafe: bool | None = None, mmap: b
 
 
 def check_pickle(path: str | os.PathLike, unsafe: bool | None = None) -> None:
-    """Refuse a torch zip file whose pickle names a global outside the allow-list.
+    """Refuse a checkpoint file that needs a global outside the allow-list, running nothing.
 
     For loaders mmpt does not call itself (Lightning's FSDP full-checkpoint resume unpickles
-    with a plain ``pickle.Unpickler``): the pickle's opcodes are scanned, nothing is run.
-    Folders (sharded checkpoints) and non-zip files are left to the loader.
+    with a plain ``pickle.Unpickler``): the file is read once with :func:`load_torch_file`
+    (``weights_only=True``, memory-mapped), whose unpickler refuses any other global whatever
+    the pickle protocol. Folders (sharded checkpoints) are left to the loader.
 
     Raises:
         UnsafeCheckpointError: A global outside :func:`allowed_globals`.
@@ -137,14 +138,7 @@ def check_pickle(path: str | os.PathLike, unsafe: bool | None = None) -> None:
     path = os.fspath(path)
     if (unsafe_from_env() if unsafe is None else unsafe) or not os.path.isfile(path):
         return
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - not a zip checkpoint: the loader decides
-        return
-    allowed = {f"{t.__module__}.{t.__qualname__}" for t in allowed_globals()}
-    refused = [n for n in names if n not in allowed]
-    if refused:
-        raise _refused(path, pickle.UnpicklingError(f"GLOBAL {refused[0]}"))
+    load_torch_file(path, unsafe=False)
 
 
 def load_tensors(path: str | os.PathLike, unsafe: bool | None = None) -> dict[str, Any]:

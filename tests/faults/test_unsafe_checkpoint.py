@@ -235,3 +235,16 @@ def test_the_allow_list_admits_path_values(real, tmp_path):
     loaded = load_torch_file(tmp_path / "hparams.ckpt")
     assert loaded["hyper_parameters"] == {"lr": 1e-3, "data": Path("/data/shards")}
     check_pickle(tmp_path / "hparams.ckpt")
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_the_strategy_guard_refuses_every_pickle_protocol(real, tmp_path, protocol):
+    """Protocol 4+ pickles (FRAME, STACK_GLOBAL) are refused too, never let through unscanned."""
+    marker = tmp_path / "pwned"
+    obj = torch.load(real["ckpt"], map_location="cpu", weights_only=True)
+    obj["hyper_parameters"] = {"note": Payload(marker)}
+    path = tmp_path / f"evil{protocol}.ckpt"
+    torch.save(obj, path, pickle_protocol=protocol)
+    with pytest.raises(UnsafeCheckpointError):
+        check_pickle(path)
+    assert not marker.exists()
