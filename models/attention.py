@@ -202,6 +202,8 @@ def packed_attention(
     kernel = resolve_backend(backend, query.device) if flat else "sdpa"
     if kernel == "xformers":
         return xformers_attention(query, key, value, cu_seqlens, causal, scale, dropout)
+    if kernel == "flex" and dropout and backend == "auto":
+        kernel = "sdpa"  # flex has no attention dropout; only an explicit flex refuses it
     if kernel == "flex" and cu_seqlens is not None:
         needs_grad = any(x.requires_grad for x in (query, key, value))
         if query.is_cuda or not (needs_grad and torch.is_grad_enabled()):

@@ -93,6 +93,20 @@ def test_auto_on_cuda_takes_the_first_usable(
     assert resolve_backend("auto", torch.device("cuda")) == expected
 
 
+def test_auto_resolving_to_flex_runs_dropout_through_sdpa(monkeypatch):
+    """flex has no dropout: ``auto`` (flex where xformers is unusable) must not crash a model
+    with attention dropout; an explicit ``flex`` still refuses it."""
+    monkeypatch.setattr(attention, "resolve_backend", lambda backend, device: "flex")
+    called = []
+    monkeypatch.setattr(attention, "flex_packed_attention", lambda *a, **k: called.append(1))
+    q, k, v = qkv(13)  # one row of CU_1ROW's 13 tokens
+    cu = cu_for(1)
+    out = packed_attention(q, k, v, cu, dropout=0.1, backend="auto")
+    assert out.shape == q.shape and not called
+    packed_attention(q, k, v, cu, dropout=0.1, backend="flex")
+    assert called == [1]
+
+
 def test_explicit_xformers_that_cannot_run_on_cuda_is_a_clear_error(monkeypatch, fresh_resolution):
     monkeypatch.setattr(attention, "xformers_unusable_reason", lambda device: "no CUDA build")
     with pytest.raises(ValueError, match="attn_backend: xformers cannot run: no CUDA build"):
