@@ -45,12 +45,29 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
+class _Prefixed:
+    """A read-only stream: ``head`` (bytes already read from ``rest``), then ``rest``."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self.head, self.rest = head, rest
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all with ``n < 0``)."""
+        if n is None or n < 0:
+            out, self.head = self.head + self.rest.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + (self.rest.read(n - len(out)) if len(out) < n else b"")
+
+
 def _skipper(f: IO[bytes]) -> tuple[IO[bytes], int | None]:
     """The stream to read (gunzipped if needed) and its size when it can be seeked past."""
     seekable = getattr(f, "seekable", lambda: False)()  # webdataset's Pipe has no seekable()
-    start = f.read(2) if seekable else b""
+    start = f.read(2)
     if seekable:
         f.seek(0)
+    else:  # a pipe: the two bytes read stay at the front
+        f = _Prefixed(start, f)  # type: ignore[assignment]
     if start == _GZIP_MAGIC:
         return gzip.GzipFile(fileobj=f), None
     if seekable:
