@@ -48,16 +48,38 @@ class MMPTCLI(LightningCLI):
     ``link_arguments``, so data and model can never disagree.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        """LightningCLI's, with the run folder of a ``fit`` claimed and released around it.
+
+        A ``fit`` claims its run folder while parsing (:func:`mmpt.runs.claim_fit_run`) and
+        releases it here when LightningCLI returns or raises.
+        """
+        self._run_claim = None
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            self._close_run(failed=True)
+            raise
+        self._close_run(failed=False)
+
+    def _close_run(self, failed: bool) -> None:
+        if self._run_claim is not None:
+            trainer = getattr(self, "trainer", None)
+            self._run_claim.close(failed, trained=bool(trainer and trainer.global_step > 0))
+            self._run_claim = None
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D102
         parser.link_arguments(
             "model.preprocess", "data.init_args.preprocess", apply_on="instantiate"
         )
 
     def before_instantiate_classes(self) -> None:
-        """Fill the loggers' ``save_dir``; render ``data.synthetic`` the urls read, if missing.
+        """Fill the loggers' ``save_dir``, claim a fit's run folder, render ``data.synthetic``.
 
         A logger without ``save_dir`` writes under ``trainer.default_root_dir`` (so do the
-        checkpoints of a ``ModelCheckpoint`` without ``dirpath``). Synthetic data is rendered
+        checkpoints of a ``ModelCheckpoint`` without ``dirpath``). A ``fit`` gets its own
+        ``version_N`` (or the one ``--ckpt_path`` resumes), locked (:mod:`mmpt.runs`). Synthetic
+        data (the synthetic set the urls read, if missing) is rendered
         before the model reads its tokenizer, and only when a shard source lies in its folder.
         """
         from mmpt.datamodules.synthetic import config_urls, synthetic_to_render
@@ -67,6 +89,10 @@ class MMPTCLI(LightningCLI):
         if cfg is None:
             return
         fill_logger_dirs(cfg)
+        if self.subcommand == "fit":
+            from mmpt.runs import claim_fit_run
+
+            self._run_claim = claim_fit_run(cfg)
         data = cfg.get("data.init_args")
         urls = config_urls(data)
         for spec in synthetic_to_render(data.get("synthetic") if data else None, urls):
@@ -136,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     from mmpt.datamodules.stages import DataError
     from mmpt.models.init_from import InitFromError
+    from mmpt.run_lock import RunFolderError
     from mmpt.safe_load import UnsafeCheckpointError
 
     try:
@@ -143,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:  # the data does not fit the model: say why, without a traceback
         print(f"error: {data_error_message(e)}", file=sys.stderr)
         return 2
-    except (InitFromError, UnsafeCheckpointError) as e:  # a checkpoint refused: one line
+    except (InitFromError, UnsafeCheckpointError, RunFolderError) as e:  # refused: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
