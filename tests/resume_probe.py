@@ -1,15 +1,18 @@
 """Callbacks for the kill-and-resume fit tests: record each rank's batch keys and losses, die
-mid-epoch."""
+mid-epoch, in validation or half-way through a checkpoint write, or pause a fit."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+
+from mmpt.checkpoint_io import AtomicCheckpointIO
 
 
 class KeyRecorder(L.Callback):
@@ -78,3 +81,67 @@ class RaiseAt(L.Callback):
     ) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"planned failure before step {self.step + 1}")
+
+
+class KillInValidation(L.Callback):
+    """SIGKILL the process in the first validation batch after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if not trainer.sanity_checking and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def half_save_then_kill(obj: object, f: Any) -> None:
+    """``torch.save`` into memory, write half of it to ``f`` (synced), then SIGKILL."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    f.write(data[: len(data) // 2])
+    f.flush()
+    os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillingCheckpointIO(AtomicCheckpointIO):
+    """mmpt's atomic checkpoint IO, killed half-way through writing the step ``step`` file."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if checkpoint.get("global_step") == self.step:
+            import torch
+
+            torch.save = half_save_then_kill  # the process dies in this call
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class PauseAt(L.Callback):
+    """After optimizer step ``step``: create ``<dir>/paused``, then wait for ``<dir>/go``."""
+
+    def __init__(self, step: int, dir: str) -> None:
+        self.step, self.dir = step, Path(dir)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:  # fmt: skip
+        if trainer.global_step != self.step:
+            return
+        (self.dir / "paused").touch()
+        deadline = time.monotonic() + 300
+        while not (self.dir / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
