@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import IO
+from typing import IO, Any
 
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -58,6 +58,8 @@ class CSVLogger(_LightningCSVLogger):
     without ``dirpath`` into ``<default_root_dir>/<name>/version_N/``; each new run gets the next
     free ``version_N``, and ``--ckpt_path last`` continues the run it resumes in its folder
     (:mod:`mmpt.runs`), appending to its ``metrics.csv`` (Lightning's logger would delete it).
+    Pending rows are also written with every checkpoint, so a killed run's ``metrics.csv`` holds
+    the steps its newest checkpoint has.
 
     Args:
         save_dir: Root folder; None: ``trainer.default_root_dir`` (the current folder when the
@@ -83,6 +85,10 @@ class CSVLogger(_LightningCSVLogger):
             prefix=prefix,
             flush_logs_every_n_steps=flush_logs_every_n_steps,
         )
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        """Write the metrics logged so far with each checkpoint (a crash keeps them)."""
+        self.save()
 
     @property
     @rank_zero_experiment

@@ -3,6 +3,7 @@ mid-epoch, in validation or half-way through a checkpoint write, or pause a fit.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -11,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from mmpt.checkpoint_io import AtomicCheckpointIO
+
+_TORCH_SAVE = torch.save
 
 
 class KeyRecorder(L.Callback):
@@ -99,12 +103,8 @@ class KillInValidation(L.Callback):
 
 def half_save_then_kill(obj: object, f: Any) -> None:
     """``torch.save`` into memory, write half of it to ``f`` (synced), then SIGKILL."""
-    import io
-
-    import torch
-
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    _TORCH_SAVE(obj, buf)
     data = buf.getvalue()
     f.write(data[: len(data) // 2])
     f.flush()
@@ -123,8 +123,6 @@ class KillingCheckpointIO(AtomicCheckpointIO):
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
         if checkpoint.get("global_step") == self.step:
-            import torch
-
             torch.save = half_save_then_kill  # the process dies in this call
         super().save_checkpoint(checkpoint, path, storage_options)
 
