@@ -11,7 +11,8 @@ folder's ``checkpoints/``. :func:`claim_fit_run` makes that explicit before anyt
   goes on writing into that same folder; an explicit ``--ckpt_path runs/x/version_2/...`` goes
   on in ``version_2``;
 - rank 0 locks the run folder (:class:`mmpt.run_lock.RunLock`) until the fit ends: a second
-  fit into the same run is refused;
+  fit into the same run is refused; once locked, the hidden ``checkpoints/.*.tmp`` files a
+  killed writer left (never read: :mod:`mmpt.checkpoint_io`) are removed;
 - a fit that fails before its first optimizer step, in a folder it created, removes that folder
   (nothing in it but the saved config), so no empty ``version_N`` is left behind.
 
@@ -265,6 +266,9 @@ def claim_fit_run(cfg: Any) -> RunClaim | None:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    if not created:  # partial writes of a killed fit of this run (mmpt.io.atomic_write)
+        for tmp in (run_dir / "checkpoints").glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     layout.logger.init_args.version = version
     cfg.ckpt_path = ckpt
     os.environ[RUN_ENV] = json.dumps({"version": version, "ckpt_path": ckpt})

@@ -3,7 +3,6 @@ mid-epoch, in validation or half-way through a checkpoint write, or pause a fit.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -15,8 +14,7 @@ import lightning as L
 import torch
 
 from mmpt.checkpoint_io import AtomicCheckpointIO
-
-_TORCH_SAVE = torch.save
+from tests.kill_probe import half_save_then_kill
 
 
 class KeyRecorder(L.Callback):
@@ -99,17 +97,6 @@ class KillInValidation(L.Callback):
     ) -> None:  # fmt: skip
         if not trainer.sanity_checking and trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-def half_save_then_kill(obj: object, f: Any) -> None:
-    """``torch.save`` into memory, write half of it to ``f`` (synced), then SIGKILL."""
-    buf = io.BytesIO()
-    _TORCH_SAVE(obj, buf)
-    data = buf.getvalue()
-    f.write(data[: len(data) // 2])
-    f.flush()
-    os.fsync(f.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class KillingCheckpointIO(AtomicCheckpointIO):

@@ -76,12 +76,14 @@ def test_last_resumes_the_newest_run_with_a_last_ckpt_in_that_runs_folder(tmp_pa
     save_last(root / "version_0", 4)
     save_last(root / "version_1", 9, name="last-v1.ckpt")  # never taken for `last`
     (root / "version_2").mkdir()  # a later run without a checkpoint
-    (root / "version_0" / "checkpoints" / ".last.ckpt.x1.tmp").write_bytes(b"partial")
+    partial = root / "version_0" / "checkpoints" / ".last.ckpt.x1.tmp"
+    partial.write_bytes(b"partial")
     cfg = fit_ns(tmp_path, "last")
     claim = claim_fit_run(cfg)
     assert claim.run_dir == root / "version_0" and not claim.created
     assert cfg.ckpt_path == str(root / "version_0" / "checkpoints" / "last.ckpt")
     assert cfg.trainer.logger.init_args.version == 0
+    assert not partial.exists()  # a killed writer's leftover, removed once the run is locked
     assert json.loads(os.environ[RUN_ENV]) == {"version": 0, "ckpt_path": cfg.ckpt_path}
     # a second fit into the same run, while the first holds it, is refused with its pid
     with pytest.raises(RunLockedError, match=rf"version_0 is in use .*pid {os.getpid()}"):

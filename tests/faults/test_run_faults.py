@@ -111,6 +111,10 @@ def kill_then_resume(tmp: Path, whole: dict[str, Any], fault: dict[str, Any]) ->
     assert holder["pid"] != os.getpid() and holder["host"] == socket.gethostname()
     last = run / "checkpoints" / "last.ckpt"
     assert step_of(last) == EVERY  # the newest complete checkpoint
+    partial = [p.name for p in last.parent.iterdir() if p != last]
+    assert [n.startswith(".last.ckpt.") and n.endswith(".tmp") for n in partial] == (
+        [True] if "plugins" in fault else []
+    )  # a write killed half-way left its temporary file, and only that
 
     second = run_config(whole["shards"], runs, tmp / "resumed")
     with pytest.warns(UserWarning, match="taking over the stale lock"):
@@ -152,14 +156,14 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path:
 
 def test_a_checkpoint_write_killed_half_way_keeps_the_old_file_and_last_skips_the_partial(
     tmp_path: Path,
-):  # fast: no fit, only the checkpoint IO of a fit, killed half-way through its write
+):  # fast: no fit, only the atomic write of AtomicCheckpointIO, killed half-way
     run = tmp_path / "tiny" / "version_0"
     last = run / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.ones(4)}, last)
-    code = (
-        "import sys, torch; from tests.resume_probe import KillingCheckpointIO; "
-        "KillingCheckpointIO(4).save_checkpoint("
-        "{'global_step': 4, 'w': torch.zeros(1 << 16)}, sys.argv[1])"
+    code = (  # AtomicCheckpointIO's local write, with only torch and mmpt.io imported
+        "import sys, torch; from mmpt.io import atomic_torch_save; "
+        "from tests.kill_probe import half_save_then_kill; torch.save = half_save_then_kill; "
+        "atomic_torch_save({'global_step': 4, 'w': torch.zeros(1 << 16)}, sys.argv[1])"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code, str(last)], env=env, cwd=REPO)
@@ -174,7 +178,8 @@ def test_a_checkpoint_write_killed_half_way_keeps_the_old_file_and_last_skips_th
 
     cfg = fit_ns(tmp_path, "last")
     claim_fit_run(cfg).close(failed=False, trained=True)
-    assert cfg.ckpt_path == str(last)
+    assert cfg.ckpt_path == str(last)  # the whole previous file, never the partial one
+    assert not partial.exists()  # removed once the resumed run held the lock
 
 
 @pytest.mark.slow  # one fit (~40 s on a loaded CPU)
@@ -184,7 +189,7 @@ def test_a_second_fit_into_a_live_run_is_refused_and_the_first_completes(
     runs, run = tmp_path / "runs", tmp_path / "runs" / "tiny" / "version_0"
     pause = {
         "class_path": "tests.resume_probe.PauseAt",
-        "init_args": {"step": 2, "dir": str(tmp_path)},
+        "init_args": {"step": 3, "dir": str(tmp_path)},
     }
     first = run_config(whole["shards"], runs, tmp_path / "first", extra=[pause])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
