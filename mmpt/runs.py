@@ -186,12 +186,37 @@ def _resume_target(layout: RunLayout, ckpt_path: str | None) -> tuple[int | None
     return None, ckpt_path
 
 
-def _no_last_warning(layout: RunLayout) -> None:
-    warnings.warn(
-        f"--ckpt_path last: no run under {layout.root} has a checkpoints/"
-        f"{layout.last_names[0]} yet; starting a new run",
-        stacklevel=3,
-    )
+def _resolve(
+    layout: RunLayout, ckpt: str | None, warn: bool
+) -> tuple[int | str | None, str | None]:
+    """(run version, checkpoint) of a fit, read-only; version None: a new ``version_N``.
+
+    Raises:
+        mmpt.run_lock.RunFolderError: A new fit into a fixed ``version`` that holds a checkpoint.
+    """
+    if not layout.checkpoints:  # no checkpoints in the run folder: Lightning resolves `last`
+        return layout.version, ckpt
+    if layout.version is None:
+        version, resumed = _resume_target(layout, ckpt)
+    else:
+        version, resumed = layout.version, ckpt
+        run_dir = layout.run_dir(version)
+        last = layout.last_checkpoint(run_dir)
+        if ckpt is None and last is not None:
+            raise RunFolderError(
+                f"{run_dir} already holds {last} from an earlier fit: resume it with "
+                "--ckpt_path last, or start a new run (another "
+                "--trainer.logger.init_args.version, or leave it unset for the next version_N)"
+            )
+        if ckpt == "last":
+            resumed = None if last is None else str(last)
+    if ckpt == "last" and resumed is None and warn:
+        warnings.warn(
+            f"--ckpt_path last: no run under {layout.root} has a checkpoints/"
+            f"{layout.last_names[0]} yet; starting a new run",
+            stacklevel=3,
+        )
+    return version, resumed
 
 
 def claim_fit_run(cfg: Any) -> RunClaim | None:
@@ -223,41 +248,23 @@ def claim_fit_run(cfg: Any) -> RunClaim | None:
         handed = json.loads(os.environ.get(RUN_ENV) or "null")
         if handed is not None:
             version, ckpt = handed["version"], handed["ckpt_path"]
-        elif layout.version is None:
-            version, resumed = _resume_target(layout, ckpt)
-            ckpt = resumed if ckpt != "last" or resumed else None
         else:
-            version = layout.version
+            version, ckpt = _resolve(layout, ckpt, warn=False)
         if version is not None:
             layout.logger.init_args.version = version
         cfg.ckpt_path = ckpt
         return None
-    created = False
-    if layout.version is None:
-        version, resumed = _resume_target(layout, ckpt)
-        if ckpt == "last" and resumed is None:
-            _no_last_warning(layout)
-        ckpt = resumed
-        if version is None:
-            version, created = _new_version(layout.root), True
-        advice = "Start a separate run instead: leave out --ckpt_path (a new version_N)."
+    version, ckpt = _resolve(layout, ckpt, warn=True)
+    if version is None:
+        version, created = _new_version(layout.root), True
     else:
-        version = layout.version
-        run_dir = layout.run_dir(version)
-        last = layout.last_checkpoint(run_dir)
-        if ckpt is None and last is not None:
-            raise RunFolderError(
-                f"{run_dir} already holds {last} from an earlier fit: resume it with "
-                "--ckpt_path last, or start a new run (another "
-                "--trainer.logger.init_args.version, or leave it unset for the next version_N)"
-            )
-        if ckpt == "last":
-            if last is None:
-                _no_last_warning(layout)
-            ckpt = None if last is None else str(last)
-        created = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        advice = "Start a separate run instead: another --trainer.logger.init_args.version."
+        created = not layout.run_dir(version).exists()
+        layout.run_dir(version).mkdir(parents=True, exist_ok=True)
+    advice = (
+        "Start a separate run instead: leave out --ckpt_path (a new version_N)."
+        if layout.version is None
+        else "Start a separate run instead: another --trainer.logger.init_args.version."
+    )
     run_dir = layout.run_dir(version)
     lock = RunLock(run_dir, advice)
     try:

@@ -197,3 +197,17 @@ def test_a_fit_failing_at_setup_leaves_no_folder_and_keeps_the_last_pointer(
         main(["fit", "-c", str(write_yaml(tmp_path / "c.yaml", cfg))])
     assert sorted(p.name for p in (runs / "tiny").iterdir()) == ["last", "version_0"]
     assert os.readlink(runs / "tiny" / "last") == "version_0"
+
+
+def test_checkpoints_outside_the_run_folder_keep_lightnings_last(tmp_path: Path):
+    """With its own ``dirpath``, ``last`` is Lightning's (in that folder); only the lock applies."""
+    cfg, other = fit_ns(tmp_path, "last", version=""), fit_ns(tmp_path, None, version="")
+    for c in (cfg, other):
+        c.trainer.callbacks[0].init_args.dirpath = str(tmp_path / "elsewhere")
+    save_last(tmp_path / "tiny", 3)  # a fresh fit is not refused: this folder is not its own
+    claim = claim_fit_run(cfg)
+    assert cfg.ckpt_path == "last" and claim.run_dir == tmp_path / "tiny"
+    assert cfg.trainer.callbacks[0].init_args.enable_version_counter is True
+    with pytest.raises(RunLockedError):
+        claim_fit_run(other)
+    claim.close(failed=False, trained=True)
