@@ -6,7 +6,9 @@ logger writes). It is created with ``O_CREAT | O_EXCL``, so of two fits only one
 on any file system that honours exclusive creation (local disks, NFSv3+, Lustre, GPFS). It holds
 the holder's pid, host, process start time and start date; a lock whose process is gone from
 this host (or whose pid now belongs to a process started later) is stale and is taken over with a
-warning. A lock held from another host is never presumed stale: the error says how to remove it.
+warning, and so is the lock of an earlier run of the same SLURM job (a requeued job restarts with
+a higher ``SLURM_RESTART_COUNT``, often on another node). Any other lock held from another host is
+never presumed stale: the error says how to remove it.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class RunLock:
             "host": socket.gethostname(),
             "proc_start": _start_time(os.getpid()),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
         }
 
     def _create(self) -> bool:
@@ -128,13 +132,23 @@ class RunLock:
             if holder is None:  # released meanwhile
                 continue
             local = holder.get("host") == self._record["host"]
-            if holder and (not local or _alive(holder)):
+            if holder and (not local or _alive(holder)) and not self._requeued_from(holder):
                 raise RunLockedError(self._refusal(holder))
             if not holder and time.time() - self._mtime() < 10:  # its holder is writing it
                 raise RunLockedError(self._refusal(holder))
             self._take_over(holder)
         holder = self._read() or {}
         raise RunLockedError(self._refusal(holder))
+
+    def _requeued_from(self, holder: dict[str, Any]) -> bool:
+        """Whether the holder is an earlier run of this SLURM job (requeued since: it is gone)."""
+        job = self._record["slurm_job"]
+        restart = holder.get("slurm_restart") or 0
+        return (
+            job is not None
+            and holder.get("slurm_job") == job
+            and restart < self._record["slurm_restart"]
+        )
 
     def _take_over(self, stale: dict[str, Any]) -> None:
         """Remove a stale lock, unless another process replaced it meanwhile."""

@@ -162,6 +162,21 @@ def test_stale_locks_are_taken_over_and_foreign_hosts_refused(tmp_path: Path):
     assert json.loads(lock.read_text())["host"] == "elsewhere"  # untouched
 
 
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):  # fmt: skip
+    run, lock = tmp_path / "version_0", lock_path(tmp_path / "version_0")
+    earlier = {"pid": 1, "host": "node-a", "slurm_job": "77", "slurm_restart": 0}
+    lock.write_text(json.dumps(earlier))
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: refused
+    with pytest.raises(RunLockedError, match="on host node-a"):
+        RunLock(run).acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with pytest.warns(UserWarning, match="stale"):
+        RunLock(run).acquire().release()
+
+
 def test_the_csv_logger_continues_a_resumed_runs_metrics(tmp_path: Path):
     run = tmp_path / "version_0"
     run.mkdir()

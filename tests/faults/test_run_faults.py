@@ -224,3 +224,28 @@ def test_a_second_fit_into_a_live_run_is_refused_and_the_first_completes(
     assert step_of(run / "checkpoints" / "last.ckpt") == STEPS
     assert losses(tmp_path / "first") == whole["losses"]  # unharmed
     assert not (tmp_path / "b").joinpath("losses_rank0.jsonl").exists()
+
+
+@pytest.mark.slow  # two 2-process gloo DDP fits (~2 min on a loaded CPU)
+def test_a_killed_ddp_fit_resumes_in_its_run_on_every_rank(tmp_path: Path):
+    """Rank 0 alone locks; the rank it launches takes rank 0's run and checkpoint."""
+    shards = write_shards(tmp_path / "shards", n=40, per_shard=5)
+    runs, run = tmp_path / "runs", tmp_path / "runs" / "tiny" / "version_0"
+    kill = {"class_path": "tests.resume_probe.KillAt", "init_args": {"step": VAL_EVERY}}
+    configs = {}
+    for name, extra in (("killed", [kill]), ("resumed", [])):
+        cfg = run_config(shards, runs, tmp_path / name, extra=extra)
+        cfg["trainer"].update(devices=2, strategy="ddp")
+        configs[name] = write_yaml(tmp_path / f"{name}.yaml", cfg)
+    killed = mmpt_fit(configs["killed"])
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    assert sorted(p.name for p in (runs / "tiny").iterdir()) == [".version_0.lock", "version_0"]
+    resumed = mmpt_fit(configs["resumed"], "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "taking over the stale lock" in resumed.stdout
+    assert sorted(p.name for p in (runs / "tiny").iterdir()) == ["last", "version_0"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert step_of(run / "checkpoints" / "last.ckpt") == STEPS
+    for rank in (0, 1):
+        lines = (tmp_path / "resumed" / f"losses_rank{rank}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == list(range(EVERY, STEPS))
