@@ -147,12 +147,13 @@ class RunClaim:
             failed: ``fit`` raised (or was interrupted).
             trained: At least one optimizer step ran.
         """
-        if self.lock is not None:
-            self.lock.release()
-            os.environ.pop(RUN_ENV, None)
+        if self.lock is None:
+            return
         keep = trained or any(self.run_dir.rglob("*.ckpt"))
-        if self.lock is not None and failed and self.created and not keep:
+        if failed and self.created and not keep:  # removed while still locked
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.lock.release()
+        os.environ.pop(RUN_ENV, None)
 
 
 def _new_version(root: Path) -> int:
