@@ -5,7 +5,8 @@ folder, fsyncs it and renames it over the final name (:func:`mmpt.io.atomic_torc
 process killed mid-write (preemption, OOM killer, ``kill -9``) therefore leaves the previous
 ``last.ckpt`` intact, so ``--ckpt_path last`` always resumes from a whole checkpoint. What such a
 kill can leave behind is a hidden ``.last.ckpt.<random>.tmp`` next to it: harmless, never read by
-Lightning, and safe to delete.
+Lightning or ``--ckpt_path last``, and removed when ``mmpt fit --ckpt_path last`` resumes that run
+(:mod:`mmpt.runs`; safe to delete by hand).
 
 Lightning's own :class:`~lightning.fabric.plugins.io.torch_io.TorchCheckpointIO` serializes into
 memory first (so the whole checkpoint is held twice in RAM), then, for local paths, writes a
