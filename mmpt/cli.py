@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
@@ -72,6 +73,14 @@ class MMPTCLI(LightningCLI):
         for spec in synthetic_to_render(data.get("synthetic") if data else None, urls):
             spec.ensure()
 
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Lightning's Trainer, with mmpt's model summary (no ``Total FLOPs: 0``)."""
+        from mmpt.console import use_mmpt_model_summary
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_mmpt_model_summary(trainer)
+        return trainer
+
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:
     """Build the LightningCLI (models and datamodules chosen by ``class_path``)."""
@@ -132,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in ("fit", "validate", "test", "predict"):
         print(f"mmpt: unknown command {argv[0]!r}\n\n{TOP_HELP}", file=sys.stderr)
         return 2
-    # The streams' lengths are exact per rank and worker (tests/test_datamodule_pipeline.py).
-    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    from mmpt.console import silence_library_noise
+
+    silence_library_noise()  # Lightning's tips and warnings that ask nothing of the user
     from mmpt.datamodules.stages import DataError
     from mmpt.models.init_from import InitFromError
     from mmpt.safe_load import UnsafeCheckpointError
