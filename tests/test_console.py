@@ -76,7 +76,9 @@ def bar_text() -> Iterator[tuple[RichProgressBar, io.StringIO]]:
 
 def test_progress_bar_counts_steps_to_max_steps(bar_text) -> None:
     bar, buf = bar_text
-    trainer(callbacks=[bar], enable_progress_bar=True, max_steps=7, max_epochs=-1).fit(Tiny(), loader())
+    trainer(callbacks=[bar], enable_progress_bar=True, max_steps=7, max_epochs=-1).fit(
+        Tiny(), loader()
+    )
     last = buf.getvalue().strip().splitlines()[-1]
     assert last.startswith("Step") and " 7/7 " in last, last  # over 3 epochs, one bar
     assert "epoch: 3 " in last and "v_num" not in last and "Epoch" not in last

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mmpt.datamodules.video import VIDEO_BACKENDS
 from mmpt.eval.callback import write_reports
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
+from mmpt.eval.modality import item_counts, media_of
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
@@ -211,7 +212,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         with torch.no_grad():
             return model.encode_text(tokenizer(prompts).to(device)).float().cpu()
 
-    result = evaluate(emb, encode_text, zeroshot, retrieval=args.task == "retrieval")
+    media = media_of(model)
+    result = evaluate(emb, encode_text, zeroshot, retrieval=args.task == "retrieval", media=media)
     if args.task == "zeroshot" and not result.metrics:
         raise ValueError(f"no labelled samples for zero-shot classification ({dm.label_key})")
     context: dict[str, Any] = {}
@@ -224,8 +226,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         args.task,
         checkpoint=str(args.ckpt),
         data=data,
-        num_images=emb.image.shape[0],
-        num_texts=emb.text.shape[0],
+        **item_counts(media, emb.image.shape[0], emb.text.shape[0]),
         **context,
     )
     print_metrics(result.metrics, title=f"mmpt eval {args.task}: {data}")
