@@ -178,3 +178,10 @@ def test_csv_writer_keeps_conflicting_values_apart(tmp_path: Path) -> None:
         ("0", "3.0", ""),
         ("1", "4.0", ""),
     ]
+
+
+def test_recipes_use_mmpts_progress_bar() -> None:
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    texts = {p.name: p.read_text() for p in configs}
+    assert sum("mmpt.console.RichProgressBar" in t for t in texts.values()) >= 10
+    assert not [n for n, t in texts.items() if "lightning.pytorch.callbacks.RichProgressBar" in t]
