@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichModelSummary as _RichModelSummary
 from lightning.pytorch.callbacks import RichProgressBar as _RichProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar as _TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.utilities.model_summary import (
     get_formatted_model_size,
     get_human_readable_count,
@@ -20,7 +22,39 @@ RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 CLOUD_TIP = "💡 Tip: For seamless cloud"
 
 
-class RichProgressBar(_RichProgressBar):
+class _RunCount:
+    """What mmpt's progress bars count: optimizer steps to ``max_steps``, else 1-based epochs."""
+
+    def _by_steps(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        """``max_steps`` on a run bounded by steps, else the batches of this epoch."""
+        if self._by_steps():
+            return self.trainer.max_steps
+        return super().total_train_batches
+
+    def _train_text(self, current_epoch: int) -> str:
+        """``Step``, else ``Epoch e/N``, 1-based (``Epoch e`` without ``max_epochs``)."""
+        if self._by_steps():
+            return "Step"
+        text = f"Epoch {current_epoch + 1}"
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
+            text += f"/{self.trainer.max_epochs}"
+        return text
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Logged progress-bar metrics without ``v_num``; the 1-based epoch when counting steps."""
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        if self._by_steps():
+            items = {"epoch": str(trainer.current_epoch + 1), **items}
+        return items
+
+
+class RichProgressBar(_RunCount, _RichProgressBar):
     """Lightning's Rich progress bar, counting what ends the run.
 
     - ``trainer.max_steps`` set: one bar over the whole run, ``Step`` and the optimizer steps
@@ -42,24 +76,8 @@ class RichProgressBar(_RichProgressBar):
     ``console_kwargs``).
     """
 
-    def _by_steps(self) -> bool:
-        trainer = self._trainer
-        return trainer is not None and trainer.max_steps is not None and trainer.max_steps > 0
-
-    @property
-    def total_train_batches(self) -> int | float:
-        """``max_steps`` on a run bounded by steps, else the batches of this epoch."""
-        if self._by_steps():
-            return self.trainer.max_steps
-        return super().total_train_batches
-
     def _get_train_description(self, current_epoch: int) -> str:
-        if self._by_steps():
-            text = "Step"
-        else:
-            text = f"Epoch {current_epoch + 1}"
-            if self.trainer.max_epochs is not None and self.trainer.max_epochs > 0:
-                text += f"/{self.trainer.max_epochs}"
+        text = self._train_text(current_epoch)
         return f"{text:{len(self.validation_description)}}"  # no flicker next to "Validation"
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -77,13 +95,64 @@ class RichProgressBar(_RichProgressBar):
             current = self.trainer.global_step
         super()._update(progress_bar_id, current, visible, hard)
 
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """Logged progress-bar metrics without ``v_num``; the 1-based epoch when counting steps."""
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        if self._by_steps():
-            items = {"epoch": str(trainer.current_epoch + 1), **items}
-        return items
+
+def _update_n(bar: Any, n: int) -> None:
+    """Set a tqdm bar's count (absolute, not an increment) and redraw it."""
+    if not bar.disable:
+        bar.n = n
+        bar.refresh()
+
+
+class TQDMProgressBar(_RunCount, _TQDMProgressBar):
+    """Lightning's tqdm progress bar counting as :class:`RichProgressBar` does.
+
+    ``Step`` and the optimizer steps out of ``trainer.max_steps`` on one bar for the whole run,
+    else ``Epoch e/N`` (1-based) and the batches of the epoch; no ``v_num``.
+
+    YAML::
+
+        trainer:
+          callbacks:
+            - class_path: mmpt.console.TQDMProgressBar
+
+    Takes Lightning's ``TQDMProgressBar`` arguments (``refresh_rate``, ``process_position``,
+    ``leave``).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Open the training bar (its steps are set at the first epoch start)."""
+        super().on_train_start(trainer, pl_module)
+        self._counting_steps = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        """Counting steps: one bar across epochs, set up once; else a bar per epoch, 1-based."""
+        bar = self._train_progress_bar
+        if not (self._by_steps() and getattr(self, "_counting_steps", False) and bar is not None):
+            if self._leave or bar is None:
+                bar = self.train_progress_bar = self.init_train_tqdm()
+            bar.reset(total=convert_inf(self.total_train_batches))
+            bar.initial = 0
+            if self._by_steps():
+                self._counting_steps = not self._leave
+                bar.n = trainer.global_step  # a resumed run's step
+        bar.set_description(self._train_text(trainer.current_epoch))
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Counting steps: the bar shows the optimizer steps done."""
+        if not self._by_steps():
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, n = self._train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(n, bar.total):
+            _update_n(bar, n)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+        return None
 
 
 class RichModelSummary(_RichModelSummary):

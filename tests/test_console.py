@@ -22,6 +22,7 @@ from mmpt.console import (
     RANK_ZERO_LOGGER,
     RichModelSummary,
     RichProgressBar,
+    TQDMProgressBar,
     silence_library_noise,
     use_mmpt_model_summary,
 )
@@ -185,3 +186,18 @@ def test_recipes_use_mmpts_progress_bar() -> None:
     texts = {p.name: p.read_text() for p in configs}
     assert sum("mmpt.console.RichProgressBar" in t for t in texts.values()) >= 10
     assert not [n for n, t in texts.items() if "lightning.pytorch.callbacks.RichProgressBar" in t]
+
+
+@pytest.mark.parametrize(
+    ("kw", "want", "count"),
+    [
+        ({"max_steps": 7, "max_epochs": -1}, "Step", (7, 7)),
+        ({"max_epochs": 2}, "Epoch 2/2", (3, 3)),
+    ],
+)
+def test_tqdm_bar_counts_alike(kw: dict, want: str, count: tuple, capsys) -> None:
+    run = trainer(callbacks=[TQDMProgressBar()], enable_progress_bar=True, **kw)
+    run.fit(Tiny(), loader())
+    bar = run.progress_bar_callback.train_progress_bar
+    assert bar.desc.startswith(want) and (bar.n, bar.total) == count, (bar.desc, bar.n, bar.total)
+    assert "Epoch 0" not in capsys.readouterr().out and "v_num" not in str(bar.postfix)
