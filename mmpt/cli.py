@@ -84,6 +84,9 @@ class MMPTCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:
     """Build the LightningCLI (models and datamodules chosen by ``class_path``)."""
+    from mmpt.console import silence_library_noise
+
+    silence_library_noise()  # Lightning's tips and warnings that ask nothing of the user
     with warnings.catch_warnings():
         # `mmpt eval` parses its training config programmatically while sys.argv holds its own
         # flags: LightningCLI warns about exactly that, harmlessly.
@@ -141,9 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in ("fit", "validate", "test", "predict"):
         print(f"mmpt: unknown command {argv[0]!r}\n\n{TOP_HELP}", file=sys.stderr)
         return 2
-    from mmpt.console import silence_library_noise
-
-    silence_library_noise()  # Lightning's tips and warnings that ask nothing of the user
     from mmpt.datamodules.stages import DataError
     from mmpt.models.init_from import InitFromError
     from mmpt.safe_load import UnsafeCheckpointError

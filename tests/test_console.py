@@ -201,3 +201,30 @@ def test_tqdm_bar_counts_alike(kw: dict, want: str, count: tuple, capsys) -> Non
     bar = run.progress_bar_callback.train_progress_bar
     assert bar.desc.startswith(want) and (bar.n, bar.total) == count, (bar.desc, bar.n, bar.total)
     assert "Epoch 0" not in capsys.readouterr().out and "v_num" not in str(bar.postfix)
+
+
+def test_plain_fit_console_and_metrics(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """`mmpt fit` end to end: no tip, no deprecation warning, no FLOPs line, the step bar, and
+    one metrics.csv row per step with the named learning rates."""
+    from mmpt.cli import main
+    from tests.helpers import write_shards
+    from tests.test_cli import tiny_fit_config, write_yaml
+
+    cfg = tiny_fit_config(write_shards(tmp_path / "shards", n=24, per_shard=8), tmp_path / "run")
+    cfg["trainer"].update(enable_progress_bar=True, enable_model_summary=True)
+    cfg["trainer"]["logger"]["class_path"] = "mmpt.loggers.CSVLogger"
+    cfg["trainer"]["callbacks"] = [  # no checkpoint, reports or summary: fast
+        {"class_path": "mmpt.console.RichProgressBar"},
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+    ]
+    with warnings.catch_warnings():
+        assert main(["fit", "-c", str(write_yaml(tmp_path / "tiny.yaml", cfg))]) == 0
+    out, err = capfd.readouterr()
+    console = out + err
+    assert "Trainable params" in console and "Step" in console and " 3/3 " in console
+    for noise in ("litlogger", "LeafSpec", "FLOPs", "Epoch 0", "-2 ", "v_num"):
+        assert noise not in console, noise
+    header, rows = read_rows(tmp_path / "run" / "metrics.csv")
+    assert [r["step"] for r in rows] == ["0", "1", "2"]
+    assert all(r["train/loss"] and r["lr/decay"] and r["lr/no_decay"] for r in rows), rows
+    assert rows[-1]["val/loss"] and not any("pg" in h for h in header)
