@@ -223,7 +223,10 @@ def read_shards(urls: Iterable[str], handler: SkipCounter) -> Iterator[dict[str,
 
 
 def _shard_samples(url: str, stream: Any, handler: SkipCounter) -> Iterator[dict[str, Any]]:
-    """The samples of one opened shard; a tar error propagates (the shard ends there)."""
+    """The samples of one opened shard, then its tar error if it breaks off.
+
+    The sample being grouped when the tar breaks off is still yielded (it may be whole).
+    """
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     from mmpt.shards.members import member_problem, refused_member
@@ -231,15 +234,22 @@ def _shard_samples(url: str, stream: Any, handler: SkipCounter) -> Iterator[dict
     def reraise(exn: Exception) -> bool:
         raise exn
 
+    error: list[Exception] = []
+
     def members() -> Iterator[dict[str, Any]]:
-        for file in tar_file_iterator(stream, handler=reraise):
-            problem = member_problem(str(file.get("fname", "")))
-            if problem is None:
-                yield file | {"__url__": url}
-            else:
-                handler(ValueError(refused_member(url, file["fname"], problem)))
+        try:
+            for file in tar_file_iterator(stream, handler=reraise):
+                problem = member_problem(str(file.get("fname", "")))
+                if problem is None:
+                    yield file | {"__url__": url}
+                else:
+                    handler(ValueError(refused_member(url, file["fname"], problem)))
+        except Exception as e:  # noqa: BLE001 - raised once the last sample is out
+            error.append(e)
 
     yield from group_by_keys(members(), handler=handler)
+    if error:
+        raise error[0]
 
 
 def repeat_passes(make: Callable[[], Iterable[Any]], passes: int | None) -> Iterator[Any]:
