@@ -310,3 +310,18 @@ def test_counts_stay_per_epoch(shards: Path) -> None:
         stream.set_epoch(epoch)
         per_epoch.append(Counter(f.url for f in faults_of(list(stream))))
     assert per_epoch == [Counter({str(shards / "shard-000006.tar"): 1})] * 3
+
+
+def test_resampled_workers_reporting_the_same_shard_count_it_once(tmp_path: Path) -> None:
+    """Resampled mode draws shards with replacement in every worker: the main process keeps
+    one fault per shard and epoch, however many workers report it."""
+    shards = write_shards(tmp_path / "s", n=10, per_shard=5)
+    bad = shards / "shard-000001.tar"
+    bad.write_bytes(b"not a tar" * 100)
+    cfg = StreamConfig(urls=str(shards), resampled=True, epoch_samples=40, shuffle_buffer=0)
+    stream = ShardStream(cfg.sources("data.train"), cfg, complete, Keys, batch_size=4)
+    stream.max_skipped_fraction = 1.0
+    batches = list(make_loader(stream, num_workers=2))
+    assert [f.url for f in faults_of(batches)] == [str(bad)] * 2  # each worker found it once
+    skip_log = SkipLog()
+    assert [f.url for b in batches for f in skip_log.record("train", 0, b)] == [str(bad)]
