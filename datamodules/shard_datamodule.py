@@ -246,6 +246,13 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
             batch.lost_samples = sum(f.lost or 0 for f in new)
         return self.normalize(batch)
 
+    def _on_report(self, stream: ShardStream, report: Any) -> None:
+        """Log (and check the limit on) skips no batch was left to carry: an epoch's last."""
+        trainer = self.trainer
+        stage = trainer.state.stage if trainer is not None else None
+        epoch = trainer.current_epoch if trainer is not None else 0
+        self.skip_log.record(stage.value if stage else "run", epoch, report, stream.skip_budget())
+
     def _stream_of(self, trainer: L.Trainer, dataloader_idx: int) -> ShardStream | None:
         """The stream a batch came from (training, the ``dataloader_idx``-th validation, test)."""
         if trainer.training:
@@ -287,8 +294,9 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         self.train_stream.track = True
         self.position.new_loader()
         return make_loader(
-            self.train_stream, self.num_workers, self._pin(), before_iter=self._before_train_iter
-        )
+            self.train_stream, self.num_workers, self._pin(), before_iter=self._before_train_iter,
+            on_report=self._on_report,
+        )  # fmt: skip
 
     def _before_train_iter(self) -> None:
         """Take up a loaded checkpoint's stream position (just before the workers start)."""
@@ -300,7 +308,10 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         With ``eval_sets`` the list is ``[val (if set), *eval sets]``, named by
         ``val_set_names``.
         """
-        loaders = [make_loader(s, self.num_workers, self._pin()) for _, s in self._val_streams()]
+        loaders = [
+            make_loader(s, self.num_workers, self._pin(), on_report=self._on_report)
+            for _, s in self._val_streams()
+        ]
         if not self.eval_sets:
             return loaders[0] if loaders else []
         return loaders
@@ -309,7 +320,9 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         """Test batches: ``data.test``, else ``data.val``."""
         if self.test_stream is None:
             raise ValueError("no test data: set data.test.urls (or data.val.urls)")
-        return make_loader(self.test_stream, self.num_workers, self._pin())
+        return make_loader(
+            self.test_stream, self.num_workers, self._pin(), on_report=self._on_report
+        )
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         """Prediction batches: the test stream (``data.test``, else ``data.val``)."""

@@ -13,6 +13,7 @@ import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: The default ``max_skipped_fraction``: 1% of an epoch's samples (or shards) may be lost.
 MAX_SKIPPED_FRACTION = 0.01
@@ -141,6 +142,35 @@ class SkipBudget:
         )
 
 
+@dataclass
+class SkipReport:
+    """The skips of a worker that made no batch, yielded in place of one.
+
+    The loader (:func:`~mmpt.datamodules.loader.make_loader`) takes it out of the stream and
+    adds it to the next batch, so the counts reach the main process like any batch's.
+
+    Attributes:
+        skipped: Samples skipped or lost.
+        skip_reasons: ``{reason: [count, example]}``.
+        shard_faults: Shards found unreadable.
+    """
+
+    skipped: int
+    skip_reasons: dict[str, list]
+    shard_faults: list[ShardFault]
+
+    def add_to(self, batch: Any) -> Any:
+        """``batch`` with these skips added to its own; returns it."""
+        batch.skipped = getattr(batch, "skipped", 0) + self.skipped
+        reasons = dict(getattr(batch, "skip_reasons", None) or {})
+        for reason, (count, example) in self.skip_reasons.items():
+            before = reasons.get(reason, [0, example])
+            reasons[reason] = [before[0] + count, before[1]]
+        batch.skip_reasons = reasons
+        batch.shard_faults = list(getattr(batch, "shard_faults", None) or []) + self.shard_faults
+        return batch
+
+
 def startup_faults(urls: Iterable[str], counts: Sequence[int] | None) -> list[ShardFault]:
     """The local shards whose first block is already wrong (see :func:`header_problem`)."""
     from mmpt.datamodules.urls import is_remote
@@ -159,6 +189,7 @@ __all__ = [
     "MAX_SKIPPED_FRACTION",
     "ShardFault",
     "SkipBudget",
+    "SkipReport",
     "fault_reason",
     "header_problem",
     "startup_faults",

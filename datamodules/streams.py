@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from mmpt.datamodules.mixing import (
 )
 from mmpt.datamodules.resume import Held, WorkerPosition, WorkerTracker, fingerprint
 from mmpt.datamodules.seeding import sample_seed
-from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION, SkipBudget
+from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION, SkipBudget, SkipReport
 from mmpt.datamodules.stages import (
     DataError,
     SharedEpoch,
@@ -50,8 +49,6 @@ from mmpt.datamodules.stream_config import StreamConfig
 from mmpt.datamodules.urls import ResolvedSource
 
 __all__ = ["ShardStream", "StreamConfig"]
-
-log = logging.getLogger("mmpt.data")
 
 #: Offset of the replay streams' seed from the stream's seed (independent of the main draws).
 REPLAY_SEED = 0x5EED
@@ -358,19 +355,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         if pending is not None:
             self._attach_skips(pending, counter)
             yield pending
-        elif counter.total and self.partial:  # an evaluation stream: no silent empty validation
+        elif counter.total and self.partial and not counter.shards:  # no silent empty eval
             raise DataError(
                 f"{self.where or self.config.urls}: all {counter.total} samples read"
                 f"{' by one worker' if slot.num_workers > 1 else ''} were skipped, so it "
                 f"gives no validation: {counter.summary()}"
             )
-        elif counter.total:
-            log.warning(
-                "a worker produced no batch: all %d of its samples were skipped or lost "
-                "(not in data/skipped, which counts per batch): %s",
-                counter.total,
-                counter.summary(),
-            )
+        elif counter.total:  # the loader adds these to the next batch (or reports them)
+            yield SkipReport(counter.take(), counter.take_reasons(), counter.take_shards())
 
     @staticmethod
     def _attach_skips(batch: Any, counter: SkipCounter) -> None:

@@ -325,3 +325,57 @@ def test_resampled_workers_reporting_the_same_shard_count_it_once(tmp_path: Path
     assert [f.url for f in faults_of(batches)] == [str(bad)] * 2  # each worker found it once
     skip_log = SkipLog()
     assert [f.url for b in batches for f in skip_log.record("train", 0, b)] == [str(bad)]
+
+
+def test_a_worker_whose_shards_are_all_bad_still_reports_them(tmp_path: Path) -> None:
+    """The issue's case: 2 shards, the second not a tar, 2 workers. Its worker makes no batch;
+    its report reaches the main process (added to the next batch, or after the last one)."""
+    shards = write_shards(tmp_path / "s", n=12, per_shard=6)
+    bad = shards / "shard-000001.tar"
+    bad.write_bytes(b"<html>not a tar</html>" * 50)
+    stream = stream_of(str(shards), partial=False, bs=1, workers=2)
+    reported: list[Any] = []
+    loader = make_loader(stream, 2, on_report=lambda s, r: reported.append((s, r)))
+    batches = list(loader)
+    assert len(batches) == 6  # worker 0's quota; worker 1 had nothing to read
+    carriers = batches + [r for _, r in reported]
+    faults = [f for c in carriers for f in c.shard_faults]
+    assert [(f.url, f.lost) for f in faults] == [(str(bad), 6)]
+    assert sum(c.skipped for c in carriers) == 6
+    assert all(s is stream for s, _ in reported)
+
+
+def test_reports_are_added_to_the_next_batch_or_handed_over() -> None:
+    from mmpt.datamodules.loader import fold_reports
+    from mmpt.datamodules.shard_faults import SkipReport
+
+    def batch(*keys: str) -> Keys:
+        out = Keys(list(keys))
+        out.skip_reasons, out.shard_faults = {"E: x": [1, "e.g."]}, []
+        return out
+
+    fault = ShardFault("a.tar", "empty file (0 bytes)", 0, 5)
+    items = [
+        batch("k0"),
+        SkipReport(5, {}, [fault]),
+        SkipReport(2, {"E: x": [2, "first"]}, []),
+        batch("k1"),
+        SkipReport(1, {"E: y": [1, "y"]}, []),
+    ]
+    handed: list[Any] = []
+    out = list(fold_reports(iter(items), None, lambda s, r: handed.append(r)))  # type: ignore[arg-type]
+    assert [b.keys for b in out] == [["k0"], ["k1"]]
+    assert (out[1].skipped, out[1].skip_reasons, out[1].shard_faults) == (
+        7, {"E: x": [3, "e.g."]}, [fault]
+    )  # fmt: skip
+    assert [(r.skipped, r.skip_reasons) for r in handed] == [(1, {"E: y": [1, "y"]})]
+
+
+def test_the_datamodule_checks_a_handed_over_report_against_the_limit(shards: Path) -> None:
+    from mmpt.datamodules.shard_faults import SkipReport
+
+    dm = KeyData(str(shards), 0.01)
+    dm.setup("fit")
+    report = SkipReport(5, {}, [ShardFault(str(shards / "shard-000003.tar"), "empty file", 0, 5)])
+    with pytest.raises(DataError, match="shard-000003.tar: empty file"):
+        dm.train_dataloader().on_report(dm.train_stream, report)
