@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmpt.datamodules.urls import is_remote
+
 #: The default ``max_skipped_fraction``: 1% of an epoch's samples (or shards) may be lost.
 MAX_SKIPPED_FRACTION = 0.01
 #: Bad shards named in full in an error; the rest are counted.
@@ -58,9 +60,9 @@ def fault_reason(url: str, exn: BaseException, read: int) -> str:
     if isinstance(exn, tarfile.ReadError | EOFError | gzip.BadGzipFile):
         if text == "empty file" or _size(url) == 0:
             return "empty file (0 bytes)"
-        if "unexpected end" in text or isinstance(exn, EOFError) or read:
+        if "unexpected end" in text or isinstance(exn, EOFError):
             return f"truncated after {read} samples ({text})"
-        return f"not a tar archive ({text})"
+        return f"corrupt after {read} samples ({text})" if read else f"not a tar archive ({text})"
     return f"unreadable ({type(exn).__name__}: {text})"
 
 
@@ -173,8 +175,6 @@ class SkipReport:
 
 def startup_faults(urls: Iterable[str], counts: Sequence[int] | None) -> list[ShardFault]:
     """The local shards whose first block is already wrong (see :func:`header_problem`)."""
-    from mmpt.datamodules.urls import is_remote
-
     out = []
     for i, url in enumerate(urls):
         if is_remote(url):

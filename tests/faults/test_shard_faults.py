@@ -142,6 +142,16 @@ def test_a_shard_shorter_than_its_index_says_loses_the_rest(shards: Path) -> Non
     assert sum(len(b.keys) for b in batches) == 37
 
 
+def test_garbage_after_good_samples_is_caught_by_the_index(shards: Path) -> None:
+    """tarfile takes a bad header after the first member for the end of the archive (no error):
+    only the index's count shows that the shard lost its last samples."""
+    bad = shards / "shard-000002.tar"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: data.index(b"000012.jpg")] + b"\x07" * 2048)  # 10 and 11, then junk
+    (fault,) = faults_of(list(stream_of(str(shards))))
+    assert (fault.reason, fault.lost) == ("ends after 2 of the 5 samples its index lists", 3)
+
+
 def test_five_bad_files_are_five_faults_per_epoch_over_workers_and_top_ups(
     shards: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
