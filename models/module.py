@@ -27,6 +27,8 @@ NO_DECAY_NAMES = (
     *("pos_embed", "cls_token", "reg_token", "image_newline", "group_embed"),  # embeddings
 )
 
+#: Unreadable-shard counts the shard datamodules set on every batch, logged as ``data/<name>``.
+SHARD_COUNTERS = ("skipped_shards", "lost_samples")
 
 #: Checkpoint entry describing the image tower (rebuilds it for ``mmpt eval probe`` and
 #: ``init_from`` without the training config).
@@ -162,8 +164,13 @@ class MMPTModule(L.LightningModule):
             )
 
     def log_data_counts(self, batch: object, names: tuple[str, ...], batch_size: int) -> None:
-        """Log ``batch.<name>`` counts as ``data/<name>``: per epoch, summed over ranks."""
-        for name in names:
+        """Log ``batch.<name>`` counts as ``data/<name>``: per epoch, summed over ranks.
+
+        The unreadable-shard counts the datamodule sets on every batch (``skipped_shards``,
+        ``lost_samples``) are logged too.
+        """
+        shards = tuple(n for n in SHARD_COUNTERS if hasattr(batch, n) and n not in names)
+        for name in names + shards:
             self.log(
                 f"data/{name}",
                 float(getattr(batch, name)),
