@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mmpt.preflight import missing_weights_error
 
 from .attention import BACKENDS, register_packed_attention
 from .encoders.tokenizers import resolve_hf_path
@@ -17,29 +19,6 @@ from .encoders.tokenizers import resolve_hf_path
 log = logging.getLogger("mmpt.llm")
 
 FLAG = "--model.init_args.llm.init_args"
-DEFAULT_REPO = "Qwen/Qwen2.5-1.5B"
-
-
-def _looks_like_repo_id(path: str) -> bool:
-    """``org/name`` with no filesystem prefix (``/``, ``.``, ``~``)."""
-    return path.count("/") == 1 and not path.startswith(("/", ".", "~")) and all(path.split("/"))
-
-
-def _missing_weights(path: str) -> FileNotFoundError:
-    """The offline error for LLM weights: what to download, where, and which flag to set."""
-    if _looks_like_repo_id(path):
-        repo, local = path, f"/models/{path.split('/')[1]}"
-    else:
-        name = os.path.basename(os.path.normpath(path)) or DEFAULT_REPO.split("/")[1]
-        repo = DEFAULT_REPO if name == DEFAULT_REPO.split("/")[1] else f"<org>/{name}"
-        local = path
-    return FileNotFoundError(
-        f"LLM weights not found at {path!r} (offline: nothing is downloaded at run time). "
-        f"Download them with `hf download {repo} --local-dir {local}` and pass "
-        f"{FLAG}.pretrained {local}"
-    )
-
-
 class CausalLM(nn.Module):
     """A Hugging Face causal LM (Qwen2/2.5, Llama, Mistral ...) and its tokenizer, loaded offline.
 
@@ -56,11 +35,15 @@ class CausalLM(nn.Module):
 
     """
 
+    #: Arguments holding local weights paths (checked by :mod:`mmpt.preflight` before building).
+    weight_paths: ClassVar[tuple[str, ...]] = ("pretrained", "tokenizer")
+
     def __init__(
         self,
         pretrained: str | None = None,
         config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
+        repo_id: str | None = None,
         image_token: str = "<image>",
         attn_implementation: str = "packed",
         attn_backend: str = "auto",
@@ -75,6 +58,8 @@ class CausalLM(nn.Module):
                 e.g. ``{"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, ...}``.
             tokenizer: Tokenizer folder or cached repo id; defaults to ``pretrained``.
                 Required with ``config``.
+            repo_id: The hub repo ``pretrained`` is a local copy of (``Qwen/Qwen2.5-1.5B``):
+                only named in the error, as ``hf download REPO --local-dir PRETRAINED``.
             image_token: Placeholder string for one image in the text.
             attn_implementation: "packed" (mmpt's block-diagonal attention, see
                 ``register_packed_attention``), or an HF name: "sdpa", "eager",
@@ -120,7 +105,9 @@ class CausalLM(nn.Module):
             try:
                 pretrained = resolve_hf_path(pretrained, "config.json", f"{FLAG}.pretrained")
             except FileNotFoundError as err:
-                raise _missing_weights(pretrained) from err
+                raise missing_weights_error(
+                    "LLM weights", pretrained, repo_id, f"{FLAG}.pretrained"
+                ) from err
             self.model = AutoModelForCausalLM.from_pretrained(
                 pretrained, local_files_only=True, **kwargs
             )
