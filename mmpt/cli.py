@@ -10,8 +10,8 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from mmpt.cli_args import join_negative_numbers, unknown_option_hint
-from mmpt.user_errors import data_error_message as data_error_message
 from mmpt.user_errors import UserError, run_reporting_errors
+from mmpt.user_errors import data_error_message as data_error_message
 
 TOP_HELP = """usage: mmpt <command> [options]
 

@@ -44,13 +44,13 @@ class MissingPath:
 
     def lines(self) -> list[str]:
         """Two lines: the flag and path, then how to get it."""
-        head = f"  {self.flag} {self.path}"
+        head, indent = f"  {self.flag} {self.path}", " " * 6
         if self.checkpoint:
-            return [head, "      no such checkpoint: train the stage that writes it, or set the flag"]
+            return [head, f"{indent}no such checkpoint: train the stage that writes it, or set the flag"]
         command = download_command(self.path, self.repo_id)
         if command:
-            return [head, f"      {command}"]
-        return [head, f"      the config names no repo for it: set {repo_flag(self.flag)} or the flag"]
+            return [head, indent + command]
+        return [head, f"{indent}the config names no repo for it: set {repo_flag(self.flag)}"]
 
 
 def repo_flag(flag: str) -> str:
@@ -247,7 +247,7 @@ def preflight(config: dict[str, Any], check_devices: bool = True) -> None:
         lines += [
             f"{len(missing)} path(s) this config loads are missing. Nothing is downloaded at run "
             "time:",
-            "  run these commands on a machine with internet, or point the flags at copies you have",
+            "  run these commands on a machine with internet, or point the flags at your copies:",
         ]
         for entry in missing:
             lines += entry.lines()

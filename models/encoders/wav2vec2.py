@@ -32,7 +32,8 @@ def _missing_weights(path: str, source: str, repo_id: str | None) -> Exception:
     return FileNotFoundError(
         f"Speech weights not found at {path!r} (nothing is downloaded at run time). Save a "
         "torchaudio model's state dict there (e.g. `torch.save(torchaudio.pipelines."
-        f"WAV2VEC2_BASE.get_model().state_dict(), {path!r})`); {PRETRAINED_FLAG} sets where it is read."
+        f"WAV2VEC2_BASE.get_model().state_dict(), {path!r})`); {PRETRAINED_FLAG} sets where "
+        "it is read."
     )
 
 
