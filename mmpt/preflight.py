@@ -46,7 +46,7 @@ class MissingPath:
         """Two lines: the flag and path, then how to get it."""
         head, indent = f"  {self.flag} {self.path}", " " * 6
         if self.checkpoint:
-            return [head, f"{indent}no such checkpoint: train the stage that writes it, or set the flag"]
+            return [head, f"{indent}no such checkpoint: train the stage that writes it first"]
         command = download_command(self.path, self.repo_id)
         if command:
             return [head, indent + command]
