@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
+from typing import Any, NoReturn
 
 # A negative number argparse (before Python 3.13) reads as a flag: -1e-3, -2E5, -.5e1.
 _NEGATIVE_EXPONENT = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -50,10 +52,39 @@ def unknown_option_hint(message: str, known: list[str]) -> str | None:
     if not flags:
         return None
     lines = []
-    for flag in flags:
-        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
+    for flag in flags:  # an abbreviation first (argparse would have taken it), then a typo
+        close = sorted({k for k in known if k.startswith(flag)})[:3]
+        close = close or difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
         if close:
-            lines.append(f"unknown option {flag}; did you mean {close[0]}?")
+            lines.append(f"unknown option {flag}; did you mean {' or '.join(close)}?")
         else:
             lines.append(f"unknown option {flag} (`--help` lists the options)")
     return "\n".join(lines)
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """The options of ``parser`` and of its subcommands' parsers."""
+    found = list(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _option_strings(sub)
+    return found
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that refuses abbreviated flags and suggests the one meant.
+
+    ``--num-work 4`` would otherwise be read as ``--num-workers 4``, and a typo of a longer
+    flag could silently set a shorter one. Subcommand parsers (``add_subparsers``) are of
+    this class too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Like ``argparse.ArgumentParser``, with ``allow_abbrev=False`` by default."""
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Print usage and ``message`` (with a suggestion for an unknown flag); exit 2."""
+        super().error(unknown_option_hint(message, _option_strings(self)) or message)

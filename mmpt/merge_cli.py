@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from mmpt.cli_args import Parser
 from mmpt.io import atomic_torch_save
 from mmpt.safe_load import add_unsafe_load_flag, load_torch_file
 
@@ -204,7 +205,7 @@ def merge_checkpoints(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mmpt merge",
         description="Weighted average of checkpoints of the same architecture.",
     )

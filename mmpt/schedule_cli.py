@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from mmpt.cli_args import Parser
 from mmpt.models.schedules import Schedule
 
 KEY = "model.init_args.lr_schedule"
@@ -18,7 +19,7 @@ LR_KEY = "model.init_args.optimizer.init_args.lr"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mmpt schedule",
         description="Plot the LR of every optimizer step of a training config's "
         f"{KEY} (peak: {LR_KEY}), composing -c files as `mmpt fit` does. "

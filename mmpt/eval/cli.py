@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mmpt.cli_args import Parser
 from mmpt.datamodules.video import VIDEO_BACKENDS
 from mmpt.eval.callback import write_reports
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
@@ -45,7 +46,7 @@ def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmpt eval", description=__doc__)
+    p = Parser(prog="mmpt eval", description=__doc__)
     sub = p.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot,mcq,probe}")
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
