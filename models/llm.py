@@ -19,6 +19,8 @@ from .encoders.tokenizers import resolve_hf_path
 log = logging.getLogger("mmpt.llm")
 
 FLAG = "--model.init_args.llm.init_args"
+
+
 class CausalLM(nn.Module):
     """A Hugging Face causal LM (Qwen2/2.5, Llama, Mistral ...) and its tokenizer, loaded offline.
 
@@ -102,15 +104,15 @@ class CausalLM(nn.Module):
                 raise ValueError(f"{FLAG}.dtype: unknown dtype {dtype!r} (e.g. bfloat16)")
             kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
         if pretrained is not None:
-            try:
+            try:  # no folder, or one without config.json / weights
                 pretrained = resolve_hf_path(pretrained, "config.json", f"{FLAG}.pretrained")
-            except FileNotFoundError as err:
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    pretrained, local_files_only=True, **kwargs
+                )
+            except OSError as err:
                 raise missing_weights_error(
                     "LLM weights", pretrained, repo_id, f"{FLAG}.pretrained"
                 ) from err
-            self.model = AutoModelForCausalLM.from_pretrained(
-                pretrained, local_files_only=True, **kwargs
-            )
         else:
             fields = dict(config)
             if "model_type" not in fields:
