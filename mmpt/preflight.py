@@ -118,8 +118,11 @@ def _looks_like_file(path: str) -> bool:
 
 
 def _available(path: str) -> bool:
-    """On disk, or a repo id already in the Hugging Face cache."""
-    if os.path.exists(os.path.expanduser(path)):
+    """On disk (a folder not empty), or a repo id already in the Hugging Face cache."""
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return any(os.scandir(local))  # an empty folder: a download that never happened
+    if os.path.exists(local):
         return True
     if not _looks_like_repo_id(path):
         return False

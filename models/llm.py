@@ -106,6 +106,8 @@ class CausalLM(nn.Module):
         if pretrained is not None:
             try:  # no folder, or one without config.json / weights
                 pretrained = resolve_hf_path(pretrained, "config.json", f"{FLAG}.pretrained")
+                if os.path.isdir(pretrained) and not os.path.isfile(f"{pretrained}/config.json"):
+                    raise FileNotFoundError(f"{pretrained} has no config.json")
                 self.model = AutoModelForCausalLM.from_pretrained(
                     pretrained, local_files_only=True, **kwargs
                 )
