@@ -86,7 +86,7 @@ class MMPTCLI(LightningCLI):
         for spec in synthetic_to_render(data.get("synthetic") if data else None, urls):
             spec.ensure()
         # Weights (and, for fit/validate/test/predict, GPUs) before any class is built.
-        preflight(cfg.as_dict(), check_devices=self.subcommand is not None)
+        preflight(cfg.as_dict(), training=self.subcommand is not None)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The streams' lengths are exact per rank and worker (tests/test_datamodule_pipeline.py).
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
     # Config, data, weights, checkpoint and device errors: one `error:` block, exit code 2.
     def fit() -> int:
         build_cli(None if from_shell else argv)

@@ -155,11 +155,14 @@ def _class_nodes(value: Any, keys: tuple[str, ...] = ()) -> Iterator[tuple[tuple
             yield from _class_nodes(item, (*keys, str(i)))
 
 
-def missing_weights(config: dict[str, Any]) -> list[MissingPath]:
+def missing_weights(config: dict[str, Any], model_init_from: bool = True) -> list[MissingPath]:
     """Every weights path (and ``init_from`` checkpoint) of ``config`` that is not there.
 
     Args:
         config: A parsed config as a dict (``trainer``, ``model``, ``data`` ...).
+        model_init_from: Check ``model.init_from`` too. The Trainer applies it (fit, validate,
+            test, predict); ``mmpt eval``/``export`` load a checkpoint instead. A tower's own
+            ``init_from`` is read when the tower is built, so it is always checked.
 
     Returns:
         One entry per missing path, in config order; a path named twice is listed once.
@@ -168,7 +171,8 @@ def missing_weights(config: dict[str, Any]) -> list[MissingPath]:
     for keys, class_path, init_args in _class_nodes(config):
         cls = _import(class_path)
         names = tuple(getattr(cls, "weight_paths", ()))
-        for name in (*names, *CHECKPOINT_ARGS):
+        checkpoints = CHECKPOINT_ARGS if model_init_from or keys != ("model",) else ()
+        for name in (*names, *checkpoints):
             value = init_args.get(name)
             values = value if isinstance(value, list | tuple) else [value]
             for path in values:
@@ -227,25 +231,26 @@ def _device_lines(trainer: dict[str, Any], overrides: list[str]) -> list[str]:
     ]
 
 
-def preflight(config: dict[str, Any], check_devices: bool = True) -> None:
+def preflight(config: dict[str, Any], training: bool = True) -> None:
     """Raise one :class:`UserError` naming every device and weights problem of ``config``.
 
     Args:
         config: A parsed config as a dict (``trainer``, ``model``, ``data`` ...).
-        check_devices: Check ``trainer`` against this machine's GPUs (training subcommands).
+        training: For the Trainer's subcommands (fit, validate, test, predict): also check
+            ``trainer`` against this machine's GPUs and ``model.init_from``.
 
     Raises:
         UserError: A GPU recipe on a machine without CUDA, missing weights, or both.
     """
     lines: list[str] = []
     trainer = config.get("trainer") or {}
-    if check_devices:
+    if training:
         import torch
 
         overrides = cpu_overrides(trainer, torch.cuda.is_available())
         if overrides:
             lines += _device_lines(trainer, overrides)
-    missing = missing_weights(config)
+    missing = missing_weights(config, model_init_from=training)
     if missing:
         lines += [
             f"{len(missing)} path(s) this config loads are missing. Nothing is downloaded at run "

@@ -162,6 +162,9 @@ def test_missing_weights_walks_every_class_node(tmp_path: Path) -> None:
         ("--model.audio.pretrained", "mmpt-test/not-cached"),
         ("--trainer.callbacks.0.path", str(tmp_path / "empty")),
     ]
+    assert ("--model.init_from", "/nowhere/stage1.ckpt") not in [  # eval/export: not read
+        (m.flag, m.path) for m in missing_weights(config, model_init_from=False)
+    ]
     lines = [m.lines()[1].strip() for m in missing]
     assert lines[0].startswith("no such checkpoint")
     assert lines[1] == "the config names no repo for it: set --model.vision.repo_id"
@@ -185,7 +188,7 @@ def test_cpu_overrides() -> None:
         "--trainer.num_nodes 1",
     ]
     assert cpu_overrides({"accelerator": "auto", "devices": 1}, cuda_available=False) == []
-    preflight({"trainer": {"accelerator": "auto"}}, check_devices=True)  # nothing to report
+    preflight({"trainer": {"accelerator": "auto"}}, training=True)  # nothing to report
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
