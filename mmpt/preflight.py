@@ -11,6 +11,7 @@ recipe started on a machine without GPUs.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,12 +36,14 @@ class MissingPath:
         path: The value, e.g. ``/models/Qwen2.5-1.5B``.
         repo_id: The hub repo the config says it comes from (None: the config names none).
         checkpoint: Whether it is a checkpoint of an earlier run (``init_from``).
+        takes_repo_id: Whether the class that reads it has a ``repo_id`` argument.
     """
 
     flag: str
     path: str
     repo_id: str | None = None
     checkpoint: bool = False
+    takes_repo_id: bool = True
 
     def lines(self) -> list[str]:
         """Two lines: the flag and path, then how to get it."""
@@ -50,6 +53,8 @@ class MissingPath:
         command = download_command(self.path, self.repo_id)
         if command:
             return [head, indent + command]
+        if not self.takes_repo_id:
+            return [head, f"{indent}not found: point the flag at your local copy"]
         return [head, f"{indent}the config names no repo for it: set {repo_flag(self.flag)}"]
 
 
@@ -182,6 +187,7 @@ def missing_weights(config: dict[str, Any], model_init_from: bool = True) -> lis
                         path,
                         init_args.get(REPO_ARG),
                         checkpoint=name in CHECKPOINT_ARGS,
+                        takes_repo_id=REPO_ARG in inspect.signature(cls).parameters,
                     )
     return list(found.values())
 

@@ -149,6 +149,12 @@ def test_missing_weights_walks_every_class_node(tmp_path: Path) -> None:
                     "init_args": {"pretrained": "mmpt-test/not-cached"},
                 },
                 "init_from": ["/nowhere/stage1.ckpt", "/nowhere/stage1.ckpt"],
+                "towers": [  # a class without repo_id: no download command, no repo_id hint
+                    {
+                        "class_path": "mmpt.models.encoders.TimmVisionTower",
+                        "init_args": {"pretrained": "/nowhere/vit.safetensors"},
+                    }
+                ],
             },
         },
         "data": {"class_path": "mmpt.datamodules.vlm.VLMDataModule", "init_args": {}},
@@ -160,6 +166,7 @@ def test_missing_weights_walks_every_class_node(tmp_path: Path) -> None:
         ("--model.init_from", "/nowhere/stage1.ckpt"),  # listed once
         ("--model.vision.pretrained", "/nowhere/siglip"),
         ("--model.audio.pretrained", "mmpt-test/not-cached"),
+        ("--model.towers.0.pretrained", "/nowhere/vit.safetensors"),
         ("--trainer.callbacks.0.path", str(tmp_path / "empty")),
     ]
     assert ("--model.init_from", "/nowhere/stage1.ckpt") not in [  # eval/export: not read
@@ -169,6 +176,8 @@ def test_missing_weights_walks_every_class_node(tmp_path: Path) -> None:
     assert lines[0].startswith("no such checkpoint")
     assert lines[1] == "the config names no repo for it: set --model.vision.repo_id"
     assert lines[2] == "hf download mmpt-test/not-cached"  # a repo id: into the HF cache
+    assert lines[3] == "not found: point the flag at your local copy"
+    assert lines[4] == "the config names no repo for it: set --trainer.callbacks.0.repo_id"
 
 
 def test_cpu_overrides() -> None:
