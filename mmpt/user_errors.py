@@ -22,6 +22,7 @@ _NOISE = (
     "Subtypes: [",
     "Given value type:",
     "Given value: Namespace(",
+    "Given value: NestedArg(",
     "- Expected a <class 'NoneType'>",
 )
 

@@ -230,3 +230,20 @@ def test_the_console_script_hides_the_traceback_unless_asked(tmp_path: Path) -> 
         argv, cwd=tmp_path, env={**env, "MMPT_DEBUG": "1"}, capture_output=True, text=True
     )
     assert loud.returncode == 1 and "Traceback" in loud.stderr and "UserError" in loud.stderr
+
+
+def test_mmpt_debug_raises_in_the_argparse_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    commands = [
+        ["data", "inspect", str(tmp_path / "nope")],
+        ["merge", "--ckpt", str(tmp_path / "a.ckpt"), str(tmp_path / "b.ckpt"), "--out", "m"],
+        ["eval", "retrieval", "-c", CLIP_TINY, "--ckpt", str(tmp_path / "none.ckpt")],
+    ]
+    for argv in commands:
+        assert main(argv) == 2
+        assert str(tmp_path) in error_block(capsys)
+    monkeypatch.setenv("MMPT_DEBUG", "1")
+    for argv in commands:
+        with pytest.raises((OSError, ValueError)):
+            main(argv)
