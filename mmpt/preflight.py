@@ -25,6 +25,8 @@ REPO_ARG = "repo_id"
 CHECKPOINT_ARGS = ("init_from",)
 _FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar")
 _GPU_ACCELERATORS = ("gpu", "cuda")
+# torch's first FullyShardedDataParallel needs an accelerator; FSDP2 (fully_shard) runs on gloo.
+_GPU_STRATEGIES = ("fsdp", "fsdpstrategy")
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,8 @@ def cpu_overrides(trainer: dict[str, Any], cuda_available: bool) -> list[str]:
         return []
     accelerator = str(trainer.get("accelerator") or "auto").lower()
     strategy = _strategy_name(trainer.get("strategy"))
-    if accelerator not in _GPU_ACCELERATORS and "fsdp" not in strategy:
+    gpu_strategy = strategy in _GPU_STRATEGIES or strategy.startswith("fsdp_")
+    if accelerator not in _GPU_ACCELERATORS and not gpu_strategy:
         return []
     overrides = ["--trainer.accelerator cpu", "--trainer.devices 1"]
     if strategy != "auto":

@@ -197,6 +197,8 @@ def test_cpu_overrides() -> None:
         "--trainer.num_nodes 1",
     ]
     assert cpu_overrides({"accelerator": "auto", "devices": 1}, cuda_available=False) == []
+    fsdp2 = {"accelerator": "cpu", "strategy": {"class_path": "mmpt.strategies.FSDP2"}}
+    assert cpu_overrides(fsdp2, cuda_available=False) == []  # fully_shard runs on gloo
     preflight({"trainer": {"accelerator": "auto"}}, training=True)  # nothing to report
 
 
