@@ -73,14 +73,14 @@ def download_command(path: str, repo_id: str | None) -> str | None:
         repo_id: The hub repo ``path`` is a copy of (the recipe's ``repo_id``), if any.
 
     Returns:
-        ``hf download ORG/NAME`` for a repo id (into the cache), ``hf download REPO --local-dir
-        PATH`` for a local folder (its parent for a file) with ``repo_id``, else None.
+        ``hf download REPO --local-dir PATH`` for a local folder (its parent for a file) with
+        ``repo_id``, ``hf download ORG/NAME`` for a repo id (into the cache), else None.
     """
-    if _looks_like_repo_id(path):
-        return f"hf download {path}"
-    if repo_id:
+    if repo_id and path != repo_id:
         local = os.path.dirname(path) if _looks_like_file(path) else path
         return f"hf download {repo_id} --local-dir {local}"
+    if _looks_like_repo_id(path):
+        return f"hf download {path}"
     return None
 
 
@@ -110,13 +110,18 @@ def missing_weights_error(what: str, path: str, repo_id: str | None, flag: str) 
 
 
 def _looks_like_repo_id(path: str) -> bool:
-    """``org/name`` with no filesystem prefix (``/``, ``.``, ``~``) and no file suffix."""
+    """``org/name``, not a local path.
+
+    No filesystem prefix (``/``, ``.``, ``~``), no file suffix, and ``org`` not a folder here
+    (``data/tokenizer`` is a local path).
+    """
     parts = path.split("/")
     return (
         len(parts) == 2
         and all(parts)
         and not path.startswith((".", "~"))
         and not _looks_like_file(path)
+        and not os.path.isdir(parts[0])
     )
 
 

@@ -249,3 +249,20 @@ def test_mmpt_debug_raises_in_the_argparse_commands(
     for argv in commands:
         with pytest.raises((OSError, ValueError)):
             main(argv)
+
+
+def test_download_command_never_takes_a_local_path_for_a_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mmpt.preflight import download_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert download_command("data/tokenizer", None) is None  # `data` is a folder here
+    assert download_command("/models/bert", None) is None
+    assert download_command("org/bert", None) == "hf download org/bert"
+    assert download_command("org/bert", "org/bert") == "hf download org/bert"
+    assert download_command("/m/bert", "org/bert") == "hf download org/bert --local-dir /m/bert"
+    assert download_command("/m/vit/model.safetensors", "timm/vit") == (
+        "hf download timm/vit --local-dir /m/vit"
+    )
