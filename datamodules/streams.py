@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +30,7 @@ from mmpt.datamodules.mixing import (
     resampled_mix,
     tag,
 )
+from mmpt.datamodules.quotas import batch_count, slot_samples, trim_largest_first
 from mmpt.datamodules.resume import Held, WorkerPosition, WorkerTracker, fingerprint
 from mmpt.datamodules.seeding import sample_seed
 from mmpt.datamodules.stages import (
@@ -125,6 +125,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.resume_first = 0  # the slot the DataLoader's worker 0 takes in the resumed epoch
         counts = [s.counts for s in sources]
         self.counts = None if any(c is None for c in counts) else [n for c in counts for n in c]
+        self._batches_memo: tuple[tuple, list[list[int]], int, dict[int, list[int]]] | None = None
 
     def set_epoch(self, epoch: int, offset: int = 0) -> None:
         """Advance the epoch (changes shard order and shuffles; seen by persistent workers).
@@ -155,16 +156,26 @@ class ShardStream(torch.utils.data.IterableDataset):
         idx = list(range(len(self.urls)))
         return split_shards(idx, slot, seed=None, epoch=0)
 
+    def _slot_batches(self) -> tuple[list[list[int]], int]:
+        """Batches of every (rank, worker) in plain mode, and the smallest rank's total.
+
+        One pass over the shard counts, computed once per world size, worker count and batch
+        settings (the loader may lower ``num_workers`` after construction).
+        """
+        replay = self.config.replay.fraction if self.config.replay is not None else None
+        key = (self.world_size, self.num_workers, self.batch_size, self.partial, replay)
+        if self._batches_memo is None or self._batches_memo[0] != key:
+            table = []
+            for per_rank in slot_samples(self.counts, self.world_size, self.num_workers):
+                if replay is not None:  # replay items come on top of the main ones
+                    per_rank = [combined_items(n, replay) for n in per_rank]
+                table.append([batch_count(n, self.batch_size, self.partial) for n in per_rank])
+            self._batches_memo = (key, table, min(sum(t) for t in table), {})
+        return self._batches_memo[1], self._batches_memo[2]
+
     def _worker_batches(self, rank: int) -> list[int]:
         """Batches each worker of ``rank`` can make from its shards (plain mode, counts known)."""
-        out = []
-        for w in range(self.num_workers):
-            slot = Slot(rank, self.world_size, w, self.num_workers)
-            n = sum(self.counts[i] for i in self.shards_for(slot))
-            if self.config.replay is not None:  # replay items come on top of the main ones
-                n = combined_items(n, self.config.replay.fraction)
-            out.append(math.ceil(n / self.batch_size) if self.partial else n // self.batch_size)
-        return out
+        return list(self._slot_batches()[0][rank])
 
     def worker_quotas(self, rank: int) -> list[int] | None:
         """Batches each worker of ``rank`` yields in a training epoch (None: one plain pass).
@@ -179,11 +190,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             return [max(1, per_worker // self.num_workers)] * self.num_workers
         if self.counts is None or self.partial or not self.counted:
             return None
-        quotas = self._worker_batches(rank)
-        target = min(sum(self._worker_batches(r)) for r in range(self.world_size))
-        while sum(quotas) > target:
-            quotas[quotas.index(max(quotas))] -= 1
-        return quotas
+        table, target = self._slot_batches()
+        trimmed = self._batches_memo[3]
+        if rank not in trimmed:
+            trimmed[rank] = trim_largest_first(table[rank], target)
+        return list(trimmed[rank])
 
     def batches_for(self, rank: int) -> int | None:
         """Batches rank ``rank`` yields in one epoch, when sample counts are known."""

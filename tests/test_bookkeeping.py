@@ -1,0 +1,122 @@
+"""Bookkeeping that must stay linear (or log) in its size: counted operations, never timings.
+
+The shard listing of ``mmpt data inspect``, a stream's length and worker quotas, the resume
+position under a mixture schedule with a packing batcher, and ``pack_stream``'s bin search.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from mmpt.datamodules.quotas import trim_largest_first
+from mmpt.datamodules.stages import Slot, split_shards
+from mmpt.datamodules.streams import ShardStream, StreamConfig
+from mmpt.datamodules.urls import ResolvedSource
+from mmpt.shards import inspect as shard_inspect
+
+
+class CountingName(str):
+    """A shard name that counts the equality tests made on it."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        CountingName.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+class Globbed:
+    """A ``Path.glob`` result whose name counts comparisons."""
+
+    def __init__(self, name: str) -> None:
+        self.name = CountingName(name)
+
+    def __lt__(self, other: Globbed) -> bool:
+        return str.__lt__(self.name, other.name)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_inspect_listing_compares_each_name_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, indexed: bool
+) -> None:
+    """Listing n shards makes O(n) name comparisons (a list's ``in`` made n^2 / 2)."""
+    from mmpt.shards.index import ShardIndex, ShardInfo
+
+    for n in (500, 2000):
+        folder = tmp_path / f"{n}{indexed}"
+        folder.mkdir()
+        names = [f"{i:06d}.tar" for i in range(n)]
+        if indexed:  # the index lists the first half; the folder holds them all
+            index = ShardIndex(shards=[ShardInfo(name=m, samples=1) for m in names[: n // 2]])
+            index.save(folder)
+        monkeypatch.setattr(type(folder), "glob", lambda self, pattern, ns=names: map(Globbed, ns))
+        CountingName.compared = 0
+        shards, _ = shard_inspect._shard_paths(folder)
+        assert [name for _, name in shards] == names
+        assert CountingName.compared <= n, (n, CountingName.compared)
+
+
+class CountingCounts(list):
+    """Samples per shard that count how many of them are read."""
+
+    reads = 0
+
+    def __iter__(self):
+        for n in super().__iter__():
+            CountingCounts.reads += 1
+            yield n
+
+    def __getitem__(self, i):
+        CountingCounts.reads += 1
+        return super().__getitem__(i)
+
+
+def old_trim(quotas: list[int], target: int) -> list[int]:
+    """The quota trim as a loop: the first largest quota loses one batch at a time."""
+    quotas = list(quotas)
+    while sum(quotas) > target:
+        quotas[quotas.index(max(quotas))] -= 1
+    return quotas
+
+
+def test_trim_largest_first_equals_the_one_at_a_time_loop() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        quotas = [rng.randint(0, 30) for _ in range(rng.randint(1, 9))]
+        target = rng.randint(0, sum(quotas))
+        assert trim_largest_first(quotas, target) == old_trim(quotas, target), (quotas, target)
+
+
+@pytest.mark.parametrize("world_size,workers,shards", [(1, 1, 7), (3, 2, 50), (64, 8, 4096)])
+def test_quotas_read_each_count_once_per_world_size(world_size, workers, shards) -> None:
+    """``len`` and every worker quota of every rank read each shard count once, in all."""
+    rng = random.Random(shards)
+    counts = [rng.randint(1, 40) for _ in range(shards)]
+    source = ResolvedSource([f"{i}.tar" for i in range(shards)], counts, {}, "x")
+    stream = ShardStream([source], StreamConfig(urls="x"), dict, list, 4, rank=world_size - 1,
+                         world_size=world_size, num_workers=workers)  # fmt: skip
+    stream.counts = CountingCounts(counts)
+    CountingCounts.reads = 0
+    quotas = {r: stream.worker_quotas(r) for r in range(world_size)}
+    for _ in range(3):
+        assert len(stream) == sum(quotas[world_size - 1])
+        for w in range(workers):
+            stream.worker_quota(Slot(world_size - 1, world_size, w, workers))
+    assert CountingCounts.reads == shards
+    # the same quotas as one pass per slot through split_shards, trimmed one batch at a time
+    per_slot = [
+        [sum(counts[i] for i in split_shards(range(shards), Slot(r, world_size, w, workers),
+                                              None, 0)) // 4 for w in range(workers)]
+        for r in range(world_size)
+    ]  # fmt: skip
+    target = min(sum(row) for row in per_slot)
+    assert quotas == {r: old_trim(per_slot[r], target) for r in range(world_size)}
+    stream.num_workers = workers + 1  # another worker count: computed again, once
+    len(stream)
+    len(stream)
+    assert CountingCounts.reads == 2 * shards
