@@ -18,9 +18,9 @@ from typing import Any
 
 import torch.utils.data
 
+from mmpt.datamodules.draws import ForcedWeights
 from mmpt.datamodules.mixing import (
     BatchClock,
-    ReplayedClock,
     ScheduledWeights,
     SourceTally,
     Tagged,
@@ -248,7 +248,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Main-source weights (a callable following the clock with a schedule) and the clock.
 
         A resumed worker's clock goes on from its batches done, and while the stream
-        fast-forwards it gives every old draw the batch (so the weights) it had.
+        fast-forwards every old draw is forced to the source it had
+        (:class:`~mmpt.datamodules.draws.ForcedWeights`).
         """
         cfg = self.config
         base = cfg.weights or [1.0] * len(self.sources)
@@ -257,11 +258,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         schedule = WeightSchedule(base, cfg.weight_schedule, self.total_batches)
         per_epoch = self.batches_for(self.rank) or 0
         offset = self.batch_offset.get() if start is None else 0
-        clock: Any = BatchClock(epoch, per_epoch, slot.worker, slot.num_workers, offset)
+        clock = BatchClock(epoch, per_epoch, slot.worker, slot.num_workers, offset)
+        weights: Any = ScheduledWeights(schedule, clock)
         if start is not None:
             clock.made = start.batches
-            clock = ReplayedClock(clock, tracker.main, start.ends or [])
-        return ScheduledWeights(schedule, clock), clock
+            cursor = tracker.main
+            weights = ForcedWeights(weights, tracker.draws, lambda: cursor.forwarding)
+        return weights, clock
 
     def _start(self, slot: Slot, epoch: int) -> WorkerPosition | None:
         """Where this worker takes up ``epoch`` (None: a fresh epoch, not a resumed one)."""
@@ -279,7 +282,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         clock = None
         if cfg.resampled:
             weights, clock = self._main_weights(slot, epoch, tracker, start)
-            samples = resampled_mix(self.sources, self.names, weights, buf, rng, counter)
+            count = tracker.draws.counted if tracker.draws is not None else None
+            samples = resampled_mix(self.sources, self.names, weights, buf, rng, counter, count)
         else:
             mine = [self.urls[i] for i in self.shards_for(slot)]
             if cfg.shuffle_shards:
@@ -315,7 +319,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             worker = (slot.worker + self.resume_first) % slot.num_workers
             slot = dataclasses.replace(slot, worker=worker)
         start = self._start(slot, epoch)
-        tracker = WorkerTracker(slot.worker, epoch, start, bool(self.config.weight_schedule))
+        scheduled = len(self.sources) if self.config.weight_schedule else 0
+        tracker = WorkerTracker(slot.worker, epoch, start, scheduled)
         counter = SkipCounter()
         quota = self.worker_quota(slot)
         if quota is not None and start is not None:

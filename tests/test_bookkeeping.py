@@ -7,6 +7,7 @@ position under a mixture schedule with a packing batcher, and ``pack_stream``'s 
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import sys
 from pathlib import Path
@@ -197,3 +198,57 @@ def test_first_fit_work_per_item_grows_like_log_buffer() -> None:
         lengths = [rng.randint(8, 400) for _ in range(n)]
         per_item[n] = lines_run(packing.first_fit_decreasing, lengths, 2048) / n
     assert per_item[4096] <= 2 * per_item[256], per_item
+
+
+class Keys:
+    """Collate: the items' keys."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys, self.skipped = list(keys), 0
+
+
+class PackingLike:
+    """Holds up to 12 items and emits 3 to 6 of them a batch, as packing rows would."""
+
+    def __call__(self, items):
+        buf = []
+        for item in items:
+            buf.append(item)
+            if len(buf) == 12:
+                n = 3 + sum(map(ord, buf[0])) % 4
+                buf.sort()
+                yield buf[:n]
+                buf = buf[n:]
+
+
+def test_position_size_is_bounded_under_a_schedule_and_a_packing_batcher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Over 10,000 batches the pickled position does not grow (it held every batch end).
+
+    The real stream, tracker and mixture; shards are read from memory and samples decode
+    without per-sample seeding, so 40,000 samples take seconds.
+    """
+    import contextlib
+
+    from mmpt.datamodules import mixing, resume
+    from mmpt.datamodules.mixing import MixPoint
+
+    def read_shards(urls, counter):
+        for url in urls:
+            yield from ({"__key__": f"{url}/{i}", "__url__": url} for i in range(10))
+
+    monkeypatch.setattr(mixing, "read_shards", read_shards)
+    monkeypatch.setattr(resume, "seeded", lambda *a: contextlib.nullcontext())
+    urls = [[f"{t}{i}.tar" for i in range(30)] for t in "ab"]
+    sources = [ResolvedSource(u, None, {}, t) for u, t in zip(urls, "ab", strict=True)]
+    points = [MixPoint(at=1.0, weights=[0.1, 0.9], ramp="linear")]
+    cfg = StreamConfig(urls=["a", "b"], resampled=True, epoch_samples=40_000, shuffle_buffer=8,
+                       weight_schedule=points)  # fmt: skip
+    stream = ShardStream(sources, cfg, lambda s: s["__key__"], Keys, 4, batcher=PackingLike())
+    stream.track = True
+    stream.set_total_batches(10_000)
+    sizes = [len(pickle.dumps(b.stream_state)) for b in stream]
+    assert len(sizes) == 10_000
+    assert max(sizes) < 600, max(sizes)
+    assert max(sizes[-1000:]) <= max(sizes[1000:2000]) + 16, (sizes[1000:2000], sizes[-1000:])
