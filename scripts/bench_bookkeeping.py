@@ -2,7 +2,8 @@
 
 Four measurements, each at a few sizes, so the growth shows in one table:
 
-1. ``inspect`` listing: ``mmpt.shards.inspect`` lists a folder of ``--shards`` (empty) tars;
+1. ``inspect`` listing: ``mmpt.shards.inspect`` lists a folder of ``--shards`` (empty) tars,
+   all named in its ``index.json``;
 2. stream length: ``len(stream)`` (which computes every rank's worker quotas) for one
    ``--shards``-shard source at 16, 64 and 256 ranks of 8 workers;
 3. resume ledger: a resampled two-source stream with a linear mixture schedule and a packing
@@ -36,6 +37,7 @@ from mmpt.datamodules.resume import WorkerTracker
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.urls import ResolvedSource
 from mmpt.shards import inspect as shard_inspect
+from mmpt.shards.index import ShardIndex, ShardInfo
 
 
 def cpu(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -45,17 +47,22 @@ def cpu(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.process_time() - t, out
 
 
-def bench_listing(root: Path, sizes: list[int]) -> list[tuple[str, str, str]]:
-    """Seconds to list folders of ``sizes`` empty tars (no index: names sorted)."""
+def bench_listing(
+    root: Path, sizes: list[int], listing: Callable[[Path], Any] | None = None
+) -> list[tuple[str, str, str]]:
+    """Seconds to list folders of ``sizes`` empty tars, every one named in ``index.json``."""
+    listing = listing or shard_inspect._shard_paths
     rows = []
     for n in sizes:
         folder = root / f"listing{n}"
         folder.mkdir()
-        for i in range(n):
-            (folder / f"{i:06d}.tar").touch()
-        secs, (shards, _) = cpu(lambda f=folder: shard_inspect._shard_paths(f))
+        names = [f"{i:06d}.tar" for i in range(n)]
+        for name in names:
+            (folder / name).touch()
+        ShardIndex(shards=[ShardInfo(name, 1) for name in names]).save(folder)
+        secs, (shards, _) = cpu(lambda f=folder: listing(f))
         assert len(shards) == n
-        rows.append(("inspect listing", f"{n} shards", f"{secs:.3f} s"))
+        rows.append(("inspect listing", f"{n} shards (indexed)", f"{secs:.3f} s"))
     return rows
 
 
