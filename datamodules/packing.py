@@ -27,54 +27,38 @@ def first_fit_decreasing(lengths: Sequence[int], max_len: int) -> list[list[int]
     bad = [n for n in lengths if not 1 <= n <= max_len]
     if bad:
         raise ValueError(f"lengths must be in 1..{max_len}; got {bad[:5]}")
+    # First fit in O(log bins): ``tree`` is a max segment tree over the bins' free room
+    # (leaves from ``size``; bins not opened yet have room 0, so they never fit an item >= 1).
+    # A scan of the bins made first-fit O(bins) per item.
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    tree = [0] * (2 * size)
     bins: list[list[int]] = []
-    rooms = _Rooms(len(lengths))
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         n = lengths[i]
-        b = rooms.first_fit(n)
-        if b is None:
-            b = len(bins)
-            bins.append([])
-            rooms.set(b, max_len)
-        bins[b].append(i)
-        rooms.set(b, rooms.room(b) - n)
-    return bins
-
-
-class _Rooms:
-    """Free room of up to ``n`` bins, in a max segment tree: first fit in O(log n).
-
-    A scan of the bins made first-fit O(bins) per item. Bins not yet opened have room 0, so
-    they are never the first fit (items are >= 1).
-    """
-
-    def __init__(self, n: int) -> None:
-        self.size = 1
-        while self.size < max(n, 1):
-            self.size *= 2
-        self.tree = [0] * (2 * self.size)
-
-    def room(self, b: int) -> int:
-        """Free room of bin ``b``."""
-        return self.tree[self.size + b]
-
-    def set(self, b: int, room: int) -> None:
-        """Set bin ``b``'s free room."""
-        node = self.size + b
-        self.tree[node] = room
+        if tree[1] >= n:  # the lowest-numbered bin with room: go left whenever it fits
+            node = 1
+            while node < size:
+                node *= 2
+                if tree[node] < n:
+                    node += 1
+            bins[node - size].append(i)
+            room = tree[node] - n
+        else:
+            node = size + len(bins)
+            bins.append([i])
+            room = max_len - n
+        tree[node] = room
         node //= 2
-        while node:
-            self.tree[node] = max(self.tree[2 * node], self.tree[2 * node + 1])
+        while node:  # update the maxima above, up to the first that does not change
+            left, right = tree[2 * node], tree[2 * node + 1]
+            top = left if left > right else right
+            if tree[node] == top:
+                break
+            tree[node] = top
             node //= 2
-
-    def first_fit(self, n: int) -> int | None:
-        """The lowest-numbered bin with room >= ``n`` (None: no open bin has room)."""
-        if self.tree[1] < n:
-            return None
-        node = 1
-        while node < self.size:
-            node = 2 * node if self.tree[2 * node] >= n else 2 * node + 1
-        return node - self.size
+    return bins
 
 
 def _fit(
