@@ -9,7 +9,8 @@ Four measurements, each at a few sizes, so the growth shows in one table:
 3. resume ledger: a resampled two-source stream with a linear mixture schedule and a packing
    batcher, iterated for ``--batches`` batches: seconds per 1000 batches at the start and the
    end, and the pickled size of the position a batch carries;
-4. ``pack_stream``: microseconds per sample at buffer sizes 256 .. 16384.
+4. ``pack_stream``: microseconds per sample at buffer sizes 256 .. 16384, with first-fit
+   by a scan of the bins (the baseline, mmpt before) and by the segment tree, side by side.
 
 Seconds are CPU seconds of this process (``time.process_time``), steadier than wall time on a
 shared machine. Prints a Markdown table.
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import webdataset as wds
 
+from mmpt.datamodules import packing
 from mmpt.datamodules.mixing import MixPoint
 from mmpt.datamodules.packing import pack_stream
 from mmpt.datamodules.resume import WorkerTracker
@@ -154,15 +156,48 @@ def bench_ledger(root: Path, batches: int) -> list[tuple[str, str, str]]:
     ]  # fmt: skip
 
 
+def scan_first_fit_decreasing(lengths: list[int], max_len: int) -> list[list[int]]:
+    """The baseline: first-fit-decreasing that scans the bins for each item (mmpt before)."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, room in enumerate(free):
+            if lengths[i] <= room:
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(max_len - lengths[i])
+    return bins
+
+
 def bench_pack(sizes: list[int], samples: int) -> list[tuple[str, str, str]]:
-    """Microseconds per sample of ``pack_stream`` (rows built, not collated)."""
+    """Microseconds per sample of ``pack_stream`` with the bin scan and with the tree.
+
+    Each is timed twice, alternating, and the faster run kept; the rows must be the same.
+    """
     rng = random.Random(0)
     data = [torch.zeros(rng.randint(8, 400), dtype=torch.long) for _ in range(samples)]
+    tree = packing.first_fit_decreasing
+
+    def run(size: int) -> list[list[int]]:
+        items = ({"input_ids": x, "labels": x, "key": i} for i, x in enumerate(data))
+        return [r["key"] for r in pack_stream(items, 2048, 0, size)]
+
     rows = []
     for size in sizes:
-        items = ({"input_ids": x, "labels": x} for x in data)
-        secs, out = cpu(lambda it=items, b=size: sum(1 for _ in pack_stream(it, 2048, 0, b)))
-        rows.append(("pack_stream", f"buffer {size}", f"{secs / samples * 1e6:.1f} us/sample"))
+        best: dict[str, float] = {}
+        out = {}
+        for name in ("scan", "tree") * 2:
+            packing.first_fit_decreasing = scan_first_fit_decreasing if name == "scan" else tree
+            secs, out[name] = cpu(lambda b=size: run(b))
+            best[name] = min(best.get(name, secs), secs)
+        packing.first_fit_decreasing = tree
+        assert out["scan"] == out["tree"], "the tree packs other rows than the scan"
+        us = {k: v / samples * 1e6 for k, v in best.items()}
+        cost = f"{us['scan']:.1f} us/sample (scan), {us['tree']:.1f} (tree), same rows"
+        rows.append(("pack_stream", f"buffer {size}", cost))
     return rows
 
 
