@@ -9,8 +9,8 @@ the latest one per worker of the batches the model actually trained on, and ever
 gathers those of all ranks. A resumed worker rebuilds its raw stream and fast-forwards it,
 reading but not decoding the samples before the position, so the plain mode goes on with
 exactly the samples of the epoch not yet seen and the resampled mode continues the same
-random stream (a mixture schedule included: the draws before the position are replayed
-with the weights they had).
+random stream (a mixture schedule included: each draw before the position is forced to the
+source it had, :mod:`mmpt.datamodules.draws`).
 
 A fast-forwarded worker does not decode, so its random generators cannot be where the
 uninterrupted worker's were. Decoding therefore never depends on them: python's ``random``,
@@ -99,7 +99,7 @@ class Cursor:
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """The samples not yet trained on, each with :data:`POS_KEY` set."""
-        for sample in samples:  # drawing it reads ``self.next`` (a schedule's replayed clock)
+        for sample in samples:  # drawing it reads ``self.forwarding`` (a schedule's forcing)
             pos = self.next
             self.next += 1
             if pos < self.done:
