@@ -187,7 +187,7 @@ def test_the_csv_logger_continues_a_resumed_runs_metrics(tmp_path: Path):
     logger = CSVLogger(str(tmp_path), name="", version=0)
     for step in (3, 4):  # resumed at step 3: the rows of steps 3 and 4 are logged again
         logger.log_metrics({"train/loss": 1.0 + step, "val/loss": 2.0}, step=step)
-    logger.save()
+    logger.finalize("success")
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
         ("0", "0.0", ""), ("1", "0.1", ""), ("2", "0.2", ""), ("3", "4.0", "2.0"),
