@@ -104,16 +104,16 @@ class MMPTCLI(LightningCLI):
         if cfg is None:
             return
         fill_logger_dirs(cfg)
-        if self.subcommand == "fit":
-            from mmpt.runs import claim_fit_run
-
-            self._run_claim = claim_fit_run(cfg)
         data = cfg.get("data.init_args")
         urls = config_urls(data)
         for spec in synthetic_to_render(data.get("synthetic") if data else None, urls):
             spec.ensure()
         # Weights (and, for fit/validate/test/predict, GPUs) before any class is built.
         preflight(cfg.as_dict(), training=self.subcommand is not None)
+        if self.subcommand == "fit":  # last: a config refused above leaves no run folder
+            from mmpt.runs import claim_fit_run
+
+            self._run_claim = claim_fit_run(cfg)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Lightning's Trainer, with mmpt's model summary (no ``Total FLOPs: 0``)."""
