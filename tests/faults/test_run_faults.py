@@ -140,14 +140,14 @@ def metric_steps(run: Path, name: str = "train/loss") -> list[int]:
     return [int(r["step"]) for r in rows if r.get(name)]
 
 
-@pytest.mark.slow  # two fits (~40 s and ~25 s on a loaded CPU)
+# two fits: ~15 s on this 2-core machine (30-50 s when 8 other jobs share it)
 def test_kill_in_validation_resumes_from_the_last_complete_checkpoint(tmp_path: Path, whole):
     kill = {"class_path": "tests.resume_probe.KillInValidation", "init_args": {"step": VAL_EVERY}}
     run = kill_then_resume(tmp_path, whole, {"extra": [kill]})
     assert metric_steps(run) == list(range(STEPS))  # one row a step: the killed run's first
 
 
-@pytest.mark.slow  # two fits (~40 s and ~25 s on a loaded CPU)
+# two fits: ~17 s on this 2-core machine (30-50 s when 8 other jobs share it)
 def test_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path: Path, whole):
     plugin = {"class_path": "tests.resume_probe.KillingCheckpointIO", "init_args": {"step": KILL}}
     run = kill_then_resume(tmp_path, whole, {"plugins": plugin})
@@ -182,7 +182,7 @@ def test_a_checkpoint_write_killed_half_way_keeps_the_old_file_and_last_skips_th
     assert not partial.exists()  # removed once the resumed run held the lock
 
 
-@pytest.mark.slow  # one fit (~40 s on a loaded CPU)
+# one fit: ~16 s on this 2-core machine (35-50 s when 8 other jobs share it)
 def test_a_second_fit_into_a_live_run_is_refused_and_the_first_completes(
     tmp_path: Path, whole, capsys: pytest.CaptureFixture
 ):  # fmt: skip
