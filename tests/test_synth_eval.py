@@ -142,3 +142,17 @@ def test_qa_conversations_train_on_the_answer_only(shapes: Path) -> None:
         assert target.split()[0] == answer and tok.unk_token_id not in out["input_ids"]
         if s["json"]["question_kind"] == "choice":
             assert answer in "ABCD"
+
+
+def test_a_set_without_the_folders_a_config_reads_is_rendered_again(tmp_path: Path) -> None:
+    from mmpt.datamodules.synthetic import SyntheticData
+    from mmpt.synth.image_text import synth_image_text
+
+    out = tmp_path / "shapes"
+    synth_image_text(out, train_samples=4, image_size=16)  # an older set: no qa/, no eval/
+    spec = SyntheticData(kind="image-text", out=str(out), train_samples=4, image_size=16)
+    spec.ensure([str(out / "train")])
+    assert not (out / "qa").exists()  # what the config reads is there: nothing rendered
+    spec.ensure([str(out / "train"), str(out / "qa"), str(out / "train/{0..3}.tar")])
+    assert load_index(out / "qa").num_samples == 2
+    assert load_index(out / "eval" / "choice").num_samples == 192
