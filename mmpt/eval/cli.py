@@ -10,9 +10,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mmpt.cli_args import Parser
 from mmpt.datamodules.video import VIDEO_BACKENDS
+from mmpt.eval.applicable import require_task
 from mmpt.eval.callback import write_reports
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
+from mmpt.eval.modality import item_counts, media_of
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
@@ -45,7 +48,7 @@ def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmpt eval", description=__doc__)
+    p = Parser(prog="mmpt eval", description=__doc__)
     sub = p.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot,mcq,probe}")
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
@@ -108,6 +111,7 @@ def _build(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any]:
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     cli = build_from_config(args.config, overrides)
+    require_task(cli.model, args.task, args.ckpt)  # before reading the checkpoint
     load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
     return cli.model, cli.datamodule
 
@@ -211,7 +215,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         with torch.no_grad():
             return model.encode_text(tokenizer(prompts).to(device)).float().cpu()
 
-    result = evaluate(emb, encode_text, zeroshot, retrieval=args.task == "retrieval")
+    media = media_of(model)
+    result = evaluate(emb, encode_text, zeroshot, retrieval=args.task == "retrieval", media=media)
     if args.task == "zeroshot" and not result.metrics:
         raise ValueError(f"no labelled samples for zero-shot classification ({dm.label_key})")
     context: dict[str, Any] = {}
@@ -224,8 +229,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         args.task,
         checkpoint=str(args.ckpt),
         data=data,
-        num_images=emb.image.shape[0],
-        num_texts=emb.text.shape[0],
+        **item_counts(media, emb.image.shape[0], emb.text.shape[0]),
         **context,
     )
     print_metrics(result.metrics, title=f"mmpt eval {args.task}: {data}")
@@ -240,11 +244,6 @@ def _run_mcq(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.data:
         raise ValueError("--data: give the EgoMCQ shards (mmpt data synth --kind video-text)")
     model, _ = _build(args, overrides)
-    if not (hasattr(model, "encode_video") and hasattr(model, "encode_text")):
-        raise ValueError(
-            f"{type(model).__name__} has no encode_video/encode_text: eval mcq needs a "
-            "video-text model (mmpt.models.video_text.VideoTextModule)"
-        )
     pre = model.preprocess
     if args.num_frames < 1:
         raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")
