@@ -1,25 +1,26 @@
-"""MAE training-step benchmark: mmpt's MAEModule vs a full-sequence masked-image-modelling ViT.
+"""MAE training-step benchmark: mmpt's MAEModule vs HF's ViTMAE and a full-sequence MIM ViT.
 
-Two variants, same timm ViT encoder, same decoder, same loss, same batch, same optimizer,
-side by side in one process:
+Three variants, side by side in one process (the baselines live in ``bench_mae_baselines``):
 
 1. **mmpt MAE**: :class:`mmpt.models.mae.MAEModule` at ``--mask-ratio`` (default 0.75); its
    encoder runs only on the visible patches (``P + int(N * (1 - ratio))`` tokens, P prefix
    tokens), its decoder fills the masked positions with a mask token.
-2. **full-sequence baseline** (written here, SimMIM/BEiT-style): the same encoder over ALL
-   ``P + N`` tokens, masked patch embeddings replaced by a learned mask token before the
-   position embedding; the same :class:`MAEDecoder` (fed the full latent, nothing left to
-   fill) and the same :func:`mae_loss` on the masked patches only (same mask ratio).
+2. **HF ViTMAEForPreTraining**: transformers' MAE with the same shapes (width, depth, heads,
+   MLP, patch, decoder, mask ratio, ``norm_pix_loss``), SDPA attention, its own init. The
+   strongest baseline: the same method, another implementation.
+3. **full-sequence baseline** (SimMIM/BEiT-style): the same encoder over ALL ``P + N`` tokens,
+   masked patch embeddings replaced by a learned mask token before the position embedding;
+   the same :class:`MAEDecoder` and the same :func:`mae_loss` on the masked patches only.
 
-Both start from the same initial weights (same seed). A training step is ``zero_grad``,
-forward (under bf16 autocast with ``--dtype bf16``), backward and an AdamW step; after
-``--warmup`` untimed steps of each, ``--steps`` timed steps are run, variants interleaved
-(order alternating); ``torch.cuda.synchronize`` around each step on CUDA. Reported: median and
-IQR (q1-q3) ms per step, images/s at the median, the encoder-only forward time (``no_grad``,
-mask drawing included, timed the same way) and the speedup (baseline ms / mmpt ms). Peak
-memory (CUDA only): params + AdamW state, plus the step's ``torch.cuda.max_memory_allocated``
-above what was allocated before it (activations, gradients, temporaries); on the CPU memory is
-not measured.
+mmpt and the full-sequence variant start from the same initial weights (same seed). A training
+step is ``zero_grad``, forward (under bf16 autocast with ``--dtype bf16``), backward and an
+AdamW step; after ``--warmup`` untimed steps of each, ``--steps`` timed steps are run, variants
+interleaved (order alternating); ``torch.cuda.synchronize`` around each step on CUDA. Reported:
+median and IQR (q1-q3) ms per step, images/s at the median, the encoder-only forward time
+(``no_grad``, mask drawing included, timed the same way) and the speedup (baseline ms / mmpt
+ms). Peak memory (CUDA only): params + AdamW state, plus the step's
+``torch.cuda.max_memory_allocated`` above what was allocated before it (activations, gradients,
+temporaries); on the CPU memory is not measured.
 
 Presets: ``mae-base`` (default on CUDA): ViT-B/16 at 224, decoder 512 x 8 blocks (16 heads) as
 in MAE, batch 64. ``cpu-small`` (default on CPU): ViT-Ti/16 at 224 cut to 6 blocks, decoder
@@ -50,13 +51,12 @@ from typing import Any
 import timm
 import torch
 import transformers
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import Timing, time_methods  # noqa: E402
-from bench_mae_baselines import FullSequenceMIM, HFViTMAE  # noqa: E402
+from bench_mae_baselines import FULL, HF, LABELS, MMPT, FullSequenceMIM, HFViTMAE  # noqa: E402
+from bench_mae_report import report  # noqa: E402
 
 from mmpt.models.encoders.timm_vit import TimmVisionTower  # noqa: E402
 from mmpt.models.mae import MAEModule  # noqa: E402
@@ -86,13 +86,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-MMPT, FULL, HF = "mmpt_mae", "full_sequence", "hf_vitmae"
-LABELS = {
-    MMPT: "mmpt MAE (visible only)",
-    FULL: "full-seq ViT (mask tokens)",
-    HF: "HF ViTMAEForPreTraining (sdpa)",
-}
-console = Console(width=150, highlight=False, markup=False)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -387,59 +380,6 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def report(r: dict[str, Any]) -> None:
-    c, k, mc = r["config"], r["checks"], r["machine"]
-    console.print(f"command: {r['command']}")
-    console.print(
-        f"machine: {mc['device_name'] or mc['cpu']}, {mc['usable_cores']} usable cores, torch "
-        f"threads {mc['torch_threads']}; python {mc['python']}, torch {mc['torch']}, timm "
-        f"{mc['timm']}; load avg {r['load_avg_start']} -> {r['load_avg_end']}"
-    )
-    console.print(
-        f"model: {c['model']} at {c['image_size']} px ({c['encoder_depth']} blocks, width "
-        f"{c['embed_dim']}, patch {c['patch_size']}), decoder {c['decoder_dim']} x "
-        f"{c['decoder_depth']} ({c['decoder_heads']} heads); batch {c['batch_size']}, mask "
-        f"ratio {c['mask_ratio']}, {c['dtype']} on {mc['device']}, {c['optimizer']}; "
-        f"{c['warmup']} warm-up + {c['steps']} timed steps per variant, interleaved"
-    )
-    ok = "ok" if k["tokens_ok"] else "MISMATCH"
-    console.print(
-        f"check: mmpt encoder tokens {k['mmpt_encoder_tokens']} = {k['prefix_tokens']} + "
-        f"int({k['num_patches']} * {1 - c['mask_ratio']:g}) = {k['expected_mmpt_tokens']} "
-        f"[{ok}]; full-sequence encoder tokens {k['full_encoder_tokens']}; masked fraction "
-        f"mmpt {k['masked_fraction'][MMPT]:.4f}, full {k['masked_fraction'][FULL]:.4f}; same "
-        f"initial weights: {k['same_initial_weights']}; initial loss mmpt "
-        f"{k['initial_loss'][MMPT]:.4f}, full {k['initial_loss'][FULL]:.4f}"
-    )
-    table = Table(title=f"MAE training step, {c['model']}, batch {c['batch_size']}")
-    cols = ("variant", "enc tokens", "params M", "step ms median", "IQR (q1-q3)", "images/s",
-            "enc fwd ms median", "IQR (q1-q3)", "peak MiB", "final loss")  # fmt: skip
-    for col in cols:
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for row in r["variants"]:
-        peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:,.0f}"
-        table.add_row(
-            row["label"], str(row["encoder_tokens"]), f"{row['params'] / 1e6:.1f}",
-            f"{row['step_ms']:.1f}", f"{row['step_ms_iqr']:.1f} "
-            f"({row['step_ms_q1']:.1f}-{row['step_ms_q3']:.1f})", f"{row['images_per_s']:.1f}",
-            f"{row['encoder_fwd_ms']:.1f}", f"{row['encoder_fwd_ms_iqr']:.1f} "
-            f"({row['encoder_fwd_ms_q1']:.1f}-{row['encoder_fwd_ms_q3']:.1f})", peak,
-            f"{row['final_loss']:.4f}",
-        )  # fmt: skip
-    console.print(table)
-    s = r["speedup"]
-    console.print(
-        f"speedup mmpt vs full-sequence: training step {s['train_step']:.2f}x, encoder forward "
-        f"{s['encoder_fwd']:.2f}x (benchmark {r['bench_s']} s)"
-    )
-    q = s["hf_train_step_paired"]
-    console.print(
-        f"speedup mmpt vs HF ViTMAEForPreTraining: training step {s['hf_train_step']:.2f}x "
-        f"(per step: median {q['median']:.2f}x, q1-q3 {q['q1']:.2f}-{q['q3']:.2f}), encoder "
-        f"forward {s['hf_encoder_fwd']:.2f}x"
-    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from mmpt.models.encoders.timm_vit import TimmVisionTower
 from mmpt.models.mae import MAEDecoder, mae_loss, patchify
 
+MMPT, FULL, HF = "mmpt_mae", "full_sequence", "hf_vitmae"
+LABELS = {
+    MMPT: "mmpt MAE (visible only)",
+    FULL: "full-seq ViT (mask tokens)",
+    HF: "HF ViTMAEForPreTraining (sdpa)",
+}
+
 
 class FullSequenceMIM(nn.Module):
     """Masked image modelling with the encoder over every patch (SimMIM/BEiT-style input).
