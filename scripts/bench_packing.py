@@ -39,6 +39,7 @@ from bench_packing_steps import (  # noqa: E402
     packed_steps,
     padded_steps,
     real_tokens,
+    register_dense_packed,
     run_epoch,
     token_loss,
 )
@@ -111,6 +112,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--dense-mask", action="store_true", help="also time mmpt's rows with a dense SDPA mask"
+    )
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -166,6 +170,9 @@ def main() -> None:
         ),
         "mmpt pack_stream (mmpt_packed)": (mmpt_impl, packed_steps(rows, a.rows_per_step)),
     }
+    if a.dense_mask:  # mmpt's rows through its earlier attention: SDPA with a dense mask
+        dense = (register_dense_packed(), methods["mmpt pack_stream (mmpt_packed)"][1])
+        methods["mmpt pack_stream, dense block mask (before)"] = dense
     real = sum(cut)
     print(
         f"\n[2] step time (CPU): first {a.cpu_samples} samples, lengths x{a.cpu_scale}, "

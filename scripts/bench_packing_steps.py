@@ -135,3 +135,29 @@ def token_loss(model: torch.nn.Module, steps: list[dict], impl: str) -> tuple[fl
             parts.append((loss.item() * n, n))
     total = sum(n for _, n in parts)
     return sum(s for s, _ in parts) / total, total
+
+
+def register_dense_packed() -> str:
+    """An HF attention implementation of mmpt's previous CPU path: SDPA, dense block mask.
+
+    It reads the same ``cu_seq_lens_q`` as ``mmpt_packed`` and masks the full T x T scores of
+    every row to its block diagonal (what ``packed_attention`` did before the length buckets),
+    so the bench can show what the buckets save.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    from mmpt.models.attention import _dense_mask
+
+    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
+        b, hq, t, _ = query.shape
+        cu = kw["cu_seq_lens_q"]
+        mask = _dense_mask(cu, b, t, t, True, None, query.device)
+        gqa = hq != key.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, mask, dropout, scale=scaling, enable_gqa=gqa
+        )
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("bench_dense_packed", attend)
+    AttentionMaskInterface.register("bench_dense_packed", lambda *a, **k: None)
+    return "bench_dense_packed"

@@ -23,7 +23,7 @@ def load_bench():
 
 def test_bench_packing_tiny(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     bench = load_bench()
-    monkeypatch.setattr(sys, "argv", ["bench_packing.py", *TINY])
+    monkeypatch.setattr(sys, "argv", ["bench_packing.py", *TINY, "--dense-mask"])
     bench.main()
     out = capsys.readouterr().out
     names = (
@@ -31,6 +31,7 @@ def test_bench_packing_tiny(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
         "padded, HF group_by_length",
         "HF DataCollatorWithFlattening",
         "mmpt pack_stream",
+        "mmpt pack_stream, dense block mask (before)",
     )
     for name in names:
         assert f"check: {name}" in out
