@@ -40,11 +40,12 @@ log = logging.getLogger("mmpt.attention")
 BACKENDS = ("auto", "xformers", "flex", "sdpa")
 #: ``auto``'s preference per device type, fastest first; the first that can run is used.
 #: CPU: SDPA. Measured: packed forward, 2 rows x 512 tokens, 8 / 2 heads x 64, fp32, one
-#: thread, median of 10: SDPA 282 ms, FlexAttention 974 ms (no fused CPU kernel outside
-#: torch.compile, and no CPU backward at all); xformers has no CPU kernels. CUDA: not yet
-#: measured; the order is the design's: xformers (varlen kernels that skip the blocks between
-#: segments), FlexAttention (compiled; skips them too), SDPA (a dense mask rules out the flash
-#: kernel and computes full T x T scores per row). ``scripts/gpu_check.sh`` measures all
+#: thread, median of 10 (with the dense mask, before length buckets): SDPA 282 ms,
+#: FlexAttention 974 ms (no fused CPU kernel outside torch.compile, and no CPU backward at
+#: all); xformers has no CPU kernels. CUDA: not yet measured; the order is the design's:
+#: xformers (varlen kernels that skip the blocks between segments), FlexAttention (compiled;
+#: skips them too), SDPA (per-segment length buckets: a host sync per batch and gathers
+#: around the kernel). ``scripts/gpu_check.sh`` measures all
 #: three (``attention.json``); reorder this table from its numbers. Unlisted devices: SDPA.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("xformers", "flex", "sdpa"), "cpu": ("sdpa",)}
 _RESOLVED: dict[tuple[str, str], str] = {}
