@@ -52,6 +52,7 @@ import timm
 import torch
 import transformers
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import Timing, time_methods  # noqa: E402
@@ -103,6 +104,16 @@ def paired(base: list[float], mine: list[float]) -> dict[str, float]:
     r = [b / m for b, m in zip(base, mine, strict=True)]
     q1, _, q3 = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else r * 3
     return {"median": statistics.median(r), "q1": q1, "q3": q3}
+
+
+def step_gflop(model: nn.Module, images: torch.Tensor, autocast: Callable) -> float:
+    """GFLOP of one forward + backward (matmuls, convolutions, attention), counted by torch."""
+    with FlopCounterMode(display=False) as counter:
+        with autocast():
+            loss = model(images)[0]
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
 
 
 def time_interleaved(
@@ -275,6 +286,7 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
         "initial_loss": {MMPT: loss_m, FULL: loss_f, HF: loss_h.item()},
     }
     del latent, full_latent, hf_latent
+    checks["gflop_per_step"] = {k: step_gflop(v, images, autocast) for k, v in models.items()}
 
     opts = {
         k: torch.optim.AdamW(v.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.05)

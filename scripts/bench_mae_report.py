@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench_mae_baselines import FULL, MMPT
+from bench_mae_baselines import FULL, HF, MMPT
 from rich.console import Console
 from rich.table import Table
 
@@ -56,6 +56,10 @@ def report(r: dict[str, Any]) -> None:
     console.print(
         f"speedup mmpt vs full-sequence: training step {s['train_step']:.2f}x, encoder forward "
         f"{s['encoder_fwd']:.2f}x (benchmark {r['bench_s']} s)"
+    )
+    g = k["gflop_per_step"]
+    console.print(
+        f"GFLOP per step (fwd + bwd): mmpt {g[MMPT]:.2f}, HF {g[HF]:.2f}, full {g[FULL]:.2f}"
     )
     q = s["hf_train_step_paired"]
     console.print(

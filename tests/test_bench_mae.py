@@ -39,6 +39,9 @@ def test_bench_mae_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     fractions = {"mmpt_mae": 0.75, "full_sequence": 0.75, "hf_vitmae": 0.75}
     assert checks["masked_fraction"] == fractions
     assert checks["same_initial_weights"] is True
+    gflop = checks["gflop_per_step"]  # same shapes as HF's MAE: the same work
+    assert gflop["hf_vitmae"] == pytest.approx(gflop["mmpt_mae"], rel=0.02)
+    assert gflop["full_sequence"] > 2 * gflop["mmpt_mae"]
 
     rows = {r["variant"]: r for r in result["variants"]}
     assert set(rows) == {"mmpt_mae", "full_sequence", "hf_vitmae"}
