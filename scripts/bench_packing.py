@@ -115,6 +115,7 @@ def main() -> None:
     p.add_argument(
         "--dense-mask", action="store_true", help="also time mmpt's rows with a dense SDPA mask"
     )
+    p.add_argument("--only", nargs="+", help="time only methods whose name contains one of these")
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -173,6 +174,10 @@ def main() -> None:
     if a.dense_mask:  # mmpt's rows through its earlier attention: SDPA with a dense mask
         dense = (register_dense_packed(), methods["mmpt pack_stream (mmpt_packed)"][1])
         methods["mmpt pack_stream, dense block mask (before)"] = dense
+    if a.only:
+        methods = {k: v for k, v in methods.items() if any(o in k for o in a.only)}
+    if "mmpt pack_stream (mmpt_packed)" not in methods:
+        sys.exit("--only must keep 'mmpt pack_stream (mmpt_packed)', the ratios' reference")
     real = sum(cut)
     print(
         f"\n[2] step time (CPU): first {a.cpu_samples} samples, lengths x{a.cpu_scale}, "
