@@ -107,7 +107,7 @@ class MMPTCLI(LightningCLI):
         data = cfg.get("data.init_args")
         urls = config_urls(data)
         for spec in synthetic_to_render(data.get("synthetic") if data else None, urls):
-            spec.ensure()
+            spec.ensure(urls)
         # Weights (and, for fit/validate/test/predict, GPUs) before any class is built.
         preflight(cfg.as_dict(), training=self.subcommand is not None)
         if self.subcommand == "fit":  # last: a config refused above leaves no run folder

@@ -13,12 +13,15 @@ from typing import Any
 from mmpt.data_args import data_parser
 from mmpt.shards.audio_build import build_audio_text_shards
 from mmpt.shards.build import build_image_text_shards
+from mmpt.shards.coco_caption import build_coco_caption_shards
 from mmpt.shards.imagefolder import build_classification_shards
 from mmpt.shards.interleaved_build import build_interleaved_shards
 from mmpt.shards.karpathy import build_retrieval_shards
 from mmpt.shards.llava import build_conversation_shards
+from mmpt.shards.mcq_table import build_mcq_shards
 from mmpt.shards.multispectral_build import build_multispectral_shards
 from mmpt.shards.video_build import build_video_text_shards
+from mmpt.shards.vqav2 import build_vqav2_shards
 from mmpt.synth import SYNTH_KINDS
 from mmpt.user_errors import debug_enabled
 
@@ -32,9 +35,12 @@ BUILD_KINDS: dict[str, Callable[..., Any]] = {
     "interleaved": build_interleaved_shards,
     "retrieval": build_retrieval_shards,
     "classification": build_classification_shards,
+    "coco-caption": build_coco_caption_shards,
+    "vqav2": build_vqav2_shards,
+    "mcq": build_mcq_shards,
 }
 #: Kinds whose --from and --images may be given several times (shards of one data set).
-_SEVERAL = ("conversation", "interleaved")
+_SEVERAL = ("conversation", "interleaved", "vqav2")
 
 #: Option names whose flag is not ``--`` + the name with dashes.
 _FLAGS = {"images_root": "--images", "videos_root": "--videos", "audio_root": "--audio"}
@@ -70,6 +76,8 @@ def _synth(args: argparse.Namespace) -> int:
         "sensor": args.sensor,
         "mcq_samples": args.mcq_samples,
         "image_size": args.image_size,
+        "eval_samples": args.eval_samples,
+        "qa_samples": args.qa_samples,
         "num_frames": args.num_frames,
         "fps": args.fps,
         "samples_per_shard": args.samples_per_shard,
@@ -81,7 +89,7 @@ def _synth(args: argparse.Namespace) -> int:
     }
     result = fn(args.out, **_options(fn, args.kind, given))
     print(f"wrote {args.kind} synthetic data to {args.out}")
-    for split in ("train", "val", "test", "mcq"):
+    for split in ("train", "val", "test", "mcq", "qa", "eval_caption", "eval_vqa", "eval_choice"):
         if split in result:
             n, shards = result.get(f"{split}_samples", "?"), result.get(f"{split}_shards", "?")
             print(f"  {split}: {n} samples in {shards} shard(s) at {result[split]}")
@@ -95,8 +103,8 @@ def _build(args: argparse.Namespace) -> int:
     for flag, values in (("--from", args.source), ("--images", args.images_root or [])):
         if len(values) > 1 and args.kind not in _SEVERAL:
             raise ValueError(
-                f"{flag} is given {len(values)} times; only --kind {' and '.join(_SEVERAL)} take "
-                "several"
+                f"{flag} is given {len(values)} times; only --kind "
+                f"{', '.join(_SEVERAL[:-1])} and {_SEVERAL[-1]} take several"
             )
     source = args.source[0] if len(args.source) == 1 else args.source
     roots = args.images_root

@@ -2,8 +2,9 @@
 
 Backends (``attn_backend``): ``xformers`` (``memory_efficient_attention`` with a
 ``BlockDiagonalCausalMask``, :mod:`.attn_xformers`), ``flex`` (FlexAttention with a document
-``BlockMask``, :mod:`.attn_flex`), ``sdpa`` (torch SDPA with the equivalent dense boolean
-mask) and ``auto`` (:func:`resolve_backend`).
+``BlockMask``, :mod:`.attn_flex`), ``sdpa`` (torch SDPA per segment on length buckets,
+:mod:`.attn_buckets`; a dense boolean mask where padding or a sliding window applies) and
+``auto`` (:func:`resolve_backend`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .attn_buckets import bucketed_sdpa
 from .attn_flex import flex_packed_attention
 from .attn_segments import Memo, cu_seqlens_from_position_ids, segment_ids, segment_lengths
 from .attn_xformers import xbias, xformers_attention, xformers_unusable_reason, xops
@@ -38,11 +40,12 @@ log = logging.getLogger("mmpt.attention")
 BACKENDS = ("auto", "xformers", "flex", "sdpa")
 #: ``auto``'s preference per device type, fastest first; the first that can run is used.
 #: CPU: SDPA. Measured: packed forward, 2 rows x 512 tokens, 8 / 2 heads x 64, fp32, one
-#: thread, median of 10: SDPA 282 ms, FlexAttention 974 ms (no fused CPU kernel outside
-#: torch.compile, and no CPU backward at all); xformers has no CPU kernels. CUDA: not yet
-#: measured; the order is the design's: xformers (varlen kernels that skip the blocks between
-#: segments), FlexAttention (compiled; skips them too), SDPA (a dense mask rules out the flash
-#: kernel and computes full T x T scores per row). ``scripts/gpu_check.sh`` measures all
+#: thread, median of 10 (with the dense mask, before length buckets): SDPA 282 ms,
+#: FlexAttention 974 ms (no fused CPU kernel outside torch.compile, and no CPU backward at
+#: all); xformers has no CPU kernels. CUDA: not yet measured; the order is the design's:
+#: xformers (varlen kernels that skip the blocks between segments), FlexAttention (compiled;
+#: skips them too), SDPA (per-segment length buckets: a host sync per batch and gathers
+#: around the kernel). ``scripts/gpu_check.sh`` measures all
 #: three (``attention.json``); reorder this table from its numbers. Unlisted devices: SDPA.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("xformers", "flex", "sdpa"), "cpu": ("sdpa",)}
 _RESOLVED: dict[tuple[str, str], str] = {}
@@ -167,7 +170,8 @@ def packed_attention(
     them); a token attends only to earlier (``causal``) or all tokens of its own segment.
     ``backend`` picks the kernel (:func:`resolve_backend`): xformers
     ``memory_efficient_attention`` with a ``BlockDiagonalCausalMask``, FlexAttention with a
-    document ``BlockMask``, or torch SDPA with the equivalent boolean mask; masks are built
+    document ``BlockMask``, or torch SDPA per segment on length buckets (the dense boolean
+    mask only where padding or a window applies); masks are built
     once per ``cu_seqlens`` tensor and shared by every layer and head. Padding masks,
     sliding windows and Tq != Tk (decoding with a cache, bottom-right aligned) always take
     the SDPA path, and so does unpacked attention under flex (SDPA's causal kernels). Off
@@ -211,6 +215,8 @@ def packed_attention(
         if str(query.device) not in _FALLBACK_LOGGED:
             _FALLBACK_LOGGED.add(str(query.device))
             log.warning("FlexAttention has no %s backward: this call uses SDPA", query.device)
+    if cu_seqlens is not None and flat:  # per-segment SDPA on length buckets, no dense mask
+        return bucketed_sdpa(query, key, value, cu_seqlens, causal, scale, dropout)
     args = (b, tq, tk, causal, sliding_window, query.device)
     mask = None  # None: plain attention, SDPA picks its fastest kernel
     if cu_seqlens is not None:

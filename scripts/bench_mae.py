@@ -1,25 +1,26 @@
-"""MAE training-step benchmark: mmpt's MAEModule vs a full-sequence masked-image-modelling ViT.
+"""MAE training-step benchmark: mmpt's MAEModule vs HF's ViTMAE and a full-sequence MIM ViT.
 
-Two variants, same timm ViT encoder, same decoder, same loss, same batch, same optimizer,
-side by side in one process:
+Three variants, side by side in one process (the baselines live in ``bench_mae_baselines``):
 
 1. **mmpt MAE**: :class:`mmpt.models.mae.MAEModule` at ``--mask-ratio`` (default 0.75); its
    encoder runs only on the visible patches (``P + int(N * (1 - ratio))`` tokens, P prefix
    tokens), its decoder fills the masked positions with a mask token.
-2. **full-sequence baseline** (written here, SimMIM/BEiT-style): the same encoder over ALL
-   ``P + N`` tokens, masked patch embeddings replaced by a learned mask token before the
-   position embedding; the same :class:`MAEDecoder` (fed the full latent, nothing left to
-   fill) and the same :func:`mae_loss` on the masked patches only (same mask ratio).
+2. **HF ViTMAEForPreTraining**: transformers' MAE with the same shapes (width, depth, heads,
+   MLP, patch, decoder, mask ratio, ``norm_pix_loss``), SDPA attention, its own init. The
+   strongest baseline: the same method, another implementation.
+3. **full-sequence baseline** (SimMIM/BEiT-style): the same encoder over ALL ``P + N`` tokens,
+   masked patch embeddings replaced by a learned mask token before the position embedding;
+   the same :class:`MAEDecoder` and the same :func:`mae_loss` on the masked patches only.
 
-Both start from the same initial weights (same seed). A training step is ``zero_grad``,
-forward (under bf16 autocast with ``--dtype bf16``), backward and an AdamW step; after
-``--warmup`` untimed steps of each, ``--steps`` timed steps are run, variants interleaved
-(order alternating); ``torch.cuda.synchronize`` around each step on CUDA. Reported: median and
-IQR (q1-q3) ms per step, images/s at the median, the encoder-only forward time (``no_grad``,
-mask drawing included, timed the same way) and the speedup (baseline ms / mmpt ms). Peak
-memory (CUDA only): params + AdamW state, plus the step's ``torch.cuda.max_memory_allocated``
-above what was allocated before it (activations, gradients, temporaries); on the CPU memory is
-not measured.
+mmpt and the full-sequence variant start from the same initial weights (same seed). A training
+step is ``zero_grad``, forward (under bf16 autocast with ``--dtype bf16``), backward and an
+AdamW step; after ``--warmup`` untimed steps of each, ``--steps`` timed steps are run, variants
+interleaved (order alternating); ``torch.cuda.synchronize`` around each step on CUDA. Reported:
+median and IQR (q1-q3) ms per step, images/s at the median, the encoder-only forward time
+(``no_grad``, mask drawing included, timed the same way) and the speedup (baseline ms / mmpt
+ms). Peak memory (CUDA only): params + AdamW state, plus the step's
+``torch.cuda.max_memory_allocated`` above what was allocated before it (activations, gradients,
+temporaries); on the CPU memory is not measured.
 
 Presets: ``mae-base`` (default on CUDA): ViT-B/16 at 224, decoder 512 x 8 blocks (16 heads) as
 in MAE, batch 64. ``cpu-small`` (default on CPU): ViT-Ti/16 at 224 cut to 6 blocks, decoder
@@ -49,13 +50,17 @@ from typing import Any
 
 import timm
 import torch
-from rich.console import Console
-from rich.table import Table
-from timm.layers import trunc_normal_
+import transformers
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from mmpt.models.encoders.timm_vit import TimmVisionTower
-from mmpt.models.mae import MAEDecoder, MAEModule, mae_loss, patchify
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_harness import Timing, time_methods  # noqa: E402
+from bench_mae_baselines import FULL, HF, LABELS, MMPT, FullSequenceMIM, HFViTMAE  # noqa: E402
+from bench_mae_report import report  # noqa: E402
+
+from mmpt.models.encoders.timm_vit import TimmVisionTower  # noqa: E402
+from mmpt.models.mae import MAEModule  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mae-base": {
@@ -82,127 +87,43 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-MMPT, FULL = "mmpt_mae", "full_sequence"
-LABELS = {
-    MMPT: "mmpt MAE (visible only)",
-    FULL: "full-seq ViT (mask tokens)",
-}
-console = Console(width=150, highlight=False, markup=False)
-
-
-# ----------------------------------------------------------------------------- the baseline
-
-
-class FullSequenceMIM(nn.Module):
-    """Masked image modelling with the encoder over every patch (SimMIM/BEiT-style input).
-
-    Masked patch embeddings are replaced by a learned mask token before the position
-    embedding; the encoder runs on all ``P + N`` tokens; an :class:`MAEDecoder` predicts every
-    patch from the full latent and :func:`mae_loss` counts the masked patches only.
-    """
-
-    def __init__(
-        self,
-        encoder: TimmVisionTower,
-        mask_ratio: float = 0.75,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        norm_pix_loss: bool = True,
-    ) -> None:
-        super().__init__()
-        vit = encoder.model
-        self.encoder = encoder
-        self.mask_ratio = mask_ratio
-        self.norm_pix_loss = norm_pix_loss
-        self.patch_size = int(vit.patch_embed.patch_size[0])
-        self.num_patches = int(vit.patch_embed.num_patches)
-        patch_dim = self.patch_size**2 * int(vit.patch_embed.proj.in_channels)
-        self.decoder = MAEDecoder(
-            self.num_patches, patch_dim, vit.embed_dim, decoder_dim, decoder_depth,
-            decoder_heads, vit.num_prefix_tokens,
-        )  # fmt: skip
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, vit.embed_dim))
-        trunc_normal_(self.mask_token, std=0.02)
-
-    def random_mask(self, batch: int, device: torch.device) -> torch.Tensor:
-        """(B, N) float, 1 = masked; exactly ``N - int(N * (1 - ratio))`` masked per image."""
-        keep = int(self.num_patches * (1 - self.mask_ratio))
-        order = torch.rand(batch, self.num_patches, device=device).argsort(dim=1)
-        mask = torch.ones(batch, self.num_patches, device=device)
-        return mask.scatter_(1, order[:, :keep], 0.0)
-
-    def encode(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, P + N, D) normed latent of all tokens, masked patches given as the mask token."""
-        vit = self.encoder.model
-        x = vit.patch_embed(images)
-        x = torch.where(mask.bool().unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = vit.norm_pre(vit._pos_embed(x))
-        for block in vit.blocks:
-            x = block(x)
-        return vit.norm(x)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, pred (B, N, p * p * C), mask (B, N)), as ``MAEModule.forward``."""
-        b = images.shape[0]
-        mask = self.random_mask(b, images.device)
-        latent = self.encode(images, mask)
-        # nothing to fill in: the identity order makes MAEDecoder use the latent as is
-        identity = torch.arange(self.num_patches, device=images.device).expand(b, -1)
-        pred = self.decoder(latent, identity)
-        loss = mae_loss(pred, patchify(images, self.patch_size), mask, self.norm_pix_loss)
-        return loss, pred, mask
 
 
 # ----------------------------------------------------------------------------- timing
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def stats(times: list[float]) -> dict[str, float]:
+    """Median, q1, q3 and IQR in ms of step times in seconds."""
+    ms = [1e3 * t for t in times]
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else ms * 3
+    return {"median": statistics.median(ms), "q1": q1, "q3": q3, "iqr": q3 - q1}
 
 
-class Timed:
-    """Step times (s) and the largest CUDA memory a step allocated above its start (bytes)."""
+def paired(base: list[float], mine: list[float]) -> dict[str, float]:
+    """Median and quartiles of base / mine over steps timed in the same round."""
+    r = [b / m for b, m in zip(base, mine, strict=True)]
+    q1, _, q3 = statistics.quantiles(r, n=4, method="inclusive") if len(r) > 1 else r * 3
+    return {"median": statistics.median(r), "q1": q1, "q3": q3}
 
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.peak = 0
 
-    def run(self, fn: Callable[[], Any], device: torch.device, record: bool) -> None:
-        cuda = device.type == "cuda"
-        sync(device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        dt = time.perf_counter() - t0
-        if cuda:
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(device) - base)
-        if record:
-            self.times.append(dt)
-
-    def stats(self) -> dict[str, float]:
-        """Median, q1, q3 and IQR in ms."""
-        ms = [1e3 * t for t in self.times]
-        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else ms * 3
-        return {"median": statistics.median(ms), "q1": q1, "q3": q3, "iqr": q3 - q1}
+def step_gflop(model: nn.Module, images: torch.Tensor, autocast: Callable) -> float:
+    """GFLOP of one forward + backward (matmuls, convolutions, attention), counted by torch."""
+    with FlopCounterMode(display=False) as counter:
+        with autocast():
+            loss = model(images)[0]
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
 
 
 def time_interleaved(
     fns: dict[str, Callable[[], Any]], steps: int, warmup: int, device: torch.device
-) -> dict[str, Timed]:
-    """``warmup`` untimed steps of each, then ``steps`` timed, interleaved (order alternating)."""
-    res = {name: Timed() for name in fns}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            res[name].run(fn, device, record=False)
-    names = list(fns)
-    for i in range(steps):
-        for name in names if i % 2 == 0 else names[::-1]:
-            res[name].run(fns[name], device, record=True)
+) -> dict[str, Timing]:
+    """The harness's interleaved timing; a variant that raised stops the benchmark."""
+    res = time_methods(fns, steps, warmup, device)
+    failed = {k: t.error for k, t in res.items() if t.error}
+    if failed:
+        raise SystemExit(f"a variant failed: {failed}")
     return res
 
 
@@ -229,7 +150,10 @@ def build(a: argparse.Namespace) -> dict[str, nn.Module]:
     mmpt = MAEModule(make_tower(a), a.mask_ratio, decoder_heads=a.decoder_heads, **dec)
     torch.manual_seed(a.seed)
     full = FullSequenceMIM(make_tower(a), a.mask_ratio, decoder_heads=a.decoder_heads, **dec)
-    return {MMPT: mmpt.to(a.device).train(), FULL: full.to(a.device).train()}
+    torch.manual_seed(a.seed)
+    hf = HFViTMAE(make_tower(a), a.mask_ratio, decoder_heads=a.decoder_heads, **dec)
+    models = {MMPT: mmpt, FULL: full, HF: hf}
+    return {k: v.to(a.device).train() for k, v in models.items()}
 
 
 def same_init(m: nn.Module, f: nn.Module) -> bool:
@@ -324,7 +248,7 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
     dev, cuda = a.device, a.device.type == "cuda"
     load_start = os.getloadavg()
     models = build(a)
-    m, f = models[MMPT], models[FULL]
+    m, f, h = models[MMPT], models[FULL], models[HF]
     vit = m.encoder.model
     n, prefix = f.num_patches, vit.num_prefix_tokens
     g = torch.Generator().manual_seed(a.seed)
@@ -340,7 +264,9 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
         latent, mask_m, _ = m.encode(images)
         mask_f = f.random_mask(a.batch_size, dev)
         full_latent = f.encode(images, mask_f)
+        hf_latent = h.encode(images)
         loss_m, loss_f = m(images)[0].item(), f(images)[0].item()
+        loss_h, _, mask_h = h(images)
     expected = prefix + int(n * (1 - a.mask_ratio))
     checks = {
         "num_patches": n,
@@ -348,12 +274,19 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
         "mmpt_encoder_tokens": int(latent.shape[1]),
         "expected_mmpt_tokens": expected,
         "full_encoder_tokens": int(full_latent.shape[1]),
-        "tokens_ok": int(latent.shape[1]) == expected and int(full_latent.shape[1]) == prefix + n,
-        "masked_fraction": {MMPT: mask_m.float().mean().item(), FULL: mask_f.mean().item()},
+        "hf_encoder_tokens": int(hf_latent.shape[1]),
+        "tokens_ok": int(latent.shape[1]) == expected == int(hf_latent.shape[1])
+        and int(full_latent.shape[1]) == prefix + n,
+        "masked_fraction": {
+            MMPT: mask_m.float().mean().item(),
+            FULL: mask_f.mean().item(),
+            HF: mask_h.float().mean().item(),
+        },
         "same_initial_weights": same_init(m, f),
-        "initial_loss": {MMPT: loss_m, FULL: loss_f},
+        "initial_loss": {MMPT: loss_m, FULL: loss_f, HF: loss_h.item()},
     }
-    del latent, full_latent
+    del latent, full_latent, hf_latent
+    checks["gflop_per_step"] = {k: step_gflop(v, images, autocast) for k, v in models.items()}
 
     opts = {
         k: torch.optim.AdamW(v.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.05)
@@ -379,6 +312,8 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
             with torch.no_grad(), autocast():
                 if name == MMPT:
                     m.encode(images)
+                elif name == HF:
+                    h.encode(images)
                 else:
                     f.encode(images, f.random_mask(a.batch_size, dev))
 
@@ -393,9 +328,9 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
 
     rows = []
     for name, model in models.items():
-        st, es = train[name].stats(), enc[name].stats()
+        st, es = stats(train[name].times), stats(enc[name].times)
         state = state_bytes(model, opts[name])
-        tokens = checks["mmpt_encoder_tokens"] if name == MMPT else checks["full_encoder_tokens"]
+        tokens = checks["full_encoder_tokens" if name == FULL else "mmpt_encoder_tokens"]
         rows.append({
             "variant": name, "label": LABELS[name], "encoder_tokens": tokens,
             "params": sum(p.numel() for p in model.parameters()),
@@ -413,6 +348,10 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
     speedup = {
         "train_step": by[FULL]["step_ms"] / by[MMPT]["step_ms"],
         "encoder_fwd": by[FULL]["encoder_fwd_ms"] / by[MMPT]["encoder_fwd_ms"],
+        "hf_train_step": by[HF]["step_ms"] / by[MMPT]["step_ms"],
+        "hf_encoder_fwd": by[HF]["encoder_fwd_ms"] / by[MMPT]["encoder_fwd_ms"],
+        # per interleaved step: HF's step time over mmpt's in the same round
+        "hf_train_step_paired": paired(train[HF].times, train[MMPT].times),
     }
     config = {
         k: getattr(a, k)
@@ -439,7 +378,7 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
     )  # fmt: skip
     result = {
         "command": command,
-        "machine": machine_info(dev),
+        "machine": {**machine_info(dev), "transformers": transformers.__version__},
         "load_avg_start": [round(x, 2) for x in load_start],
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         "config": config,
@@ -453,53 +392,6 @@ def bench(a: argparse.Namespace, args: list[str]) -> dict[str, Any]:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def report(r: dict[str, Any]) -> None:
-    c, k, mc = r["config"], r["checks"], r["machine"]
-    console.print(f"command: {r['command']}")
-    console.print(
-        f"machine: {mc['device_name'] or mc['cpu']}, {mc['usable_cores']} usable cores, torch "
-        f"threads {mc['torch_threads']}; python {mc['python']}, torch {mc['torch']}, timm "
-        f"{mc['timm']}; load avg {r['load_avg_start']} -> {r['load_avg_end']}"
-    )
-    console.print(
-        f"model: {c['model']} at {c['image_size']} px ({c['encoder_depth']} blocks, width "
-        f"{c['embed_dim']}, patch {c['patch_size']}), decoder {c['decoder_dim']} x "
-        f"{c['decoder_depth']} ({c['decoder_heads']} heads); batch {c['batch_size']}, mask "
-        f"ratio {c['mask_ratio']}, {c['dtype']} on {mc['device']}, {c['optimizer']}; "
-        f"{c['warmup']} warm-up + {c['steps']} timed steps per variant, interleaved"
-    )
-    ok = "ok" if k["tokens_ok"] else "MISMATCH"
-    console.print(
-        f"check: mmpt encoder tokens {k['mmpt_encoder_tokens']} = {k['prefix_tokens']} + "
-        f"int({k['num_patches']} * {1 - c['mask_ratio']:g}) = {k['expected_mmpt_tokens']} "
-        f"[{ok}]; full-sequence encoder tokens {k['full_encoder_tokens']}; masked fraction "
-        f"mmpt {k['masked_fraction'][MMPT]:.4f}, full {k['masked_fraction'][FULL]:.4f}; same "
-        f"initial weights: {k['same_initial_weights']}; initial loss mmpt "
-        f"{k['initial_loss'][MMPT]:.4f}, full {k['initial_loss'][FULL]:.4f}"
-    )
-    table = Table(title=f"MAE training step, {c['model']}, batch {c['batch_size']}")
-    cols = ("variant", "enc tokens", "params M", "step ms median", "IQR (q1-q3)", "images/s",
-            "enc fwd ms median", "IQR (q1-q3)", "peak MiB", "final loss")  # fmt: skip
-    for col in cols:
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for row in r["variants"]:
-        peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:,.0f}"
-        table.add_row(
-            row["label"], str(row["encoder_tokens"]), f"{row['params'] / 1e6:.1f}",
-            f"{row['step_ms']:.1f}", f"{row['step_ms_iqr']:.1f} "
-            f"({row['step_ms_q1']:.1f}-{row['step_ms_q3']:.1f})", f"{row['images_per_s']:.1f}",
-            f"{row['encoder_fwd_ms']:.1f}", f"{row['encoder_fwd_ms_iqr']:.1f} "
-            f"({row['encoder_fwd_ms_q1']:.1f}-{row['encoder_fwd_ms_q3']:.1f})", peak,
-            f"{row['final_loss']:.4f}",
-        )  # fmt: skip
-    console.print(table)
-    s = r["speedup"]
-    console.print(
-        f"speedup mmpt vs full-sequence: training step {s['train_step']:.2f}x, encoder forward "
-        f"{s['encoder_fwd']:.2f}x (benchmark {r['bench_s']} s)"
-    )
 
 
 if __name__ == "__main__":

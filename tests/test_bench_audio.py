@@ -30,13 +30,21 @@ def test_bench_audio_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
 
     check = result["check"]
     assert check["passed"] is True and check["max_abs_diff"] <= check["tolerance"] == 1e-4
-    # 4 clips through AudioReader, a batch of 4 from the stream
-    assert check["compared"] == 8
+    # 4 clips through the cached loop and AudioReader, a batch of 4 from the stream
+    assert check["compared"] == 12
+    assert sum(k.startswith("cached:") for k in check["per_clip"]) == 4
     assert sum(k.startswith("stream:") for k in check["per_clip"]) == 4
 
     rows = {r["pipeline"]: r for r in result["pipelines"]}
-    assert set(rows) == {"plain_loop", "mmpt_reader", "dataloader_files", "mmpt_stream"}
+    assert set(rows) == {
+        "plain_loop",
+        "cached_loop",
+        "mmpt_reader",
+        "dataloader_files",
+        "mmpt_stream",
+    }
     assert rows["plain_loop"]["clips"] == rows["mmpt_reader"]["clips"] == 12
+    assert rows["cached_loop"]["clips"] == 12
     assert rows["dataloader_files"]["clips"] == 12  # last short batch kept (3 full here anyway)
     assert rows["mmpt_stream"]["clips"] == 12  # 2 shards of 6 -> 1 worker, 3 full batches
     for r in rows.values():
@@ -44,10 +52,14 @@ def test_bench_audio_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
         assert r["clips_per_s_min"] <= r["clips_per_s"] <= r["clips_per_s_max"]
         assert len(r["seconds"]) == 1
     assert rows["plain_loop"]["padding_fraction"] is rows["mmpt_reader"]["padding_fraction"] is None
+    assert rows["cached_loop"]["padding_fraction"] is None
     assert rows["plain_loop"]["speedup"] is None and rows["mmpt_reader"]["speedup"] > 0
     for name in ("dataloader_files", "mmpt_stream"):
         assert 0 <= rows[name]["padding_fraction"] < 1
-    assert rows["mmpt_reader"]["baseline"] == "plain_loop"
+    assert rows["mmpt_reader"]["baseline"] == "cached_loop"
+    assert rows["cached_loop"]["baseline"] == "plain_loop"
+    r = rows["mmpt_reader"]
+    assert r["speedup_min"] <= r["speedup_max"] and r["speedup_min"] > 0
     assert rows["mmpt_stream"]["baseline"] == "dataloader_files"
     assert rows["mmpt_stream"]["speedup"] > 0 and rows["dataloader_files"]["speedup"] is None
     assert result["config"]["clips"] == 12 and result["config"]["format"] == "flac"

@@ -35,11 +35,17 @@ def test_bench_mae_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert checks["num_patches"] == 16 and checks["prefix_tokens"] == 1
     assert checks["mmpt_encoder_tokens"] == checks["expected_mmpt_tokens"] == 5
     assert checks["full_encoder_tokens"] == 17 and checks["tokens_ok"] is True
-    assert checks["masked_fraction"] == {"mmpt_mae": 0.75, "full_sequence": 0.75}
+    assert checks["hf_encoder_tokens"] == 5  # HF's ViTMAE also encodes the visible patches only
+    fractions = {"mmpt_mae": 0.75, "full_sequence": 0.75, "hf_vitmae": 0.75}
+    assert checks["masked_fraction"] == fractions
     assert checks["same_initial_weights"] is True
+    gflop = checks["gflop_per_step"]  # same shapes as HF's MAE: the same work
+    assert gflop["hf_vitmae"] == pytest.approx(gflop["mmpt_mae"], rel=0.02)
+    assert gflop["full_sequence"] > 2 * gflop["mmpt_mae"]
 
     rows = {r["variant"]: r for r in result["variants"]}
-    assert set(rows) == {"mmpt_mae", "full_sequence"}
+    assert set(rows) == {"mmpt_mae", "full_sequence", "hf_vitmae"}
+    assert rows["hf_vitmae"]["encoder_tokens"] == 5
     assert rows["mmpt_mae"]["encoder_tokens"] == 5 and rows["full_sequence"]["encoder_tokens"] == 17
     # same model apart from the baseline's encoder mask token (width 192)
     assert rows["full_sequence"]["params"] - rows["mmpt_mae"]["params"] == 192
@@ -51,10 +57,14 @@ def test_bench_mae_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         assert r["peak_mib"] is None  # no CUDA memory stats on the CPU
         assert torch.isfinite(torch.tensor(r["final_loss"]))
     assert result["speedup"]["train_step"] > 0 and result["speedup"]["encoder_fwd"] > 0
+    assert result["speedup"]["hf_train_step"] > 0 and result["speedup"]["hf_encoder_fwd"] > 0
+    q = result["speedup"]["hf_train_step_paired"]
+    assert 0 < q["q1"] <= q["median"] <= q["q3"]
     assert result["config"]["encoder_depth"] == 1 and result["config"]["dtype"] == "fp32"
     printed = capsys.readouterr().out
     assert printed.startswith("command: python scripts/bench_mae.py --device cpu")
     assert "= 5 [ok]" in printed and "speedup" in printed
+    assert "vs HF ViTMAEForPreTraining" in printed
 
 
 def test_full_sequence_loss_counts_masked_patches_only() -> None:
@@ -78,3 +88,24 @@ def test_full_sequence_loss_counts_masked_patches_only() -> None:
     r, c = divmod(first, 4)
     changed[0, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] += 1.0
     assert torch.allclose(model.encode(changed, mask), latent)
+
+
+def test_hf_baseline_has_the_same_shapes() -> None:
+    bench = load_bench()
+    tower = bench.TimmVisionTower(
+        "vit_tiny_patch16_224", embed_dim=0, image_size=32, feature_layer=-1,
+        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    )  # fmt: skip
+    hf = bench.HFViTMAE(tower, 0.75, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    cfg = hf.model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (32, 2, 2)
+    assert (cfg.intermediate_size, cfg.patch_size, cfg.image_size) == (128, 8, 32)
+    assert (cfg.decoder_hidden_size, cfg.decoder_num_hidden_layers) == (16, 1)
+    loss, pred, mask = hf(torch.randn(2, 3, 32, 32))
+    assert pred.shape == (2, 16, 8 * 8 * 3) and mask.shape == (2, 16)
+    assert torch.equal(mask.sum(1), torch.full((2,), 12.0)) and torch.isfinite(loss)
+    # encoder parameter count equals timm's apart from HF's fixed (non-learned) position table
+    timm_enc = sum(p.numel() for n, p in tower.named_parameters() if "pos_embed" not in n)
+    vit = hf.model.vit.named_parameters()
+    hf_enc = sum(p.numel() for n, p in vit if "position_embeddings" not in n)
+    assert hf_enc == timm_enc
