@@ -1,4 +1,8 @@
-"""``mmpt eval {retrieval,zeroshot,mcq,probe}``: evaluate a checkpoint, write JSON + PNG."""
+"""``mmpt eval <task>``: evaluate a model, write JSON + PNG.
+
+Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`) and the VLM
+benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from mmpt.eval.embed import EmbeddingAccumulator, evaluate
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
+from mmpt.eval.vlm_cli import VLM_COMMANDS, run_vlm
+from mmpt.eval.vlm_cli import add_parsers as add_vlm_parsers
 from mmpt.eval.zeroshot_setup import DEFAULT_TEMPLATES, classes_from_names, zeroshot_setup
 from mmpt.safe_load import add_unsafe_load_flag
 
@@ -46,7 +52,9 @@ def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpt eval", description=__doc__)
-    sub = p.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot,mcq,probe}")
+    sub = p.add_subparsers(
+        dest="task", required=True, metavar="{retrieval,zeroshot,mcq,probe,caption,vqa,choice,all}"
+    )
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
         ("zeroshot", "zero-shot classification with prompt ensembling: top-1/5, per-class recall"),
@@ -89,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the shards' meta.mcq_types)",
     )
     add_probe_parser(sub)
+    add_vlm_parsers(sub)
     return p
 
 
@@ -139,6 +148,8 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.task in VLM_COMMANDS:
+        return run_vlm(args, overrides)
     if args.task == "probe":
         if overrides:
             raise ValueError(f"unknown arguments for eval probe: {' '.join(overrides)}")

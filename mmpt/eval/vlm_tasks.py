@@ -1,0 +1,297 @@
+"""VLM benchmark runners: caption, VQA and multiple choice through ``mmpt generate``'s batched path.
+
+:func:`predict` turns a set's samples into prediction records (one per sample; one per
+sample and rotation for circular multiple choice) with :class:`~mmpt.generate.Generator`;
+:func:`score` turns the records of the whole set (every rank's, gathered) into metrics with
+the field's reference metrics (:mod:`mmpt.eval.caption_metrics`, :mod:`~mmpt.eval.vqa_metrics`,
+:mod:`~mmpt.eval.choice_metrics`). Keeping the two apart is what lets the training callback
+split a set over ranks and score it once.
+
+A sample whose image cannot be decoded, or whose generation is empty, is scored as a wrong
+answer (an empty prediction) and counted (``unreadable``, ``empty``), never a crash.
+``shuffle_images`` is the control: each sample gets another sample's image (a derangement),
+so a model that reads its images scores clearly lower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mmpt.eval.vlm_sets import EvalSample, SetSpec
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from mmpt.generate import Decoding, Generator
+
+#: Prompt of each task (and multiple-choice mode) when the set gives none. ``{question}``,
+#: ``{options}`` (``A. text`` lines) and ``{hint}`` are filled in; the image placeholder is
+#: added in front when the prompt has none. Caption: the image alone, as stage-1 pairs train.
+DEFAULT_PROMPTS = {
+    "caption": "",
+    "vqa": "{question}\nAnswer the question using a single word or phrase.",
+    "choice": "{hint}{question}\n{options}\nAnswer with the option's letter from the given "
+    "choices directly.",
+    "choice/likelihood": "{hint}{question}",
+}
+#: Most new tokens generated per task unless the caller says otherwise.
+MAX_NEW_TOKENS = {"caption": 32, "vqa": 16, "choice": 8}
+
+Record = dict[str, Any]
+
+
+def fill_prompt(template: str, sample: EvalSample, options: dict[str, str] | None = None) -> str:
+    """The prompt of one sample: ``{question}``, ``{options}`` and ``{hint}`` filled in.
+
+    Other braces are left as they are (a literal ``{`` in a prompt needs no escaping).
+    """
+    options = sample.options if options is None else options
+    hint = str(sample.extra.get("hint") or "").strip()
+    values = {
+        "{question}": sample.question,
+        "{options}": "\n".join(f"{k}. {v}" for k, v in options.items()),
+        "{hint}": f"{hint}\n" if hint else "",
+    }
+    for key, value in values.items():
+        template = template.replace(key, value)
+    return template
+
+
+def prompt_of(spec: SetSpec) -> str:
+    """The set's prompt template, else the task's default."""
+    if spec.prompt is not None:
+        return spec.prompt
+    return DEFAULT_PROMPTS["choice/likelihood" if spec.by == "likelihood" else spec.task]
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A permutation of ``range(n)`` with no fixed point (n >= 2): the shuffled-image source."""
+    if n < 2:
+        return list(range(n))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    source = [0] * n
+    for i, target in enumerate(order):
+        source[target] = order[(i + 1) % n]  # a cycle through all n: nobody keeps its own
+    return source
+
+
+def _decode(data: bytes) -> Image.Image | None:
+    from mmpt.datamodules.decode import decode_image
+
+    try:
+        return decode_image(data)
+    except Exception:  # noqa: BLE001 - an unreadable image is scored wrong and counted
+        return None
+
+
+def rotated_items(spec: SetSpec, samples: Sequence[EvalSample]) -> list[tuple[EvalSample, int]]:
+    """(sample, rotation) pairs to ask: every rotation of the options for circular sets."""
+    if not spec.circular:
+        return [(s, 0) for s in samples]
+    return [(s, r) for s in samples for r in range(len(s.options))]
+
+
+def _options(sample: EvalSample, rotation: int) -> tuple[dict[str, str], str]:
+    """The options rotated ``rotation`` places (MMBench CircularEval) and the right letter."""
+    from mmpt.eval.choice_metrics import rotations
+
+    options = rotations(sample.options)[rotation] if rotation else sample.options
+    truth = sample.options[sample.answer]
+    return options, next(k for k, v in options.items() if v == truth)
+
+
+def predict(
+    gen: Generator,
+    spec: SetSpec,
+    samples: Sequence[EvalSample],
+    decoding: Decoding,
+    batch_size: int = 8,
+    shuffle_images: bool = False,
+    images_from: Sequence[EvalSample] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Record]:
+    """Prediction records of ``samples`` (in their order), generated in batches.
+
+    Args:
+        gen: The generator (model, chat template, system prompt).
+        spec: The set (task, prompt, circular, by).
+        samples: The samples to answer (this rank's share during fit).
+        decoding: Greedy by default; see :class:`~mmpt.generate.Decoding`.
+        batch_size: Prompts per ``generate`` call (options per forward for likelihood).
+        shuffle_images: The control: sample i gets the image of sample ``derangement[i]``.
+        images_from: Samples whose images to use (default ``samples``); the control passes
+            the whole set here so that a rank's share still gets other samples' images.
+        on_batch: Called with the number of prompts done after each batch (progress).
+
+    Returns:
+        One record per prompt: ``id``, ``prompt``, ``output``, and the task's truth
+        (``references`` / ``answers`` / ``options``, ``answer``, ``choice``, ``correct``).
+    """
+    pool = list(images_from if images_from is not None else samples)
+    index = {s.id: i for i, s in enumerate(pool)}
+    source = derangement(len(pool)) if shuffle_images else list(range(len(pool)))
+    items = rotated_items(spec, samples)
+    if spec.task == "choice" and spec.by == "likelihood":
+        return _by_likelihood(gen, spec, items, pool, source, index, on_batch)
+    template = prompt_of(spec)
+    records: list[Record] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        images = [_decode(pool[source[index[s.id]]].image) for s, _ in chunk]
+        rows = [
+            _record(spec, template, s, r, img is None)
+            for (s, r), img in zip(chunk, images, strict=True)
+        ]
+        todo = [i for i, img in enumerate(images) if img is not None]
+        if todo:
+            outputs = gen.generate(
+                [rows[i]["prompt"] for i in todo], [[images[i]] for i in todo], **vars(decoding)
+            )
+            for i, text in zip(todo, outputs, strict=True):
+                rows[i]["output"] = text.strip()
+        records += [_finish(spec, row) for row in rows]
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return records
+
+
+def _record(spec: SetSpec, template: str, sample: EvalSample, rotation: int, bad: bool) -> Record:
+    row: Record = {"id": sample.id, "output": "", "unreadable": bad}
+    if spec.task == "choice":
+        options, letter = _options(sample, rotation)
+        row |= {"rotation": rotation, "options": options, "answer": letter}
+        row["prompt"] = fill_prompt(template, sample, options)
+    else:
+        row["prompt"] = fill_prompt(template, sample)
+        row["references" if spec.task == "caption" else "answers"] = sample.references
+    row |= {k: sample.extra[k] for k in ("category", "answer_type") if k in sample.extra}
+    return row
+
+
+def _finish(spec: SetSpec, row: Record) -> Record:
+    if spec.task == "choice" and "choice" not in row:
+        from mmpt.eval.choice_metrics import extract_choice
+
+        row["choice"] = extract_choice(row["output"], row["options"]) if row["output"] else None
+    if spec.task == "choice":
+        row["correct"] = row["choice"] == row["answer"]
+    return row
+
+
+@torch.no_grad()
+def option_logprobs(
+    gen: Generator, prompt: str, image: Image.Image, answers: Sequence[str]
+) -> list[float]:
+    """Log-likelihood of each answer as the assistant's reply to ``prompt`` about ``image``.
+
+    Each answer is rendered as a training sample is (the template's assistant turn and its
+    end-of-turn token), one row per answer, and its target tokens' log-probabilities summed.
+
+    Returns:
+        One float per answer (sum over its answer tokens of log p).
+    """
+    from mmpt.batch import VLMBatch
+    from mmpt.datamodules.templates import encode
+    from mmpt.datamodules.transforms import normalize_images
+    from mmpt.datamodules.vlm_batching import group_crops
+    from mmpt.generate import prompt_content
+
+    pre, model = gen.pre, gen.model
+    crop = pre.policy(image.convert("RGB"))
+    content = prompt_content(prompt, 1, 0)
+    rows = []
+    for answer in answers:
+        messages = [{"role": "system", "content": gen.system}] if gen.system else []
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+        segments = gen.template.render(messages, pre.eos)
+        rows.append(encode(segments, pre.tokenizer, pre.image_token_id, [pre.image_tokens(crop)]))
+    n, length = len(rows), max(int(r["input_ids"].shape[0]) for r in rows)
+    ids = torch.full((n, length), pre.pad_id, dtype=torch.long)
+    labels = torch.full((n, length), -100, dtype=torch.long)
+    cuts = [0]
+    for i, r in enumerate(rows):
+        size = int(r["input_ids"].shape[0])
+        ids[i, :size], labels[i, :size] = r["input_ids"], r["labels"]
+        cuts += [i * length + size] + ([(i + 1) * length] if size < length else [])
+    pixels, layouts = group_crops([crop] * n)
+    dev, dtype = gen.device, next(model.vision.parameters()).dtype
+    batch = VLMBatch(
+        input_ids=ids.to(dev),
+        labels=labels.to(dev),
+        position_ids=torch.arange(length, device=dev).expand(n, length),
+        cu_seqlens=torch.tensor(cuts, dtype=torch.int32, device=dev),
+        max_seqlen=length,
+        pixels=[normalize_images(p, pre.image.mean, pre.image.std).to(dev, dtype) for p in pixels],
+        images=layouts,
+        num_samples=n,
+    )
+    logits = model(batch).logits.float()[:, :-1]
+    target = labels[:, 1:].to(dev)
+    logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    return (logp * (target != -100)).sum(-1).tolist()
+
+
+def _by_likelihood(
+    gen: Generator,
+    spec: SetSpec,
+    items: list[tuple[EvalSample, int]],
+    pool: list[EvalSample],
+    source: list[int],
+    index: dict[str, int],
+    on_batch: Callable[[int], None] | None,
+) -> list[Record]:
+    """Multiple choice by the likeliest option text (no generation, no letter extraction)."""
+    template = prompt_of(spec)
+    records = []
+    for sample, rotation in items:
+        image = _decode(pool[source[index[sample.id]]].image)
+        row = _record(spec, template, sample, rotation, image is None)
+        if image is None:
+            row["choice"] = None
+        else:
+            letters = list(row["options"])
+            scores = option_logprobs(gen, row["prompt"], image, list(row["options"].values()))
+            row["choice"] = letters[max(range(len(letters)), key=scores.__getitem__)]
+            row["output"] = row["options"][row["choice"]]
+            row["logprobs"] = dict(zip(letters, scores, strict=True))
+        records.append(_finish(spec, row))
+        if on_batch is not None:
+            on_batch(1)
+    return records
+
+
+def score(spec: SetSpec, records: Sequence[Record]) -> dict[str, float]:
+    """Metrics of a whole set from its prediction records (all ranks').
+
+    Returns:
+        caption: :func:`~mmpt.eval.caption_metrics.caption_scores` (CIDEr, BLEU-4 ...);
+        vqa: :func:`~mmpt.eval.vqa_metrics.vqa_scores`; choice: ``accuracy`` (a sample is
+        right when every rotation is, for circular sets) and, circular, ``accuracy_single``
+        (the unrotated question alone). Plus ``empty`` and ``unreadable`` fractions.
+    """
+    n = max(1, len(records))
+    counts = {
+        "empty": sum(not r["output"] and not r["unreadable"] for r in records) / n,
+        "unreadable": sum(bool(r["unreadable"]) for r in records) / n,
+    }
+    if spec.task == "caption":
+        from mmpt.eval.caption_metrics import caption_scores
+
+        preds = {r["id"]: r["output"] for r in records}
+        return caption_scores(preds, {r["id"]: r["references"] for r in records}) | counts
+    if spec.task == "vqa":
+        from mmpt.eval.vqa_metrics import vqa_scores
+
+        preds = {r["id"]: r["output"] for r in records}
+        return vqa_scores(preds, {r["id"]: r["answers"] for r in records}) | counts
+    by_id: dict[str, list[bool]] = {}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(bool(r["correct"]))
+    single = [bool(r["correct"]) for r in records if r["rotation"] == 0]
+    out = {"accuracy": sum(all(v) for v in by_id.values()) / max(1, len(by_id))}
+    if spec.circular:
+        out["accuracy_single"] = sum(single) / max(1, len(single))
+    return out | counts
