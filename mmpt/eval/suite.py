@@ -29,7 +29,12 @@ if TYPE_CHECKING:
     from mmpt.generate import Decoding, Generator
 
 #: The metric a table shows first for each task.
-HEADLINE = {"caption": "CIDEr", "vqa": "accuracy", "choice": "accuracy"}
+HEADLINE = {"caption": "CIDEr", "vqa": "vqa_accuracy", "choice": "accuracy"}
+
+
+def headline(spec: SetSpec) -> str:
+    """The set's main metric (CircularEval accuracy for circular multiple choice)."""
+    return "circular_accuracy" if spec.circular else HEADLINE[spec.task]
 
 
 def load_suite(path: str | Path, flag: str = "--suite") -> list[SetSpec]:
@@ -104,6 +109,7 @@ def evaluate_set(
     gather: Callable[[list[Record]], list[Record]] | None = None,
     share: Callable[[Sequence[EvalSample]], list[EvalSample]] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    java: bool | None = None,
 ) -> SetResult:
     """Predict and score one set.
 
@@ -117,6 +123,7 @@ def evaluate_set(
         gather: Concatenates every rank's records (during fit); None: one process.
         share: This rank's share of the samples (during fit); None: all of them.
         on_batch: Progress callback (prompts done).
+        java: Caption scoring with Java (None: when installed; False: the Python port).
     """
     samples = list(samples if samples is not None else read_set(spec))
     start = time.perf_counter()
@@ -132,7 +139,7 @@ def evaluate_set(
     )
     if gather is not None:
         records = gather(records)
-    return SetResult(spec, score(spec, records), records, time.perf_counter() - start)
+    return SetResult(spec, score(spec, records, java), records, time.perf_counter() - start)
 
 
 def markdown_table(results: Sequence[SetResult]) -> str:
@@ -142,7 +149,7 @@ def markdown_table(results: Sequence[SetResult]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in results:
-        head = HEADLINE[r.spec.task]
+        head = headline(r.spec)
         value = r.metrics.get(head)
         others = ", ".join(
             f"{k} {v:.4g}" for k, v in r.metrics.items() if k != head and isinstance(v, float)

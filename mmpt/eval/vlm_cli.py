@@ -37,6 +37,12 @@ def _model_args(s: argparse.ArgumentParser) -> None:
     r.add_argument("--max-new-tokens", type=int, default=None, help="default: per task")
     r.add_argument("--max-samples", type=int, default=None, help="first N samples of each set")
     r.add_argument(
+        "--no-java",
+        action="store_true",
+        help="captions: the Python PTB tokenizer port and no METEOR (fast; default: "
+        "pycocoevalcap's Java tools when java is installed)",
+    )
+    r.add_argument(
         "--shuffle-images",
         action="store_true",
         help="control: give every sample another sample's image (a model that reads its "
@@ -149,6 +155,7 @@ def run_vlm(args: argparse.Namespace, overrides: list[str]) -> int:
                     args.batch_size,
                     shuffle_images=args.shuffle_images,
                     on_batch=lambda n, t=task: progress.advance(t, n),
+                    java=False if args.no_java else None,
                 )
             )
     where = Path(args.ckpt).resolve().parent if args.ckpt else Path(args.model)

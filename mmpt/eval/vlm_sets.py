@@ -147,13 +147,17 @@ def parse_sample(spec: SetSpec, raw: dict[str, Any]) -> EvalSample:
             raise _bad(spec, key, "has no answers")
         sample.references = answers
     else:
+        from mmpt.eval.choice_metrics import check_choice
+
         options = rec.get("options")
-        if not isinstance(options, dict) or len(options) < 2:
-            raise _bad(spec, key, "has fewer than 2 options")
+        if not isinstance(options, dict):
+            raise _bad(spec, key, "has no options object")
         options = {str(k).strip().upper(): str(v) for k, v in sorted(options.items())}
         answer = str(rec.get("answer", "")).strip().upper()
-        if answer not in options:
-            raise _bad(spec, key, f"has answer {rec.get('answer')!r}, not one of {list(options)}")
+        try:
+            check_choice(options, answer)
+        except ValueError as err:
+            raise _bad(spec, key, f"is malformed ({err})") from None
         sample.options, sample.answer = options, answer
     return sample
 

@@ -98,9 +98,8 @@ def _options(sample: EvalSample, rotation: int) -> tuple[dict[str, str], str]:
     """The options rotated ``rotation`` places (MMBench CircularEval) and the right letter."""
     from mmpt.eval.choice_metrics import rotations
 
-    options = rotations(sample.options)[rotation] if rotation else sample.options
-    truth = sample.options[sample.answer]
-    return options, next(k for k, v in options.items() if v == truth)
+    assert sample.answer is not None  # checked by parse_sample
+    return rotations(sample.options, sample.answer)[rotation]
 
 
 def predict(
@@ -249,28 +248,49 @@ def _by_likelihood(
     for sample, rotation in items:
         image = _decode(pool[source[index[sample.id]]].image)
         row = _record(spec, template, sample, rotation, image is None)
-        if image is None:
-            row["choice"] = None
-        else:
+        row["choice"] = None
+        if image is not None:
+            from mmpt.eval.choice_metrics import choice_from_scores
+
             letters = list(row["options"])
             scores = option_logprobs(gen, row["prompt"], image, list(row["options"].values()))
-            row["choice"] = letters[max(range(len(letters)), key=scores.__getitem__)]
-            row["output"] = row["options"][row["choice"]]
             row["logprobs"] = dict(zip(letters, scores, strict=True))
+            row["choice"] = choice_from_scores(row["logprobs"])  # None on a tie: a miss
+            row["output"] = row["options"].get(row["choice"], "")
         records.append(_finish(spec, row))
         if on_batch is not None:
             on_batch(1)
     return records
 
 
-def score(spec: SetSpec, records: Sequence[Record]) -> dict[str, float]:
+def _flat(metrics: dict[str, Any]) -> dict[str, float]:
+    """Nested per-type / per-category dicts as ``outer/inner`` keys; counts as floats."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out |= {f"{key}/{k}": float(v) for k, v in value.items()}
+        else:
+            out[key] = float(value)
+    return out
+
+
+def score(spec: SetSpec, records: Sequence[Record], java: bool | None = None) -> dict[str, float]:
     """Metrics of a whole set from its prediction records (all ranks').
 
+    Args:
+        spec: The set.
+        records: Every record of the set.
+        java: Captions: None uses pycocoevalcap's Java PTB tokenizer and METEOR when ``java``
+            is installed; False the Python tokenizer port and no METEOR (fast: Java's start-up
+            costs 15-45 s a call).
+
     Returns:
-        caption: :func:`~mmpt.eval.caption_metrics.caption_scores` (CIDEr, BLEU-4 ...);
-        vqa: :func:`~mmpt.eval.vqa_metrics.vqa_scores`; choice: ``accuracy`` (a sample is
-        right when every rotation is, for circular sets) and, circular, ``accuracy_single``
-        (the unrotated question alone). Plus ``empty`` and ``unreadable`` fractions.
+        caption: :func:`~mmpt.eval.caption_metrics.caption_scores` (``CIDEr``, ``BLEU-4``,
+        ``ROUGE-L`` ...); vqa: :func:`~mmpt.eval.vqa_metrics.vqa_scores` (``vqa_accuracy``,
+        ``exact_match``, ``relaxed_accuracy``, ``per_answer_type/<type>``); choice:
+        :func:`~mmpt.eval.choice_metrics.choice_scores` (``accuracy`` over asked items and,
+        circular, ``circular_accuracy`` over questions; ``per_category/<name>``). Plus the
+        ``empty`` and ``unreadable`` fractions of the prompts.
     """
     n = max(1, len(records))
     counts = {
@@ -281,17 +301,22 @@ def score(spec: SetSpec, records: Sequence[Record]) -> dict[str, float]:
         from mmpt.eval.caption_metrics import caption_scores
 
         preds = {r["id"]: r["output"] for r in records}
-        return caption_scores(preds, {r["id"]: r["references"] for r in records}) | counts
-    if spec.task == "vqa":
+        fast = {"tokenizer": "python", "meteor": False} if java is False else {}
+        out = caption_scores(preds, {r["id"]: r["references"] for r in records}, **fast)
+    elif spec.task == "vqa":
         from mmpt.eval.vqa_metrics import vqa_scores
 
         preds = {r["id"]: r["output"] for r in records}
-        return vqa_scores(preds, {r["id"]: r["answers"] for r in records}) | counts
-    by_id: dict[str, list[bool]] = {}
-    for r in records:
-        by_id.setdefault(r["id"], []).append(bool(r["correct"]))
-    single = [bool(r["correct"]) for r in records if r["rotation"] == 0]
-    out = {"accuracy": sum(all(v) for v in by_id.values()) / max(1, len(by_id))}
-    if spec.circular:
-        out["accuracy_single"] = sum(single) / max(1, len(single))
-    return out | counts
+        types = {r["id"]: r.get("answer_type") for r in records}
+        out = vqa_scores(preds, {r["id"]: r["answers"] for r in records}, types)
+    else:
+        from mmpt.eval.choice_metrics import choice_scores
+
+        item = {f"{r['id']}@{r['rotation']}": r for r in records}
+        out = choice_scores(
+            {k: r["choice"] for k, r in item.items()},
+            {k: r["answer"] for k, r in item.items()},
+            groups={k: r["id"] for k, r in item.items()} if spec.circular else None,
+            categories={k: r.get("category") for k, r in item.items()},
+        )
+    return _flat(out) | counts
