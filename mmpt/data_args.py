@@ -31,6 +31,11 @@ EPILOG = r"""examples:
   mmpt data build --kind retrieval --from dataset_coco.json --images /data/coco --split test \
       --out shards/coco-test
   mmpt data build --kind classification --from /data/imagenet/val --out shards/in1k-val
+  mmpt data build --kind coco-caption --from captions_val2014.json --images /data/coco/val2014 \
+      --out shards/coco-cap-val
+  mmpt data build --kind vqav2 --from v2_OpenEnded_mscoco_val2014_questions.json \
+      v2_mscoco_val2014_annotations.json --images /data/coco --out shards/vqav2-val
+  mmpt data build --kind mcq --from MMBench_DEV_EN.tsv --out shards/mmbench-dev
   mmpt data index /data/laion-shards --workers 8
   mmpt data index 'pipe:aws s3 cp s3://bucket/shards/{00000..00999}.tar -' --out shards.json
   mmpt data inspect shards/ --check
@@ -123,7 +128,9 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         metavar="SOURCE",
         help="a .csv/.tsv/.jsonl table or a folder of image + same-stem .txt pairs; conversation: "
         "LLaVA .json/.jsonl file(s); interleaved: MMC4 .jsonl or OBELICS-style .parquet/.jsonl "
-        "file(s); retrieval: a Karpathy split .json; classification: an ImageFolder; video-text: "
+        "file(s); retrieval: a Karpathy split .json; classification: an ImageFolder; coco-caption: "
+        "a COCO/NoCaps captions .json; vqav2: the questions and annotations .json; mcq: a "
+        "multiple-choice .tsv/.csv/.jsonl (MMBench TSV with base64 images); video-text: "
         "an EgoClip-style table (video_uid, clip_start, clip_end, clip_text[, tag_noun, tag_verb, "
         "video_path, clip_uid]); multispectral: an SSL4EO-S12 root or sensor folder, class "
         "folders or a flat folder of .tif/.npy tiles; audio-text: a table with audio paths and "

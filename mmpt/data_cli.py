@@ -13,12 +13,15 @@ from typing import Any
 from mmpt.data_args import data_parser
 from mmpt.shards.audio_build import build_audio_text_shards
 from mmpt.shards.build import build_image_text_shards
+from mmpt.shards.coco_caption import build_coco_caption_shards
 from mmpt.shards.imagefolder import build_classification_shards
 from mmpt.shards.interleaved_build import build_interleaved_shards
 from mmpt.shards.karpathy import build_retrieval_shards
 from mmpt.shards.llava import build_conversation_shards
+from mmpt.shards.mcq_table import build_mcq_shards
 from mmpt.shards.multispectral_build import build_multispectral_shards
 from mmpt.shards.video_build import build_video_text_shards
+from mmpt.shards.vqav2 import build_vqav2_shards
 from mmpt.synth import SYNTH_KINDS
 
 #: ``mmpt data build --kind`` -> builder(source, out, **options). Later modalities add a line.
@@ -31,9 +34,12 @@ BUILD_KINDS: dict[str, Callable[..., Any]] = {
     "interleaved": build_interleaved_shards,
     "retrieval": build_retrieval_shards,
     "classification": build_classification_shards,
+    "coco-caption": build_coco_caption_shards,
+    "vqav2": build_vqav2_shards,
+    "mcq": build_mcq_shards,
 }
 #: Kinds whose --from and --images may be given several times (shards of one data set).
-_SEVERAL = ("conversation", "interleaved")
+_SEVERAL = ("conversation", "interleaved", "vqav2")
 
 #: Option names whose flag is not ``--`` + the name with dashes.
 _FLAGS = {"images_root": "--images", "videos_root": "--videos", "audio_root": "--audio"}
@@ -94,8 +100,8 @@ def _build(args: argparse.Namespace) -> int:
     for flag, values in (("--from", args.source), ("--images", args.images_root or [])):
         if len(values) > 1 and args.kind not in _SEVERAL:
             raise ValueError(
-                f"{flag} is given {len(values)} times; only --kind {' and '.join(_SEVERAL)} take "
-                "several"
+                f"{flag} is given {len(values)} times; only --kind "
+                f"{', '.join(_SEVERAL[:-1])} and {_SEVERAL[-1]} take several"
             )
     source = args.source[0] if len(args.source) == 1 else args.source
     roots = args.images_root

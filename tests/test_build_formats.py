@@ -233,7 +233,7 @@ def test_flags_of_other_kinds_and_several_sources_are_errors(tmp_path: Path, cap
     (tmp_path / "a.csv").write_text("path,caption\n")
     argv = ["build", "--from", str(tmp_path / "a.csv"), str(tmp_path / "a.csv"), "--out", "o"]
     assert data_main(argv) == 2
-    assert "only --kind conversation and interleaved take several" in capsys.readouterr().err
+    assert "only --kind conversation, interleaved and vqav2 take several" in capsys.readouterr().err
     argv = ["build", "--kind", "classification", "--from", str(tmp_path), "--pairs", "--out", "o"]
     assert data_main(argv) == 2
     assert "--pairs does not apply to --kind classification" in capsys.readouterr().err

@@ -50,7 +50,8 @@ def karpathy_doc(where: str, im: Any, roots: list[Path]) -> Doc:
         return Doc(where, problem=("empty_text", f"{im['filename']} has no caption"))
     rel = str(Path(im.get("filepath") or "") / im["filename"])
     ident = {k: im[k] for k in ("cocoid", "imgid", "split") if k in im}
-    data = {"captions": captions, "filename": rel, **ident}
+    image_id = str(im.get("cocoid", im.get("imgid", rel)))
+    data = {"id": image_id, "captions": captions, "filename": rel, **ident}
     return Doc(where, data, [find_image(rel, roots)])
 
 
