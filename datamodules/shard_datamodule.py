@@ -108,8 +108,9 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
 
     def prepare_data(self) -> None:
         """Render each synthetic set (rank 0 only) that the urls read and that is missing."""
-        for spec in synthetic_to_render(self.synthetic, self.url_specs()):
-            spec.ensure()
+        urls = self.url_specs()
+        for spec in synthetic_to_render(self.synthetic, urls):
+            spec.ensure(urls)
 
     def url_specs(self) -> list[str]:
         """Every shard source of every split, eval set and replay, as written."""

@@ -46,10 +46,21 @@ class SyntheticData:
                 return True
         return False
 
-    def ensure(self) -> None:
-        """Render the set into ``out`` unless its train index and tokenizer exist."""
+    def ensure(self, urls: Iterable[str] = ()) -> None:
+        """Render the set into ``out`` unless its train index, tokenizer and read folders exist.
+
+        Args:
+            urls: The config's shard sources; a plain local one inside ``out`` that does not
+                exist (a folder a newer generator adds, e.g. ``data/shapes/qa``) also renders
+                the set again.
+        """
         out = Path(self.out)
-        if (out / "train" / "index.json").exists() and (out / "tokenizer").is_dir():
+        missing = [
+            u
+            for u in urls
+            if not _WILDCARD.search(u) and self.read_by([u]) and not Path(u).exists()
+        ]
+        if (out / "train" / "index.json").exists() and (out / "tokenizer").is_dir() and not missing:
             return
         import inspect
 

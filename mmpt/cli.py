@@ -70,7 +70,7 @@ class MMPTCLI(LightningCLI):
         data = cfg.get("data.init_args")
         urls = config_urls(data)
         for spec in synthetic_to_render(data.get("synthetic") if data else None, urls):
-            spec.ensure()
+            spec.ensure(urls)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:

@@ -92,6 +92,19 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
     synth.add_argument(
         "--image-size", type=int, metavar="PX", help="image side in pixels (default 64)"
     )
+    synth.add_argument(
+        "--eval-samples",
+        type=int,
+        metavar="N",
+        help="image-text: samples per held-out eval set in eval/caption, eval/vqa, eval/choice "
+        "(192)",
+    )
+    synth.add_argument(
+        "--qa-samples",
+        type=int,
+        metavar="N",
+        help="image-text: question-answer conversations in qa/ (default: half of train)",
+    )
     synth.add_argument("--num-frames", type=int, metavar="N", help="frames per clip (video; 8)")
     synth.add_argument("--fps", type=int, metavar="N", help="clip frame rate (video; 8)")
     synth.add_argument(

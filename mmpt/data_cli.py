@@ -75,6 +75,8 @@ def _synth(args: argparse.Namespace) -> int:
         "sensor": args.sensor,
         "mcq_samples": args.mcq_samples,
         "image_size": args.image_size,
+        "eval_samples": args.eval_samples,
+        "qa_samples": args.qa_samples,
         "num_frames": args.num_frames,
         "fps": args.fps,
         "samples_per_shard": args.samples_per_shard,
@@ -86,7 +88,7 @@ def _synth(args: argparse.Namespace) -> int:
     }
     result = fn(args.out, **_options(fn, args.kind, given))
     print(f"wrote {args.kind} synthetic data to {args.out}")
-    for split in ("train", "val", "test", "mcq"):
+    for split in ("train", "val", "test", "mcq", "qa", "eval_caption", "eval_vqa", "eval_choice"):
         if split in result:
             n, shards = result.get(f"{split}_samples", "?"), result.get(f"{split}_shards", "?")
             print(f"  {split}: {n} samples in {shards} shard(s) at {result[split]}")

@@ -1,7 +1,7 @@
 """The shard layout of VLM benchmark sets (caption, VQA, multiple choice), shared by their builders.
 
 Every sample holds one image (``jpg``) and a ``json`` member; ``index.json``'s meta has
-``kind: "eval"`` and ``task``:
+``kind: "eval"``, ``task`` and ``prompt`` (the set's prompt template, :mod:`mmpt.eval.prompts`):
 
 - ``caption``: ``{"id": str, "captions": [str, ...]}`` (Karpathy retrieval shards carry the
   same ``captions`` list, so they serve as caption sets too);
@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from mmpt.eval.prompts import DEFAULT_PROMPTS
 from mmpt.shards.build import BuildReport
 from mmpt.shards.documents import Doc, build_documents
 
@@ -33,20 +34,25 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 """The ``json`` fields each task's samples always have."""
 
 
-def eval_meta(task: str, source: str, build: dict[str, Any]) -> dict[str, Any]:
+def eval_meta(
+    task: str, source: str, build: dict[str, Any], prompt: str | None = None
+) -> dict[str, Any]:
     """The ``index.json`` meta of an eval set.
 
     Args:
         task: ``caption``, ``vqa`` or ``choice``.
         source: Where the set came from (a file path, or ``synthetic``).
         build: The format and options it was built with.
+        prompt: The set's prompt (see :mod:`mmpt.eval.prompts`); default the task's
+            :data:`~mmpt.eval.prompts.DEFAULT_PROMPTS` entry.
 
     Returns:
-        ``{"kind": "eval", "task", "source", "build"}``.
+        ``{"kind": "eval", "task", "source", "build", "prompt"}``.
     """
     if task not in EVAL_TASKS:
         raise ValueError(f"eval task must be one of {EVAL_TASKS}, got {task!r}")
-    return {"kind": "eval", "task": task, "source": source, "build": build}
+    prompt = DEFAULT_PROMPTS[task] if prompt is None else prompt
+    return {"kind": "eval", "task": task, "source": source, "build": build, "prompt": prompt}
 
 
 def eval_record(task: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,8 @@ class _Lazy:
 
 #: ``mmpt data synth --kind`` -> generator(out, **options). Later modalities add a line here.
 SYNTH_KINDS: dict[str, Callable[..., dict]] = {
-    "image-text": _Lazy("mmpt.synth.image_text", "synth_image_text"),
+    # train/val pairs plus held-out caption/VQA/choice sets and QA conversations
+    "image-text": _Lazy("mmpt.synth.image_eval", "synth_image_text_eval"),
     # the same set in another visual domain (continual pretraining: domain B)
     "image-text-shifted": _Lazy("mmpt.synth.image_text", "synth_image_text_shifted"),
     "interleaved": _Lazy("mmpt.synth.interleaved", "synth_interleaved"),

@@ -30,11 +30,13 @@ def synth_texts() -> Iterator[str]:
         template filled with every class name), the interleaved intro and filler sentences,
         the video narrations of all 180 (colour, shape, action) combinations in both
         phrasings, the video noun and verb names, and the audio captions and continuations
-        of all 512 tone combinations with their zero-shot prompts.
+        of all 512 tone combinations with their zero-shot prompts, and the questions,
+        answers and options of the synthetic eval sets and QA data.
 
     """
     # imported here: the generators import this module to write their tokenizer
     from mmpt.synth import audio_text
+    from mmpt.synth.image_eval import qa_texts
     from mmpt.synth.image_text import (
         CLASSNAMES,
         NUM_COMBOS,
@@ -59,6 +61,7 @@ def synth_texts() -> Iterator[str]:
         yield from audio_text.texts_for(audio_text.combo_attributes(combo))
     for template in audio_text.TEMPLATES:
         yield from (template.format(name) for name in audio_text.CLASSNAMES)
+    yield from qa_texts()
     yield from PROMPT_TEXTS
 
 
