@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from webdataset import TarWriter
 
@@ -96,7 +97,7 @@ def test_sets_without_the_task_fields_fail_before_loading(tmp_path, sets, monkey
 def test_caption_and_vqa_records_equal_generate(model, sets):
     gen = Generator(model)
     for task in ("caption", "vqa"):
-        spec = SetSpec(task, task, str(sets[task]), prompt="{question}" if task == "vqa" else None)
+        spec = SetSpec(task, task, str(sets[task]), prompt="{question}" if task == "vqa" else "")
         samples = read_set(spec)
         records = predict(gen, spec, samples, Decoding(max_new_tokens=4), batch_size=2)
         prompt = "what color" if task == "vqa" else ""
@@ -220,3 +221,17 @@ def test_eval_all_writes_one_report(model, sets, tmp_path, capsys):
     assert "| qa | vqa |" in capsys.readouterr().out
     suite.write_text("sets:\n  - {name: x, task: caption, path: here}\n")
     assert main(argv) == 2 and "unknown field(s) ['path']" in capsys.readouterr().err
+
+
+def test_every_suite_in_configs_loads_and_recipes_name_existing_suites():
+    root = Path(__file__).resolve().parents[1]
+    suites = sorted((root / "configs" / "eval").glob("*.yaml"))
+    assert {p.name for p in suites} >= {"vlm_suite.yaml", "quickstart_suite.yaml"}
+    for path in suites:
+        assert load_suite(path)
+    named = 0
+    for recipe in (root / "configs").rglob("vila_stage*.yaml"):
+        for cb in yaml.safe_load(recipe.read_text())["trainer"]["callbacks"]:
+            if cb["class_path"] == "mmpt.eval.VLMEvalCallback":
+                named += (root / cb["init_args"]["suite"]).is_file()
+    assert named == 6  # the three stage recipes and the three quickstart stages

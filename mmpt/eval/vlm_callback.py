@@ -52,7 +52,9 @@ class VLMEvalCallback(L.Callback):
     monitor them). Rank 0 writes ``<log_dir>/eval/vlm_step<N>.json|.md`` (plus predictions)
     per evaluation, and ``vlm_eval.json`` (the history) with ``vlm_eval.png`` (each set's
     main metric against the step). The model is put in eval mode for the evaluation and
-    back in train mode afterwards. Sets are read and checked when fit starts.
+    back in train mode afterwards. Sets are read and checked when fit starts. A caption set
+    without its own ``prompt`` is asked with the datamodule's ``caption_prompt`` (the way the
+    model trains on pairs: the image alone in a stage-1 ``plain`` recipe).
 
     Args:
         suite: Suite YAML (``configs/eval/*.yaml``; see :mod:`mmpt.eval.suite`).
@@ -99,7 +101,10 @@ class VLMEvalCallback(L.Callback):
                 f"VLMEvalCallback: {type(pl_module).__name__} is not a VLM with a vision tower"
             )
         field = f"VLMEvalCallback suite {self.suite}: data"
+        caption_prompt = getattr(trainer.datamodule, "caption_prompt", None)
         for spec in load_suite(self.suite, "VLMEvalCallback suite"):
+            if spec.task == "caption" and spec.prompt is None and caption_prompt is not None:
+                spec.prompt = caption_prompt
             if self.max_samples is not None:
                 spec.max_samples = min(spec.max_samples or self.max_samples, self.max_samples)
             try:

@@ -28,6 +28,8 @@ TASKS = ("caption", "vqa", "choice")
 #: How a multiple-choice answer is picked: the generated letter, or the likeliest option.
 CHOICE_BY = ("generate", "likelihood")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+#: Multiple choice by likelihood: the question alone (the options are the scored answers).
+LIKELIHOOD_PROMPT = "{hint}{question}"
 
 
 @dataclass
@@ -39,7 +41,8 @@ class SetSpec:
         task: ``caption``, ``vqa`` or ``choice``.
         data: Shards: a folder, file, glob, brace pattern or URL.
         prompt: Prompt template (``{question}``, ``{options}``, ``{hint}``); None: the
-            task's default (:data:`mmpt.eval.vlm_tasks.DEFAULT_PROMPTS`).
+            shards' ``index.json`` meta ``prompt``, else the task's default
+            (:data:`mmpt.eval.prompts.DEFAULT_PROMPTS`). :func:`read_set` fills it in.
         max_samples: Evaluate the first N samples only (None: all).
         circular: Multiple choice: MMBench CircularEval (every rotation of the options must
             be answered right).
@@ -111,6 +114,33 @@ def _bad(spec: SetSpec, key: str, what: str) -> ValueError:
     )
 
 
+def prompt_of(spec: SetSpec, meta: dict | None = None) -> str:
+    """The set's prompt: the suite's / ``--prompt``, else the shards' meta, else the default.
+
+    Multiple choice by likelihood defaults to :data:`LIKELIHOOD_PROMPT` (no option list).
+
+    Raises:
+        ValueError: The template has a field other than ``{question}``, ``{options}`` and
+            ``{hint}`` (double a literal brace: ``{{``).
+    """
+    from mmpt.eval.prompts import DEFAULT_PROMPTS
+
+    prompt = spec.prompt
+    if prompt is None and spec.by == "likelihood":
+        prompt = LIKELIHOOD_PROMPT
+    if prompt is None:
+        prompt = (meta or {}).get("prompt") or DEFAULT_PROMPTS[spec.task]
+    if spec.task != "caption":
+        try:
+            prompt.format(question="q", options="o", hint="h")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"set {spec.name!r}: prompt {prompt!r} has an unknown field ({err}); use "
+                "{question}, {options} and {hint}, and {{ for a literal brace"
+            ) from None
+    return prompt
+
+
 def parse_sample(spec: SetSpec, raw: dict[str, Any]) -> EvalSample:
     """A raw WebDataset sample (extension -> bytes) -> a checked :class:`EvalSample`.
 
@@ -171,6 +201,8 @@ def read_set(spec: SetSpec, flag: str = "--data") -> list[EvalSample]:
 
     Returns:
         The samples; ids are unique (a repeated id gets ``#n`` appended, with a warning).
+        ``spec.prompt`` is set to the prompt the set is asked with
+        (:func:`prompt_of`), so reports name it.
 
     Raises:
         FileNotFoundError: No shards at ``spec.data``.
@@ -180,6 +212,7 @@ def read_set(spec: SetSpec, flag: str = "--data") -> list[EvalSample]:
     from mmpt.datamodules.urls import resolve_source
 
     source = resolve_source(spec.data, flag)
+    spec.prompt = prompt_of(spec, source.meta)
     skips = SkipCounter()
     samples: list[EvalSample] = []
     seen: dict[str, int] = {}

@@ -20,51 +20,31 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mmpt.eval.vlm_sets import EvalSample, SetSpec
+from mmpt.eval.vlm_sets import EvalSample, SetSpec, prompt_of
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from mmpt.generate import Decoding, Generator
 
-#: Prompt of each task (and multiple-choice mode) when the set gives none. ``{question}``,
-#: ``{options}`` (``A. text`` lines) and ``{hint}`` are filled in; the image placeholder is
-#: added in front when the prompt has none. Caption: the image alone, as stage-1 pairs train.
-DEFAULT_PROMPTS = {
-    "caption": "",
-    "vqa": "{question}\nAnswer the question using a single word or phrase.",
-    "choice": "{hint}{question}\n{options}\nAnswer with the option's letter from the given "
-    "choices directly.",
-    "choice/likelihood": "{hint}{question}",
-}
 #: Most new tokens generated per task unless the caller says otherwise.
 MAX_NEW_TOKENS = {"caption": 32, "vqa": 16, "choice": 8}
 
 Record = dict[str, Any]
 
 
-def fill_prompt(template: str, sample: EvalSample, options: dict[str, str] | None = None) -> str:
-    """The prompt of one sample: ``{question}``, ``{options}`` and ``{hint}`` filled in.
+def fill_prompt(
+    task: str, template: str, sample: EvalSample, options: dict[str, str] | None = None
+) -> str:
+    """The user turn of one sample (:mod:`mmpt.eval.prompts`); the image goes in front."""
+    from mmpt.eval.prompts import choice_prompt, vqa_prompt
 
-    Other braces are left as they are (a literal ``{`` in a prompt needs no escaping).
-    """
-    options = sample.options if options is None else options
-    hint = str(sample.extra.get("hint") or "").strip()
-    values = {
-        "{question}": sample.question,
-        "{options}": "\n".join(f"{k}. {v}" for k, v in options.items()),
-        "{hint}": f"{hint}\n" if hint else "",
-    }
-    for key, value in values.items():
-        template = template.replace(key, value)
+    if task == "vqa":
+        return vqa_prompt(sample.question, template)
+    if task == "choice":
+        options = sample.options if options is None else options
+        return choice_prompt(sample.question, options, sample.extra.get("hint"), template)
     return template
-
-
-def prompt_of(spec: SetSpec) -> str:
-    """The set's prompt template, else the task's default."""
-    if spec.prompt is not None:
-        return spec.prompt
-    return DEFAULT_PROMPTS["choice/likelihood" if spec.by == "likelihood" else spec.task]
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:
@@ -135,7 +115,7 @@ def predict(
     items = rotated_items(spec, samples)
     if spec.task == "choice" and spec.by == "likelihood":
         return _by_likelihood(gen, spec, items, pool, source, index, on_batch)
-    template = prompt_of(spec)
+    template = spec.prompt if spec.prompt is not None else prompt_of(spec)
     records: list[Record] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -162,9 +142,9 @@ def _record(spec: SetSpec, template: str, sample: EvalSample, rotation: int, bad
     if spec.task == "choice":
         options, letter = _options(sample, rotation)
         row |= {"rotation": rotation, "options": options, "answer": letter}
-        row["prompt"] = fill_prompt(template, sample, options)
+        row["prompt"] = fill_prompt(spec.task, template, sample, options)
     else:
-        row["prompt"] = fill_prompt(template, sample)
+        row["prompt"] = fill_prompt(spec.task, template, sample)
         row["references" if spec.task == "caption" else "answers"] = sample.references
     row |= {k: sample.extra[k] for k in ("category", "answer_type") if k in sample.extra}
     return row
@@ -243,7 +223,7 @@ def _by_likelihood(
     on_batch: Callable[[int], None] | None,
 ) -> list[Record]:
     """Multiple choice by the likeliest option text (no generation, no letter extraction)."""
-    template = prompt_of(spec)
+    template = spec.prompt if spec.prompt is not None else prompt_of(spec)
     records = []
     for sample, rotation in items:
         image = _decode(pool[source[index[sample.id]]].image)
