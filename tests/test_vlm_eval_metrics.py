@@ -13,6 +13,7 @@ from mmpt.eval.choice_metrics import (
     choice_scores,
     circular_accuracy,
     extract_choice,
+    mmbench_group,
     rotations,
 )
 from mmpt.eval.ptb_tokenize import java_available, ptb_tokenize_java, ptb_tokenize_python
@@ -281,6 +282,15 @@ def test_circular_hand_case():
     assert got["questions"] == 2 and got["per_category"] == {"shapes": 0.5}
     assert circular_accuracy({"x": [True, True, False]}) == 0.0
     assert circular_accuracy([("x", True), ("y", True), ("y", True)]) == 1.0
+
+
+def test_mmbench_groups_rotated_copies_by_index_mod_1e6():
+    assert [mmbench_group(i) for i in ("12", "1000012", "3000012", "q7")] == [
+        "12",
+        "12",
+        "12",
+        "q7",
+    ]
 
 
 def test_choice_bad_input():

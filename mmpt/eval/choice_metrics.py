@@ -132,6 +132,22 @@ def rotations(options: Mapping[str, str], answer: str) -> list[tuple[dict[str, s
     ]
 
 
+def mmbench_group(item_id: str) -> str:
+    """The question an MMBench row belongs to: its ``index`` mod 1e6 (VLMEvalKit's ``g_index``).
+
+    MMBench's circular TSVs hold each rotated copy as a row whose index is the original's
+    plus a multiple of 1,000,000; other ids are their own group.
+
+    Args:
+        item_id: A row id (``index``).
+
+    Returns:
+        The group id, as a string.
+    """
+    text = str(item_id).strip()
+    return str(int(text) % 1_000_000) if text.isdigit() else text
+
+
 def circular_accuracy(results: Mapping[str, Sequence[bool]] | Iterable[tuple[str, bool]]) -> float:
     """The share of questions answered right under every rotation.
 
