@@ -18,8 +18,9 @@ from mmpt.datamodules.templates import encode
 from mmpt.datamodules.transforms import normalize_images
 from mmpt.datamodules.vlm_batching import group_crops
 from mmpt.eval.suite import evaluate_set, load_suite
+from mmpt.eval.vlm_likelihood import option_logprobs
 from mmpt.eval.vlm_sets import SetSpec, read_set
-from mmpt.eval.vlm_tasks import derangement, option_logprobs, predict, score
+from mmpt.eval.vlm_tasks import derangement, predict, score
 from mmpt.generate import Decoding, Generator, prompt_content
 from tests.test_export_mmpt import perturb
 from tests.test_vlm_module import shapes as shapes  # noqa: F401 - the module fixture
@@ -305,3 +306,22 @@ def test_callback_during_fit_logs_and_writes_the_history(tmp_path, monkeypatch):
         float(logged[-1]["eval/shapes_choice/circular_accuracy"])
         == (history[-1]["shapes_choice"]["circular_accuracy"])
     )
+
+
+def test_circular_set_with_mmbench_rotated_rows_is_not_rotated_again(model, tmp_path, monkeypatch):
+    """MMBench circular TSV rows: index + k * 1e6 are one question's rotated copies."""
+    rows = [
+        {"id": "7", "question": "q", "options": {"A": "red", "B": "blue"}, "answer": "A"},
+        {"id": "1000007", "question": "q", "options": {"A": "blue", "B": "red"}, "answer": "B"},
+        {"id": "8", "question": "q", "options": {"A": "red", "B": "blue"}, "answer": "B"},
+        {"id": "1000008", "question": "q", "options": {"A": "blue", "B": "red"}, "answer": "A"},
+    ]
+    spec = SetSpec("mm", "choice", str(write_set(tmp_path / "mm", rows)), circular=True)
+    gen = Generator(model)
+    monkeypatch.setattr(
+        gen, "generate", lambda prompts, *a, **k: ["A", "B", "B", "B"][: len(prompts)]
+    )
+    result = evaluate_set(gen, spec, batch_size=4)
+    assert len(result.records) == 4 and {r["rotation"] for r in result.records} == {0}
+    assert result.metrics["circular_accuracy"] == 0.5 and result.metrics["questions"] == 2
+    assert result.metrics["accuracy"] == 0.75

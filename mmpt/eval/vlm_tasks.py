@@ -68,8 +68,14 @@ def _decode(data: bytes) -> Image.Image | None:
 
 
 def rotated_items(spec: SetSpec, samples: Sequence[EvalSample]) -> list[tuple[EvalSample, int]]:
-    """(sample, rotation) pairs to ask: every rotation of the options for circular sets."""
-    if not spec.circular:
+    """(sample, rotation) pairs to ask: every rotation of the options for circular sets.
+
+    A set that already holds the rotated copies (MMBench's circular TSVs: ids of the original
+    plus multiples of 1e6, grouped by :func:`~mmpt.eval.choice_metrics.mmbench_group`) is
+    asked as it is.
+    """
+    pre_rotated = any(s.id.isdigit() and int(s.id) >= 1_000_000 for s in samples)
+    if not spec.circular or pre_rotated:
         return [(s, 0) for s in samples]
     return [(s, r) for s in samples for r in range(len(s.options))]
 
@@ -160,59 +166,6 @@ def _finish(spec: SetSpec, row: Record) -> Record:
     return row
 
 
-@torch.no_grad()
-def option_logprobs(
-    gen: Generator, prompt: str, image: Image.Image, answers: Sequence[str]
-) -> list[float]:
-    """Log-likelihood of each answer as the assistant's reply to ``prompt`` about ``image``.
-
-    Each answer is rendered as a training sample is (the template's assistant turn and its
-    end-of-turn token), one row per answer, and its target tokens' log-probabilities summed.
-
-    Returns:
-        One float per answer (sum over its answer tokens of log p).
-    """
-    from mmpt.batch import VLMBatch
-    from mmpt.datamodules.templates import encode
-    from mmpt.datamodules.transforms import normalize_images
-    from mmpt.datamodules.vlm_batching import group_crops
-    from mmpt.generate import prompt_content
-
-    pre, model = gen.pre, gen.model
-    crop = pre.policy(image.convert("RGB"))
-    content = prompt_content(prompt, 1, 0)
-    rows = []
-    for answer in answers:
-        messages = [{"role": "system", "content": gen.system}] if gen.system else []
-        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-        segments = gen.template.render(messages, pre.eos)
-        rows.append(encode(segments, pre.tokenizer, pre.image_token_id, [pre.image_tokens(crop)]))
-    n, length = len(rows), max(int(r["input_ids"].shape[0]) for r in rows)
-    ids = torch.full((n, length), pre.pad_id, dtype=torch.long)
-    labels = torch.full((n, length), -100, dtype=torch.long)
-    cuts = [0]
-    for i, r in enumerate(rows):
-        size = int(r["input_ids"].shape[0])
-        ids[i, :size], labels[i, :size] = r["input_ids"], r["labels"]
-        cuts += [i * length + size] + ([(i + 1) * length] if size < length else [])
-    pixels, layouts = group_crops([crop] * n)
-    dev, dtype = gen.device, next(model.vision.parameters()).dtype
-    batch = VLMBatch(
-        input_ids=ids.to(dev),
-        labels=labels.to(dev),
-        position_ids=torch.arange(length, device=dev).expand(n, length),
-        cu_seqlens=torch.tensor(cuts, dtype=torch.int32, device=dev),
-        max_seqlen=length,
-        pixels=[normalize_images(p, pre.image.mean, pre.image.std).to(dev, dtype) for p in pixels],
-        images=layouts,
-        num_samples=n,
-    )
-    logits = model(batch).logits.float()[:, :-1]
-    target = labels[:, 1:].to(dev)
-    logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    return (logp * (target != -100)).sum(-1).tolist()
-
-
 def _by_likelihood(
     gen: Generator,
     spec: SetSpec,
@@ -233,6 +186,8 @@ def _by_likelihood(
             from mmpt.eval.choice_metrics import choice_from_scores
 
             letters = list(row["options"])
+            from mmpt.eval.vlm_likelihood import option_logprobs
+
             scores = option_logprobs(gen, row["prompt"], image, list(row["options"].values()))
             row["logprobs"] = dict(zip(letters, scores, strict=True))
             row["choice"] = choice_from_scores(row["logprobs"])  # None on a tie: a miss
@@ -290,13 +245,13 @@ def score(spec: SetSpec, records: Sequence[Record], java: bool | None = None) ->
         types = {r["id"]: r.get("answer_type") for r in records}
         out = vqa_scores(preds, {r["id"]: r["answers"] for r in records}, types)
     else:
-        from mmpt.eval.choice_metrics import choice_scores
+        from mmpt.eval.choice_metrics import choice_scores, mmbench_group
 
         item = {f"{r['id']}@{r['rotation']}": r for r in records}
         out = choice_scores(
             {k: r["choice"] for k, r in item.items()},
             {k: r["answer"] for k, r in item.items()},
-            groups={k: r["id"] for k, r in item.items()} if spec.circular else None,
+            groups={k: mmbench_group(r["id"]) for k, r in item.items()} if spec.circular else None,
             categories={k: r.get("category") for k, r in item.items()},
         )
     return _flat(out) | counts
