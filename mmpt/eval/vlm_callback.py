@@ -54,7 +54,8 @@ class VLMEvalCallback(L.Callback):
     main metric against the step). The model is put in eval mode for the evaluation and
     back in train mode afterwards. Sets are read and checked when fit starts. A caption set
     without its own ``prompt`` is asked with the datamodule's ``caption_prompt`` (the way the
-    model trains on pairs: the image alone in a stage-1 ``plain`` recipe).
+    model trains on pairs: the image alone in a stage-1 ``plain`` recipe). Under a sharded
+    strategy (FSDP) it warns and does nothing: run ``mmpt eval all`` on the checkpoints.
 
     Args:
         suite: Suite YAML (``configs/eval/*.yaml``; see :mod:`mmpt.eval.suite`).
@@ -95,6 +96,17 @@ class VLMEvalCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Read and check every set of the suite (fit only), before any training step."""
         if stage != "fit" or self.sets:
+            return
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "ModelParallel" in strategy:
+            # generation runs a different number of forwards on each rank, and every forward
+            # of a sharded model is a collective: it would hang
+            log.warning(
+                "VLMEvalCallback: not run under %s (sharded weights); evaluate the checkpoints "
+                "with mmpt eval all --suite %s",
+                strategy,
+                self.suite,
+            )
             return
         if not hasattr(pl_module, "preprocess") or getattr(pl_module, "vision", None) is None:
             raise ValueError(
