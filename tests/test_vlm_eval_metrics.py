@@ -302,3 +302,10 @@ def test_choice_bad_input():
         choice_scores({"x": "A"}, {})
     with pytest.raises(ValueError, match="no multiple-choice"):
         circular_accuracy({})
+
+
+def test_missing_toolkit_says_how_to_install():
+    from mmpt.eval.ptb_tokenize import require_pycocoevalcap
+
+    with pytest.raises(ImportError, match=r"mmpt\[eval\]"):
+        require_pycocoevalcap("pycocoevalcap.not_a_module")

@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.rouge.rouge import Rouge
+from mmpt.eval.ptb_tokenize import java_available, ptb_tokenize, require_pycocoevalcap
 
-from mmpt.eval.ptb_tokenize import java_available, ptb_tokenize
+Bleu = require_pycocoevalcap("pycocoevalcap.bleu.bleu").Bleu
+Cider = require_pycocoevalcap("pycocoevalcap.cider.cider").Cider
+Rouge = require_pycocoevalcap("pycocoevalcap.rouge.rouge").Rouge
 
 CAPTION_METRICS: tuple[str, ...] = ("CIDEr", "BLEU-4", "ROUGE-L", "METEOR", "SPICE")
 """Every caption metric :func:`caption_scores` may report, in report order."""

@@ -31,8 +31,30 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
-from pycocoevalcap.tokenizer import ptbtokenizer as _coco_ptb
+
+def require_pycocoevalcap(module: str = "pycocoevalcap") -> ModuleType:
+    """Import a pycocoevalcap module, or say how to install it.
+
+    Args:
+        module: Dotted module name inside pycocoevalcap.
+
+    Raises:
+        ImportError: pycocoevalcap is not installed (``pip install 'mmpt[eval]'``).
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise ImportError(
+            "caption metrics need the COCO caption toolkit: pip install 'mmpt[eval]' "
+            f"(pycocoevalcap>=1.2); importing {module} failed: {e}"
+        ) from e
+
+
+_coco_ptb = require_pycocoevalcap("pycocoevalcap.tokenizer.ptbtokenizer")
 
 PUNCTUATIONS: frozenset[str] = frozenset(_coco_ptb.PUNCTUATIONS)
 """The tokens pycocoevalcap removes after tokenisation (its own list, imported)."""
