@@ -22,6 +22,7 @@ from mmpt.datamodules.audio import (
 )
 from mmpt.datamodules.decode import read_captions, read_label
 from mmpt.datamodules.image_text import ShardDataModule, SyntheticData
+from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.preprocess import AudioPreprocess, Preprocess, Tokenizer
 
@@ -128,6 +129,8 @@ class AudioTextDataModule(ShardDataModule):
         preprocess: Filled by the CLI from the model (its ``audio`` part and tokenizer).
         eval_sets: More validation streams by name, read like ``val`` (e.g. the old and the new
             domain in continual pretraining); metrics are logged as ``val/<name>/...``.
+        max_skipped_fraction: Unreadable shards an epoch may lose before the run stops
+            (see :class:`~mmpt.datamodules.shard_datamodule.ShardDataModule`).
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class AudioTextDataModule(ShardDataModule):
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: Preprocess | None = None,
         eval_sets: dict[str, StreamConfig] | None = None,
+        max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
     ) -> None:
         super().__init__(
             train,
@@ -159,6 +163,7 @@ class AudioTextDataModule(ShardDataModule):
             synthetic,
             preprocess,
             eval_sets=eval_sets,
+            max_skipped_fraction=max_skipped_fraction,
         )
         self.audio_key, self.text_key, self.label_key = audio_key, text_key, label_key
         self.val_text_key = val_text_key or text_key

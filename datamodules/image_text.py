@@ -18,6 +18,7 @@ import torch
 from mmpt.batch import ImageTextBatch
 from mmpt.datamodules.decode import read_captions, read_class
 from mmpt.datamodules.shard_datamodule import ShardDataModule
+from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.synthetic import SyntheticData
 from mmpt.datamodules.transforms import ImageReader, normalize_for
@@ -119,6 +120,8 @@ class ImageTextDataModule(ShardDataModule):
         preprocess: Filled by the CLI from the model (image size, normalisation, tokenizer).
         eval_sets: More validation streams by name, read like ``val`` (e.g. old and new domain
             of a continued pretraining); metrics are logged per set as ``val/<name>/...``.
+        max_skipped_fraction: Unreadable shards an epoch may lose before the run stops
+            (see :class:`~mmpt.datamodules.shard_datamodule.ShardDataModule`).
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class ImageTextDataModule(ShardDataModule):
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: Preprocess | None = None,
         eval_sets: dict[str, StreamConfig] | None = None,
+        max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
     ) -> None:
         super().__init__(
             train,
@@ -149,6 +153,7 @@ class ImageTextDataModule(ShardDataModule):
             synthetic,
             preprocess,
             eval_sets=eval_sets,
+            max_skipped_fraction=max_skipped_fraction,
         )
         self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
         self.val_text_key = val_text_key or text_key

@@ -10,6 +10,7 @@ import torch
 from mmpt.batch import ImageBatch
 from mmpt.datamodules.decode import read_label
 from mmpt.datamodules.image_text import ShardDataModule, SyntheticData
+from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.transforms import ImageReader, normalize_for
 from mmpt.preprocess import ImagePreprocess, Preprocess
@@ -68,6 +69,8 @@ class ImageDataModule(ShardDataModule):
         preprocess: Filled by the CLI from the model (only its ``image`` part is used).
         eval_sets: More validation streams by name, read like ``val`` (e.g. the old and the new
             domain in continual pretraining); metrics are logged as ``val/<name>/...``.
+        max_skipped_fraction: Unreadable shards an epoch may lose before the run stops
+            (see :class:`~mmpt.datamodules.shard_datamodule.ShardDataModule`).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class ImageDataModule(ShardDataModule):
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: Preprocess | None = None,
         eval_sets: dict[str, StreamConfig] | None = None,
+        max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
     ) -> None:
         super().__init__(
             train,
@@ -98,6 +102,7 @@ class ImageDataModule(ShardDataModule):
             synthetic,
             preprocess,
             eval_sets=eval_sets,
+            max_skipped_fraction=max_skipped_fraction,
         )
         self.image_key, self.label_key = image_key, label_key
         self.train_crop_scale, self.train_flip = train_crop_scale, train_flip

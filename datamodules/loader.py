@@ -10,6 +10,7 @@ import lightning as L
 import torch.utils.data
 
 from mmpt.datamodules.seeding import sample_seed
+from mmpt.datamodules.shard_faults import SkipReport
 
 if TYPE_CHECKING:
     from mmpt.datamodules.streams import ShardStream
@@ -17,7 +18,58 @@ if TYPE_CHECKING:
 log = logging.getLogger("mmpt.data")
 
 
-class DeferredLoader(torch.utils.data.DataLoader):
+#: Called with the stream and the skips a loader could not add to a batch (the epoch's last).
+OnReport = Callable[["ShardStream", SkipReport], None]
+
+
+def fold_reports(
+    items: Iterator[Any], stream: ShardStream, on_report: OnReport | None
+) -> Iterator[Any]:
+    """The stream's batches, with each :class:`SkipReport` added to the batch after it.
+
+    A report after the last batch goes to ``on_report`` (else it is logged as a warning).
+    """
+    carry: SkipReport | None = None
+    for item in items:
+        if isinstance(item, SkipReport):
+            carry = item if carry is None else carry.add_to(item)
+            continue
+        if carry is not None:
+            item, carry = carry.add_to(item), None
+        yield item
+    if carry is None:
+        return
+    if on_report is not None:
+        on_report(stream, carry)
+    else:
+        log.warning(
+            "%d samples skipped or lost after the last batch: %s",
+            carry.skipped,
+            "; ".join(
+                [f"{n} x {r}" for r, (n, _) in carry.skip_reasons.items()]
+                + [f.describe() for f in carry.shard_faults]
+            ),
+        )
+
+
+class ShardLoader(torch.utils.data.DataLoader):
+    """A DataLoader over a :class:`ShardStream` that folds the workers' skip reports.
+
+    Args:
+        *args: As for :class:`torch.utils.data.DataLoader`.
+        on_report: Takes the skips left after the last batch (see :func:`fold_reports`).
+        **kwargs: As for :class:`torch.utils.data.DataLoader`.
+    """
+
+    def __init__(self, *args: Any, on_report: OnReport | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_report = on_report
+
+    def __iter__(self) -> Iterator[Any]:
+        return fold_reports(super().__iter__(), self.dataset, self.on_report)
+
+
+class DeferredLoader(ShardLoader):
     """A DataLoader whose iterator starts (and forks its workers) at the first ``next()``.
 
     Lightning creates the training iterator while it sets up, before it restores a
@@ -63,7 +115,9 @@ class _Deferred:
     def __next__(self) -> Any:
         if self.it is None:
             self.loader.before_iter()
-            self.it = torch.utils.data.DataLoader.__iter__(self.loader)
+            loader = self.loader
+            batches = torch.utils.data.DataLoader.__iter__(loader)
+            self.it = fold_reports(batches, loader.dataset, loader.on_report)
         return next(self.it)
 
     def __len__(self) -> int:
@@ -75,12 +129,15 @@ def make_loader(
     num_workers: int,
     pin_memory: bool = False,
     before_iter: Callable[[], None] | None = None,
+    on_report: OnReport | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over a stream that yields whole batches (``batch_size=None``).
 
     In plain mode it never starts more workers than the rank has shards (idle workers would
     only cost memory), and the stream's length is computed for the worker count used.
-    With ``before_iter`` it is a :class:`DeferredLoader` (the training loader).
+    With ``before_iter`` it is a :class:`DeferredLoader` (the training loader). Skips of
+    workers that made no batch are added to the next batch; those after the last one go to
+    ``on_report`` (:func:`fold_reports`).
 
     The loader has its own generator, seeded from the stream's seed, for its workers' base
     seed: making an iterator never draws from torch's global generator, whose training draws
@@ -100,8 +157,8 @@ def make_loader(
         "generator": torch.Generator().manual_seed(sample_seed(stream.seed, "loader")),
     }
     if before_iter is not None:
-        return DeferredLoader(stream, before_iter=before_iter, **options)
-    return torch.utils.data.DataLoader(stream, **options)
+        return DeferredLoader(stream, before_iter=before_iter, on_report=on_report, **options)
+    return ShardLoader(stream, on_report=on_report, **options)
 
 
 def _report_uneven_ranks(stream: ShardStream) -> None:

@@ -8,6 +8,7 @@ the loaders; a subclass says how to read one split.
 from __future__ import annotations
 
 import abc
+import logging
 from typing import Any
 
 import lightning as L
@@ -16,9 +17,13 @@ import torch
 from mmpt.datamodules.key_check import peek_samples, require_fields
 from mmpt.datamodules.loader import make_loader, training_batches
 from mmpt.datamodules.resume import StreamPosition, batch_in_flight, epoch_done
+from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION, SkipBudget, startup_faults
 from mmpt.datamodules.skip_log import SkipLog
+from mmpt.datamodules.stages import DataError
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.synthetic import SyntheticData, config_urls, synthetic_to_render
+
+log = logging.getLogger("mmpt.data")
 
 
 class ShardDataModule(L.LightningDataModule, abc.ABC):
@@ -41,6 +46,11 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         eval_sets: More validation streams, by name (read like ``val``; e.g. the old and the
             new domain of a continued pretraining): each is one more validation dataloader,
             after ``val``, and its metrics are logged as ``val/<name>/...``.
+        max_skipped_fraction: Stop the run (an error listing the bad files) when the shards
+            that cannot be read in an epoch lose more than this fraction of the samples a rank
+            expects (of its shards when there is no ``index.json``). 1.0 never stops. Each bad
+            shard is logged and counted once an epoch (``data/skipped_shards``,
+            ``data/lost_samples``; its lost samples are in ``data/skipped`` too).
     """
 
     def __init__(
@@ -55,8 +65,15 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         synthetic: SyntheticData | list[SyntheticData] | None,
         preprocess: Any,
         eval_sets: dict[str, StreamConfig] | None = None,
+        max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
     ) -> None:
         super().__init__()
+        if not 0.0 <= max_skipped_fraction <= 1.0:
+            raise ValueError(
+                f"data.max_skipped_fraction={max_skipped_fraction} must be in [0, 1] "
+                "(1.0 never stops a run for unreadable shards)"
+            )
+        self.max_skipped_fraction = max_skipped_fraction
         self.train_cfg, self.val_cfg, self.test_cfg = train, val, test
         self.eval_sets = dict(eval_sets or {})
         reserved = {"val", "loss", "retrieval", "zeroshot", "data", "knn"}
@@ -123,7 +140,7 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
     def setup(self, stage: str | None = None) -> None:
         """Resolve and check every source (missing shards fail here, before training)."""
         if stage in (None, "fit") and self.train_cfg is not None:
-            self.train_stream = self.stream(self.train_cfg, train=True, field="data.train")
+            self.train_stream = self._stream(self.train_cfg, True, "data.train")
         if stage in (None, "fit", "validate"):
             self._setup_validation()
         if stage in (None, "test", "predict"):
@@ -131,15 +148,36 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
                 (self.test_cfg, "data.test") if self.test_cfg else (self.val_cfg, "data.val")
             )
             if cfg is not None:
-                self.test_stream = self.stream(cfg, train=False, field=field)
+                self.test_stream = self._stream(cfg, False, field)
                 self.val_meta = self.test_stream.sources[0].meta
+
+    def _stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
+        """:meth:`stream`, with the skip budget set and the shards' first blocks checked.
+
+        A local shard that is empty, unreadable or not a tar is named with what is wrong
+        with it now, before a run whose length it could leave unknown; too many stop here.
+
+        Raises:
+            DataError: The bad shards pass ``max_skipped_fraction`` of the whole split.
+        """
+        stream = self.stream(config, train=train, field=field)
+        stream.max_skipped_fraction = self.max_skipped_fraction
+        stream.where = stream.where or f"{field} ({config.urls})"
+        if stream.counts is None:  # with an index, the readers count what each shard lost
+            faults = startup_faults(stream.urls, stream.counts)
+            for fault in faults:
+                log.warning("%s: shard %s", field, fault.describe())
+            budget = SkipBudget(self.max_skipped_fraction, None, len(stream.urls), stream.where)
+            if message := budget.excess(faults):
+                raise DataError(message)
+        return stream
 
     def _setup_validation(self) -> None:
         """Build ``val`` and every eval set's stream; fill ``val_set_names`` and ``val_metas``."""
         if self.val_cfg is not None:
-            self.val_stream = self.stream(self.val_cfg, train=False, field="data.val")
+            self.val_stream = self._stream(self.val_cfg, False, "data.val")
         self.eval_streams = {
-            name: self.stream(cfg, train=False, field=f"data.eval_sets.{name}")
+            name: self._stream(cfg, False, f"data.eval_sets.{name}")
             for name, cfg in self.eval_sets.items()
         }
         named = self._val_streams()
@@ -187,14 +225,43 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
             self.train_stream.set_epoch(epoch, offset)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Note a training batch's stream position and skips, then normalise it on the device."""
+        """Note a training batch's stream position and skips, then normalise it on the device.
+
+        Sets ``batch.skipped_shards`` and ``batch.lost_samples``: the shards first found
+        unreadable this epoch (each once, over every worker) and the samples they lost.
+
+        Raises:
+            DataError: This epoch's bad shards pass ``max_skipped_fraction``.
+        """
         trainer = self.trainer
         if trainer is not None:
             if trainer.training:
                 self.position.record(batch)
             stage = trainer.state.stage
-            self.skip_log.record(stage.value if stage else "run", trainer.current_epoch, batch)
+            stream = self._stream_of(trainer, dataloader_idx)
+            budget = stream.skip_budget() if stream is not None else None
+            new = self.skip_log.record(
+                stage.value if stage else "run", trainer.current_epoch, batch, budget
+            )
+            batch.skipped_shards = len(new)
+            batch.lost_samples = sum(f.lost or 0 for f in new)
         return self.normalize(batch)
+
+    def _on_report(self, stream: ShardStream, report: Any) -> None:
+        """Log (and check the limit on) skips no batch was left to carry: an epoch's last."""
+        trainer = self.trainer
+        stage = trainer.state.stage if trainer is not None else None
+        epoch = trainer.current_epoch if trainer is not None else 0
+        self.skip_log.record(stage.value if stage else "run", epoch, report, stream.skip_budget())
+
+    def _stream_of(self, trainer: L.Trainer, dataloader_idx: int) -> ShardStream | None:
+        """The stream a batch came from (training, the ``dataloader_idx``-th validation, test)."""
+        if trainer.training:
+            return self.train_stream
+        if trainer.validating or trainer.sanity_checking:
+            named = self._val_streams()
+            return named[dataloader_idx][1] if dataloader_idx < len(named) else None
+        return self.test_stream
 
     def teardown(self, stage: str) -> None:
         """Log the last epoch's skipped and clamped samples."""
@@ -228,8 +295,9 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         self.train_stream.track = True
         self.position.new_loader()
         return make_loader(
-            self.train_stream, self.num_workers, self._pin(), before_iter=self._before_train_iter
-        )
+            self.train_stream, self.num_workers, self._pin(), before_iter=self._before_train_iter,
+            on_report=self._on_report,
+        )  # fmt: skip
 
     def _before_train_iter(self) -> None:
         """Take up a loaded checkpoint's stream position (just before the workers start)."""
@@ -241,7 +309,10 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         With ``eval_sets`` the list is ``[val (if set), *eval sets]``, named by
         ``val_set_names``.
         """
-        loaders = [make_loader(s, self.num_workers, self._pin()) for _, s in self._val_streams()]
+        loaders = [
+            make_loader(s, self.num_workers, self._pin(), on_report=self._on_report)
+            for _, s in self._val_streams()
+        ]
         if not self.eval_sets:
             return loaders[0] if loaders else []
         return loaders
@@ -250,7 +321,9 @@ class ShardDataModule(L.LightningDataModule, abc.ABC):
         """Test batches: ``data.test``, else ``data.val``."""
         if self.test_stream is None:
             raise ValueError("no test data: set data.test.urls (or data.val.urls)")
-        return make_loader(self.test_stream, self.num_workers, self._pin())
+        return make_loader(
+            self.test_stream, self.num_workers, self._pin(), on_report=self._on_report
+        )
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
         """Prediction batches: the test stream (``data.test``, else ``data.val``)."""

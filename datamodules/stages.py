@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch.utils.data
 
+from mmpt.datamodules.shard_faults import ShardFault, SkipBudget, fault_reason
 from mmpt.datamodules.urls import open_url
 
 log = logging.getLogger("mmpt.data")
@@ -105,13 +107,28 @@ class SkipCounter:
     a worker would repeat the same lines every epoch. Each batch takes the skips since the
     previous one (:meth:`take`, :meth:`take_reasons`) to the main process, where
     :class:`~mmpt.datamodules.skip_log.SkipLog` logs each reason once an epoch with its count.
+
+    Shards that cannot be read are counted apart, once each (:meth:`shard_failed`): a stream
+    makes one counter per worker and epoch, and a top-up pass or a resampled draw of a known
+    bad shard is not read again.
+
+    Attributes:
+        expected: Samples per shard from the index (url -> count), for the samples lost.
+        budget: Stops the epoch when its bad shards pass ``max_skipped_fraction``.
+        shards: This counter's bad shards (url -> fault).
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, expected: dict[str, int] | None = None, budget: SkipBudget | None = None
+    ) -> None:
         self.total = 0
         self._pending = 0
         self.reasons: dict[str, list] = {}  # reason -> [count, example] since creation
         self._pending_reasons: dict[str, list] = {}
+        self.expected = expected or {}
+        self.budget = budget
+        self.shards: dict[str, ShardFault] = {}
+        self._pending_shards: list[ShardFault] = []
 
     def __call__(self, exn: BaseException) -> bool:
         """Count ``exn`` under its reason; True tells the caller to continue."""
@@ -136,37 +153,103 @@ class SkipCounter:
 
     def summary(self) -> str:
         """Every reason so far with its count, e.g. ``16 x OSError: ... (e.g. ...)``."""
-        return "; ".join(f"{n} x {r} (e.g. {ex})" for r, (n, ex) in self.reasons.items())
+        reasons = [f"{n} x {r} (e.g. {ex})" for r, (n, ex) in self.reasons.items()]
+        return "; ".join(reasons + [f.describe() for f in self.shards.values()])
+
+    def shard_failed(self, url: str, reason: str, read: int) -> int:
+        """Count a shard that could not be read (to its end), once; returns the samples lost.
+
+        The lost samples (its index count minus ``read``; 1 without an index) are added to
+        the skips of the next batch.
+
+        Raises:
+            DataError: The bad shards so far pass the budget (the message lists them).
+        """
+        if url in self.shards:
+            return 0
+        fault = ShardFault(url, reason, read, self.expected.get(url))
+        self.shards[url] = fault
+        self._pending_shards.append(fault)
+        lost = 1 if fault.lost is None else fault.lost
+        self.total += lost
+        self._pending += lost
+        if self.budget is not None and (message := self.budget.excess(list(self.shards.values()))):
+            raise DataError(message)
+        return lost
+
+    def take_shards(self) -> list[ShardFault]:
+        """Bad shards found since the previous call."""
+        out, self._pending_shards = self._pending_shards, []
+        return out
 
 
 def read_shards(urls: Iterable[str], handler: SkipCounter) -> Iterator[dict[str, Any]]:
     """Open each shard and yield its samples (dicts keyed by extension, plus ``__key__``).
 
-    A shard that cannot be opened or is truncated counts as one skip and reading goes on; so
-    does a member with an absolute or ``..`` path (:mod:`mmpt.shards.members`), which is
-    dropped before samples are grouped.
+    A shard that cannot be opened, is not a tar, is empty or truncated, or gives fewer samples
+    than its index says, is one :meth:`SkipCounter.shard_failed` (its good samples before the
+    failure are kept) and reading goes on with the next; a shard already known bad to this
+    handler is not read again. A member with an absolute or ``..`` path
+    (:mod:`mmpt.shards.members`) is a counted skip, dropped before samples are grouped.
     """
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    unread = 0  # shards in a row that gave nothing: a resampled stream of only bad shards
+    for url in urls:
+        if unread >= MAX_LEADING_FAILURES:
+            raise DataError(f"{unread} shards in a row could not be read: {handler.summary()}")
+        unread += 1
+        if url in handler.shards:
+            continue
+        try:
+            stream = open_url(url)
+        except Exception as e:  # noqa: BLE001 - any open failure is a counted bad shard
+            handler.shard_failed(url, fault_reason(url, e, 0), 0)
+            continue
+        read = 0
+        try:
+            for sample in _shard_samples(url, stream, handler):
+                read, unread = read + 1, 0
+                yield sample
+            stream.close()  # a pipe: reports its command's failure here
+        except Exception as e:  # noqa: BLE001 - a tar that breaks off is a counted bad shard
+            handler.shard_failed(url, fault_reason(url, e, read), read)
+            continue
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
+        expected = handler.expected.get(url)
+        if expected is not None and read < expected:
+            reason = f"ends after {read} of the {expected} samples its index lists"
+            handler.shard_failed(url, reason, read)
+
+
+def _shard_samples(url: str, stream: Any, handler: SkipCounter) -> Iterator[dict[str, Any]]:
+    """The samples of one opened shard, then its tar error if it breaks off.
+
+    The sample being grouped when the tar breaks off is still yielded (it may be whole).
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
 
     from mmpt.shards.members import member_problem, refused_member
 
-    def opened() -> Iterator[dict[str, Any]]:
-        for url in urls:
-            try:
-                yield {"url": url, "stream": open_url(url)}
-            except Exception as e:  # noqa: BLE001 - any open failure is a counted skip
-                handler(OSError(f"cannot open shard {url!r}: {e}"))
+    def reraise(exn: Exception) -> bool:
+        raise exn
 
-    def safe(files: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for file in files:
-            problem = member_problem(str(file.get("fname", "")))
-            if problem is None:
-                yield file
-            else:
-                handler(ValueError(refused_member(file.get("__url__"), file["fname"], problem)))
+    error: list[Exception] = []
 
-    files = safe(tar_file_expander(opened(), handler=handler))
-    yield from group_by_keys(files, handler=handler)
+    def members() -> Iterator[dict[str, Any]]:
+        try:
+            for file in tar_file_iterator(stream, handler=reraise):
+                problem = member_problem(str(file.get("fname", "")))
+                if problem is None:
+                    yield file | {"__url__": url}
+                else:
+                    handler(ValueError(refused_member(url, file["fname"], problem)))
+        except Exception as e:  # noqa: BLE001 - raised once the last sample is out
+            error.append(e)
+
+    yield from group_by_keys(members(), handler=handler)
+    if error:
+        raise error[0]
 
 
 def repeat_passes(make: Callable[[], Iterable[Any]], passes: int | None) -> Iterator[Any]:

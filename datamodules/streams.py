@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from mmpt.datamodules.mixing import (
 )
 from mmpt.datamodules.resume import Held, WorkerPosition, WorkerTracker, fingerprint
 from mmpt.datamodules.seeding import sample_seed
+from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION, SkipBudget, SkipReport
 from mmpt.datamodules.stages import (
     DataError,
     SharedEpoch,
@@ -49,8 +49,6 @@ from mmpt.datamodules.stream_config import StreamConfig
 from mmpt.datamodules.urls import ResolvedSource
 
 __all__ = ["ShardStream", "StreamConfig"]
-
-log = logging.getLogger("mmpt.data")
 
 #: Offset of the replay streams' seed from the stream's seed (independent of the main draws).
 REPLAY_SEED = 0x5EED
@@ -125,6 +123,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.resume_first = 0  # the slot the DataLoader's worker 0 takes in the resumed epoch
         counts = [s.counts for s in sources]
         self.counts = None if any(c is None for c in counts) else [n for c in counts for n in c]
+        self.expected = {
+            u: n
+            for s in sources
+            if s.counts is not None
+            for u, n in zip(s.urls, s.counts, strict=True)
+        }
+        self.max_skipped_fraction = MAX_SKIPPED_FRACTION  # set by the datamodule
 
     def set_epoch(self, epoch: int, offset: int = 0) -> None:
         """Advance the epoch (changes shard order and shuffles; seen by persistent workers).
@@ -199,6 +204,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         if n is None:
             raise TypeError("length unknown: the shards have no index.json with sample counts")
         return n
+
+    def skip_budget(self) -> SkipBudget:
+        """What this rank may lose to unreadable shards in an epoch (``max_skipped_fraction``).
+
+        Plain mode: of the samples of the rank's shards when the index counts them, else of
+        its shards. Resampled mode: of the shards it draws from (a bad shard's samples are
+        replaced by other draws).
+        """
+        where = self.where or str(self.config.urls)
+        if self.config.resampled:
+            return SkipBudget(self.max_skipped_fraction, None, len(self.urls), where)
+        mine = range(len(self.urls))[self.rank :: self.world_size]
+        samples = None if self.counts is None else sum(self.counts[i] for i in mine)
+        return SkipBudget(self.max_skipped_fraction, samples, len(mine), where)
 
     def worker_quota(self, slot: Slot) -> int | None:
         """Exact batches worker ``slot.worker`` yields this epoch (None: read one pass)."""
@@ -305,7 +324,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             slot = dataclasses.replace(slot, worker=worker)
         start = self._start(slot, epoch)
         tracker = WorkerTracker(slot.worker, epoch, start, bool(self.config.weight_schedule))
-        counter = SkipCounter()
+        counter = SkipCounter(self.expected, self.skip_budget())
         quota = self.worker_quota(slot)
         if quota is not None and start is not None:
             quota = max(0, quota - start.batches)
@@ -336,25 +355,24 @@ class ShardStream(torch.utils.data.IterableDataset):
         if pending is not None:
             self._attach_skips(pending, counter)
             yield pending
-        elif counter.total and self.partial:  # an evaluation stream: no silent empty validation
+        elif counter.total and self.partial and not counter.shards:  # no silent empty eval
             raise DataError(
                 f"{self.where or self.config.urls}: all {counter.total} samples read"
                 f"{' by one worker' if slot.num_workers > 1 else ''} were skipped, so it "
                 f"gives no validation: {counter.summary()}"
             )
-        elif counter.total:
-            log.warning(
-                "a worker produced no batch: all %d of its samples were skipped: %s",
-                counter.total,
-                counter.summary(),
-            )
+        elif counter.total:  # the loader adds these to the next batch (or reports them)
+            yield SkipReport(counter.take(), counter.take_reasons(), counter.take_shards())
 
     @staticmethod
     def _attach_skips(batch: Any, counter: SkipCounter) -> None:
         """Add the skips since the previous batch to ``batch.skipped`` and ``skip_reasons``.
 
         Added to what collate counted itself (e.g. VLMCollate's undecodable images);
-        ``skip_reasons`` (``{reason: [count, example]}``) is logged by the main process.
+        ``skip_reasons`` (``{reason: [count, example]}``) and ``shard_faults`` (the shards
+        found unreadable, :class:`~mmpt.datamodules.shard_faults.ShardFault`) are logged by the
+        main process.
         """
         batch.skipped += counter.take()
         batch.skip_reasons = counter.take_reasons()
+        batch.shard_faults = counter.take_shards()

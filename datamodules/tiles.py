@@ -113,8 +113,8 @@ def read_tile(
         array = _tif_array(data, len(names) if names is not None else None)
     if array.ndim != 3:
         raise ValueError(f"a tile must be (C, H, W), got shape {array.shape}")
-    if names is not None and len(names) != array.shape[0]:
-        raise BandMismatch(
+    if names is not None and len(names) != array.shape[0]:  # the file contradicts its json
+        raise ValueError(
             f"tile of shape {array.shape} has {array.shape[0]} channels but its json names "
             f"{len(names)} bands {names}: tiles must be (C, H, W) with one channel per band"
         )

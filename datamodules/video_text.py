@@ -15,6 +15,7 @@ import torch
 from mmpt.batch import VideoTextBatch
 from mmpt.datamodules.decode import MissingField, first_key, read_captions
 from mmpt.datamodules.image_text import ImageTextDataModule, SyntheticData
+from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.transforms import normalize_images
 from mmpt.datamodules.video import VideoClipDecoder
@@ -273,7 +274,7 @@ class VideoTextDataModule(ImageTextDataModule):
         resize_short: Short side before cropping; None: the model's image size.
         **kwargs: :class:`ImageTextDataModule` arguments (``train``, ``val``, ``test``,
             ``batch_size``, ``val_batch_size``, ``num_workers``, ``seed``, ``synthetic``,
-            ``preprocess``, ``eval_sets``).
+            ``preprocess``, ``eval_sets``, ``max_skipped_fraction``).
     """
 
     def __init__(
@@ -301,6 +302,7 @@ class VideoTextDataModule(ImageTextDataModule):
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: Preprocess | None = None,
         eval_sets: dict[str, StreamConfig] | None = None,
+        max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
     ) -> None:
         super().__init__(
             train=train,
@@ -317,6 +319,7 @@ class VideoTextDataModule(ImageTextDataModule):
             synthetic=synthetic,
             preprocess=preprocess,
             eval_sets=eval_sets,
+            max_skipped_fraction=max_skipped_fraction,
         )
         self.num_frames, self.eval_num_frames, self.backend = num_frames, eval_num_frames, backend
         self.video_key, self.window, self.resize_short = video_key, window, resize_short

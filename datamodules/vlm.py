@@ -12,6 +12,7 @@ from mmpt.batch import VLMBatch
 from mmpt.datamodules.audio import AUDIO_EXTENSIONS, normalize_audio
 from mmpt.datamodules.image_text import ImageTextDataModule, SyntheticData
 from mmpt.datamodules.packing import OVERLONG_POLICIES
+from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from mmpt.datamodules.templates import get_template
 from mmpt.datamodules.transforms import normalize_images
@@ -50,7 +51,7 @@ class VLMDataModule(ImageTextDataModule):
         transcript_key: Transcript field, for ``speech_input: transcript``.
         **kwargs: :class:`ImageTextDataModule` arguments (``train``, ``val``, ``test``,
             ``batch_size``, ``num_workers``, ``image_key``, ``text_key``, ``seed``,
-            ``synthetic``, ``preprocess``, ``eval_sets``).
+            ``synthetic``, ``preprocess``, ``eval_sets``, ``max_skipped_fraction``).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class VLMDataModule(ImageTextDataModule):
         synthetic: SyntheticData | list[SyntheticData] | None = None,
         preprocess: VLMPreprocess | Preprocess | None = None,
         eval_sets: dict[str, StreamConfig] | None = None,
+        max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
     ) -> None:
         super().__init__(
             train=train,
@@ -95,6 +97,7 @@ class VLMDataModule(ImageTextDataModule):
             synthetic=synthetic,
             preprocess=preprocess,  # type: ignore[arg-type]
             eval_sets=eval_sets,
+            max_skipped_fraction=max_skipped_fraction,
         )
         self.template = get_template(template)
         if overlong not in OVERLONG_POLICIES:

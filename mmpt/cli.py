@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 import warnings
+from argparse import ArgumentError
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from mmpt.cli_args import join_negative_numbers, unknown_option_hint
+from mmpt.user_errors import UserError, run_reporting_errors
 from mmpt.user_errors import data_error_message as data_error_message
 
 TOP_HELP = """usage: mmpt <command> [options]
@@ -59,6 +63,16 @@ class MMPTCLI(LightningCLI):
             "model.preprocess", "data.init_args.preprocess", apply_on="instantiate"
         )
 
+    def parse_arguments(self, parser, args) -> None:  # noqa: D102
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:  # an unknown flag: suggest the known one it resembles
+            sub = self._subcommand_parsers.get(next(iter(args or sys.argv[1:]), ""), parser)
+            hint = unknown_option_hint(str(e), list(sub._option_string_actions))
+            if hint is None:
+                raise
+            raise UserError(hint) from e
+
     def before_instantiate_classes(self) -> None:
         """Fill the loggers' ``save_dir``; render ``data.synthetic`` the urls read, if missing.
 
@@ -67,6 +81,7 @@ class MMPTCLI(LightningCLI):
         before the model reads its tokenizer, and only when a shard source lies in its folder.
         """
         from mmpt.datamodules.synthetic import config_urls, synthetic_to_render
+        from mmpt.preflight import preflight
         from mmpt.run_config import fill_logger_dirs
 
         cfg = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -77,10 +92,23 @@ class MMPTCLI(LightningCLI):
         urls = config_urls(data)
         for spec in synthetic_to_render(data.get("synthetic") if data else None, urls):
             spec.ensure(urls)
+        # Weights (and, for fit/validate/test/predict, GPUs) before any class is built.
+        preflight(cfg.as_dict(), training=self.subcommand is not None)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Lightning's Trainer, with mmpt's model summary (no ``Total FLOPs: 0``)."""
+        from mmpt.console import use_mmpt_model_summary
+
+        trainer = super().instantiate_trainer(**kwargs)
+        use_mmpt_model_summary(trainer)
+        return trainer
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:
     """Build the LightningCLI (models and datamodules chosen by ``class_path``)."""
+    from mmpt.console import silence_library_noise
+
+    silence_library_noise()  # Lightning's tips and warnings that ask nothing of the user
     with warnings.catch_warnings():
         # `mmpt eval` parses its training config programmatically while sys.argv holds its own
         # flags: LightningCLI warns about exactly that, harmlessly.
@@ -96,6 +124,9 @@ def _make_cli(args: list[str] | None, run: bool) -> MMPTCLI:
         subclass_mode_data=True,
         args=args,
         run=run,
+        # Parse errors raise (main prints them as one `error:` block); `--trainer.max_epoch` is
+        # refused rather than read as `--trainer.max_epochs`.
+        parser_kwargs={"allow_abbrev": False, "exit_on_error": False},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         # Checkpoints are written atomically (mmpt/checkpoint_io.py). A config's or the command
@@ -106,8 +137,11 @@ def _make_cli(args: list[str] | None, run: bool) -> MMPTCLI:
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``mmpt`` subcommands; returns the process exit code."""
-    from_shell = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    # `--model.lr -1e-3` as `--model.lr=-1e-3` (argparse reads -1e-3 as a flag); the shell's
+    # argv is parsed as sys.argv when nothing changed.
+    from_shell = argv is None and join_negative_numbers(given) == given
+    argv = join_negative_numbers(given)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(TOP_HELP)
         return 0
@@ -138,21 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in ("fit", "validate", "test", "predict"):
         print(f"mmpt: unknown command {argv[0]!r}\n\n{TOP_HELP}", file=sys.stderr)
         return 2
-    # The streams' lengths are exact per rank and worker (tests/test_datamodule_pipeline.py).
-    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
-    from mmpt.datamodules.stages import DataError
-    from mmpt.models.init_from import InitFromError
-    from mmpt.safe_load import UnsafeCheckpointError
 
-    try:
+    # Config, data, weights, checkpoint and device errors: one `error:` block, exit code 2.
+    def fit() -> int:
         build_cli(None if from_shell else argv)
-    except DataError as e:  # the data does not fit the model: say why, without a traceback
-        print(f"error: {data_error_message(e)}", file=sys.stderr)
-        return 2
-    except (InitFromError, UnsafeCheckpointError) as e:  # a checkpoint refused: one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_reporting_errors(fit)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmpt.cli_args import Parser
+
 EPILOG = r"""examples:
   mmpt data synth --kind image-text --out data/shapes
   mmpt data synth --kind interleaved --out data/docs --max-images 3
@@ -49,7 +51,7 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         synth_kinds: ``mmpt data synth --kind`` choices.
         build_kinds: ``mmpt data build --kind`` choices.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mmpt data",
         description="Make, build and inspect WebDataset shards.",
         epilog=EPILOG,

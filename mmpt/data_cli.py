@@ -23,6 +23,7 @@ from mmpt.shards.multispectral_build import build_multispectral_shards
 from mmpt.shards.video_build import build_video_text_shards
 from mmpt.shards.vqav2 import build_vqav2_shards
 from mmpt.synth import SYNTH_KINDS
+from mmpt.user_errors import debug_enabled
 
 #: ``mmpt data build --kind`` -> builder(source, out, **options). Later modalities add a line.
 BUILD_KINDS: dict[str, Callable[..., Any]] = {
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except (OSError, RuntimeError, ValueError) as e:
+        if debug_enabled():  # MMPT_DEBUG=1: the traceback
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 

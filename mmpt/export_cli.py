@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from mmpt.cli_args import Parser
 from mmpt.safe_load import add_unsafe_load_flag
 
 #: ``--format`` -> what it writes (shown in --help and in errors).
@@ -97,7 +98,7 @@ def targets(model: nn.Module) -> dict[str, Exporter]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mmpt export",
         description="Export a checkpoint to another library's format. Extra --model... flags "
         "override the config, as in `mmpt fit`. Formats: "

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mmpt.cli_args import Parser
 from mmpt.safe_load import add_unsafe_load_flag
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ EXAMPLES = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mmpt generate",
         description="Generate text from a VLM: an export folder (--model) or a training "
         "config + checkpoint (-c/--ckpt; extra --model... flags override the config).",

@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
+from mmpt.cli_args import Parser
 from mmpt.io import atomic_torch_save
 from mmpt.safe_load import add_unsafe_load_flag, load_torch_file
+from mmpt.user_errors import debug_enabled
 
 #: Training state a merged model must not resume from: optimizer moments and LR schedule of
 #: the first run, loop progress, callback state, and the live weights that ``WeightAveraging``
@@ -204,7 +206,7 @@ def merge_checkpoints(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mmpt merge",
         description="Weighted average of checkpoints of the same architecture.",
     )
@@ -234,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = merge_checkpoints(args.ckpt, args.weights, normalize, args.unsafe_load or None)
         atomic_torch_save(out, args.out)
     except (FileNotFoundError, ValueError) as e:
+        if debug_enabled():  # MMPT_DEBUG=1: the traceback
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     tensors = [v for v in out["state_dict"].values() if isinstance(v, torch.Tensor)]

@@ -11,14 +11,16 @@ from typing import Any
 
 import yaml
 
+from mmpt.cli_args import Parser
 from mmpt.models.schedules import Schedule
+from mmpt.user_errors import debug_enabled
 
 KEY = "model.init_args.lr_schedule"
 LR_KEY = "model.init_args.optimizer.init_args.lr"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="mmpt schedule",
         description="Plot the LR of every optimizer step of a training config's "
         f"{KEY} (peak: {LR_KEY}), composing -c files as `mmpt fit` does. "
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(root) / "lr_schedule.png"
         values = plot(schedule, total, peak, out, lr_only=args.lr_only)
     except (FileNotFoundError, ValueError) as e:
+        if debug_enabled():  # MMPT_DEBUG=1: the traceback
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mmpt.preflight import missing_weights_error
 
 from .attention import BACKENDS, register_packed_attention
 from .encoders.tokenizers import resolve_hf_path
@@ -17,27 +19,6 @@ from .encoders.tokenizers import resolve_hf_path
 log = logging.getLogger("mmpt.llm")
 
 FLAG = "--model.init_args.llm.init_args"
-DEFAULT_REPO = "Qwen/Qwen2.5-1.5B"
-
-
-def _looks_like_repo_id(path: str) -> bool:
-    """``org/name`` with no filesystem prefix (``/``, ``.``, ``~``)."""
-    return path.count("/") == 1 and not path.startswith(("/", ".", "~")) and all(path.split("/"))
-
-
-def _missing_weights(path: str) -> FileNotFoundError:
-    """The offline error for LLM weights: what to download, where, and which flag to set."""
-    if _looks_like_repo_id(path):
-        repo, local = path, f"/models/{path.split('/')[1]}"
-    else:
-        name = os.path.basename(os.path.normpath(path)) or DEFAULT_REPO.split("/")[1]
-        repo = DEFAULT_REPO if name == DEFAULT_REPO.split("/")[1] else f"<org>/{name}"
-        local = path
-    return FileNotFoundError(
-        f"LLM weights not found at {path!r} (offline: nothing is downloaded at run time). "
-        f"Download them with `hf download {repo} --local-dir {local}` and pass "
-        f"{FLAG}.pretrained {local}"
-    )
 
 
 class CausalLM(nn.Module):
@@ -56,11 +37,15 @@ class CausalLM(nn.Module):
 
     """
 
+    #: Arguments holding local weights paths (checked by :mod:`mmpt.preflight` before building).
+    weight_paths: ClassVar[tuple[str, ...]] = ("pretrained", "tokenizer")
+
     def __init__(
         self,
         pretrained: str | None = None,
         config: dict[str, Any] | None = None,
         tokenizer: str | None = None,
+        repo_id: str | None = None,
         image_token: str = "<image>",
         attn_implementation: str = "packed",
         attn_backend: str = "auto",
@@ -75,6 +60,8 @@ class CausalLM(nn.Module):
                 e.g. ``{"model_type": "qwen2", "vocab_size": 128, "hidden_size": 32, ...}``.
             tokenizer: Tokenizer folder or cached repo id; defaults to ``pretrained``.
                 Required with ``config``.
+            repo_id: The hub repo ``pretrained`` is a local copy of (``Qwen/Qwen2.5-1.5B``):
+                only named in the error, as ``hf download REPO --local-dir PRETRAINED``.
             image_token: Placeholder string for one image in the text.
             attn_implementation: "packed" (mmpt's block-diagonal attention, see
                 ``register_packed_attention``), or an HF name: "sdpa", "eager",
@@ -117,13 +104,17 @@ class CausalLM(nn.Module):
                 raise ValueError(f"{FLAG}.dtype: unknown dtype {dtype!r} (e.g. bfloat16)")
             kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
         if pretrained is not None:
-            try:
+            try:  # no folder, or one without config.json / weights
                 pretrained = resolve_hf_path(pretrained, "config.json", f"{FLAG}.pretrained")
-            except FileNotFoundError as err:
-                raise _missing_weights(pretrained) from err
-            self.model = AutoModelForCausalLM.from_pretrained(
-                pretrained, local_files_only=True, **kwargs
-            )
+                if os.path.isdir(pretrained) and not os.path.isfile(f"{pretrained}/config.json"):
+                    raise FileNotFoundError(f"{pretrained} has no config.json")
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    pretrained, local_files_only=True, **kwargs
+                )
+            except OSError as err:
+                raise missing_weights_error(
+                    "LLM weights", pretrained, repo_id, f"{FLAG}.pretrained"
+                ) from err
         else:
             fields = dict(config)
             if "model_type" not in fields:

@@ -27,6 +27,8 @@ NO_DECAY_NAMES = (
     *("pos_embed", "cls_token", "reg_token", "image_newline", "group_embed"),  # embeddings
 )
 
+#: Unreadable-shard counts the shard datamodules set on every batch, logged as ``data/<name>``.
+SHARD_COUNTERS = ("skipped_shards", "lost_samples")
 
 #: Checkpoint entry describing the image tower (rebuilds it for ``mmpt eval probe`` and
 #: ``init_from`` without the training config).
@@ -162,8 +164,13 @@ class MMPTModule(L.LightningModule):
             )
 
     def log_data_counts(self, batch: object, names: tuple[str, ...], batch_size: int) -> None:
-        """Log ``batch.<name>`` counts as ``data/<name>``: per epoch, summed over ranks."""
-        for name in names:
+        """Log ``batch.<name>`` counts as ``data/<name>``: per epoch, summed over ranks.
+
+        The unreadable-shard counts the datamodule sets on every batch (``skipped_shards``,
+        ``lost_samples``) are logged too.
+        """
+        shards = tuple(n for n in SHARD_COUNTERS if hasattr(batch, n) and n not in names)
+        for name in names + shards:
             self.log(
                 f"data/{name}",
                 float(getattr(batch, name)),
@@ -175,7 +182,12 @@ class MMPTModule(L.LightningModule):
             )
 
     def configure_optimizers(self) -> dict:
-        """Optimizer over trainable parameters (decay/no-decay groups) + per-step schedule."""
+        """Optimizer over trainable parameters + per-step schedule.
+
+        Two parameter groups, named ``decay`` (matrices) and ``no_decay`` (biases, norms, logit
+        scales, embeddings; weight decay 0), an empty one left out. The schedule is named
+        ``lr``, so ``LearningRateMonitor`` logs ``lr/decay`` and ``lr/no_decay``.
+        """
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -184,14 +196,18 @@ class MMPTModule(L.LightningModule):
             (no_decay if skip else decay).append(p)
         if not decay and not no_decay:
             raise ValueError("no trainable parameters: check model.trainable / model.freeze")
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
         opt = self.optimizer_factory([g for g in groups if g["params"]])
         self.lr_schedule.bind(opt.defaults["lr"])  # a re-warm needs the new peak LR
         total = _total_steps(self.trainer.estimated_stepping_batches, self.lr_schedule)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: self.lr_schedule.factor(step, total)
         )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        schedule = {"scheduler": sched, "interval": "step", "name": "lr"}
+        return {"optimizer": opt, "lr_scheduler": schedule}
 
 
 def _total_steps(estimated: float, schedule: Schedule) -> int:

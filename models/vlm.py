@@ -335,6 +335,7 @@ class VLMModule(MMPTModule):
         self.log("train/fill_fraction", batch.fill_fraction, batch_size=n)
         self.log("data/skipped", float(batch.skipped), reduce_fx="sum", batch_size=n)
         self.log("data/truncated", float(batch.num_truncated), reduce_fx="sum", batch_size=n)
+        self.log_data_counts(batch, (), n)  # unreadable shards (data/skipped_shards ...)
         return loss
 
     def _eval_step(self, batch: VLMBatch, stage: str) -> None:

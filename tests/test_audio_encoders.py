@@ -162,12 +162,17 @@ def test_torchaudio_state_dict_round_trip(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_offline_errors(tmp_path: Path) -> None:
-    flag = re.escape("--model.<audio|encoder>.pretrained")
-    with pytest.raises(FileNotFoundError, match=r"hf download .* " + flag):
-        Wav2Vec2Tower(pretrained=str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=re.escape("--model.<audio|encoder>.pretrained")):
+    flag = re.escape("--model.audio.pretrained (or --model.encoder.pretrained)")
+    repo = "facebook/wav2vec2-xls-r-300m"
+    with pytest.raises(
+        FileNotFoundError, match=rf"hf download {repo} --local-dir .*nowhere.*{flag}"
+    ):
+        Wav2Vec2Tower(pretrained=str(tmp_path / "nowhere"), repo_id=repo)
+    with pytest.raises(
+        FileNotFoundError, match=r"run `hf download someone/not-cached-w2v`.*" + flag
+    ):
         Wav2Vec2Tower(pretrained="someone/not-cached-w2v")
-    with pytest.raises(FileNotFoundError, match=re.escape("--model.<audio|encoder>.pretrained")):
+    with pytest.raises(FileNotFoundError, match=flag):
         Wav2Vec2Tower(pretrained=str(tmp_path / "w.pt"), source="torchaudio")
     with pytest.raises(ValueError, match="exactly one"):
         Wav2Vec2Tower()

@@ -121,17 +121,24 @@ def test_dtype_and_gradient_checkpointing(tok_dir):
 
 
 @pytest.mark.parametrize(
-    ("path", "download"),
+    ("path", "repo_id", "download"),
     [
-        ("mmpt-test/absent-llm", "hf download mmpt-test/absent-llm --local-dir /models/absent-llm"),
-        ("/nonexistent/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B --local-dir /nonexistent/Qwen2.5-1.5B"),
+        ("mmpt-test/absent-llm", None, "run `hf download mmpt-test/absent-llm`"),
+        (
+            "/nonexistent/Qwen2.5-1.5B",
+            "Qwen/Qwen2.5-1.5B",
+            "`hf download Qwen/Qwen2.5-1.5B --local-dir /nonexistent/Qwen2.5-1.5B`",
+        ),
+        # No repo id in the config: no command is guessed (a local path is never a repo id).
+        ("/nonexistent/Qwen2.5-1.5B", None, "add `repo_id: ORG/NAME`"),
     ],
 )
-def test_missing_weights_error_names_download_and_flag(path, download):
+def test_missing_weights_error_names_download_and_flag(path, repo_id, download):
     with pytest.raises(FileNotFoundError) as err:
-        CausalLM(pretrained=path)
+        CausalLM(pretrained=path, repo_id=repo_id)
     msg = str(err.value)
     assert "LLM weights not found" in msg and download in msg
+    assert ("hf download" in msg) == (download.count("hf download") == 1)
     assert "--model.init_args.llm.init_args.pretrained" in msg
 
 

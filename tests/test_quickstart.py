@@ -110,9 +110,9 @@ def test_speech_quickstarts_learn(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     assert main(["fit", "-c", "configs/quickstart/speech_tiny.yaml"]) == 0
     metrics = sorted(tmp_path.glob("runs/speech_tiny/**/metrics.csv"))[-1]
-    rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/retrieval/t2i/R@1")]
-    assert float(rows[-1]["val/retrieval/t2i/R@1"]) >= 0.05
-    assert float(rows[-1]["val/retrieval/i2t/R@1"]) >= 0.05
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/retrieval/t2a/R@1")]
+    assert float(rows[-1]["val/retrieval/t2a/R@1"]) >= 0.05
+    assert float(rows[-1]["val/retrieval/a2t/R@1"]) >= 0.05
 
     assert main(["fit", "-c", "configs/quickstart/blsp_tiny_lm.yaml"]) == 0
     assert main(["fit", "-c", "configs/quickstart/blsp_tiny.yaml"]) == 0

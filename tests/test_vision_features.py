@@ -245,11 +245,14 @@ def test_hf_save_load_round_trip_and_errors(tmp_path, images):
     (tmp_path / "bf16" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match=r"lacks \d+ weights.*encoder\.layers\.2"):
         HFVisionTower(pretrained=str(tmp_path / "bf16"))
-    download = r"hf download google/siglip-so400m-patch14-384 --local-dir /models/siglip-so400m"
     for missing in (str(tmp_path / "absent"), str(tmp_path)):  # no folder; folder, no config
+        download = rf"hf download google/siglip-so400m-patch14-384 --local-dir {missing}`"
         with pytest.raises(FileNotFoundError, match=f"{download}.*{FLAG}\\.pretrained"):
-            HFVisionTower(pretrained=missing)
-    with pytest.raises(FileNotFoundError, match="hf download org/vit --local-dir /models/vit"):
+            HFVisionTower(pretrained=missing, repo_id="google/siglip-so400m-patch14-384")
+        with pytest.raises(FileNotFoundError, match="add `repo_id: ORG/NAME`") as err:
+            HFVisionTower(pretrained=missing)  # no repo in the config: no command guessed
+        assert "hf download" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="run `hf download org/vit`"):
         HFVisionTower(pretrained="org/vit")
     for kw in ({}, {"pretrained": str(tmp_path / "siglip"), "config": SIGLIP}):
         with pytest.raises(ValueError, match=f"{FLAG}\\.pretrained.*{FLAG}\\.config"):

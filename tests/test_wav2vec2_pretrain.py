@@ -146,7 +146,8 @@ def test_recipe_parses_and_instantiates(tmp_path: Path, monkeypatch, capsys) -> 
     opt = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(2, 2))])
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == pytest.approx(5e-5)
 
-    # jsonargparse wraps the tower's FileNotFoundError; its message names the flag
-    flag = re.escape("--model.<audio|encoder>.pretrained")
-    with pytest.raises((FileNotFoundError, ValueError), match=flag):
+    # The preflight names the flag and the recipe's repo before the tower is built.
+    flag = re.escape(f"--model.encoder.pretrained {tmp_path / 'no'}")
+    download = f"hf download facebook/wav2vec2-xls-r-300m --local-dir {tmp_path / 'no'}"
+    with pytest.raises(ValueError, match=f"{flag}\n +{re.escape(download)}"):
         build_cli(["-c", str(RECIPE), "--model.encoder.pretrained", str(tmp_path / "no")], False)

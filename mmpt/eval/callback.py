@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from mmpt.eval.embed import EmbeddingAccumulator, Embeddings, EvalResult, evaluate
 from mmpt.eval.forgetting import PLOT_METRICS, ForgettingHistory, eval_prefix, val_set_names
+from mmpt.eval.modality import item_counts, media_of
 from mmpt.eval.probe import knn_top1_loo
 from mmpt.eval.report import plot_confusion_matrix, plot_recall_curves, write_json
 
@@ -152,8 +153,7 @@ class ZeroShotEvalCallback(L.Callback):
                     result,
                     out_dir / names[idx] if several else out_dir,
                     f"{stage}_step{trainer.global_step}",
-                    num_images=emb.image.shape[0],
-                    num_texts=emb.text.shape[0],
+                    **item_counts(result.media, emb.image.shape[0], emb.text.shape[0]),
                     step=trainer.global_step,
                     **({"set": names[idx]} if several else {}),
                 )
@@ -169,7 +169,14 @@ class ZeroShotEvalCallback(L.Callback):
             return pl_module.encode_text(tokenizer(prompts).to(pl_module.device)).float().cpu()
 
         with torch.no_grad():
-            return evaluate(emb, encode_text, zeroshot, retrieval=self.retrieval, ks=self.ks)
+            return evaluate(
+                emb,
+                encode_text,
+                zeroshot,
+                retrieval=self.retrieval,
+                ks=self.ks,
+                media=media_of(pl_module),
+            )
 
 
 def embedding_outputs(outputs: Any) -> dict[str, torch.Tensor] | None:
@@ -202,7 +209,11 @@ def write_reports(result: EvalResult, out_dir: Path, name: str, **context: Any) 
     paths = {"json": write_json(out_dir / f"{name}.json", result.metrics, **context)}
     if result.t2i_ranks is not None:
         paths["recall_plot"] = plot_recall_curves(
-            result.t2i_ranks, result.i2t_ranks, out_dir / f"{name}_recall.png", title=name
+            result.t2i_ranks,
+            result.i2t_ranks,
+            out_dir / f"{name}_recall.png",
+            title=name,
+            media=result.media,
         )
     if result.confusion is not None:
         paths["confusion_plot"] = plot_confusion_matrix(

@@ -14,10 +14,13 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mmpt.cli_args import Parser
 from mmpt.datamodules.video import VIDEO_BACKENDS
+from mmpt.eval.applicable import require_task
 from mmpt.eval.callback import write_reports
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
 from mmpt.eval.mir_cli import add_mir_args, check_mir_args, report_mir
+from mmpt.eval.modality import item_counts, media_of
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
@@ -52,7 +55,7 @@ def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmpt eval", description=__doc__)
+    p = Parser(prog="mmpt eval", description=__doc__)
     sub = p.add_subparsers(
         dest="task",
         required=True,
@@ -125,6 +128,7 @@ def _build(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any]:
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     cli = build_from_config(args.config, overrides)
+    require_task(cli.model, args.task, args.ckpt)  # before reading the checkpoint
     load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
     return cli.model, cli.datamodule
 
@@ -246,7 +250,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         print_metrics(metrics, title=f"mmpt eval mir: {data}")
         _print_paths(paths)
         return 0
-    result = evaluate(emb, encode_text, zeroshot, retrieval=args.task == "retrieval")
+    media = media_of(model)
+    result = evaluate(emb, encode_text, zeroshot, retrieval=args.task == "retrieval", media=media)
     if args.task == "zeroshot" and not result.metrics:
         raise ValueError(f"no labelled samples for zero-shot classification ({dm.label_key})")
     context: dict[str, Any] = {}
@@ -259,8 +264,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         args.task,
         checkpoint=str(args.ckpt),
         data=data,
-        num_images=emb.image.shape[0],
-        num_texts=emb.text.shape[0],
+        **item_counts(media, emb.image.shape[0], emb.text.shape[0]),
         **context,
     )
     print_metrics(result.metrics, title=f"mmpt eval {args.task}: {data}")
@@ -275,11 +279,6 @@ def _run_mcq(args: argparse.Namespace, overrides: list[str]) -> int:
     if not args.data:
         raise ValueError("--data: give the EgoMCQ shards (mmpt data synth --kind video-text)")
     model, _ = _build(args, overrides)
-    if not (hasattr(model, "encode_video") and hasattr(model, "encode_text")):
-        raise ValueError(
-            f"{type(model).__name__} has no encode_video/encode_text: eval mcq needs a "
-            "video-text model (mmpt.models.video_text.VideoTextModule)"
-        )
     pre = model.preprocess
     if args.num_frames < 1:
         raise ValueError(f"--num-frames must be >= 1, got {args.num_frames}")

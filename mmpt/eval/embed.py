@@ -15,6 +15,7 @@ from mmpt.eval.metrics import (
     retrieval_ranks,
     zeroshot_classifier,
 )
+from mmpt.eval.modality import rename_retrieval
 
 
 @dataclass
@@ -78,6 +79,7 @@ class EvalResult:
     i2t_ranks: torch.Tensor | None = None
     confusion: torch.Tensor | None = None
     classnames: list[str] | None = None
+    media: str = "image"
 
 
 def evaluate(
@@ -86,6 +88,7 @@ def evaluate(
     zeroshot: dict | None = None,
     retrieval: bool = True,
     ks: tuple[int, ...] = (1, 5, 10),
+    media: str = "image",
 ) -> EvalResult:
     """Zero-shot retrieval and (when class names, templates and labels exist) classification.
 
@@ -95,14 +98,17 @@ def evaluate(
         zeroshot: ``{"classnames": [...], "templates": [...]}`` (from the shards' index).
         retrieval: Compute retrieval metrics.
         ks: Recall cut-offs.
+        media: What ``emb.image`` holds: ``image``, ``video`` or ``audio``
+            (:func:`mmpt.eval.modality.media_of`); it names the retrieval directions.
 
     Returns:
-        Metrics named ``retrieval/t2i/R@1`` ..., ``zeroshot/top1`` ... and plot inputs.
+        Metrics named ``retrieval/t2i/R@1`` ... (``t2a``/``a2t`` for audio, ``t2v``/``v2t``
+        for video), ``zeroshot/top1`` ... and plot inputs.
     """
-    out = EvalResult(metrics={})
+    out = EvalResult(metrics={}, media=media)
     if retrieval:
         out.t2i_ranks, out.i2t_ranks = retrieval_ranks(emb.image, emb.text, emb.text_to_image)
-        m = metrics_from_ranks(out.t2i_ranks, out.i2t_ranks, ks=ks)
+        m = rename_retrieval(metrics_from_ranks(out.t2i_ranks, out.i2t_ranks, ks=ks), media)
         out.metrics.update({f"retrieval/{k}": v for k, v in m.items()})
     labelled = emb.labels >= 0
     if zeroshot and encode_text is not None and bool(labelled.any()):

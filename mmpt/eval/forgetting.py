@@ -12,8 +12,9 @@ from mmpt.eval.report import new_figure, save_figure, write_json
 #: Metrics drawn in ``forgetting.png`` (those a run logged), one panel each.
 PLOT_METRICS = (
     "loss",
-    "retrieval/t2i/R@1",
-    "retrieval/i2t/R@1",
+    *("retrieval/t2i/R@1", "retrieval/i2t/R@1"),
+    *("retrieval/t2a/R@1", "retrieval/a2t/R@1"),  # audio-text models
+    *("retrieval/t2v/R@1", "retrieval/v2t/R@1"),  # video-text models
     "zeroshot/top1",
     "knn/top1",
 )

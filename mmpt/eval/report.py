@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from mmpt.eval.modality import direction_labels
 from mmpt.io import atomic_write_text
 
 _MARKED_KS = (1, 5, 10)
@@ -80,16 +81,19 @@ def plot_recall_curves(
     max_k: int = 50,
     title: str = "",
     log_x: bool = True,
+    media: str = "image",
 ) -> Path:
     """Plot recall@k for k = 1..max_k in both retrieval directions, with R@1/5/10 marked.
 
     Args:
-        t2i_ranks: Long tensor (M,) of 1-based text->image ranks.
-        i2t_ranks: Long tensor (N,) of 1-based image->text ranks.
+        t2i_ranks: Long tensor (M,) of 1-based text->image (text->media) ranks.
+        i2t_ranks: Long tensor (N,) of 1-based image->text (media->text) ranks.
         path: Output PNG.
         max_k: Largest k on the x axis.
         title: Figure title.
         log_x: Use a logarithmic k axis.
+        media: What was retrieved against text (``image``, ``video``, ``audio``): the
+            curves' labels, e.g. ``text->audio``.
 
     Returns:
         The path written.
@@ -101,7 +105,7 @@ def plot_recall_curves(
     ax = fig.add_subplot()
     for k in marked:
         ax.axvline(k, color="grey", linestyle=":", linewidth=0.8)
-    for name, ranks in (("text->image", t2i_ranks), ("image->text", i2t_ranks)):
+    for name, ranks in zip(direction_labels(media), (t2i_ranks, i2t_ranks), strict=True):
         ranks = ranks.detach().cpu().flatten()
         recall = (ranks[None, :] <= ks[:, None]).double().mean(1) * 100
         at = [float(recall[k - 1]) for k in marked]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mmpt.eval.metrics import retrieval_metrics
+from mmpt.eval.modality import rename_retrieval
 
 EGOMCQ_GROUPS = ("inter", "intra")
 
@@ -283,5 +284,4 @@ def video_text_retrieval_metrics(
 
     """
     out = retrieval_metrics(video_emb, text_emb, text_to_video, ks=ks, chunk_size=chunk_size)
-    rename = {"t2i": "t2v", "i2t": "v2t"}
-    return {rename[k.split("/")[0]] + "/" + k.split("/", 1)[1]: v for k, v in out.items()}
+    return rename_retrieval(out, "video")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 from transformers import AutoModel
+
+from mmpt.preflight import missing_weights_error
 
 from .tokenizers import HFTokenizer, resolve_hf_path
 
@@ -27,8 +31,16 @@ class HFTextTower(nn.Module):
 
     """
 
+    #: Arguments holding local weights paths (checked by :mod:`mmpt.preflight` before building).
+    weight_paths: ClassVar[tuple[str, ...]] = ("path",)
+
     def __init__(
-        self, path: str, embed_dim: int = 512, pooling: str = "cls", context_length: int = 77
+        self,
+        path: str,
+        embed_dim: int = 512,
+        pooling: str = "cls",
+        context_length: int = 77,
+        repo_id: str | None = None,
     ) -> None:
         """Load the encoder and its tokenizer from ``path``.
 
@@ -38,6 +50,8 @@ class HFTextTower(nn.Module):
             embed_dim: Projection width.
             pooling: "cls" (first token's hidden state) or "mean" (mean over non-pad tokens).
             context_length: Tokenizer row length L; must fit the model's position embeddings.
+            repo_id: The hub repo ``path`` is a local copy of (``distilbert-base-uncased``),
+                named in the missing-weights error.
 
         Raises:
             FileNotFoundError: When ``path`` is neither a folder nor a cached repo id.
@@ -47,7 +61,10 @@ class HFTextTower(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        path = resolve_hf_path(path, "config.json", PATH_FLAG)
+        try:
+            path = resolve_hf_path(path, "config.json", PATH_FLAG)
+        except FileNotFoundError as err:
+            raise missing_weights_error("Text encoder weights", path, repo_id, PATH_FLAG) from err
         self.model = AutoModel.from_pretrained(path, local_files_only=True)
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
         if max_pos is not None and context_length > max_pos:

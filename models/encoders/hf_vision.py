@@ -6,7 +6,7 @@ import copy
 import json
 import math
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from mmpt.preflight import missing_weights_error
 from mmpt.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
 
 from . import class_path, resolve_feature_layer
@@ -21,7 +22,6 @@ from .tokenizers import resolve_hf_path
 from .vit_init import InitReport, Rename, init_converted_from, renames, token_rename
 
 FLAG = "--model.init_args.vision.init_args"
-EXAMPLE_REPO, EXAMPLE_DIR = "google/siglip-so400m-patch14-384", "/models/siglip-so400m-384"
 # vision model_type -> family; a full (text + image) model_type maps to its vision_config.
 VISION_TYPES = {
     "siglip_vision_model": "siglip",
@@ -78,23 +78,6 @@ def hf_vit_table(linear_patch: tuple[int, int] | None = None) -> list[Rename]:
     return table
 
 
-def _missing_weights(path: str) -> FileNotFoundError:
-    """The offline error: what to download, where, and which flag to set."""
-    is_repo_id = (
-        path.count("/") == 1 and not path.startswith(("/", ".", "~")) and all(path.split("/"))
-    )
-    if is_repo_id:
-        local = f"/models/{path.split('/')[1]}"
-        how = f"run `hf download {path} --local-dir {local}`"
-    else:
-        local = EXAMPLE_DIR
-        how = f"fetch a SigLIP/CLIP model (`hf download {EXAMPLE_REPO} --local-dir {local}`)"
-    return FileNotFoundError(
-        f"Vision weights not found at {path!r} (offline: nothing is downloaded at run time). "
-        f"On a machine with internet {how} and set {FLAG}.pretrained {local}"
-    )
-
-
 def _vision_config(cfg: PretrainedConfig) -> PretrainedConfig:
     """The image-encoder part of ``cfg`` (a full SigLIP/CLIP config or a vision config)."""
     if cfg.model_type not in VISION_TYPES and hasattr(cfg, "vision_config"):
@@ -121,7 +104,7 @@ def _preprocessor_config(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _load_pretrained(pretrained: str) -> PreTrainedModel:
+def _load_pretrained(pretrained: str, repo_id: str | None) -> PreTrainedModel:
     """Load the vision model of a folder/cached repo holding a vision or full SigLIP/CLIP."""
     try:
         path = resolve_hf_path(pretrained, "config.json", f"{FLAG}.pretrained")
@@ -134,7 +117,9 @@ def _load_pretrained(pretrained: str) -> PreTrainedModel:
             path, local_files_only=True, output_loading_info=True, dtype=torch.float32
         )
     except OSError as err:  # no folder / config.json / weights file
-        raise _missing_weights(pretrained) from err
+        raise missing_weights_error(
+            "Vision weights", pretrained, repo_id, f"{FLAG}.pretrained"
+        ) from err
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ValueError(
@@ -163,6 +148,9 @@ class HFVisionTower(nn.Module):
 
     """
 
+    #: Arguments holding local weights paths (checked by :mod:`mmpt.preflight` before building).
+    weight_paths: ClassVar[tuple[str, ...]] = ("pretrained",)
+
     def __init__(
         self,
         pretrained: str | None = None,
@@ -172,6 +160,7 @@ class HFVisionTower(nn.Module):
         std: list[float] | None = None,
         image_size: int | None = None,
         init_from: str | None = None,
+        repo_id: str | None = None,
     ) -> None:
         """Load or build the vision model.
 
@@ -193,6 +182,8 @@ class HFVisionTower(nn.Module):
                 state dict or a folder holding one, converted from timm names; position and
                 patch embeddings are resized (``mmpt.models.encoders.vit_init``). The SigLIP
                 pooling head stays at init. The report is ``init_report``.
+            repo_id: The hub repo ``pretrained`` is a local copy of
+                (``google/siglip-so400m-patch14-384``), named in the missing-weights error.
 
         Raises:
             FileNotFoundError: When the weights or ``init_from`` are not available.
@@ -208,7 +199,7 @@ class HFVisionTower(nn.Module):
                 f"{'both' if config is not None else 'neither'}."
             )
         if pretrained is not None:
-            self.model = _load_pretrained(pretrained)
+            self.model = _load_pretrained(pretrained, repo_id)
             preprocessor = _preprocessor_config(pretrained)
         else:
             fields = dict(config)

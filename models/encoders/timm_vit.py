@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import timm
 import torch
@@ -119,6 +119,9 @@ class TimmVisionTower(nn.Module):
         feature_layer: Block whose output ``patch_features`` returns (python-style index).
 
     """
+
+    #: Arguments holding local weights paths (checked by :mod:`mmpt.preflight` before building).
+    weight_paths: ClassVar[tuple[str, ...]] = ("pretrained",)
 
     def __init__(
         self,

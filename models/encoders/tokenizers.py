@@ -37,10 +37,17 @@ def resolve_hf_path(path: str, filename: str, flag: str) -> str:
             pass
     from huggingface_hub.constants import HF_HUB_CACHE
 
+    from mmpt.preflight import download_command
+
+    command = download_command(path, None)  # a local path is never a repo id
+    how = (
+        f"on a machine with internet run `{command}` (into the cache)"
+        if command
+        else f"put a copy of the model folder there (`hf download` with `--local-dir {path}`)"
+    )
     raise FileNotFoundError(
         f"{path!r} is neither a local model folder nor a repo in the Hugging Face cache "
-        f"({HF_HUB_CACHE}). Nothing is downloaded at run time: on a machine with internet run "
-        f"`hf download {path} --local-dir /path/to/dir`, then set {flag} /path/to/dir."
+        f"({HF_HUB_CACHE}). Nothing is downloaded at run time: {how}, or set {flag} to a folder."
     )
 
 

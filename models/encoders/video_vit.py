@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import Attention
@@ -92,6 +92,9 @@ class VideoViTTower(nn.Module):
         max_frames: Most frames ``forward`` accepts.
 
     """
+
+    #: Arguments holding local weights paths (checked by :mod:`mmpt.preflight` before building).
+    weight_paths: ClassVar[tuple[str, ...]] = ("pretrained",)
 
     def __init__(
         self,

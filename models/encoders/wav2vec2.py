@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, Wav2Vec2ForPreTraining
 
+from mmpt.preflight import missing_weights_error
 from mmpt.preprocess import AudioPreprocess
 
 from . import class_path, resolve_feature_layer
@@ -17,27 +18,22 @@ from .hf_vision import _NOT_ARCHITECTURE, _preprocessor_config
 from .lengths import ConvLengths, length_mask, pool_frames
 from .tokenizers import resolve_hf_path
 
-FLAG = "--model.<audio|encoder>"  # the tower is model.audio (BLSP, CLAP) or model.encoder
-EXAMPLE_REPO = "facebook/wav2vec2-xls-r-300m"
+# The tower sits at model.audio (BLSP, CLAP) or model.encoder (wav2vec 2.0 pretraining), so its
+# errors name the class's argument; the missing-weights one names both flags.
+FLAG = "Wav2Vec2Tower"
+PRETRAINED_FLAG = "--model.audio.pretrained (or --model.encoder.pretrained)"
 SOURCES = ("hf", "torchaudio")
 
 
-def _missing_weights(path: str, source: str) -> FileNotFoundError:
-    """The offline error: what to fetch, where, and which flag to set."""
-    if source == "torchaudio":
-        how = (
-            "save a torchaudio model's weights (e.g. `torch.save(torchaudio.pipelines."
-            "WAV2VEC2_BASE.get_model().state_dict(), '/models/wav2vec2_base.pt')`)"
-        )
-        local = "/models/wav2vec2_base.pt"
-    else:
-        is_repo_id = path.count("/") == 1 and not path.startswith(("/", ".", "~"))
-        repo = path if is_repo_id else EXAMPLE_REPO
-        local = f"/models/{repo.split('/')[1]}" if is_repo_id else path
-        how = f"run `hf download {repo} --local-dir {local}`"
+def _missing_weights(path: str, source: str, repo_id: str | None) -> Exception:
+    """The offline error: what to fetch, where, and which argument sets it."""
+    if source == "hf":
+        return missing_weights_error("Speech weights", path, repo_id, PRETRAINED_FLAG)
     return FileNotFoundError(
-        f"Speech weights not found at {path!r} (offline: nothing is downloaded at run time). "
-        f"On a machine with internet {how} and set {FLAG}.pretrained {local}"
+        f"Speech weights not found at {path!r} (nothing is downloaded at run time). Save a "
+        "torchaudio model's state dict there (e.g. `torch.save(torchaudio.pipelines."
+        f"WAV2VEC2_BASE.get_model().state_dict(), {path!r})`); {PRETRAINED_FLAG} sets where "
+        "it is read."
     )
 
 
@@ -50,10 +46,10 @@ def _hf_lengths(cfg: PretrainedConfig) -> ConvLengths:
     return lengths
 
 
-def _load_hf(pretrained: str, pretraining_head: bool) -> nn.Module:
+def _load_hf(pretrained: str, pretraining_head: bool, repo_id: str | None) -> nn.Module:
     """Load an HF speech model offline (float32), with the pretraining head when asked."""
     try:
-        path = resolve_hf_path(pretrained, "config.json", f"{FLAG}.pretrained")
+        path = resolve_hf_path(pretrained, "config.json", PRETRAINED_FLAG)
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             raise FileNotFoundError(f"{path} has no config.json")
         loader = Wav2Vec2ForPreTraining if pretraining_head else AutoModel
@@ -61,7 +57,7 @@ def _load_hf(pretrained: str, pretraining_head: bool) -> nn.Module:
             path, local_files_only=True, output_loading_info=True, dtype=torch.float32
         )
     except OSError as err:  # no folder / config.json / weights file
-        raise _missing_weights(pretrained, "hf") from err
+        raise _missing_weights(pretrained, "hf", repo_id) from err
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ValueError(
@@ -80,7 +76,7 @@ def _build_torchaudio(pretrained: str | None, config: dict | None, builder: str)
         return torchaudio.models.wav2vec2_model(**config)
     assert pretrained is not None
     if not os.path.isfile(pretrained):
-        raise _missing_weights(pretrained, "torchaudio")
+        raise _missing_weights(pretrained, "torchaudio", None)
     if not hasattr(torchaudio.models, builder):
         raise ValueError(f"{FLAG}.torchaudio_builder: torchaudio.models has no {builder!r}")
     model = getattr(torchaudio.models, builder)()
@@ -108,6 +104,9 @@ class Wav2Vec2Tower(nn.Module):
         proj: Linear ``feature_dim -> embed_dim``, or None.
     """
 
+    #: Arguments holding local weights paths (checked by :mod:`mmpt.preflight` before building).
+    weight_paths: ClassVar[tuple[str, ...]] = ("pretrained",)
+
     def __init__(
         self,
         pretrained: str | None = None,
@@ -123,6 +122,7 @@ class Wav2Vec2Tower(nn.Module):
         normalize: bool | None = None,
         freeze_feature_encoder: bool = False,
         gradient_checkpointing: bool = False,
+        repo_id: str | None = None,
     ) -> None:
         """Load or build the speech model.
 
@@ -147,6 +147,8 @@ class Wav2Vec2Tower(nn.Module):
                 ``preprocessor_config.json`` ``do_normalize``, else True.
             freeze_feature_encoder: Freeze the conv feature encoder.
             gradient_checkpointing: Recompute transformer activations in backward (HF only).
+            repo_id: The hub repo an HF ``pretrained`` folder is a local copy of
+                (``facebook/wav2vec2-xls-r-300m``), named in the missing-weights error.
 
         Raises:
             FileNotFoundError: The weights are not available offline.
@@ -170,7 +172,7 @@ class Wav2Vec2Tower(nn.Module):
         preprocessor: dict[str, Any] = {}
         if source == "hf":
             if pretrained is not None:
-                self.model = _load_hf(pretrained, pretraining_head)
+                self.model = _load_hf(pretrained, pretraining_head, repo_id)
                 preprocessor = _preprocessor_config(pretrained)
             else:
                 fields = dict(config or {})
