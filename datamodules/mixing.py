@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 import random
@@ -231,6 +230,7 @@ def resampled_mix(
     shuffle_buffer: int,
     rng: random.Random,
     counter: SkipCounter,
+    count: Callable[[int, Iterator[dict[str, Any]]], Iterator[dict[str, Any]]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples of shards drawn with replacement, tagged with their source and mixed.
 
@@ -244,6 +244,8 @@ def resampled_mix(
         shuffle_buffer: Shuffle buffer per source.
         rng: Seeds every draw.
         counter: Counts unreadable shards and samples.
+        count: ``(source index, its samples) -> samples``, wrapped around each source as the
+            mixture draws from it (e.g. :meth:`~mmpt.datamodules.draws.Draws.counted`).
     """
     streams = [
         tag(
@@ -256,6 +258,8 @@ def resampled_mix(
         )
         for s, name in zip(sources, names, strict=True)
     ]
+    if count is not None:
+        streams = [count(i, stream) for i, stream in enumerate(streams)]
     return mix(streams, weights, rng)
 
 
@@ -354,40 +358,3 @@ class Tagged:
         """Decode; raises what ``fn`` raises (the sample is then skipped and counted)."""
         name = sample.pop(SOURCE_KEY, None)
         return name, self.fn(sample)
-
-
-class ReplayedClock:
-    """A batch clock that, while the main stream fast-forwards, gives each old draw's batch.
-
-    Args:
-        clock: The worker's :class:`~mmpt.datamodules.mixing.BatchClock` (``made`` already
-            set to the batches done).
-        cursor: The main stream's :class:`~mmpt.datamodules.resume.Cursor`.
-        ends: :attr:`~mmpt.datamodules.resume.WorkerPosition.ends` (run-length coded batch
-            ends of this epoch).
-    """
-
-    def __init__(self, clock: Any, cursor: Any, ends: list[list[int]]) -> None:
-        self.clock, self.cursor, self.ends = clock, cursor, decode_ends(ends)
-
-    def tick(self) -> None:
-        """One batch was made."""
-        self.clock.tick()
-
-    @property
-    def batch(self) -> int:
-        """Global index of the batch the next draw goes to."""
-        if self.cursor.forwarding:
-            made = bisect.bisect_right(self.ends, self.cursor.next)
-            return self.clock.first + made * self.clock.stride
-        return self.clock.batch
-
-
-def decode_ends(runs: list[list[int]]) -> list[int]:
-    """``[[step, count], ...]`` -> the cumulative batch-end positions."""
-    ends, at = [], 0
-    for step, count in runs:
-        for _ in range(count):
-            at += step
-            ends.append(at)
-    return ends

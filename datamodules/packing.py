@@ -27,18 +27,37 @@ def first_fit_decreasing(lengths: Sequence[int], max_len: int) -> list[list[int]
     bad = [n for n in lengths if not 1 <= n <= max_len]
     if bad:
         raise ValueError(f"lengths must be in 1..{max_len}; got {bad[:5]}")
+    # First fit in O(log bins): ``tree`` is a max segment tree over the bins' free room
+    # (leaves from ``size``; bins not opened yet have room 0, so they never fit an item >= 1).
+    # A scan of the bins made first-fit O(bins) per item.
+    size = 1
+    while size < len(lengths):
+        size *= 2
+    tree = [0] * (2 * size)
     bins: list[list[int]] = []
-    free: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         n = lengths[i]
-        for b, room in enumerate(free):
-            if n <= room:
-                bins[b].append(i)
-                free[b] -= n
-                break
+        if tree[1] >= n:  # the lowest-numbered bin with room: go left whenever it fits
+            node = 1
+            while node < size:
+                node *= 2
+                if tree[node] < n:
+                    node += 1
+            bins[node - size].append(i)
+            room = tree[node] - n
         else:
+            node = size + len(bins)
             bins.append([i])
-            free.append(max_len - n)
+            room = max_len - n
+        tree[node] = room
+        node //= 2
+        while node:  # update the maxima above, up to the first that does not change
+            left, right = tree[2 * node], tree[2 * node + 1]
+            top = left if left > right else right
+            if tree[node] == top:
+                break
+            tree[node] = top
+            node //= 2
     return bins
 
 

@@ -9,8 +9,8 @@ the latest one per worker of the batches the model actually trained on, and ever
 gathers those of all ranks. A resumed worker rebuilds its raw stream and fast-forwards it,
 reading but not decoding the samples before the position, so the plain mode goes on with
 exactly the samples of the epoch not yet seen and the resampled mode continues the same
-random stream (a mixture schedule included: the draws before the position are replayed
-with the weights they had).
+random stream (a mixture schedule included: each draw before the position is forced to the
+source it had, :mod:`mmpt.datamodules.draws`).
 
 A fast-forwarded worker does not decode, so its random generators cannot be where the
 uninterrupted worker's were. Decoding therefore never depends on them: python's ``random``,
@@ -33,6 +33,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.utils.data
 
+from mmpt.datamodules.draws import Draws
 from mmpt.datamodules.seeding import sample_seed, seeded
 
 log = logging.getLogger("mmpt.data")
@@ -58,11 +59,11 @@ class WorkerPosition:
         replay: Raw samples pulled from the replay stream.
         replay_redo: Its positions below ``replay`` not taken yet.
         mixed: Items the replay interleave had yielded (its pattern goes on from there).
-        ends: ``main`` after each batch of the epoch, run-length coded as ``[step, count]``
-            pairs (read by :func:`~mmpt.datamodules.mixing.decode_ends`): kept only with a
-            mixture schedule, whose weights
-            depend on the batch being filled, so that a fast-forward redraws the old samples
-            with the weights they had. Plain batching without skips codes to one pair.
+        drawn: Main draws per source among positions ``0 .. main - 1``; kept only with a
+            mixture schedule, whose weights depend on the batch being filled, so that a
+            fast-forward forces each old draw's source (:mod:`~mmpt.datamodules.draws`).
+        main_from: With a schedule, for each of ``main_redo``: ``[source, draws per source
+            before it]``. The position's size is bounded by the items held, not the epoch.
     """
 
     worker: int
@@ -73,7 +74,8 @@ class WorkerPosition:
     replay: int = 0
     replay_redo: list[int] = dataclasses.field(default_factory=list)
     mixed: int = 0
-    ends: list[list[int]] | None = None
+    drawn: list[int] | None = None
+    main_from: list[list[int]] | None = None
 
 
 class Cursor:
@@ -82,10 +84,12 @@ class Cursor:
     Args:
         done: Positions below this were pulled before (skipped unless in ``redo``).
         redo: Positions below ``done`` to pull again (no batch had taken them).
+        draws: Under a mixture schedule, the stream's :class:`~mmpt.datamodules.draws.Draws`
+            (told the position of each sample passed on).
     """
 
-    def __init__(self, done: int = 0, redo: Iterable[int] = ()) -> None:
-        self.done, self.redo = done, set(redo)
+    def __init__(self, done: int = 0, redo: Iterable[int] = (), draws: Draws | None = None) -> None:
+        self.done, self.redo, self.draws = done, set(redo), draws
         self.next = 0  # position of the next raw sample
 
     @property
@@ -95,13 +99,15 @@ class Cursor:
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """The samples not yet trained on, each with :data:`POS_KEY` set."""
-        for sample in samples:  # drawing it reads ``self.next`` (a schedule's replayed clock)
+        for sample in samples:  # drawing it reads ``self.forwarding`` (a schedule's forcing)
             pos = self.next
             self.next += 1
             if pos < self.done:
                 if pos not in self.redo:
                     continue
                 self.redo.discard(pos)
+            if self.draws is not None:
+                self.draws.note(pos)
             sample[POS_KEY] = pos
             yield sample
 
@@ -177,20 +183,22 @@ class WorkerTracker:
         worker: The worker's index.
         epoch: The epoch.
         start: Where a resumed run left this worker, or None (the epoch's start).
-        schedule: The stream has a mixture schedule (keep ``ends``).
+        scheduled: Main sources of a mixture schedule (count their draws); 0: no schedule.
     """
 
     def __init__(
-        self, worker: int, epoch: int, start: WorkerPosition | None, schedule: bool
+        self, worker: int, epoch: int, start: WorkerPosition | None, scheduled: int = 0
     ) -> None:
         start = start or WorkerPosition(worker, epoch)
         self.worker, self.epoch, self.batches = worker, epoch, start.batches
         self.ledger = Ledger()
-        self.main = Cursor(start.main, start.main_redo)
+        self.draws = None
+        if scheduled:
+            held = dict(zip(start.main_redo, start.main_from or [], strict=False))
+            self.draws = Draws(scheduled, start.drawn, held)
+        self.main = Cursor(start.main, start.main_redo, self.draws)
         self.replay = Cursor(start.replay, start.replay_redo)
         self.mixed_start, self.mixed = start.mixed, start.mixed
-        self.ends = [list(run) for run in start.ends or []] if schedule else None
-        self.last_end = sum(step * count for step, count in self.ends or [])
 
     def count_mixed(self, items: Iterable[Any]) -> Iterator[Any]:
         """Pass items through, counting them (the replay interleave's position)."""
@@ -204,17 +212,12 @@ class WorkerTracker:
         self.batches += 1
         main, main_redo = self.main.state(self.ledger.positions("main"))
         replay, replay_redo = self.replay.state(self.ledger.positions("replay"))
-        ends = None
-        if self.ends is not None:
-            step, self.last_end = main - self.last_end, main
-            if self.ends and self.ends[-1][0] == step:
-                self.ends[-1][1] += 1
-            else:
-                self.ends.append([step, 1])
-            ends = [list(run) for run in self.ends]
+        drawn = main_from = None
+        if self.draws is not None:
+            drawn, main_from = self.draws.state(self.main.forwarding, main_redo)
         return WorkerPosition(
             self.worker, self.epoch, self.batches, main, main_redo, replay, replay_redo,
-            self.mixed, ends,
+            self.mixed, drawn, main_from,
         )  # fmt: skip
 
 
@@ -336,7 +339,15 @@ class StreamPosition:
         if state.get("epoch_done"):
             stream.set_epoch(int(mine["epoch"]) + 1)
             return
-        workers = {int(w): WorkerPosition(**p) for w, p in mine["workers"].items()}
+        scheduled = bool(getattr(getattr(stream, "config", None), "weight_schedule", None))
+        workers = _positions(mine["workers"], scheduled)
+        if workers is None:
+            log.warning(
+                "the checkpoint's data position was saved with another mixture schedule "
+                "setting or by an older mmpt: the epoch's data starts over, so samples of it "
+                "already trained on come again"
+            )
+            return
         self.next_worker = int(mine.get("next_worker", 0))
         stream.set_epoch(int(mine["epoch"]))  # each worker's clock goes on from its batches
         stream.resume_from(int(mine["epoch"]), workers, self.next_worker)
@@ -370,3 +381,22 @@ def _mismatch(state: dict[str, Any], stream: Any, world_size: int) -> str | None
     if state.get("num_workers") != stream.num_workers:
         return f"saved with {state.get('num_workers')} workers a rank, now {stream.num_workers}"
     return None
+
+
+def _positions(
+    saved: dict[Any, dict[str, Any]], scheduled: bool
+) -> dict[int, WorkerPosition] | None:
+    """The saved workers' positions; None when they cannot continue this stream's draws.
+
+    A scheduled stream needs each worker's draws per source (``drawn``); an older format's
+    ``ends`` (every batch end of the epoch) is not read any more.
+    """
+    out = {}
+    for w, p in saved.items():
+        p = dict(p)
+        if p.pop("ends", None) is not None:
+            return None
+        if p.get("main") and (p.get("drawn") is not None) != scheduled:
+            return None
+        out[int(w)] = WorkerPosition(**p)
+    return out

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.utils.data
 
+from mmpt.datamodules.draws import ForcedWeights
 from mmpt.datamodules.mixing import (
     BatchClock,
-    ReplayedClock,
     ScheduledWeights,
     SourceTally,
     Tagged,
@@ -30,6 +29,7 @@ from mmpt.datamodules.mixing import (
     resampled_mix,
     tag,
 )
+from mmpt.datamodules.quotas import batch_count, slot_samples, trim_largest_first
 from mmpt.datamodules.resume import Held, WorkerPosition, WorkerTracker, fingerprint
 from mmpt.datamodules.seeding import sample_seed
 from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION, SkipBudget, SkipReport
@@ -130,6 +130,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             for u, n in zip(s.urls, s.counts, strict=True)
         }
         self.max_skipped_fraction = MAX_SKIPPED_FRACTION  # set by the datamodule
+        self._batches_memo: tuple[tuple, list[list[int]], int, dict[int, list[int]]] | None = None
 
     def set_epoch(self, epoch: int, offset: int = 0) -> None:
         """Advance the epoch (changes shard order and shuffles; seen by persistent workers).
@@ -160,16 +161,26 @@ class ShardStream(torch.utils.data.IterableDataset):
         idx = list(range(len(self.urls)))
         return split_shards(idx, slot, seed=None, epoch=0)
 
+    def _slot_batches(self) -> tuple[list[list[int]], int]:
+        """Batches of every (rank, worker) in plain mode, and the smallest rank's total.
+
+        One pass over the shard counts, computed once per world size, worker count and batch
+        settings (the loader may lower ``num_workers`` after construction).
+        """
+        replay = self.config.replay.fraction if self.config.replay is not None else None
+        key = (self.world_size, self.num_workers, self.batch_size, self.partial, replay)
+        if self._batches_memo is None or self._batches_memo[0] != key:
+            table = []
+            for per_rank in slot_samples(self.counts, self.world_size, self.num_workers):
+                if replay is not None:  # replay items come on top of the main ones
+                    per_rank = [combined_items(n, replay) for n in per_rank]
+                table.append([batch_count(n, self.batch_size, self.partial) for n in per_rank])
+            self._batches_memo = (key, table, min(sum(t) for t in table), {})
+        return self._batches_memo[1], self._batches_memo[2]
+
     def _worker_batches(self, rank: int) -> list[int]:
         """Batches each worker of ``rank`` can make from its shards (plain mode, counts known)."""
-        out = []
-        for w in range(self.num_workers):
-            slot = Slot(rank, self.world_size, w, self.num_workers)
-            n = sum(self.counts[i] for i in self.shards_for(slot))
-            if self.config.replay is not None:  # replay items come on top of the main ones
-                n = combined_items(n, self.config.replay.fraction)
-            out.append(math.ceil(n / self.batch_size) if self.partial else n // self.batch_size)
-        return out
+        return list(self._slot_batches()[0][rank])
 
     def worker_quotas(self, rank: int) -> list[int] | None:
         """Batches each worker of ``rank`` yields in a training epoch (None: one plain pass).
@@ -184,11 +195,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             return [max(1, per_worker // self.num_workers)] * self.num_workers
         if self.counts is None or self.partial or not self.counted:
             return None
-        quotas = self._worker_batches(rank)
-        target = min(sum(self._worker_batches(r)) for r in range(self.world_size))
-        while sum(quotas) > target:
-            quotas[quotas.index(max(quotas))] -= 1
-        return quotas
+        table, target = self._slot_batches()
+        trimmed = self._batches_memo[3]
+        if rank not in trimmed:
+            trimmed[rank] = trim_largest_first(table[rank], target)
+        return list(trimmed[rank])
 
     def batches_for(self, rank: int) -> int | None:
         """Batches rank ``rank`` yields in one epoch, when sample counts are known."""
@@ -256,7 +267,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         """Main-source weights (a callable following the clock with a schedule) and the clock.
 
         A resumed worker's clock goes on from its batches done, and while the stream
-        fast-forwards it gives every old draw the batch (so the weights) it had.
+        fast-forwards every old draw is forced to the source it had
+        (:class:`~mmpt.datamodules.draws.ForcedWeights`).
         """
         cfg = self.config
         base = cfg.weights or [1.0] * len(self.sources)
@@ -265,11 +277,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         schedule = WeightSchedule(base, cfg.weight_schedule, self.total_batches)
         per_epoch = self.batches_for(self.rank) or 0
         offset = self.batch_offset.get() if start is None else 0
-        clock: Any = BatchClock(epoch, per_epoch, slot.worker, slot.num_workers, offset)
+        clock = BatchClock(epoch, per_epoch, slot.worker, slot.num_workers, offset)
+        weights: Any = ScheduledWeights(schedule, clock)
         if start is not None:
             clock.made = start.batches
-            clock = ReplayedClock(clock, tracker.main, start.ends or [])
-        return ScheduledWeights(schedule, clock), clock
+            cursor = tracker.main
+            weights = ForcedWeights(weights, tracker.draws, lambda: cursor.forwarding)
+        return weights, clock
 
     def _start(self, slot: Slot, epoch: int) -> WorkerPosition | None:
         """Where this worker takes up ``epoch`` (None: a fresh epoch, not a resumed one)."""
@@ -287,7 +301,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         clock = None
         if cfg.resampled:
             weights, clock = self._main_weights(slot, epoch, tracker, start)
-            samples = resampled_mix(self.sources, self.names, weights, buf, rng, counter)
+            count = tracker.draws.counted if tracker.draws is not None else None
+            samples = resampled_mix(self.sources, self.names, weights, buf, rng, counter, count)
         else:
             mine = [self.urls[i] for i in self.shards_for(slot)]
             if cfg.shuffle_shards:
@@ -323,7 +338,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             worker = (slot.worker + self.resume_first) % slot.num_workers
             slot = dataclasses.replace(slot, worker=worker)
         start = self._start(slot, epoch)
-        tracker = WorkerTracker(slot.worker, epoch, start, bool(self.config.weight_schedule))
+        scheduled = len(self.sources) if self.config.weight_schedule else 0
+        tracker = WorkerTracker(slot.worker, epoch, start, scheduled)
         counter = SkipCounter(self.expected, self.skip_budget())
         quota = self.worker_quota(slot)
         if quota is not None and start is not None:

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from mmpt.datamodules.loader import make_loader
-from mmpt.datamodules.mixing import MixPoint, ReplayConfig, decode_ends
-from mmpt.datamodules.resume import Cursor, Ledger, StreamPosition, WorkerTracker
+from mmpt.datamodules.mixing import MixPoint, ReplayConfig
+from mmpt.datamodules.resume import Cursor, Ledger, StreamPosition
 from mmpt.datamodules.streams import ShardStream, StreamConfig
 from tests.helpers import write_shards
 
@@ -230,14 +230,28 @@ def test_partner_copies_are_not_used_up(data):
     assert len(anchors) == 96 and set(anchors.values()) == {1}
 
 
-def test_batch_ends_are_run_length_coded():
-    """Under a schedule each position carries its batch ends: equal steps code to one pair."""
-    tracker = WorkerTracker(0, 0, None, schedule=True)
-    for pulled in (4, 8, 12, 17, 21):
-        tracker.main.next = pulled
-        position = tracker.batch_made([])
-    assert position.ends == [[4, 3], [5, 1], [4, 1]]
-    assert decode_ends(position.ends) == [4, 8, 12, 17, 21]
-    resumed = WorkerTracker(0, 0, position, schedule=True)
-    resumed.main.next = 25
-    assert resumed.batch_made([]).ends == [[4, 3], [5, 1], [4, 2]]
+def test_resampled_resume_with_a_schedule_and_a_holding_batcher(data):
+    """Held draws of a scheduled mixture are read again from their sources, in their places."""
+    points = [MixPoint(at=30, weights=[0.0, 1.0], ramp="linear")]
+    cfg = StreamConfig(urls=list(data), resampled=True, epoch_samples=96, weight_schedule=points)
+    build = make(cfg, fn=key_or_skip, batcher=PoolBatcher(4))
+    _, state = run(build, 2, 7)
+    workers = state["ranks"][0]["workers"].values()
+    assert any(w["main_redo"] for w in workers)  # items were held back at the save
+    assert all(len(w["main_from"]) == len(w["main_redo"]) for w in workers)
+    check_exact(build, 2, 7)
+    check_exact(build, 0, 4)
+
+
+def test_a_schedule_position_from_an_older_format_starts_the_epoch_over(data, caplog):
+    points = [MixPoint(at=30, weights=[0.0, 1.0], ramp="linear")]
+    cfg = StreamConfig(urls=list(data), resampled=True, epoch_samples=96, weight_schedule=points)
+    _, state = run(make(cfg), 2, 5)
+    for w in state["ranks"][0]["workers"].values():  # as saved before ``drawn``
+        w["ends"] = [[4, w["batches"]]]
+        del w["drawn"], w["main_from"]
+    with caplog.at_level(logging.WARNING, logger="mmpt.data"):
+        rest, _ = run(make(cfg), 2, None, state)
+    assert "older mmpt" in caplog.text
+    whole, _ = run(make(cfg), 2, None)
+    assert [b.keys for b in rest] == [b.keys for b in whole]

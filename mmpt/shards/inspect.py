@@ -241,7 +241,8 @@ def _shard_paths(path: Path) -> tuple[list[tuple[Path, str]], ShardIndex | None]
         return [(path, path.name)], load_index(path.parent)
     index = load_index(path)
     names = [s.name for s in index.shards] if index else []
-    names += [p.name for p in sorted(path.glob("*.tar")) if p.name not in names]
+    listed = set(names)  # a set: a list's ``in`` made this quadratic in the shard count
+    names += [p.name for p in sorted(path.glob("*.tar")) if p.name not in listed]
     if not names:
         raise ValueError(f"{path} holds no .tar shards and no {INDEX_NAME}; nothing to inspect")
     return [(path / n, n) for n in names], index
