@@ -40,6 +40,12 @@ evaluation (JSON report + PNG plot):
   eval retrieval  zero-shot image<->text retrieval mmpt eval retrieval -c CFG --ckpt CKPT --data DIR
   eval zeroshot   zero-shot classification         mmpt eval zeroshot -c CFG --ckpt CKPT --data DIR
   eval mcq        EgoMCQ video multiple choice     mmpt eval mcq -c CFG --ckpt CKPT --data DIR
+  eval mir        EPIC-100 multi-instance (MIR)    mmpt eval mir -c CFG --ckpt CKPT --data DIR
+                                                    --relevancy relevancy.pkl
+  eval caption    VLM captioning: CIDEr, BLEU-4    mmpt eval caption --model DIR --data DIR
+  eval vqa        VLM VQA accuracy                 mmpt eval vqa -c CFG --ckpt CKPT --data DIR
+  eval choice     VLM multiple choice (MMBench)    mmpt eval choice --model DIR --data DIR
+  eval all        a suite of VLM sets, one report  mmpt eval all --model DIR --suite SUITE.yaml
 
 `mmpt <command> --help` shows the options of each command.
 """

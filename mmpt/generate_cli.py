@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     images = [_image(path) for path in args.image]
     if not args.data:  # placeholder errors before the model loads
         prompt_content(args.prompt or "", len(images), len(args.audio))
-    model = _load(args, overrides)
+    model = load_model(args, overrides)
     gen = Generator(model, args.template, args.system)
     if args.data:
         return _run_shards(gen, args, decoding)
@@ -140,8 +140,12 @@ def _clip(gen: Generator, path: str) -> torch.Tensor:
     return reader.read(Path(path).read_bytes(), Path(path).suffix.lstrip(".").lower())
 
 
-def _load(args: argparse.Namespace, overrides: list[str]) -> VLMModule:
-    """The model on ``--device``: fp32 on the CPU, its own dtype on a GPU."""
+def load_model(args: argparse.Namespace, overrides: list[str]) -> VLMModule:
+    """The model of ``--model`` or ``-c``/``--ckpt`` on ``--device`` (fp32 on the CPU).
+
+    On a GPU it keeps its own dtype. ``mmpt generate`` and ``mmpt eval caption|vqa|choice|all``
+    load with it.
+    """
     from transformers.utils import logging as hf_logging
 
     from mmpt.models.vlm import VLMModule

@@ -52,7 +52,8 @@ def config_args(path: Path) -> list[str]:
     return [*(config_args(base) if base is not None else []), "-c", str(path)]
 
 
-ALL_CONFIGS = sorted(CONFIGS.rglob("*.yaml"))
+# configs/eval/ holds benchmark suites, not recipes (tests/test_vlm_eval.py loads them)
+ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS / "eval")
 IDS = [str(p.relative_to(CONFIGS)) for p in ALL_CONFIGS]
 
 

@@ -9,9 +9,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "retrieval": ("encode_media", "encode_text"),
     "zeroshot": ("encode_media", "encode_text"),
     "mcq": ("encode_video", "encode_text"),
+    "mir": ("encode_video", "encode_text"),
 }
 #: The models that have them, as the error says it.
-_KINDS = {"mcq": "a video-text model"}
+_KINDS = {"mcq": "a video-text model", "mir": "a video-text model"}
 _DEFAULT_KIND = "an image- or audio-text contrastive model"
 
 
@@ -23,13 +24,14 @@ def applicable_commands(model: nn.Module) -> list[str]:
 
     Returns:
         ``eval <task>`` for every task of :data:`NEEDS` whose methods ``model`` has, ``eval
-        probe`` for a model with an image tower, and ``generate`` for a model with an LLM.
+        probe`` for a model with an image tower, and ``generate`` and the VLM benchmarks
+        (``eval caption|vqa|choice|all``) for a model with an LLM.
     """
     out = [f"eval {task}" for task, needs in NEEDS.items() if all(hasattr(model, m) for m in needs)]
     if hasattr(getattr(model, "vision", None), "pooled_features"):
         out.append("eval probe")
     if hasattr(model, "llm"):
-        out.append("generate")
+        out += ["generate", "eval caption|vqa|choice|all"]
     return out
 
 

@@ -1,4 +1,8 @@
-"""``mmpt eval {retrieval,zeroshot,mcq,probe}``: evaluate a checkpoint, write JSON + PNG."""
+"""``mmpt eval <task>``: evaluate a model, write JSON + PNG.
+
+Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`) and the VLM
+benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`).
+"""
 
 from __future__ import annotations
 
@@ -15,10 +19,13 @@ from mmpt.datamodules.video import VIDEO_BACKENDS
 from mmpt.eval.applicable import require_task
 from mmpt.eval.callback import write_reports
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
+from mmpt.eval.mir_cli import add_mir_args, check_mir_args, report_mir
 from mmpt.eval.modality import item_counts, media_of
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
+from mmpt.eval.vlm_cli import VLM_COMMANDS, run_vlm
+from mmpt.eval.vlm_cli import add_parsers as add_vlm_parsers
 from mmpt.eval.zeroshot_setup import DEFAULT_TEMPLATES, classes_from_names, zeroshot_setup
 from mmpt.safe_load import add_unsafe_load_flag
 
@@ -49,7 +56,11 @@ def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = Parser(prog="mmpt eval", description=__doc__)
-    sub = p.add_subparsers(dest="task", required=True, metavar="{retrieval,zeroshot,mcq,probe}")
+    sub = p.add_subparsers(
+        dest="task",
+        required=True,
+        metavar="{retrieval,zeroshot,mcq,probe,mir,caption,vqa,choice,all}",
+    )
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
         ("zeroshot", "zero-shot classification with prompt ensembling: top-1/5, per-class recall"),
@@ -91,7 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         help='type id -> name, e.g. \'{"1": "inter", "2": "intra"}\' '
         "(default: the shards' meta.mcq_types)",
     )
+    help_ = "EPIC-KITCHENS-100 multi-instance retrieval: mAP and nDCG, video->text and back"
+    s = sub.add_parser("mir", help=help_, description=help_)
+    _common_args(s, batch_size=8)
+    add_mir_args(s)
+    s.set_defaults(label_key=None)
     add_probe_parser(sub)
+    add_vlm_parsers(sub)
     return p
 
 
@@ -143,6 +160,8 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.task in VLM_COMMANDS:
+        return run_vlm(args, overrides)
     if args.task == "probe":
         if overrides:
             raise ValueError(f"unknown arguments for eval probe: {' '.join(overrides)}")
@@ -157,6 +176,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     from mmpt.models.contrastive import text_owner
     from mmpt.run_config import eval_stream_config
 
+    relevancy = check_mir_args(args) if args.task == "mir" else None  # before the model loads
     model, dm = _build(args, overrides)
     if args.text_key:
         dm.val_text_key = args.text_key
@@ -180,7 +200,10 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         dm.classnames = zeroshot["classnames"]  # None: the classes the labels name
     stream = dm.stream(cfg, train=False, field=field)
     stream.where = where
-    loader = make_loader(stream, args.num_workers)
+    # mir: one worker keeps the shard order, which is the order of the relevancy rows
+    loader = make_loader(
+        stream, min(args.num_workers, 1) if relevancy is not None else args.num_workers
+    )
     device = _device(args.device)
     model.to(device).eval()
 
@@ -190,16 +213,19 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         task = bar.add_task("eval", total=total)
         for batch in loader:
             skips.record("eval", 0, batch)
-            names += getattr(batch, "label_names", None) or [""] * batch.labels.shape[0]
             batch = dm.normalize(move_data_to_device(batch, device))
-            img = model.encode_media(batch)  # images or audio clips
-            txt = model.encode_text(batch.text_tokens)
+            img, txt = model(batch)  # images, audio or video clips (B, D); captions (M, D)
+            owner = getattr(batch, "text_to_video", None)
+            labels = getattr(batch, "labels", None)  # video-text batches have none
+            if labels is None:
+                labels = torch.full((img.shape[0],), -1, dtype=torch.long)
+            names += getattr(batch, "label_names", None) or [""] * labels.shape[0]
             acc.add(
                 {
                     "image_emb": img,
                     "text_emb": txt,
-                    "text_to_image": text_owner(batch).cpu(),
-                    "labels": batch.labels,
+                    "text_to_image": (text_owner(batch) if owner is None else owner).cpu(),
+                    "labels": labels,
                 }
             )
             bar.advance(task)
@@ -215,6 +241,15 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         with torch.no_grad():
             return model.encode_text(tokenizer(prompts).to(device)).float().cpu()
 
+    if relevancy is not None:
+        out = _out_dir(args)
+        context = {"checkpoint": str(args.ckpt), "data": data}
+        metrics, paths = report_mir(
+            args, emb.image, emb.text, relevancy, encode_text, out, **context
+        )
+        print_metrics(metrics, title=f"mmpt eval mir: {data}")
+        _print_paths(paths)
+        return 0
     media = media_of(model)
     result = evaluate(emb, encode_text, zeroshot, retrieval=args.task == "retrieval", media=media)
     if args.task == "zeroshot" and not result.metrics:
