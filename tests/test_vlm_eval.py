@@ -230,12 +230,26 @@ def test_every_suite_in_configs_loads_and_recipes_name_existing_suites():
     assert {p.name for p in suites} >= {"vlm_suite.yaml", "quickstart_suite.yaml"}
     for path in suites:
         assert load_suite(path)
+    quickstart = load_suite(root / "configs" / "eval" / "quickstart_suite.yaml")
     named = 0
     for recipe in (root / "configs").rglob("vila_stage*.yaml"):
         for cb in yaml.safe_load(recipe.read_text())["trainer"]["callbacks"]:
             if cb["class_path"] == "mmpt.eval.VLMEvalCallback":
-                named += (root / cb["init_args"]["suite"]).is_file()
+                suite = cb["init_args"]["suite"]
+                if isinstance(suite, str):  # the real recipes: a suite file
+                    named += (root / suite).is_file()
+                else:  # the quickstarts: the quickstart suite inline (any working folder)
+                    named += load_suite(suite, recipe.name) == quickstart
     assert named == 6  # the three stage recipes and the three quickstart stages
+
+
+def test_inline_suite_is_checked_like_a_file():
+    specs = load_suite([{"name": "a", "task": "vqa", "data": "d", "prompt": "{question}"}])
+    assert [(s.name, s.task, s.prompt) for s in specs] == [("a", "vqa", "{question}")]
+    with pytest.raises(ValueError, match=r"recipe: sets\[0\] has missing field\(s\) \['data'\]"):
+        load_suite([{"name": "a", "task": "vqa"}], "recipe")
+    with pytest.raises(ValueError, match="non-empty 'sets:' list"):
+        load_suite([], "recipe")
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,39 +37,56 @@ def headline(spec: SetSpec) -> str:
     return "circular_accuracy" if spec.circular else HEADLINE[spec.task]
 
 
-def load_suite(path: str | Path, flag: str = "--suite") -> list[SetSpec]:
-    """The sets of a suite YAML (``sets:`` list of :class:`SetSpec` fields).
+def load_suite(
+    suite: str | Path | Sequence[Mapping[str, Any]], flag: str = "--suite"
+) -> list[SetSpec]:
+    """The sets of a suite: a YAML file with a ``sets:`` list, or that list itself (inline).
+
+    Args:
+        suite: Path of a suite YAML, or the list of set mappings (a recipe can hold its suite
+            inline, so it does not depend on the folder it is run from).
+        flag: Where the suite came from, for error messages.
 
     Raises:
         FileNotFoundError: No such file.
         ValueError: Not a ``sets:`` list, an unknown or missing field, a repeated name.
     """
+    if not isinstance(suite, (str, Path)):
+        return parse_sets(suite, flag)
     import yaml
 
-    path = Path(path)
+    path = Path(suite)
     if not path.is_file():
         raise FileNotFoundError(f"{flag}: no suite file at {str(path)!r}")
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"{flag} {path}: not valid YAML ({err})") from None
-    sets = doc.get("sets") if isinstance(doc, dict) else None
-    if not isinstance(sets, list) or not sets:
-        raise ValueError(f"{flag} {path}: expected a non-empty 'sets:' list of benchmark sets")
+    return parse_sets(doc.get("sets") if isinstance(doc, dict) else None, f"{flag} {path}")
+
+
+def parse_sets(sets: Any, where: str) -> list[SetSpec]:
+    """Check a ``sets:`` list (each a mapping of :class:`SetSpec` fields) and build the specs.
+
+    Raises:
+        ValueError: Not a non-empty list, an unknown or missing field, a repeated name.
+    """
+    if not isinstance(sets, (list, tuple)) or not sets:
+        raise ValueError(f"{where}: expected a non-empty 'sets:' list of benchmark sets")
     known = {f.name for f in dataclasses.fields(SetSpec)}
     specs: list[SetSpec] = []
     for i, entry in enumerate(sets):
-        if not isinstance(entry, dict):
-            raise ValueError(f"{flag} {path}: sets[{i}] is not a mapping")
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where}: sets[{i}] is not a mapping")
         unknown = sorted(set(entry) - known)
         missing = sorted({"name", "task", "data"} - set(entry))
         if unknown or missing:
             what = f"unknown field(s) {unknown}" if unknown else f"missing field(s) {missing}"
-            raise ValueError(f"{flag} {path}: sets[{i}] has {what}; fields: {sorted(known)}")
-        specs.append(SetSpec(**{k: v for k, v in entry.items()}))
+            raise ValueError(f"{where}: sets[{i}] has {what}; fields: {sorted(known)}")
+        specs.append(SetSpec(**dict(entry)))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"{flag} {path}: set names must be unique, got {names}")
+        raise ValueError(f"{where}: set names must be unique, got {names}")
     return specs
 
 

@@ -58,7 +58,8 @@ class VLMEvalCallback(L.Callback):
     strategy (FSDP) it warns and does nothing: run ``mmpt eval all`` on the checkpoints.
 
     Args:
-        suite: Suite YAML (``configs/eval/*.yaml``; see :mod:`mmpt.eval.suite`).
+        suite: Suite YAML (``configs/eval/*.yaml``; see :mod:`mmpt.eval.suite`), or its
+            ``sets:`` list inline (paths then resolve like the recipe's data paths).
         every_n_steps: Evaluate every N global steps (0: only at the end).
         at_end: Evaluate when fit ends (unless that step was just evaluated).
         batch_size: Prompts per ``generate`` call.
@@ -73,7 +74,7 @@ class VLMEvalCallback(L.Callback):
 
     def __init__(
         self,
-        suite: str,
+        suite: str | list[dict[str, Any]],
         every_n_steps: int = 0,
         at_end: bool = True,
         batch_size: int = 8,
@@ -112,7 +113,8 @@ class VLMEvalCallback(L.Callback):
             raise ValueError(
                 f"VLMEvalCallback: {type(pl_module).__name__} is not a VLM with a vision tower"
             )
-        field = f"VLMEvalCallback suite {self.suite}: data"
+        where = self.suite if isinstance(self.suite, str) else "(inline)"
+        field = f"VLMEvalCallback suite {where}: data"
         caption_prompt = getattr(trainer.datamodule, "caption_prompt", None)
         for spec in load_suite(self.suite, "VLMEvalCallback suite"):
             if spec.task == "caption" and spec.prompt is None and caption_prompt is not None:
