@@ -94,6 +94,27 @@ def decode_audio(data: bytes, ext: str, *, fallback: bool = True) -> tuple[torch
     return torch.from_numpy(np.ascontiguousarray(array)).clamp_(-1.0, 1.0), rate
 
 
+def downmix(wave: torch.Tensor) -> torch.Tensor:
+    """``wave.mean(dim=0)``, bit for bit, without its cost on one or two channels.
+
+    A mean over a dim of size 1 still runs torch's reduction kernel (about 0.25 ms for 5 s at
+    44.1 kHz on one thread; 1.8 ms for stereo in soundfile's interleaved layout); an add
+    costs a fifth of that. The mean sums from +0, so ``-0.0`` comes out as ``+0.0``: the
+    ``+ 0.0`` here does the same, and every other value is the rounded sum, halved exactly.
+
+    Args:
+        wave: (C, N) waveform.
+
+    Returns:
+        (N,) mono waveform, a new tensor.
+    """
+    if wave.shape[0] == 1:
+        return wave[0] + 0.0
+    if wave.shape[0] == 2:
+        return (wave[0] + wave[1]).add_(0.0).mul_(0.5)
+    return wave.mean(dim=0)
+
+
 def resampled_length(n: int, orig_sr: int, new_sr: int) -> int:
     """Samples out of resampling ``n`` samples from ``orig_sr`` to ``new_sr`` (torchaudio's)."""
     return n if orig_sr == new_sr else math.ceil(new_sr * n / orig_sr)
@@ -180,7 +201,7 @@ class AudioReader:
             ValueError: Empty, undecodable or shorter than ``pre.min_samples``.
         """
         wave, rate = decode_audio(data, ext)
-        mono = wave.mean(dim=0)
+        mono = downmix(wave)
         n = resampled_length(mono.shape[0], rate, self.pre.sample_rate)
         if n < self.pre.min_samples:
             raise ValueError(
@@ -254,6 +275,10 @@ class LengthBucketBatcher:
         key: Item -> its sample key (picklable), or None for no duplicate check.
     """
 
+    #: Its last batches come from what it holds when the input ends (a partial buffer), so
+    #: a ``ShardStream`` stops its input at the epoch's quota instead of decoding past it.
+    reads_ahead = False
+
     def __init__(
         self,
         batch_size: int,
@@ -296,18 +321,24 @@ class LengthBucketBatcher:
                 (held if k in keys else buffer).append(item)
                 keys.add(k)
 
+        def cut() -> Iterator[list[Any]]:
+            nonlocal buffer, held, keys
+            batches, buffer = self._cut(buffer, held)
+            yield from batches
+            if not batches:  # fewer distinct samples than a batch: repeats are unavoidable
+                buffer, held = buffer + held, []
+            keys = set() if self.key is None else {self.key(x) for x in buffer}
+            pending, held = held, []
+            for x in pending:
+                admit(x)
+
         for item in items:
             admit(item)
             if len(buffer) >= size or len(held) >= self.batch_size:
-                batches, buffer = self._cut(buffer, held)
-                yield from batches
-                if not batches:  # fewer distinct samples than a batch: repeats are unavoidable
-                    buffer, held = buffer + held, []
-                keys = set() if self.key is None else {self.key(x) for x in buffer}
-                pending, held = held, []
-                for x in pending:
-                    admit(x)
-        batches, rest = self._cut(buffer + held, [])
+                yield from cut()
+        while held:  # the input ended (e.g. at the epoch's quota) with copies waiting
+            yield from cut()
+        batches, rest = self._cut(buffer, [])
         yield from batches
         if rest and self.partial:
             yield rest
@@ -326,6 +357,7 @@ __all__ = [
     "Resampler",
     "clip_length",
     "decode_audio",
+    "downmix",
     "normalize_audio",
     "pad_audio",
     "resampled_length",
