@@ -19,12 +19,18 @@ AUDIO_EXTENSIONS = "flac;wav;mp3;ogg;opus;m4a"
 
 _SOUNDFILE_EXTENSIONS = frozenset({"wav", "flac", "ogg"})
 
+#: Integer PCM subtypes: libsndfile scales them into [-1, 1] (x / 2^(bits-1)), so clamping
+#: their float samples changes nothing and is skipped (0.1 ms per 5 s at 44.1 kHz).
+_PCM_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32"})
 
-def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int]:
+
+def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int, bool]:
+    """(C, N) float32, the rate, and whether samples may lie outside [-1, 1] (not int PCM)."""
     import soundfile as sf
 
-    array, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return array.T, int(rate)
+    with sf.SoundFile(io.BytesIO(data)) as f:  # what sf.read does, keeping the subtype
+        array = f.read(dtype="float32", always_2d=True)
+        return array.T, int(f.samplerate), f.subtype not in _PCM_SUBTYPES
 
 
 def _frame_samples(frame: Any) -> np.ndarray:
@@ -80,9 +86,10 @@ def decode_audio(data: bytes, ext: str, *, fallback: bool = True) -> tuple[torch
     Raises:
         EmptyAudio: The file holds no samples. Decoder errors propagate (a counted skip).
     """
+    unbounded = True
     if ext.lower() in _SOUNDFILE_EXTENSIONS:
         try:
-            array, rate = _decode_soundfile(data)
+            array, rate, unbounded = _decode_soundfile(data)
         except Exception:  # noqa: BLE001 - let PyAV try; its error is the one raised
             if not fallback:
                 raise
@@ -91,7 +98,8 @@ def decode_audio(data: bytes, ext: str, *, fallback: bool = True) -> tuple[torch
         array, rate = _decode_av(data)
     if array.shape[1] == 0:
         raise EmptyAudio(f"empty audio ({ext}, 0 samples)")
-    return torch.from_numpy(np.ascontiguousarray(array)).clamp_(-1.0, 1.0), rate
+    wave = torch.from_numpy(np.ascontiguousarray(array))
+    return (wave.clamp_(-1.0, 1.0) if unbounded else wave), rate
 
 
 def downmix(wave: torch.Tensor) -> torch.Tensor:

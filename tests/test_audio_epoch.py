@@ -92,3 +92,22 @@ def test_downmix_equals_mean_bit_for_bit(channels: int) -> None:
         out = downmix(wave)
         assert torch.equal(bits(out), bits(wave.mean(dim=0)))
         assert out.data_ptr() != wave.data_ptr()  # a new tensor, never a view of the decode
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"),
+    [("FLAC", "PCM_16"), ("FLAC", "PCM_24"), ("WAV", "PCM_U8"), ("WAV", "PCM_32")]
+    + [("WAV", "FLOAT"), ("WAV", "DOUBLE")],
+)
+def test_decode_clamps_only_what_can_overshoot(fmt: str, subtype: str) -> None:
+    """Integer PCM decodes into [-1, 1] (its clamp is skipped); float files are clamped."""
+    full_scale = np.array([[-1.0, 1.0], [1.5, -1.5], [0.25, -0.999]], dtype=np.float64)
+    buf = io.BytesIO()
+    sf.write(buf, np.tile(full_scale, (100, 1)), RATE, format=fmt, subtype=subtype)
+    wave, rate = audio.decode_audio(buf.getvalue(), fmt.lower())
+    raw, _ = sf.read(io.BytesIO(buf.getvalue()), dtype="float32", always_2d=True)
+    assert rate == RATE and wave.shape == (2, 300)
+    assert torch.equal(wave, torch.from_numpy(raw.T.copy()).clamp(-1.0, 1.0))
+    assert float(wave.abs().max()) == 1.0
+    if subtype in ("FLOAT", "DOUBLE"):
+        assert float(np.abs(raw).max()) == 1.5  # the clamp did the work
