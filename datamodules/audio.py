@@ -19,12 +19,18 @@ AUDIO_EXTENSIONS = "flac;wav;mp3;ogg;opus;m4a"
 
 _SOUNDFILE_EXTENSIONS = frozenset({"wav", "flac", "ogg"})
 
+#: Integer PCM subtypes: libsndfile scales them into [-1, 1] (x / 2^(bits-1)), so clamping
+#: their float samples changes nothing and is skipped (0.1 ms per 5 s at 44.1 kHz).
+_PCM_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32"})
 
-def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int]:
+
+def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int, bool]:
+    """(C, N) float32, the rate, and whether samples may lie outside [-1, 1] (not int PCM)."""
     import soundfile as sf
 
-    array, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return array.T, int(rate)
+    with sf.SoundFile(io.BytesIO(data)) as f:  # what sf.read does, keeping the subtype
+        array = f.read(dtype="float32", always_2d=True)
+        return array.T, int(f.samplerate), f.subtype not in _PCM_SUBTYPES
 
 
 def _frame_samples(frame: Any) -> np.ndarray:
@@ -75,14 +81,16 @@ def decode_audio(data: bytes, ext: str, *, fallback: bool = True) -> tuple[torch
             raises soundfile's error instead (a broken file is reported, never guessed at).
 
     Returns:
-        The waveform (C, N) float32 in [-1, 1] and the file's sample rate in Hz.
+        The waveform (C, N) float32 in [-1, 1] (zeros are ``+0.0``) and the file's sample
+        rate in Hz.
 
     Raises:
         EmptyAudio: The file holds no samples. Decoder errors propagate (a counted skip).
     """
+    unbounded = True
     if ext.lower() in _SOUNDFILE_EXTENSIONS:
         try:
-            array, rate = _decode_soundfile(data)
+            array, rate, unbounded = _decode_soundfile(data)
         except Exception:  # noqa: BLE001 - let PyAV try; its error is the one raised
             if not fallback:
                 raise
@@ -91,7 +99,32 @@ def decode_audio(data: bytes, ext: str, *, fallback: bool = True) -> tuple[torch
         array, rate = _decode_av(data)
     if array.shape[1] == 0:
         raise EmptyAudio(f"empty audio ({ext}, 0 samples)")
-    return torch.from_numpy(np.ascontiguousarray(array)).clamp_(-1.0, 1.0), rate
+    wave = torch.from_numpy(np.ascontiguousarray(array))
+    if unbounded:  # integer PCM is in [-1, 1] and has no -0.0 already
+        wave.clamp_(-1.0, 1.0).add_(0.0)  # -0.0 + 0.0 == +0.0: see downmix
+    return wave, rate
+
+
+def downmix(wave: torch.Tensor) -> torch.Tensor:
+    """``wave.mean(dim=0)``, bit for bit on :func:`decode_audio`'s output, but cheaper.
+
+    A mean over a dim of size 1 still runs torch's reduction kernel into a new tensor (about
+    0.3 ms for 5 s at 44.1 kHz on one thread, most of it allocating); mono is returned as a
+    view instead. Stereo is ``(left + right) * 0.5``: the same rounded sum, halved exactly.
+    The mean sums from +0, so it turns ``-0.0`` into ``+0.0``; ``decode_audio`` gives no
+    ``-0.0``, so the two agree there (not on a wave holding ``-0.0``).
+
+    Args:
+        wave: (C, N) waveform from :func:`decode_audio`.
+
+    Returns:
+        (N,) mono waveform (a view of ``wave`` when C == 1).
+    """
+    if wave.shape[0] == 1:
+        return wave[0]
+    if wave.shape[0] == 2:
+        return (wave[0] + wave[1]).mul_(0.5)
+    return wave.mean(dim=0)
 
 
 def resampled_length(n: int, orig_sr: int, new_sr: int) -> int:
@@ -180,7 +213,7 @@ class AudioReader:
             ValueError: Empty, undecodable or shorter than ``pre.min_samples``.
         """
         wave, rate = decode_audio(data, ext)
-        mono = wave.mean(dim=0)
+        mono = downmix(wave)
         n = resampled_length(mono.shape[0], rate, self.pre.sample_rate)
         if n < self.pre.min_samples:
             raise ValueError(
@@ -254,6 +287,10 @@ class LengthBucketBatcher:
         key: Item -> its sample key (picklable), or None for no duplicate check.
     """
 
+    #: Its last batches come from what it holds when the input ends (a partial buffer), so
+    #: a ``ShardStream`` stops its input at the epoch's quota instead of decoding past it.
+    reads_ahead = False
+
     def __init__(
         self,
         batch_size: int,
@@ -296,18 +333,24 @@ class LengthBucketBatcher:
                 (held if k in keys else buffer).append(item)
                 keys.add(k)
 
+        def cut() -> Iterator[list[Any]]:
+            nonlocal buffer, held, keys
+            batches, buffer = self._cut(buffer, held)
+            yield from batches
+            if not batches:  # fewer distinct samples than a batch: repeats are unavoidable
+                buffer, held = buffer + held, []
+            keys = set() if self.key is None else {self.key(x) for x in buffer}
+            pending, held = held, []
+            for x in pending:
+                admit(x)
+
         for item in items:
             admit(item)
             if len(buffer) >= size or len(held) >= self.batch_size:
-                batches, buffer = self._cut(buffer, held)
-                yield from batches
-                if not batches:  # fewer distinct samples than a batch: repeats are unavoidable
-                    buffer, held = buffer + held, []
-                keys = set() if self.key is None else {self.key(x) for x in buffer}
-                pending, held = held, []
-                for x in pending:
-                    admit(x)
-        batches, rest = self._cut(buffer + held, [])
+                yield from cut()
+        while held:  # the input ended (e.g. at the epoch's quota) with copies waiting
+            yield from cut()
+        batches, rest = self._cut(buffer, [])
         yield from batches
         if rest and self.partial:
             yield rest
@@ -326,6 +369,7 @@ __all__ = [
     "Resampler",
     "clip_length",
     "decode_audio",
+    "downmix",
     "normalize_audio",
     "pad_audio",
     "resampled_length",

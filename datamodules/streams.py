@@ -80,7 +80,10 @@ class ShardStream(torch.utils.data.IterableDataset):
             in resampled mode ``epoch_samples`` counts what the batcher batches (rows).
             A batcher that puts some items in a batch without using them up (partner copies)
             names the keys it does use up with a ``taken_keys(items) -> keys`` method (exact
-            resume reads the others again).
+            resume reads the others again). A batcher whose ``reads_ahead`` is False makes
+            its last batches from what it holds when its input ends (e.g. a partial length
+            bucket), so an exact one is fed only ``quota x batch_size`` items: no clip is
+            decoded past the epoch's quota.
         batcher_exact: The batcher makes one batch of every ``batch_size`` items it takes
             (it may add rows, e.g. scene-aware partners), so batch counts and per-worker
             quotas are those of plain batching (dropping a last short batch).
@@ -347,7 +350,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         pairs, names, clock = self._pairs(slot, epoch, counter, tracker, start)
         tally = SourceTally(pairs, names)
         if self.batcher is not None:
-            batches = self.batcher(iter(tally))
+            items: Iterator[Any] = iter(tally)
+            bounded = self.counted and not getattr(self.batcher, "reads_ahead", True)
+            if quota is not None and bounded:
+                items = itertools.islice(items, quota * self.batch_size)  # decode no more
+            batches = self.batcher(items)
         else:
             batches = batched(tally, self.batch_size, self.partial)
         if quota is not None:
