@@ -9,15 +9,14 @@ the latest one per worker of the batches the model actually trained on, and ever
 gathers those of all ranks. A resumed worker rebuilds its raw stream and fast-forwards it,
 reading but not decoding the samples before the position, so the plain mode goes on with
 exactly the samples of the epoch not yet seen and the resampled mode continues the same
-random stream (a mixture schedule included: each draw before the position is forced to the
-source it had, :mod:`mmpt.datamodules.draws`).
+random stream (under a mixture schedule each earlier draw is forced to its source: ``draws``).
 
 A fast-forwarded worker does not decode, so its random generators cannot be where the
 uninterrupted worker's were. Decoding therefore never depends on them: python's ``random``,
 numpy's and torch's CPU generator are seeded for each sample from (seed, epoch, rank, worker,
 stream, position) (:mod:`mmpt.datamodules.seeding`), so a sample's random crop, flip or
-caption choice is the same whenever and wherever it is decoded. The DataLoader takes its
-workers' batches in turn, so a resumed epoch also starts with the worker whose batch came next.
+caption choice is the same whenever and wherever it is decoded. A resumed epoch starts with
+the worker whose batch came next (the DataLoader takes its workers' batches in turn).
 """
 
 from __future__ import annotations
@@ -145,8 +144,7 @@ class Ledger:
 class Held:
     """``sample -> fn(sample)`` that records the decoded sample in the ledger (else raises).
 
-    Each sample with a position decodes under generators seeded from ``seed`` and that
-    position (:func:`seeded`), so its augmentations do not depend on what was decoded before.
+    A sample decodes under generators seeded from ``seed`` and its position (:func:`seeded`).
 
     Args:
         fn: Raw sample -> item (raising skips and counts the sample).

@@ -310,10 +310,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             mine = [self.urls[i] for i in self.shards_for(slot)]
             if cfg.shuffle_shards:
                 rng.shuffle(mine)
-            # Training reads its shards once; only if corrupt samples left it short of its
-            # quota does it top up from the start, so every rank runs the same number of steps.
-            # Each pass is shuffled on its own: the buffer never pulls a top-up pass's samples
-            # in ahead of the first pass's last ones.
+            # One pass, topped up from the start only if corrupt samples left it short of its
+            # quota (equal steps on every rank); each pass is shuffled on its own.
             passes = 1 if self.worker_quota(slot) is None else None
             samples = repeat_passes(lambda: shuffle(read_shards(mine, counter), buf, rng), passes)
             samples = tag(samples, self.url_names)

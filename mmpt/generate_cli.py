@@ -99,7 +99,13 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _check_args(args: argparse.Namespace, overrides: list[str]) -> None:
+def check_model_source(args: argparse.Namespace, overrides: list[str]) -> None:
+    """``--model DIR`` or ``-c CONFIG --ckpt CKPT``, exactly one (generate and eval caption/...).
+
+    Raises:
+        ValueError: Neither or both, ``--ckpt`` without a config, or a config/override given
+            with an export folder.
+    """
     if (args.model is None) == (args.ckpt is None):
         raise ValueError("give either --model EXPORT_DIR or -c CONFIG --ckpt CKPT")
     if args.ckpt is not None and not args.config:
@@ -107,6 +113,10 @@ def _check_args(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.model is not None and (args.config or overrides):
         extra = "-c" if args.config else overrides[0]
         raise ValueError(f"{extra}: an export folder (--model) takes no config or overrides")
+
+
+def _check_args(args: argparse.Namespace, overrides: list[str]) -> None:
+    check_model_source(args, overrides)
     if bool(args.data) != bool(args.out):
         raise ValueError("--data and --out go together: shards in, captions.jsonl out")
     if args.data and (args.image or args.audio):

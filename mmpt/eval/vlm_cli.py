@@ -103,13 +103,9 @@ def specs_of(args: argparse.Namespace) -> list[SetSpec]:
 
 
 def _check(args: argparse.Namespace, overrides: list[str]) -> None:
-    if (args.model is None) == (args.ckpt is None):
-        raise ValueError("give either --model EXPORT_DIR or -c CONFIG --ckpt CKPT")
-    if args.ckpt is not None and not args.config:
-        raise ValueError("--ckpt needs the training config(s) it was made with: -c CONFIG")
-    if args.model is not None and (args.config or overrides):
-        extra = "-c" if args.config else overrides[0]
-        raise ValueError(f"{extra}: an export folder (--model) takes no config or overrides")
+    from mmpt.generate_cli import check_model_source
+
+    check_model_source(args, overrides)
     if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         raise ValueError("--batch-size and --max-new-tokens must be >= 1")
 
