@@ -22,7 +22,7 @@ training (LightningCLI: -c config files compose, dotted overrides, --print_confi
   fit         train a model:            mmpt fit -c configs/quickstart/vila_stage1.yaml
   validate    run validation once:      mmpt validate -c CONFIG --ckpt_path last.ckpt
   test        run the test loop:        mmpt test -c CONFIG --ckpt_path last.ckpt
-  predict     run prediction:           mmpt predict -c CONFIG --ckpt_path last.ckpt
+  predict     write embeddings + keys:  mmpt predict -c CONFIG --ckpt_path last.ckpt
 
 data:
   data synth      make a learnable synthetic set   mmpt data synth --kind image-text --out DIR
@@ -122,11 +122,20 @@ class MMPTCLI(LightningCLI):
             self._run_claim = claim_fit_run(cfg)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """Lightning's Trainer, with mmpt's model summary (no ``Total FLOPs: 0``)."""
+        """Lightning's Trainer, with mmpt's model summary; ``predict`` writes embeddings.
+
+        A ``predict`` gets an :class:`~mmpt.predict_writer.EmbeddingWriter` unless the config
+        has one (``<log_dir>/predictions/rank*/``).
+        """
         from mmpt.console import use_mmpt_model_summary
 
         trainer = super().instantiate_trainer(**kwargs)
         use_mmpt_model_summary(trainer)
+        if self.subcommand == "predict":
+            from mmpt.predict_writer import EmbeddingWriter
+
+            if not any(isinstance(c, EmbeddingWriter) for c in trainer.callbacks):
+                trainer.callbacks.append(EmbeddingWriter())
         return trainer
 
 
