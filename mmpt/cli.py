@@ -27,6 +27,7 @@ training (LightningCLI: -c config files compose, dotted overrides, --print_confi
 data:
   data synth      make a learnable synthetic set   mmpt data synth --kind image-text --out DIR
   data build      raw files -> WebDataset shards   mmpt data build --from captions.csv --out DIR
+  data index      count samples into index.json    mmpt data index DIR
   data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
 
 export, generation and checkpoints:
@@ -42,13 +43,40 @@ evaluation (JSON report + PNG plot):
   eval mcq        EgoMCQ video multiple choice     mmpt eval mcq -c CFG --ckpt CKPT --data DIR
   eval mir        EPIC-100 multi-instance (MIR)    mmpt eval mir -c CFG --ckpt CKPT --data DIR
                                                     --relevancy relevancy.pkl
+  eval probe      kNN / linear probe of a tower    mmpt eval probe --ckpt CKPT --train DIR --test DIR
   eval caption    VLM captioning: CIDEr, BLEU-4    mmpt eval caption --model DIR --data DIR
   eval vqa        VLM VQA accuracy                 mmpt eval vqa -c CFG --ckpt CKPT --data DIR
   eval choice     VLM multiple choice (MMBench)    mmpt eval choice --model DIR --data DIR
   eval all        a suite of VLM sets, one report  mmpt eval all --model DIR --suite SUITE.yaml
 
-`mmpt <command> --help` shows the options of each command.
+`mmpt <command> --help` shows the options of each command; the documentation is in docs/
+(`make docs` builds the site).
 """
+
+
+#: ``mmpt <command>`` -> "module:function" returning its argparse parser (the LightningCLI
+#: commands fit/validate/test/predict are parsed by LightningCLI itself).
+COMMAND_PARSERS = {
+    "data": "mmpt.data_cli:parser",
+    "eval": "mmpt.eval.cli:_parser",
+    "export": "mmpt.export_cli:_parser",
+    "generate": "mmpt.generate_cli:_parser",
+    "merge": "mmpt.merge_cli:_parser",
+    "schedule": "mmpt.schedule_cli:_parser",
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def command_parser(command: str) -> Any:
+    """The argparse parser of ``mmpt <command>`` (not the LightningCLI commands).
+
+    Raises:
+        KeyError: Not an argparse command of mmpt.
+    """
+    import importlib
+
+    module, function = COMMAND_PARSERS[command].split(":")
+    return getattr(importlib.import_module(module), function)()
 
 
 class MMPTCLI(LightningCLI):
