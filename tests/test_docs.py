@@ -193,3 +193,10 @@ def test_mkdocs_strict_build(tmp_path: Path) -> None:
     assert "ContrastiveModule" in api.read_text()
     recipe = tmp_path / "site" / "reference" / "recipes" / "quickstart__clip_tiny" / "index.html"
     assert "Tiny CLIP on synthetic shapes" in recipe.read_text()
+
+
+def test_sphinx_roles_become_code_spans() -> None:
+    from docs_griffe import rewrite_roles
+
+    text = "See :class:`~mmpt.models.module.MMPTModule`, :func:`mmpt.load` and ``x``."
+    assert rewrite_roles(text) == "See `MMPTModule`, `mmpt.load` and ``x``."
