@@ -179,8 +179,33 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:
         return _make_cli(args, run)
 
 
-def _make_cli(args: list[str] | None, run: bool) -> MMPTCLI:
-    return MMPTCLI(
+class _ParserBuilt(Exception):
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+
+
+class _ParserOnly(MMPTCLI):
+    """Stops right after building the parser (nothing parsed, nothing built)."""
+
+    def parse_arguments(self, parser, args) -> None:  # noqa: D102
+        raise _ParserBuilt(parser)
+
+
+def training_parser() -> Any:
+    """The LightningCLI parser of ``fit``/``validate``/``test``/``predict``, built once per call.
+
+    ``training_parser().parse_args(["fit", "-c", cfg, "--print_config"])`` checks a command
+    without building the parser again (the docs' command test reuses one for every command).
+    """
+    try:
+        _make_cli(["fit"], run=True, cls=_ParserOnly)
+    except _ParserBuilt as built:
+        return built.parser
+    raise AssertionError("unreachable: _ParserOnly always raises")
+
+
+def _make_cli(args: list[str] | None, run: bool, cls: type[MMPTCLI] = MMPTCLI) -> MMPTCLI:
+    return cls(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,

@@ -10,6 +10,7 @@ command and subcommand, and every flag must exist in that command's parser; ``fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 import shlex
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mmpt.cli import LIGHTNING_COMMANDS, TOP_HELP, build_cli, command_parser
+from mmpt.cli import LIGHTNING_COMMANDS, TOP_HELP, command_parser, training_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -106,11 +107,16 @@ def placeholder(path: str) -> bool:
     return not (ROOT / path).is_file()
 
 
+@functools.cache
+def parser():
+    return training_parser()
+
+
 def print_config(argv: list[str]) -> None:
-    """``mmpt <fit|...> ... --print_config`` parses (exit code 0)."""
+    """``mmpt <fit|...> ... --print_config`` parses (exit code 0), on one shared parser."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
-        build_cli([*argv, "--print_config"])
+        parser().parse_args([*argv, "--print_config"])
     assert e.value.code in (0, None), out.getvalue()[-2000:]
 
 
