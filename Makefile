@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # The local package mirror prints one harmless warning per package; hide those lines only.
 HIDE_MIRROR_NOISE := grep -v "is ignored: it is neither" || true
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all lint format bench clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" 
 
+# The documentation site (MkDocs Material + mkdocstrings), offline, into site/.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+	@echo "open site/index.html"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -43,4 +48,4 @@ bench: $(STAMP)
 	$(PY) scripts/bench_dataloader.py
 
 clean:
-	rm -rf $(VENV) runs data .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs data .pytest_cache .ruff_cache site .cache

@@ -272,9 +272,10 @@ class VideoTextDataModule(ImageTextDataModule):
         neighbour_window: Seconds between anchor and partner window starts.
         neighbour_cache: Recent clips each worker keeps as partner candidates.
         resize_short: Short side before cropping; None: the model's image size.
-        **kwargs: :class:`ImageTextDataModule` arguments (``train``, ``val``, ``test``,
-            ``batch_size``, ``val_batch_size``, ``num_workers``, ``seed``, ``synthetic``,
-            ``preprocess``, ``eval_sets``, ``max_skipped_fraction``).
+
+    The other arguments are :class:`ImageTextDataModule`'s (``train``, ``val``, ``test``,
+    ``batch_size``, ``val_batch_size``, ``num_workers``, ``seed``, ``synthetic``,
+    ``preprocess``, ``eval_sets``, ``max_skipped_fraction``).
     """
 
     def __init__(

@@ -49,9 +49,10 @@ class VLMDataModule(ImageTextDataModule):
         speech_prompt: Instruction before the clip in the user turn (empty: none).
         speech_target_key: Target of a speech sample (BLSP: the continuation).
         transcript_key: Transcript field, for ``speech_input: transcript``.
-        **kwargs: :class:`ImageTextDataModule` arguments (``train``, ``val``, ``test``,
-            ``batch_size``, ``num_workers``, ``image_key``, ``text_key``, ``seed``,
-            ``synthetic``, ``preprocess``, ``eval_sets``, ``max_skipped_fraction``).
+
+    The other arguments are :class:`ImageTextDataModule`'s (``train``, ``val``, ``test``,
+    ``batch_size``, ``num_workers``, ``image_key``, ``text_key``, ``seed``, ``synthetic``,
+    ``preprocess``, ``eval_sets``, ``max_skipped_fraction``).
     """
 
     def __init__(

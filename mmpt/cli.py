@@ -22,11 +22,12 @@ training (LightningCLI: -c config files compose, dotted overrides, --print_confi
   fit         train a model:            mmpt fit -c configs/quickstart/vila_stage1.yaml
   validate    run validation once:      mmpt validate -c CONFIG --ckpt_path last.ckpt
   test        run the test loop:        mmpt test -c CONFIG --ckpt_path last.ckpt
-  predict     run prediction:           mmpt predict -c CONFIG --ckpt_path last.ckpt
+  predict     write embeddings + keys:  mmpt predict -c CONFIG --ckpt_path last.ckpt
 
 data:
   data synth      make a learnable synthetic set   mmpt data synth --kind image-text --out DIR
   data build      raw files -> WebDataset shards   mmpt data build --from captions.csv --out DIR
+  data index      count samples into index.json    mmpt data index DIR
   data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
 
 export, generation and checkpoints:
@@ -42,13 +43,40 @@ evaluation (JSON report + PNG plot):
   eval mcq        EgoMCQ video multiple choice     mmpt eval mcq -c CFG --ckpt CKPT --data DIR
   eval mir        EPIC-100 multi-instance (MIR)    mmpt eval mir -c CFG --ckpt CKPT --data DIR
                                                     --relevancy relevancy.pkl
+  eval probe      kNN / linear probe of a tower    mmpt eval probe --ckpt CKPT --train D --test D
   eval caption    VLM captioning: CIDEr, BLEU-4    mmpt eval caption --model DIR --data DIR
   eval vqa        VLM VQA accuracy                 mmpt eval vqa -c CFG --ckpt CKPT --data DIR
   eval choice     VLM multiple choice (MMBench)    mmpt eval choice --model DIR --data DIR
   eval all        a suite of VLM sets, one report  mmpt eval all --model DIR --suite SUITE.yaml
 
-`mmpt <command> --help` shows the options of each command.
+`mmpt <command> --help` shows the options of each command; the documentation is in docs/
+(`make docs` builds the site).
 """
+
+
+#: ``mmpt <command>`` -> "module:function" returning its argparse parser (the LightningCLI
+#: commands fit/validate/test/predict are parsed by LightningCLI itself).
+COMMAND_PARSERS = {
+    "data": "mmpt.data_cli:parser",
+    "eval": "mmpt.eval.cli:_parser",
+    "export": "mmpt.export_cli:_parser",
+    "generate": "mmpt.generate_cli:_parser",
+    "merge": "mmpt.merge_cli:_parser",
+    "schedule": "mmpt.schedule_cli:_parser",
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def command_parser(command: str) -> Any:
+    """The argparse parser of ``mmpt <command>`` (not the LightningCLI commands).
+
+    Raises:
+        KeyError: Not an argparse command of mmpt.
+    """
+    import importlib
+
+    module, function = COMMAND_PARSERS[command].split(":")
+    return getattr(importlib.import_module(module), function)()
 
 
 class MMPTCLI(LightningCLI):
@@ -122,11 +150,20 @@ class MMPTCLI(LightningCLI):
             self._run_claim = claim_fit_run(cfg)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """Lightning's Trainer, with mmpt's model summary (no ``Total FLOPs: 0``)."""
+        """Lightning's Trainer, with mmpt's model summary; ``predict`` writes embeddings.
+
+        A ``predict`` gets an :class:`~mmpt.predict_writer.EmbeddingWriter` unless the config
+        has one (``<log_dir>/predictions/rank*/``).
+        """
         from mmpt.console import use_mmpt_model_summary
 
         trainer = super().instantiate_trainer(**kwargs)
         use_mmpt_model_summary(trainer)
+        if self.subcommand == "predict":
+            from mmpt.predict_writer import EmbeddingWriter
+
+            if not any(isinstance(c, EmbeddingWriter) for c in trainer.callbacks):
+                trainer.callbacks.append(EmbeddingWriter())
         return trainer
 
 
@@ -142,8 +179,33 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> MMPTCLI:
         return _make_cli(args, run)
 
 
-def _make_cli(args: list[str] | None, run: bool) -> MMPTCLI:
-    return MMPTCLI(
+class _ParserBuilt(Exception):
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+
+
+class _ParserOnly(MMPTCLI):
+    """Stops right after building the parser (nothing parsed, nothing built)."""
+
+    def parse_arguments(self, parser, args) -> None:  # noqa: D102
+        raise _ParserBuilt(parser)
+
+
+def training_parser() -> Any:
+    """The LightningCLI parser of ``fit``/``validate``/``test``/``predict``, built once per call.
+
+    ``training_parser().parse_args(["fit", "-c", cfg, "--print_config"])`` checks a command
+    without building the parser again (the docs' command test reuses one for every command).
+    """
+    try:
+        _make_cli(["fit"], run=True, cls=_ParserOnly)
+    except _ParserBuilt as built:
+        return built.parser
+    raise AssertionError("unreachable: _ParserOnly always raises")
+
+
+def _make_cli(args: list[str] | None, run: bool, cls: type[MMPTCLI] = MMPTCLI) -> MMPTCLI:
+    return cls(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,

@@ -184,6 +184,11 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def parser() -> argparse.ArgumentParser:
+    """The parser of ``mmpt data`` with every synthetic and build kind."""
+    return data_parser(SYNTH_KINDS, list(BUILD_KINDS))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``mmpt data <synth|build|index|inspect> ...``.
 
@@ -196,9 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         (printed as ``error: ...`` on stderr).
 
     """
-    parser = data_parser(SYNTH_KINDS, list(BUILD_KINDS))
     try:
-        args = parser.parse_args(argv)
+        args = parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return e.code if isinstance(e.code, int) else 2
     if not logging.getLogger().handlers:

@@ -259,6 +259,19 @@ class MAEModule(MMPTModule):
             self.log_data_counts(batch, ("skipped",), images.shape[0])
         return loss
 
+    def predict_step(self, batch: object, batch_idx: int = 0) -> dict:
+        """L2-normalised mean-pooled encoder features of the unmasked images, with the keys.
+
+        Returns:
+            ``keys`` (B sample keys), ``image_emb`` (B, D) and ``labels`` (B,), -1 if unknown.
+        """
+        images = self._images(batch)
+        feats = torch.nn.functional.normalize(self.encoder.pooled_features(images, "avg"), dim=-1)
+        labels = getattr(batch, "labels", None)
+        if not torch.is_tensor(labels):
+            labels = torch.full((images.shape[0],), -1, dtype=torch.long)
+        return {"keys": list(getattr(batch, "keys", [])), "image_emb": feats, "labels": labels}
+
     def validation_step(
         self, batch: object, batch_idx: int = 0, dataloader_idx: int = 0
     ) -> torch.Tensor | dict[str, torch.Tensor]:

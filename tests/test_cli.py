@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -308,3 +309,49 @@ def test_test_and_predict_run_on_the_checkpoint(fitted: dict[str, Path]) -> None
     assert out[0]["image_emb"].norm(dim=-1).allclose(torch.ones(len(out[0]["keys"])), atol=1e-5)
     reports = {p.name for p in (fitted["run"] / "eval").iterdir()}
     assert any(n.startswith("test_step") and n.endswith(".json") for n in reports)
+
+
+def test_predict_writes_embeddings_whose_retrieval_equals_eval(fitted: dict[str, Path]) -> None:
+    """`mmpt predict` writes keys + normalised embeddings; R@k from the files = `mmpt eval`'s."""
+    from mmpt.eval.metrics import retrieval_metrics
+    from mmpt.predict_writer import load_predictions
+
+    tmp, ckpt = fitted["tmp"], str(fitted["run"] / "checkpoints" / "last.ckpt")
+    out = tmp / "predictions"
+    cb = {"class_path": "mmpt.predict_writer.EmbeddingWriter", "init_args": {"out_dir": str(out)}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        argv = ["predict", "-c", str(fitted["cfg"]), "--ckpt_path", ckpt, "--trainer.logger=false"]
+        assert main([*argv, f"--trainer.callbacks+={json.dumps(cb)}"]) == 0
+    got = load_predictions(out)
+    assert len(got["keys"]) == 40 and len(set(got["keys"])) == 40
+    assert got["image_emb"].shape[0] == 40 and got["text_emb"].shape[0] == 80
+    assert np.allclose(np.linalg.norm(got["image_emb"], axis=1), 1.0, atol=1e-5)
+    from_files = retrieval_metrics(
+        torch.from_numpy(got["image_emb"]),
+        torch.from_numpy(got["text_emb"]),
+        torch.from_numpy(got["text_to_image"]),
+    )
+    report_dir = tmp / "eval_for_predict"
+    argv = ["retrieval", "-c", str(fitted["cfg"]), "--ckpt", ckpt, "--data", str(fitted["shards"])]
+    argv += ["--out", str(report_dir), "--num-workers", "0", "--device", "cpu"]
+    assert main(["eval", *argv]) == 0
+    report = json.loads((report_dir / "retrieval.json").read_text())["metrics"]
+    for name, value in from_files.items():
+        assert value == pytest.approx(report[f"retrieval/{name}"], abs=1e-6), name
+    manifest = json.loads((out / "rank000" / "manifest.json").read_text())
+    assert manifest["items"] == 40 and manifest["model"] == "ContrastiveModule"
+
+
+def test_predict_writes_under_the_run_folder_by_default(fitted: dict[str, Path]) -> None:
+    tmp, ckpt = fitted["tmp"], str(fitted["run"] / "checkpoints" / "last.ckpt")
+    cfg = yaml.safe_load(fitted["cfg"].read_text())
+    cfg["trainer"]["logger"]["init_args"] = {"save_dir": str(tmp / "pred_run"), "name": "p"}
+    cfg["trainer"]["callbacks"] = []
+    path = write_yaml(tmp / "predict.yaml", cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        assert main(["predict", "-c", str(path), "--ckpt_path", ckpt]) == 0
+    (manifest,) = (tmp / "pred_run").glob("p/version_*/predictions/rank000/manifest.json")
+    keys = json.loads((manifest.parent / "keys.json").read_text())
+    assert len(keys) == 40
