@@ -67,10 +67,11 @@ class KeepExpression:
         except SyntaxError as e:
             raise ValueError(f"--keep {text!r}: not an expression ({e.msg})") from e
         columns: list[str] = []
+        called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
         for node in ast.walk(tree):
             _check_node(node, text)
-            named = isinstance(node, ast.Name) and node.id not in ("True", "False", *columns)
-            if named:
+            named = isinstance(node, ast.Name) and id(node) not in called
+            if named and node.id not in ("True", "False", *columns):
                 columns.append(node.id)
         if known is not None:
             unknown = [c for c in columns if c not in known]
