@@ -58,7 +58,7 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{synth,build,index,inspect,dedup,filter}", required=True
+        dest="command", metavar="{synth,build,index,inspect,score,dedup,filter}", required=True
     )
 
     synth = sub.add_parser("synth", help="write a learnable synthetic dataset (train/ and val/)")

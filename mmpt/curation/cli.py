@@ -7,10 +7,26 @@ import json
 from typing import Any
 
 from mmpt.curation.dedup import METHODS
+from mmpt.safe_load import add_unsafe_load_flag
 
 
 def add_parsers(sub: Any) -> None:
-    """Add ``dedup`` and ``filter`` to the ``mmpt data`` subparsers."""
+    """Add ``score``, ``dedup`` and ``filter`` to the ``mmpt data`` subparsers."""
+    help_ = "CLIP score (image-caption cosine) of every sample, as a Lightning predict job"
+    s = sub.add_parser("score", help=help_, description=help_)
+    s.add_argument(
+        "-c", "--config", action="append", required=True, help="the model's training config(s)"
+    )
+    s.add_argument("--ckpt", required=True, help="checkpoint of a contrastive model")
+    s.add_argument("--from", dest="source", required=True, help="shards to score")
+    s.add_argument("--out", required=True, help="score folder: one parquet file per shard")
+    s.add_argument("--name", default="clip", help="score column name (default clip)")
+    s.add_argument("--text-key", default=None, help="caption field (default: the config's)")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--num-workers", type=int, default=None)
+    s.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    add_unsafe_load_flag(s)
+
     help_ = "mark exact / perceptual-hash / embedding near-duplicates: a score table"
     d = sub.add_parser("dedup", help=help_, description=help_)
     d.add_argument("--from", dest="source", required=True, help="shards to deduplicate")
@@ -98,3 +114,33 @@ def run_filter(args: argparse.Namespace) -> int:
     for reason, count in report.dropped.most_common():
         print(f"  dropped {count}: {reason}")
     return 0 if report.kept else 1
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``mmpt data score``."""
+    from pathlib import Path
+
+    from mmpt.curation.score import score_shards
+    from mmpt.eval.applicable import require_task
+    from mmpt.models.module import load_checkpoint
+    from mmpt.run_config import build_from_config
+
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
+    cli = build_from_config(args.config, [])
+    require_task(cli.model, "retrieval", args.ckpt)  # a contrastive model, before reading it
+    load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
+    if args.text_key is not None:
+        cli.datamodule.val_text_key = args.text_key
+    shards = score_shards(
+        cli.model,
+        cli.datamodule,
+        args.source,
+        args.out,
+        args.name,
+        args.accelerator,
+        args.batch_size,
+        args.num_workers,
+    )
+    print(f"mmpt data score: {shards} shard(s) scored -> {args.out}")
+    return 0
