@@ -28,6 +28,9 @@ data:
   data synth      make a learnable synthetic set   mmpt data synth --kind image-text --out DIR
   data build      raw files -> WebDataset shards   mmpt data build --from captions.csv --out DIR
   data index      count samples into index.json    mmpt data index DIR
+  data score      CLIP score per sample (parquet)  mmpt data score -c CFG --ckpt CKPT --from D
+  data dedup      near-duplicates -> score table   mmpt data dedup --from DIR --out SCORES
+  data filter     keep by scores, re-shard          mmpt data filter --from DIR --scores S --keep E
   data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
 
 export, generation and checkpoints:

@@ -58,7 +58,7 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{synth,build,index,inspect}", required=True
+        dest="command", metavar="{synth,build,index,inspect,score,dedup,filter}", required=True
     )
 
     synth = sub.add_parser("synth", help="write a learnable synthetic dataset (train/ and val/)")
@@ -290,4 +290,7 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
     insp.add_argument(
         "--workers", type=int, default=1, metavar="N", help="processes reading shards"
     )
+    from mmpt.curation.cli import add_parsers as add_curation_parsers
+
+    add_curation_parsers(sub)
     return parser

@@ -207,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from mmpt.curation.cli import run_dedup, run_filter, run_score
+
     commands = {"synth": _synth, "build": _build, "index": _index, "inspect": _inspect}
+    commands |= {"score": run_score, "dedup": run_dedup, "filter": run_filter}
     try:
         return commands[args.command](args)
     except (OSError, RuntimeError, ValueError) as e:

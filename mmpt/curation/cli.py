@@ -1,0 +1,146 @@
+"""``mmpt data dedup`` and ``mmpt data filter``: their flags and runners."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from mmpt.curation.dedup import METHODS
+from mmpt.safe_load import add_unsafe_load_flag
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``score``, ``dedup`` and ``filter`` to the ``mmpt data`` subparsers."""
+    help_ = "CLIP score (image-caption cosine) of every sample, as a Lightning predict job"
+    s = sub.add_parser("score", help=help_, description=help_)
+    s.add_argument(
+        "-c", "--config", action="append", required=True, help="the model's training config(s)"
+    )
+    s.add_argument("--ckpt", required=True, help="checkpoint of a contrastive model")
+    s.add_argument("--from", dest="source", required=True, help="shards to score")
+    s.add_argument("--out", required=True, help="score folder: one parquet file per shard")
+    s.add_argument("--name", default="clip", help="score column name (default clip)")
+    s.add_argument("--text-key", default=None, help="caption field (default: the config's)")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--num-workers", type=int, default=None)
+    s.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    add_unsafe_load_flag(s)
+
+    help_ = "mark exact / perceptual-hash / embedding near-duplicates: a score table"
+    d = sub.add_parser("dedup", help=help_, description=help_)
+    d.add_argument("--from", dest="source", required=True, help="shards to deduplicate")
+    d.add_argument("--out", required=True, help="score folder: writes dedup.parquet")
+    d.add_argument("--method", choices=METHODS, default="phash")
+    d.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="similarity at which two samples are duplicates: phash 1 - hamming/64 (default "
+        "0.9), embedding cosine (0.95); exact ignores it",
+    )
+    d.add_argument(
+        "--against", default=None, help="also mark samples that duplicate this (evaluation) set"
+    )
+    d.add_argument("--embeddings", default=None, help="embedding: `mmpt predict` folder of --from")
+    d.add_argument(
+        "--against-embeddings", default=None, help="embedding: `mmpt predict` folder of --against"
+    )
+    d.add_argument("--image-key", default=None, help="image member (default: jpg/jpeg/png/webp)")
+
+    help_ = "keep the samples a boolean expression over score tables selects; re-shard them"
+    f = sub.add_parser("filter", help=help_, description=help_)
+    f.add_argument("--from", dest="sources", nargs="+", required=True, help="shard sources")
+    f.add_argument("--scores", nargs="+", required=True, help="score folders or parquet files")
+    f.add_argument(
+        "--keep",
+        required=True,
+        help='expression, e.g. "clip >= 0.28 and not duplicate", "top(clip, 0.3)"',
+    )
+    f.add_argument("--out", required=True, help="output shard folder")
+    f.add_argument("--samples-per-shard", type=int, default=10000)
+    f.add_argument(
+        "--quota",
+        action="append",
+        default=[],
+        metavar="SOURCE=N",
+        help="keep at most N samples of a source (its folder name); repeatable",
+    )
+    f.add_argument("--rank-by", default=None, help="column that picks the best under a quota")
+
+
+def _quotas(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            raise ValueError(f"--quota {item!r}: write SOURCE=N, e.g. --quota laion=100000")
+        out[name] = int(value)
+    return out
+
+
+def run_dedup(args: argparse.Namespace) -> int:
+    """``mmpt data dedup``."""
+    from mmpt.curation.dedup import dedup
+
+    counts = dedup(
+        args.source,
+        args.out,
+        args.method,
+        args.threshold,
+        args.against,
+        args.embeddings,
+        args.against_embeddings,
+        args.image_key,
+    )
+    print(f"mmpt data dedup ({args.method}): {json.dumps(counts)} -> {args.out}/dedup.parquet")
+    return 0
+
+
+def run_filter(args: argparse.Namespace) -> int:
+    """``mmpt data filter``; exit 1 when nothing is kept."""
+    from mmpt.curation.filter import filter_shards
+
+    report = filter_shards(
+        args.sources,
+        args.scores,
+        args.keep,
+        args.out,
+        args.samples_per_shard,
+        _quotas(args.quota),
+        args.rank_by,
+    )
+    print(f"mmpt data filter: kept {report.kept} -> {args.out}")
+    for reason, count in report.dropped.most_common():
+        print(f"  dropped {count}: {reason}")
+    return 0 if report.kept else 1
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``mmpt data score``."""
+    from pathlib import Path
+
+    from mmpt.curation.score import score_shards
+    from mmpt.eval.applicable import require_task
+    from mmpt.models.module import load_checkpoint
+    from mmpt.run_config import build_from_config
+
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
+    cli = build_from_config(args.config, [])
+    require_task(cli.model, "retrieval", args.ckpt)  # a contrastive model, before reading it
+    load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
+    if args.text_key is not None:
+        cli.datamodule.val_text_key = args.text_key
+    shards = score_shards(
+        cli.model,
+        cli.datamodule,
+        args.source,
+        args.out,
+        args.name,
+        args.accelerator,
+        args.batch_size,
+        args.num_workers,
+    )
+    print(f"mmpt data score: {shards} shard(s) scored -> {args.out}")
+    return 0
