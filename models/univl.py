@@ -46,7 +46,8 @@ class UniVLModule(MMPTModule):
     - mfm: conditioned masked frame modelling (:func:`masked_frame_nce`, masked frames are
       zeroed; their cross encoder states reconstruct the features, negatives from the batch).
     - align: video-text alignment (:func:`alignment_nce`): a linear score on the cross
-      encoder's first token for every text-video pair of the batch (B^2 cross passes).
+      encoder's first token for every text-video pair of the batch (B^2 cross passes), or
+      for each text's own video and its ``align_negatives`` hardest others.
     - decoder: language reconstruction, the decoder's cross-entropy on the clean caption
       from the cross encoder states of the masked inputs.
 
@@ -84,6 +85,9 @@ class UniVLModule(MMPTModule):
         mlm_probability: Share of tokens masked for MLM.
         mfm_probability: Share of frames masked for MFM.
         mlm_head: "auto": the checkpoint's masked-LM head when it has one; "small": new.
+        align_negatives: Negatives per text for the alignment NCE: the most similar other
+            videos under the joint embedding; None: every video of the batch (UniVL), B^2
+            cross encoder passes.
         joint_loss: The joint loss (default :class:`MILNCELoss`).
         optimizer: See :class:`~mmpt.models.module.MMPTModule`.
         lr_schedule: See :class:`~mmpt.models.module.MMPTModule`.
@@ -117,6 +121,7 @@ class UniVLModule(MMPTModule):
         mlm_probability: float = 0.15,
         mfm_probability: float = 0.15,
         mlm_head: Literal["auto", "small"] = "auto",
+        align_negatives: int | None = None,
         joint_loss: MILNCELoss | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_schedule: Schedule | None = None,
@@ -165,6 +170,9 @@ class UniVLModule(MMPTModule):
                                              decoder_weight), strict=True))  # fmt: skip
         self.enhanced_v, self.enhanced_v_probability = enhanced_v, enhanced_v_probability
         self.mlm_probability, self.mfm_probability = mlm_probability, mfm_probability
+        if align_negatives is not None and align_negatives < 1:
+            raise ValueError(f"model.align_negatives must be >= 1 or null, got {align_negatives}")
+        self.align_negatives = align_negatives
         if stage == 1:  # the joint loss alone: the fusion parts neither train nor run
             shared = {id(p) for p in text.parameters()}
             for part in (self.cross, self.decoder, self.mlm_head, self.mfm_head, self.align_head):
@@ -210,10 +218,22 @@ class UniVLModule(MMPTModule):
         return self.cross(hidden, text_mask, video, video_mask)
 
     def alignment_scores(
-        self, tokens: torch.Tensor, video: torch.Tensor, video_mask: torch.Tensor
+        self,
+        text: tuple[torch.Tensor, torch.Tensor],
+        video: torch.Tensor,
+        video_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Alignment score of each text with its paired video: (B, L), (B, T, H) -> (B,)."""
-        fused, _ = self.fuse(tokens, video, video_mask)
+        """Alignment score of each text with its paired video.
+
+        Args:
+            text: Text encoder states (B, L, H) and their (B, L) mask
+                (``self.text.hidden_states(tokens)``).
+            video: (B, T, H) video encoder states; ``video_mask`` (B, T) real frames.
+
+        Returns:
+            (B,) scores.
+        """
+        fused, _ = self.cross(*text, video, video_mask)
         return self.align_head(fused[:, 0]).squeeze(-1)
 
     # ----- objectives -----------------------------------------------------------------------
@@ -225,10 +245,12 @@ class UniVLModule(MMPTModule):
         owner = batch.text_to_video.to(feats.device)
         states = self.video(feats, fmask)
         text_emb = self.encode_text(batch.text_tokens)
-        terms = {"joint": self.joint_loss(self.video_embedding(states, fmask), text_emb, owner)}
+        video_emb = self.video_embedding(states, fmask)
+        terms = {"joint": self.joint_loss(video_emb, text_emb, owner)}
         if self.stage == 1:
             return terms
-        caption = batch.text_tokens[first_text_per_item(owner, n)]  # (N, L)
+        first = first_text_per_item(owner, n)
+        caption = batch.text_tokens[first]  # (N, L), the clip's own
         inputs, labels = mask_tokens(
             caption, self.mask_token_id, self.special_ids, self.replacement_ids,
             self.mlm_probability, generator,
@@ -252,20 +274,54 @@ class UniVLModule(MMPTModule):
         )
         recon = self.mfm_head(fused[:, length:])
         terms["mfm"] = masked_frame_nce(recon, feats, fmask, frames)
-        terms["align"] = alignment_nce(self.pair_scores(caption, states, fmask))
+        sim = text_emb[first] @ video_emb.T  # (N, N) joint similarities: hard negatives
+        terms["align"] = self._alignment(caption, states, fmask, sim)
         dec_in, dec_target = shift_caption(caption, self.text.pad_id)
         logits = self.decoder(dec_in, fused, fused_mask)
         terms["decoder"] = F.cross_entropy(logits.flatten(0, 1).float(), dec_target.flatten())
         return terms
 
     def pair_scores(
-        self, tokens: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, B) alignment scores of every text i (rows) with every video j of the batch."""
+        """Alignment scores of every text i with its candidate videos.
+
+        Args:
+            tokens: (B, L) caption of each clip.
+            states: (B, T, H) video encoder states; ``mask`` (B, T) real frames.
+            candidates: Long (B, C) videos scored for each text; None: all B.
+
+        Returns:
+            (B, C) scores (B, B when ``candidates`` is None).
+        """
         b = tokens.shape[0]
-        ti = torch.arange(b, device=tokens.device).repeat_interleave(b)
-        vi = torch.arange(b, device=tokens.device).repeat(b)
-        return self.alignment_scores(tokens[ti], states[vi], mask[vi]).view(b, b)
+        if candidates is None:
+            candidates = torch.arange(b, device=tokens.device).expand(b, b)
+        c = candidates.shape[1]
+        hidden, text_mask = self.text.hidden_states(tokens)
+        ti = torch.arange(b, device=tokens.device).repeat_interleave(c)
+        vi = candidates.reshape(-1)
+        scores = self.alignment_scores((hidden[ti], text_mask[ti]), states[vi], mask[vi])
+        return scores.view(b, c)
+
+    def _alignment(
+        self, caption: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, sim: torch.Tensor
+    ) -> torch.Tensor:
+        """Alignment NCE: all videos, or the own video + the hardest ``align_negatives``."""
+        b = caption.shape[0]
+        k = self.align_negatives
+        if k is None or k >= b - 1:
+            return alignment_nce(self.pair_scores(caption, states, mask))
+        own = torch.arange(b, device=sim.device)
+        hard = sim.detach().clone()
+        hard[own, own] = float("-inf")
+        candidates = torch.cat([own[:, None], hard.topk(k, dim=1).indices], dim=1)
+        target = torch.zeros(b, dtype=torch.long, device=sim.device)
+        return alignment_nce(self.pair_scores(caption, states, mask, candidates), target)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Weighted sum of the stage's objectives; logs it, each term and ``data/skipped``."""

@@ -62,16 +62,20 @@ def masked_frame_nce(
     return F.cross_entropy(logits[rows], rows)
 
 
-def alignment_nce(scores: torch.Tensor) -> torch.Tensor:
+def alignment_nce(scores: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Video-text alignment NCE on cross encoder pair scores (UniVL's ``CrossEn``).
 
     Args:
-        scores: (B, B) scores, ``scores[i, j]`` for text i with video j (pairs on the diagonal).
+        scores: (B, C) scores of text i with its C candidate videos; with ``target`` None,
+            C == B and the pairs are on the diagonal (every video of the batch).
+        target: Long (B,), the column of each text's own video.
 
     Returns:
-        Scalar ``mean_i -log softmax_j(scores[i, :])[i]``.
+        Scalar ``mean_i -log softmax_c(scores[i, :])[target[i]]``.
     """
-    return F.cross_entropy(scores.float(), torch.arange(scores.shape[0], device=scores.device))
+    if target is None:
+        target = torch.arange(scores.shape[0], device=scores.device)
+    return F.cross_entropy(scores.float(), target)
 
 
 def shift_caption(tokens: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
