@@ -164,9 +164,10 @@ def synth_video_caption(
     ``json`` with ``segments`` (``start``/``end`` seconds, ``text``) and ``feature_fps``.
     ``val`` holds single clips (``feat.npy``, ``json`` ``captions``: both phrasings) of
     distinct (colour, shape, action) combinations while ``val_samples <= 180`` (chance R@1 =
-    1 / val_samples). ``text_encoder/`` gets a randomly initialised tiny BERT with the
-    caption vocabulary. With ``raw_clips`` the same clips are also rendered as mp4 into
-    ``out/clips/{train,val}`` (one sample per clip, ``txt`` caption, ``json`` ``captions``).
+    1 / val_samples). ``tokenizer/`` gets the word-level tokenizer and a randomly initialised
+    tiny BERT over the caption vocabulary. With ``raw_clips`` the same clips are also rendered
+    as mp4 into ``out/clips/{train,val}`` (one sample per clip, ``txt`` caption, ``json``
+    ``captions``).
 
     Args:
         out: Output folder.
@@ -183,7 +184,8 @@ def synth_video_caption(
         overwrite: Replace shards in the split folders that this generator did not write.
 
     Returns:
-        Dict with the folders, ``{split}_samples``, ``{split}_shards`` and ``train_videos``.
+        Dict with the folders (``tokenizer`` too), ``{split}_samples``, ``{split}_shards``
+        and ``train_videos``.
     """
     check_minimums({
         "train_samples": (train_samples, 1), "val_samples": (val_samples, 1),
@@ -230,7 +232,8 @@ def synth_video_caption(
                 _write_split(writer, cw, split, videos, spec, projection, noise, rng)
         if split == "train":
             result["train_videos"] = len(videos)
-    result["text_encoder"] = str(write_text_encoder(out / "text_encoder", caption_words()))
+    # named tokenizer/ as the other kinds (its presence marks a rendered set)
+    result["tokenizer"] = str(write_text_encoder(out / "tokenizer", caption_words()))
     return result
 
 
