@@ -37,11 +37,11 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def datamodule(synth: Path, train: Path, **kw: Any) -> VideoFeatureDataModule:
+def datamodule(synth: Path, train: Path, val: bool = True, **kw: Any) -> VideoFeatureDataModule:
     pre = Preprocess(image=None, tokenizer=HFTokenizer(str(synth / "tokenizer"), 10))
     cfg = StreamConfig(urls=str(train), shuffle_buffer=0, shuffle_shards=False)
     kw = {"batch_size": 2, "num_workers": 0, "preprocess": pre} | kw
-    return VideoFeatureDataModule(train=cfg, val=cfg, **kw)
+    return VideoFeatureDataModule(train=cfg, val=cfg if val else None, **kw)
 
 
 def epoch(dm: VideoFeatureDataModule, train: bool) -> list[VideoFeatureBatch]:
@@ -78,7 +78,7 @@ def test_synth_writes_videos_with_segments_and_captioned_clips(synth: Path) -> N
 
 
 def test_train_reads_one_segment_and_its_neighbours_as_candidates(synth: Path) -> None:
-    dm = datamodule(synth, synth / "train", segments=True, candidates=2)
+    dm = datamodule(synth, synth / "train", val=False, segments=True, candidates=2)
     batches = epoch(dm, train=True)
     assert batches and all(isinstance(b, VideoFeatureBatch) for b in batches)
     b = batches[0]
