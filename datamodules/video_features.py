@@ -19,10 +19,10 @@ import torch
 
 from mmpt.batch import VideoFeatureBatch
 from mmpt.datamodules.decode import MissingField, first_key, read_captions
-from mmpt.datamodules.synthetic import SyntheticData
 from mmpt.datamodules.shard_datamodule import ShardDataModule
 from mmpt.datamodules.shard_faults import MAX_SKIPPED_FRACTION
 from mmpt.datamodules.streams import ShardStream, StreamConfig
+from mmpt.datamodules.synthetic import SyntheticData
 from mmpt.preprocess import Preprocess, Tokenizer
 
 
