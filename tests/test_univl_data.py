@@ -139,3 +139,29 @@ def test_raw_clips_run_through_a_per_frame_tower(synth: Path) -> None:
     sum(terms.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.parameters())
     assert len(model.generate_captions(*model.video_inputs(batch))) == 2
+
+
+def test_eval_runner_writes_captions_retrieval_and_rerank(synth: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from mmpt.eval.univl_cli import run_univl
+
+    torch.manual_seed(0)
+    text = HFTextTower(str(synth / "tokenizer"), embed_dim=16, context_length=10)
+    sizes = {"video_layers": 1, "cross_layers": 1, "decoder_layers": 1, "num_heads": 4}
+    model = UniVLModule(text, video_dim=16, max_frames=8, max_caption_len=10, mlm_head="small",
+                        **sizes)  # fmt: skip
+    dm = datamodule(synth, synth / "val", val_text_key="json:captions")
+    dm.preprocess = model.preprocess
+    flags = {"max_new_tokens": 6, "num_beams": 2, "shuffled_baseline": True, "seed": 0}
+    flags["no_meteor"] = True  # Java's start-up is slow; caption_metrics tests METEOR
+    args = argparse.Namespace(data=None, batch_size=4, num_workers=0, rerank_k=3, ckpt="x.ckpt",
+                              **flags)  # fmt: skip
+    assert run_univl(args, model, dm, torch.device("cpu"), tmp_path) == 0
+    report = json.loads((tmp_path / "univl.json").read_text())
+    metrics = report["metrics"]
+    keys = ["caption/CIDEr", "caption/BLEU-4", "caption/ROUGE-L", "shuffled/CIDEr", "t2v/R@1"]
+    for key in [*keys, "t2v/median_rank", "rerank/t2v/R@1", "rerank/t2v/median_rank"]:
+        assert key in metrics, key
+    assert report["num_clips"] == 6 and report["num_captions"] == 12 and report["rerank_k"] == 3
+    assert metrics["rerank/t2v/R@5"] >= metrics["rerank/t2v/R@1"]

@@ -32,6 +32,9 @@ def add_univl_args(s: argparse.ArgumentParser) -> None:
         help="also caption every clip from another clip's video (a derangement)",
     )
     s.add_argument("--seed", type=int, default=0, help="seed of the shuffled baseline (0)")
+    s.add_argument(
+        "--no-meteor", action="store_true", help="skip METEOR (its Java scorer takes ~15 s)"
+    )
 
 
 @torch.no_grad()
@@ -106,6 +109,7 @@ def run_univl(args: argparse.Namespace, model: Any, dm: Any, device: torch.devic
 
     if args.rerank_k < 1:
         raise ValueError(f"--rerank-k must be >= 1, got {args.rerank_k}")
+    meteor = False if args.no_meteor else None  # None: when Java is there
     decoding = Decoding(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     cfg, field, data = eval_stream_config(dm, args.data)
     dm.val_batch_size = args.batch_size
@@ -132,7 +136,7 @@ def run_univl(args: argparse.Namespace, model: Any, dm: Any, device: torch.devic
     references = dict(zip(ids, refs, strict=True))
     metrics: dict[str, Any] = {
         f"caption/{k}": v for k, v in caption_scores(dict(zip(ids, preds, strict=True)),
-                                                     references).items()
+                                                     references, meteor=meteor).items()
     }  # fmt: skip
     feats, masks, states = _pad_cat(feats), _pad_cat(masks), _pad_cat(states)
     if args.shuffled_baseline:
@@ -144,7 +148,7 @@ def run_univl(args: argparse.Namespace, model: Any, dm: Any, device: torch.devic
             rows = perm[i : i + args.batch_size]
             shuffled += model.generate_captions(feats[rows].to(device), masks[rows].to(device),
                                                 decoding)  # fmt: skip
-        scores = caption_scores(dict(zip(ids, shuffled, strict=True)), references)
+        scores = caption_scores(dict(zip(ids, shuffled, strict=True)), references, meteor=meteor)
         metrics |= {f"shuffled/{k}": v for k, v in scores.items()}
     v_emb, t_emb, tokens, owner = map(torch.cat, (v_emb, t_emb, tokens, owner))
     metrics |= video_text_retrieval_metrics(v_emb, t_emb, owner, ks=RETRIEVAL_KS)
