@@ -165,3 +165,24 @@ def test_eval_runner_writes_captions_retrieval_and_rerank(synth: Path, tmp_path:
         assert key in metrics, key
     assert report["num_clips"] == 6 and report["num_captions"] == 12 and report["rerank_k"] == 3
     assert metrics["rerank/t2v/R@5"] >= metrics["rerank/t2v/R@1"]
+
+
+def test_raw_clip_variant_reads_through_the_video_text_datamodule(tmp_path: Path) -> None:
+    from mmpt.datamodules.video_text import VideoTextDataModule
+    from mmpt.preprocess import ImagePreprocess
+
+    out = tmp_path / "vc"
+    make_synthetic("video-caption", out, train_samples=4, val_samples=2, feature_dim=8,
+                   raw_clips=True, image_size=32, num_frames=4)  # fmt: skip
+    clips = [json.loads(s["json"]) for s in samples(out / "clips" / "val")]
+    feats = [json.loads(s["json"]) for s in samples(out / "val")]
+    assert [c["captions"] for c in clips] == [f["captions"] for f in feats]  # the same clips
+    pre = Preprocess(
+        image=ImagePreprocess(size=32), tokenizer=HFTokenizer(str(out / "tokenizer"), 10)
+    )
+    cfg = StreamConfig(urls=str(out / "clips" / "train"), shuffle_buffer=0, shuffle_shards=False)
+    dm = VideoTextDataModule(train=cfg, batch_size=2, num_workers=0, num_frames=4, backend="pyav",
+                             scene_negatives=False, preprocess=pre)  # fmt: skip
+    dm.setup("fit")
+    batch = dm.normalize(next(iter(dm.train_dataloader())))
+    assert batch.videos.shape == (2, 4, 3, 32, 32) and batch.text_tokens.shape == (2, 10)
