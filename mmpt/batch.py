@@ -217,3 +217,30 @@ class VideoTextBatch:
 
     def __len__(self) -> int:
         return self.videos.shape[0]
+
+
+@dataclass
+class VideoFeatureBatch:
+    """Precomputed clip features (e.g. S3D, one vector per second) with candidate captions.
+
+    Attributes:
+        features: (N, T, D) float32 feature sequences, zero-padded after each clip's length.
+        frame_mask: (N, T) bool, True on real feature steps.
+        text_tokens: Long tensor (M, L), every clip's candidate captions (M >= N).
+        text_to_video: Long tensor (M,), the clip of each caption; a clip's first caption is
+            the one its generative objectives use.
+        captions: The M caption strings (references for caption metrics).
+        keys: ``__key__`` of each clip.
+        skipped: Samples dropped as corrupt or incomplete since the previous batch.
+    """
+
+    features: torch.Tensor
+    frame_mask: torch.Tensor
+    text_tokens: torch.Tensor
+    text_to_video: torch.Tensor
+    captions: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.features.shape[0]

@@ -12,6 +12,7 @@ EPILOG = r"""examples:
   mmpt data synth --kind image-text --out data/shapes
   mmpt data synth --kind interleaved --out data/docs --max-images 3
   mmpt data synth --kind video-text --out data/clips --num-frames 16
+  mmpt data synth --kind video-caption --out data/univl --raw-clips
   mmpt data synth --kind multispectral --out data/landcover --image-size 32
   mmpt data synth --kind audio-text --out data/tones --train-samples 100
   mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
@@ -126,6 +127,15 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
     )
     synth.add_argument(
         "--spoken", action="store_true", help="audio-text: espeak-ng speaks the captions"
+    )
+    synth.add_argument(
+        "--feature-dim", type=int, metavar="N", help="video-caption: feature width (64)"
+    )
+    synth.add_argument(
+        "--noise", type=float, metavar="STD", help="video-caption: feature noise std (0.1)"
+    )
+    synth.add_argument(
+        "--raw-clips", action="store_true", help="video-caption: also write mp4 clips in clips/"
     )
     synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
 

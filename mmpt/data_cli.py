@@ -85,6 +85,9 @@ def _synth(args: argparse.Namespace) -> int:
         "max_images": args.max_images,
         "sample_rate": args.sample_rate,
         "spoken": args.spoken,
+        "feature_dim": args.feature_dim,
+        "noise": args.noise,
+        "raw_clips": args.raw_clips,
         "overwrite": args.overwrite,
     }
     result = fn(args.out, **_options(fn, args.kind, given))

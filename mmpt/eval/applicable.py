@@ -10,9 +10,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "zeroshot": ("encode_media", "encode_text"),
     "mcq": ("encode_video", "encode_text"),
     "mir": ("encode_video", "encode_text"),
+    "univl": ("generate_captions", "alignment_scores"),
 }
 #: The models that have them, as the error says it.
-_KINDS = {"mcq": "a video-text model", "mir": "a video-text model"}
+_KINDS = {"mcq": "a video-text model", "mir": "a video-text model", "univl": "a UniVL model"}
 _DEFAULT_KIND = "an image- or audio-text contrastive model"
 
 

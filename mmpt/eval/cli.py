@@ -1,6 +1,7 @@
 """``mmpt eval <task>``: evaluate a model, write JSON + PNG.
 
-Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`) and the VLM
+Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`), univl
+(:mod:`mmpt.eval.univl_cli`) and the VLM
 benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`).
 """
 
@@ -24,6 +25,7 @@ from mmpt.eval.modality import item_counts, media_of
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
+from mmpt.eval.univl_cli import add_univl_args, run_univl
 from mmpt.eval.vlm_cli import VLM_COMMANDS, run_vlm
 from mmpt.eval.vlm_cli import add_parsers as add_vlm_parsers
 from mmpt.eval.zeroshot_setup import DEFAULT_TEMPLATES, classes_from_names, zeroshot_setup
@@ -59,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(
         dest="task",
         required=True,
-        metavar="{retrieval,zeroshot,mcq,probe,mir,caption,vqa,choice,all}",
+        metavar="{retrieval,zeroshot,mcq,probe,mir,univl,caption,vqa,choice,all}",
     )
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
@@ -107,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     _common_args(s, batch_size=8)
     add_mir_args(s)
     s.set_defaults(label_key=None)
+    help_ = "UniVL: video->text captions (CIDEr ...) and text->video R@k, alignment re-ranking"
+    s = sub.add_parser("univl", help=help_, description=help_)
+    _common_args(s, batch_size=64)
+    add_univl_args(s)
     add_probe_parser(sub)
     add_vlm_parsers(sub)
     return p
@@ -168,6 +174,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         return run_probe(args, _device(args.device))
     if args.task == "mcq":
         return _run_mcq(args, overrides)
+    if args.task == "univl":
+        model, dm = _build(args, overrides)
+        return run_univl(args, model, dm, _device(args.device), _out_dir(args))
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     from mmpt.datamodules.key_check import peek_samples, require_fields

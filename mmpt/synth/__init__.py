@@ -44,6 +44,8 @@ SYNTH_KINDS: dict[str, Callable[..., dict]] = {
     "interleaved": _Lazy("mmpt.synth.interleaved", "synth_interleaved"),
     "text": _Lazy("mmpt.synth.interleaved", "synth_text"),
     "video-text": _Lazy("mmpt.synth.video_text", "synth_video_text"),
+    # UniVL captioning: clip features (+ mp4 clips) with captions, ASR-style train segments
+    "video-caption": _Lazy("mmpt.synth.video_caption", "synth_video_caption"),
     "multispectral": _Lazy("mmpt.synth.multispectral", "synth_multispectral"),
     "audio-text": _Lazy("mmpt.synth.audio_text", "synth_audio_text"),
 }

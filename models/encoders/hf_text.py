@@ -91,8 +91,16 @@ class HFTextTower(nn.Module):
             (B, embed_dim) pooled and projected features, not normalised.
 
         """
+        return self.pool(*self.hidden_states(tokens))
+
+    def hidden_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's last hidden states (B, L, hidden) and the non-pad mask (B, L) bool."""
         mask = tokens != self.pad_id  # (B, L)
         hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+        return hidden, mask
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pool (B, L, hidden) states over the (B, L) non-pad mask and project: (B, embed_dim)."""
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
