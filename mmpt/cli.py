@@ -46,6 +46,7 @@ evaluation (JSON report + PNG plot):
   eval mcq        EgoMCQ video multiple choice     mmpt eval mcq -c CFG --ckpt CKPT --data DIR
   eval mir        EPIC-100 multi-instance (MIR)    mmpt eval mir -c CFG --ckpt CKPT --data DIR
                                                     --relevancy relevancy.pkl
+  eval univl      UniVL captions (CIDEr) and R@k    mmpt eval univl -c CFG --ckpt CKPT --data DIR
   eval probe      kNN / linear probe of a tower    mmpt eval probe --ckpt CKPT --train D --test D
   eval caption    VLM captioning: CIDEr, BLEU-4    mmpt eval caption --model DIR --data DIR
   eval vqa        VLM VQA accuracy                 mmpt eval vqa -c CFG --ckpt CKPT --data DIR
