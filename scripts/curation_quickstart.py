@@ -77,7 +77,6 @@ def fit(work: Path, name: str, train: Path, val: Path, steps: int) -> Path:
         "--trainer.max_steps", str(steps),
         "--trainer.max_epochs", "-1",
         "--trainer.check_val_every_n_epoch", "1000",
-        "--trainer.enable_progress_bar", "false",
         "--trainer.default_root_dir", str(root),
     )  # fmt: skip
     return next(root.glob("version_*/checkpoints/last.ckpt"))
