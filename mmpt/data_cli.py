@@ -185,7 +185,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mmpt data <synth|build|index|inspect> ...``.
+    """Run ``mmpt data <synth|build|index|inspect|continue> ...``.
 
     Args:
         argv: Arguments after ``data``; default ``sys.argv[1:]``.
@@ -203,7 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    commands = {"synth": _synth, "build": _build, "index": _index, "inspect": _inspect}
+    from mmpt.continue_cli import run_continue
+
+    commands = {
+        "synth": _synth,
+        "build": _build,
+        "index": _index,
+        "inspect": _inspect,
+        "continue": run_continue,
+    }
     try:
         return commands[args.command](args)
     except (OSError, RuntimeError, ValueError) as e:
