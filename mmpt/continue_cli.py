@@ -1,4 +1,4 @@
-"""``mmpt data continue``: BLSP step 1, an LLM's continuation of every transcript of audio shards."""
+"""``mmpt data continue``: BLSP step 1, an LLM continues every transcript of audio shards."""
 
 from __future__ import annotations
 

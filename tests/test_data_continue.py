@@ -13,7 +13,10 @@ from mmpt.data_cli import main as data_main
 from mmpt.shards.continuations import BLSP_PROMPT, ContinueSettings, continue_shards
 from mmpt.text_generate import TextLLM
 
-CHAT = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} :{% endif %}"
+CHAT = (
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %} :{% endif %}"
+)
 
 
 def tiny_llm(path: Path, chat_template: str | None = CHAT) -> Path:

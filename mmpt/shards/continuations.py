@@ -129,9 +129,7 @@ def _raw_samples(url: str, failed: dict[str, int]) -> Iterator[dict[str, Any]]:
     yield from wds.WebDataset(url, shardshuffle=False, handler=skip, empty_check=False)
 
 
-def _with_continuation(
-    sample: dict[str, Any], key: str, text: str
-) -> tuple[dict[str, Any], bool]:
+def _with_continuation(sample: dict[str, Any], key: str, text: str) -> tuple[dict[str, Any], bool]:
     """The sample's members (bytes as read) with ``json[key] = text``; and whether it replaced."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
     replaced = key in meta
@@ -179,7 +177,9 @@ def continue_shard(
 
     def flush(batch: list[tuple[dict[str, Any], str]], writer: Any) -> None:
         messages = [settings.prompt_template.replace("{text}", t) for _, t in batch]
-        texts = llm.generate(messages, settings.max_new_tokens, settings.temperature, settings.top_p)
+        texts = llm.generate(
+            messages, settings.max_new_tokens, settings.temperature, settings.top_p
+        )
         for (sample, _), text in zip(batch, texts, strict=True):
             if not text:
                 failed["empty_continuation"] = failed.get("empty_continuation", 0) + 1
