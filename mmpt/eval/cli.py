@@ -1,7 +1,8 @@
 """``mmpt eval <task>``: evaluate a model, write JSON + PNG.
 
-Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`) and the VLM
-benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`).
+Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`), the VLM
+benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`) and the speech-LLM tasks
+asr, translate (:mod:`mmpt.eval.speech_llm`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from mmpt.eval.modality import item_counts, media_of
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
+from mmpt.eval.speech_llm import (
+    add_speech_llm_asr_args,
+    add_translate_parser,
+    run_speech_llm_asr,
+    run_translate,
+)
 from mmpt.eval.vlm_cli import VLM_COMMANDS, run_vlm
 from mmpt.eval.vlm_cli import add_parsers as add_vlm_parsers
 from mmpt.eval.zeroshot_setup import DEFAULT_TEMPLATES, classes_from_names, zeroshot_setup
@@ -59,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(
         dest="task",
         required=True,
-        metavar="{retrieval,zeroshot,mcq,probe,mir,caption,vqa,choice,all}",
+        metavar="{retrieval,zeroshot,mcq,probe,mir,caption,vqa,choice,all,asr,translate}",
     )
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
@@ -109,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(label_key=None)
     add_probe_parser(sub)
     add_vlm_parsers(sub)
+    # speech LLM (BLSP); the CTC side of `eval asr` (--ckpt of a CTC model) joins this parser
+    help_ = "speech recognition with a speech LLM prompted to transcribe: WER / CER (jiwer)"
+    add_speech_llm_asr_args(sub.add_parser("asr", help=help_, description=help_))
+    add_translate_parser(sub)
     return p
 
 
@@ -162,6 +173,10 @@ def _out_dir(args: argparse.Namespace) -> Path:
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.task in VLM_COMMANDS:
         return run_vlm(args, overrides)
+    if args.task == "asr":
+        return run_speech_llm_asr(args, overrides)
+    if args.task == "translate":
+        return run_translate(args, overrides)
     if args.task == "probe":
         if overrides:
             raise ValueError(f"unknown arguments for eval probe: {' '.join(overrides)}")
