@@ -135,3 +135,40 @@ def test_eval_asr_from_config_and_checkpoint(tmp_path, monkeypatch, capsys):
     assert main([*argv, "--max-new-tokens", "4"]) == 0
     report = json.loads(Path("eval/asr.json").read_text())
     assert report["num_utterances"] == 3 and report["checkpoint"] == "model.ckpt"
+
+
+def test_overlong_bad_and_unlabelled_clips_are_counted(blsp, tmp_path):
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    from webdataset import TarWriter
+
+    tones, export, _ = blsp
+
+    def wav(seconds: float) -> bytes:
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros(int(16000 * seconds), dtype=np.float32), 16000, format="WAV")
+        return buf.getvalue()
+
+    (tmp_path / "set").mkdir()
+    with TarWriter(str(tmp_path / "set" / "s-000000.tar")) as w:
+        w.write({"__key__": "ok", "wav": wav(1.0), "json": {"transcript": "low tone"}})
+        w.write({"__key__": "long", "wav": wav(3.0), "json": {"transcript": "low tone"}})
+        w.write({"__key__": "bad", "wav": b"RIFFnot", "json": {"transcript": "low tone"}})
+        w.write({"__key__": "none", "wav": wav(1.0), "json": {"caption": "low tone"}})
+        w.write({"__key__": "mute", "json": {"transcript": "low tone"}})
+        w.write({"__key__": "dots", "wav": wav(1.0), "json": {"transcript": "..."}})
+    argv = ["eval", "asr", "--model", str(export), "--data", str(tmp_path / "set")]
+    assert main([*argv, "--out", str(tmp_path / "r"), "--max-new-tokens", "3"]) == 0
+    report = json.loads((tmp_path / "r" / "asr.json").read_text())
+    assert report["num_utterances"] == 1 and [
+        r["key"] for r in read_tsv(tmp_path / "r" / "asr.tsv")
+    ] == ["ok"]
+    assert report["skipped"] == {
+        "overlong": 1,
+        "bad_audio": 1,
+        "no_reference": 1,
+        "no_audio": 1,
+        "empty_reference": 1,
+    }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ class SpeechSet:
         clips: Mono float32 clips (N_i,) at the model's rate.
         references: Reference texts.
         skipped: Skipped samples by reason (``unreadable``, ``no_audio``, ``bad_audio``,
-            ``no_reference``).
+            ``overlong`` (longer than the speech encoder's ``max_seconds``), ``no_reference``).
     """
 
     keys: list[str] = field(default_factory=list)
@@ -82,7 +83,9 @@ def read_speech_set(
     if gen.pre.audio is None:
         raise ValueError("the model has no speech encoder (model.audio): not a speech LLM")
     urls = resolve_source(data, "--data").urls
-    reader = AudioReader(gen.pre.audio, train=False)
+    limit = gen.pre.audio.max_samples
+    # read whole clips: one longer than the encoder takes is skipped, never scored cropped
+    reader = AudioReader(dataclasses.replace(gen.pre.audio, max_seconds=1e9), train=False)
     out = SpeechSet()
 
     def unreadable(exn: BaseException) -> bool:
@@ -109,6 +112,9 @@ def read_speech_set(
             clip = reader.read(sample[ext], ext)
         except Exception as e:  # noqa: BLE001 - an undecodable clip is a counted skip
             out.skip("bad_audio", key, e)
+            continue
+        if clip.shape[0] > limit:
+            out.skip("overlong", key, f"{clip.shape[0]} samples > the encoder's {limit}")
             continue
         out.keys.append(key)
         out.clips.append(clip)
