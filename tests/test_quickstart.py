@@ -115,11 +115,47 @@ def test_speech_quickstarts_learn(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert float(rows[-1]["val/retrieval/a2t/R@1"]) >= 0.05
 
     assert main(["fit", "-c", "configs/quickstart/blsp_tiny_lm.yaml"]) == 0
+    blsp_continue("blsp_tiny_lm")  # BLSP step 1: the trained LLM writes the targets
     assert main(["fit", "-c", "configs/quickstart/blsp_tiny.yaml"]) == 0
     metrics = sorted(tmp_path.glob("runs/blsp_tiny/**/metrics.csv"))[-1]
     rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/loss")]
     speech, silent = float(rows[-1]["val/loss"]), float(rows[-1]["val/loss_no_audio"])
     assert speech < 0.75 * silent, (speech, silent)
+    export("blsp_tiny")
+    argv = ["eval", "asr", "--model", "runs/blsp_tiny/export", "--data", "data/tones/val"]
+    assert main([*argv, "--prompt", "Transcribe the speech."]) == 0
+    report = json.loads(Path("runs/blsp_tiny/export/eval/asr.json").read_text())
+    assert report["num_utterances"] == 300 and report["metrics"]["wer"] >= 0, report
+
+
+def export(run: str) -> None:
+    """``mmpt export --format mmpt`` of a quickstart run to ``runs/<run>/export``."""
+    ckpt = f"runs/{run}/last/checkpoints/last.ckpt"
+    argv = ["export", "-c", f"configs/quickstart/{run}.yaml", "--format", "mmpt", "--ckpt", ckpt]
+    assert main([*argv, "--out", f"runs/{run}/export"]) == 0
+
+
+def blsp_continue(run: str) -> None:
+    """``mmpt data continue`` with the text-trained tiny LLM over data/tones -> data/tones-cont;
+    having learned the text task, it writes the synthetic continuations back word for word."""
+    import tarfile
+
+    export(run)
+    for split in ("train", "val"):
+        argv = ["data", "continue", "--llm", f"runs/{run}/export", "--chat-template", "plain"]
+        argv += ["--prompt-template", "{text}", "--batch-size", "64", "--max-new-tokens", "16"]
+        assert (
+            main([*argv, "--from", f"data/tones/{split}", "--out", f"data/tones-cont/{split}"]) == 0
+        )
+    same = total = 0
+    for new in sorted(Path("data/tones-cont/val").glob("*.tar")):
+        with tarfile.open(new) as a, tarfile.open(Path("data/tones/val") / new.name) as b:
+            old = {m.name: json.load(b.extractfile(m)) for m in b if m.name.endswith(".json")}
+            for m in a:
+                if m.name.endswith(".json"):
+                    got = json.load(a.extractfile(m))["continuation"]
+                    same, total = same + (got == old[m.name]["continuation"]), total + 1
+    assert total == 300 and same >= 0.9 * total, (same, total)
 
 
 @pytest.mark.slow
