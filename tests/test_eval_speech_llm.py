@@ -172,3 +172,9 @@ def test_overlong_bad_and_unlabelled_clips_are_counted(blsp, tmp_path):
         "no_audio": 1,
         "empty_reference": 1,
     }
+
+
+def test_a_missing_set_fails_before_the_model_loads(tmp_path, capsys):
+    argv = ["eval", "translate", "--model", str(tmp_path / "no-model"), "--target-lang", "fr"]
+    assert main([*argv, "--data", str(tmp_path / "none")]) == 2
+    assert "--data" in capsys.readouterr().err

@@ -200,6 +200,7 @@ def add_speech_llm_asr_args(s: argparse.ArgumentParser) -> None:
 def _setup(args: argparse.Namespace, overrides: list[str]) -> tuple[Generator, SpeechSet, Path]:
     """Check the flags, load the model, read the set; returns them and the report folder."""
     from mmpt.datamodules.templates import get_template
+    from mmpt.datamodules.urls import resolve_source
     from mmpt.generate import Generator
     from mmpt.generate_cli import check_model_source, load_model
 
@@ -208,6 +209,7 @@ def _setup(args: argparse.Namespace, overrides: list[str]) -> tuple[Generator, S
         raise ValueError("--batch-size, --max-new-tokens and --max-samples must be >= 1")
     if args.template is not None:
         get_template(args.template, "--template")
+    resolve_source(args.data, "--data")  # a missing set fails before the model loads
     gen = Generator(load_model(args, overrides), args.template, args.system)
     data = read_speech_set(gen, args.data, args.reference_key, args.max_samples)
     where = Path(args.ckpt).resolve().parent if args.ckpt else Path(args.model)
