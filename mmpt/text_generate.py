@@ -152,9 +152,8 @@ class TextLLM:
         from transformers import GenerationConfig
 
         texts = [self.render(m) for m in messages]
-        enc = self.tokenizer(
-            texts, return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(self.device)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(self.device)
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
