@@ -29,6 +29,7 @@ data:
   data build      raw files -> WebDataset shards   mmpt data build --from captions.csv --out DIR
   data index      count samples into index.json    mmpt data index DIR
   data score      CLIP score per sample (parquet)  mmpt data score -c CFG --ckpt CKPT --from D
+  data continue   BLSP: an LLM continues transcripts mmpt data continue --llm DIR --from D --out D
   data dedup      near-duplicates -> score table   mmpt data dedup --from DIR --out SCORES
   data filter     keep by scores, re-shard          mmpt data filter --from DIR --scores S --keep E
   data inspect    counts, keys, corrupt samples    mmpt data inspect DIR --check
@@ -47,6 +48,8 @@ evaluation (JSON report + PNG plot):
   eval mir        EPIC-100 multi-instance (MIR)    mmpt eval mir -c CFG --ckpt CKPT --data DIR
                                                     --relevancy relevancy.pkl
   eval univl      UniVL captions (CIDEr) and R@k    mmpt eval univl -c CFG --ckpt CKPT --data DIR
+  eval asr        speech recognition: WER, CER     mmpt eval asr --model DIR --data DIR
+  eval translate  speech translation: BLEU, chrF   mmpt eval translate --model DIR --data DIR
   eval probe      kNN / linear probe of a tower    mmpt eval probe --ckpt CKPT --train D --test D
   eval caption    VLM captioning: CIDEr, BLEU-4    mmpt eval caption --model DIR --data DIR
   eval vqa        VLM VQA accuracy                 mmpt eval vqa -c CFG --ckpt CKPT --data DIR

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmpt.cli_args import Parser
+from mmpt.continue_cli import add_continue_parser
 
 EPILOG = r"""examples:
   mmpt data synth --kind image-text --out data/shapes
@@ -42,6 +43,7 @@ EPILOG = r"""examples:
   mmpt data index /data/laion-shards --workers 8
   mmpt data index 'pipe:aws s3 cp s3://bucket/shards/{00000..00999}.tar -' --out shards.json
   mmpt data inspect shards/ --check
+  mmpt data continue --llm /models/Qwen2.5-1.5B-Instruct --from shards/speech --out shards/cont
 """
 
 
@@ -58,9 +60,7 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(
-        dest="command", metavar="{synth,build,index,inspect,score,dedup,filter}", required=True
-    )
+    sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="write a learnable synthetic dataset (train/ and val/)")
     synth.add_argument(
@@ -303,4 +303,5 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
     from mmpt.curation.cli import add_parsers as add_curation_parsers
 
     add_curation_parsers(sub)
+    add_continue_parser(sub)
     return parser

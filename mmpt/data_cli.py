@@ -193,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mmpt data <synth|build|index|inspect> ...``.
+    """Run ``mmpt data <synth|build|index|inspect|score|dedup|filter|continue> ...``.
 
     Args:
         argv: Arguments after ``data``; default ``sys.argv[1:]``.
@@ -210,10 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from mmpt.continue_cli import run_continue
     from mmpt.curation.cli import run_dedup, run_filter, run_score
 
     commands = {"synth": _synth, "build": _build, "index": _index, "inspect": _inspect}
     commands |= {"score": run_score, "dedup": run_dedup, "filter": run_filter}
+    commands["continue"] = run_continue
     try:
         return commands[args.command](args)
     except (OSError, RuntimeError, ValueError) as e:

@@ -1,8 +1,8 @@
 """``mmpt eval <task>``: evaluate a model, write JSON + PNG.
 
 Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`), univl
-(:mod:`mmpt.eval.univl_cli`) and the VLM
-benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`).
+(:mod:`mmpt.eval.univl_cli`), the VLM benchmarks caption, vqa, choice, all
+(:mod:`mmpt.eval.vlm_cli`) and the speech-LLM tasks asr, translate (:mod:`mmpt.eval.speech_llm`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
 from mmpt.eval.univl_cli import add_univl_args, run_univl
+from mmpt.eval.speech_llm import (
+    add_speech_llm_asr_args,
+    add_translate_parser,
+    run_speech_llm_asr,
+    run_translate,
+)
 from mmpt.eval.vlm_cli import VLM_COMMANDS, run_vlm
 from mmpt.eval.vlm_cli import add_parsers as add_vlm_parsers
 from mmpt.eval.zeroshot_setup import DEFAULT_TEMPLATES, classes_from_names, zeroshot_setup
@@ -61,7 +67,6 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(
         dest="task",
         required=True,
-        metavar="{retrieval,zeroshot,mcq,probe,mir,univl,caption,vqa,choice,all}",
     )
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
@@ -115,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     add_univl_args(s)
     add_probe_parser(sub)
     add_vlm_parsers(sub)
+    # speech LLM (BLSP); the CTC side of `eval asr` (--ckpt of a CTC model) joins this parser
+    help_ = "speech recognition with a speech LLM prompted to transcribe: WER / CER (jiwer)"
+    add_speech_llm_asr_args(sub.add_parser("asr", help=help_, description=help_))
+    add_translate_parser(sub)
     return p
 
 
@@ -168,6 +177,10 @@ def _out_dir(args: argparse.Namespace) -> Path:
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.task in VLM_COMMANDS:
         return run_vlm(args, overrides)
+    if args.task == "asr":
+        return run_speech_llm_asr(args, overrides)
+    if args.task == "translate":
+        return run_translate(args, overrides)
     if args.task == "probe":
         if overrides:
             raise ValueError(f"unknown arguments for eval probe: {' '.join(overrides)}")
