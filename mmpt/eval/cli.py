@@ -25,13 +25,13 @@ from mmpt.eval.modality import item_counts, media_of
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
-from mmpt.eval.univl_cli import add_univl_args, run_univl
 from mmpt.eval.speech_llm import (
     add_speech_llm_asr_args,
     add_translate_parser,
     run_speech_llm_asr,
     run_translate,
 )
+from mmpt.eval.univl_cli import add_univl_args, run_univl
 from mmpt.eval.vlm_cli import VLM_COMMANDS, run_vlm
 from mmpt.eval.vlm_cli import add_parsers as add_vlm_parsers
 from mmpt.eval.zeroshot_setup import DEFAULT_TEMPLATES, classes_from_names, zeroshot_setup
