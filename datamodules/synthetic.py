@@ -24,6 +24,7 @@ class SyntheticData:
         train_samples: Training samples to render.
         image_size: Rendered image size in pixels.
         seed: Generator seed (the data is a pure function of it).
+        language: Language of a ``tone-speech`` set (``a`` or the related ``b``).
     """
 
     kind: str = "image-text"
@@ -31,6 +32,7 @@ class SyntheticData:
     train_samples: int = 6000
     image_size: int = 64
     seed: int = 0
+    language: str = "a"
 
     def read_by(self, urls: Iterable[str]) -> bool:
         """Whether any of ``urls`` (shard sources of the config) lies in ``out``.
@@ -68,7 +70,7 @@ class SyntheticData:
 
         log.info("synthetic data missing: generating %s into %s", self.kind, self.out)
         options = {"train_samples": self.train_samples, "image_size": self.image_size}
-        options["seed"] = self.seed
+        options |= {"seed": self.seed, "language": self.language}
         if self.kind in SYNTH_KINDS:  # an unknown kind gets make_synthetic's error
             accepted = inspect.signature(SYNTH_KINDS[self.kind]).parameters
             options = {k: v for k, v in options.items() if k in accepted}

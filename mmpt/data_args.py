@@ -14,6 +14,7 @@ EPILOG = r"""examples:
   mmpt data synth --kind video-text --out data/clips --num-frames 16
   mmpt data synth --kind multispectral --out data/landcover --image-size 32
   mmpt data synth --kind audio-text --out data/tones --train-samples 100
+  mmpt data synth --kind tone-speech --out data/tonespeech-b --language b
   mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
   mmpt data build --kind video-text --from egoclip.tsv --videos ego4d/chunks/ \
       --out shards/egoclip --reencode-short 256 --workers 8
@@ -40,6 +41,7 @@ EPILOG = r"""examples:
   mmpt data build --kind mcq --from MMBench_DEV_EN.tsv --out shards/mmbench-dev
   mmpt data index /data/laion-shards --workers 8
   mmpt data index 'pipe:aws s3 cp s3://bucket/shards/{00000..00999}.tar -' --out shards.json
+  mmpt data vocab --from shards/speech/train --out vocab.json
   mmpt data inspect shards/ --check
 """
 
@@ -58,7 +60,7 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{synth,build,index,inspect}", required=True
+        dest="command", metavar="{synth,build,index,vocab,inspect}", required=True
     )
 
     synth = sub.add_parser("synth", help="write a learnable synthetic dataset (train/ and val/)")
@@ -126,6 +128,9 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
     )
     synth.add_argument(
         "--spoken", action="store_true", help="audio-text: espeak-ng speaks the captions"
+    )
+    synth.add_argument(
+        "--language", metavar="L", help="tone-speech: a (target) or b (a related language)"
     )
     synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
 
@@ -283,6 +288,9 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         "--workers", type=int, default=1, metavar="N", help="processes reading shards"
     )
 
+    from mmpt.vocab_cli import add_vocab_parser
+
+    add_vocab_parser(sub)
     insp = sub.add_parser("inspect", help="count samples and keys; find corrupt samples")
     insp.add_argument("path", type=Path, help="a shard folder or a .tar file")
     insp.add_argument("--check", action="store_true", help="decode every image and json")

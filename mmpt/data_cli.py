@@ -85,6 +85,7 @@ def _synth(args: argparse.Namespace) -> int:
         "max_images": args.max_images,
         "sample_rate": args.sample_rate,
         "spoken": args.spoken,
+        "language": args.language,
         "overwrite": args.overwrite,
     }
     result = fn(args.out, **_options(fn, args.kind, given))
@@ -203,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    from mmpt.vocab_cli import run_vocab
+
     commands = {"synth": _synth, "build": _build, "index": _index, "inspect": _inspect}
+    commands["vocab"] = run_vocab
     try:
         return commands[args.command](args)
     except (OSError, RuntimeError, ValueError) as e:
