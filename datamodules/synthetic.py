@@ -24,7 +24,8 @@ class SyntheticData:
         train_samples: Training samples to render.
         image_size: Rendered image size in pixels.
         seed: Generator seed (the data is a pure function of it).
-        language: Language of a ``tone-speech`` set (``a`` or the related ``b``).
+        options: More keyword arguments of the kind's generator (e.g. ``language: b`` and
+            ``unlabelled: true`` for ``tone-speech``).
     """
 
     kind: str = "image-text"
@@ -32,7 +33,7 @@ class SyntheticData:
     train_samples: int = 6000
     image_size: int = 64
     seed: int = 0
-    language: str = "a"
+    options: dict[str, Any] | None = None
 
     def read_by(self, urls: Iterable[str]) -> bool:
         """Whether any of ``urls`` (shard sources of the config) lies in ``out``.
@@ -70,11 +71,11 @@ class SyntheticData:
 
         log.info("synthetic data missing: generating %s into %s", self.kind, self.out)
         options = {"train_samples": self.train_samples, "image_size": self.image_size}
-        options |= {"seed": self.seed, "language": self.language}
+        options["seed"] = self.seed
         if self.kind in SYNTH_KINDS:  # an unknown kind gets make_synthetic's error
             accepted = inspect.signature(SYNTH_KINDS[self.kind]).parameters
             options = {k: v for k, v in options.items() if k in accepted}
-        make_synthetic(self.kind, self.out, **options)
+        make_synthetic(self.kind, self.out, **options, **(self.options or {}))
 
 
 _WILDCARD = re.compile(r"[{*?\[]")  # where a brace pattern or glob starts

@@ -132,6 +132,9 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
     synth.add_argument(
         "--language", metavar="L", help="tone-speech: a (target) or b (a related language)"
     )
+    synth.add_argument(
+        "--unlabelled", action="store_true", help="tone-speech: training clips without transcripts"
+    )
     synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
 
     build = sub.add_parser(

@@ -86,6 +86,7 @@ def _synth(args: argparse.Namespace) -> int:
         "sample_rate": args.sample_rate,
         "spoken": args.spoken,
         "language": args.language,
+        "unlabelled": args.unlabelled,
         "overwrite": args.overwrite,
     }
     result = fn(args.out, **_options(fn, args.kind, given))

@@ -18,8 +18,14 @@ def add_vocab_parser(sub: argparse._SubParsersAction) -> None:
         "vocab.json: <pad> (the CTC blank), <unk>, | (between words), then each character. "
         "With --tokenizer, the vocabulary of a subword tokenizers file instead.",
     )
-    p.add_argument("--from", dest="source", required=True, nargs="+", metavar="SHARDS",
-                   help="shard folder(s), files or patterns (the training transcripts)")  # fmt: skip
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        nargs="+",
+        metavar="SHARDS",
+        help="shard folder(s), files or patterns (the training transcripts)",
+    )
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="vocab.json to write")
     p.add_argument(
         "--text-key",
@@ -28,10 +34,19 @@ def add_vocab_parser(sub: argparse._SubParsersAction) -> None:
         help="transcript field, alternatives ;-separated (default json:transcript;txt;json:text)",
     )
     p.add_argument("--lowercase", action="store_true", help="lowercase transcripts first")
-    p.add_argument("--min-count", type=int, default=1, metavar="N",
-                   help="leave out characters seen fewer times (they become <unk>)")  # fmt: skip
-    p.add_argument("--tokenizer", type=Path, metavar="FILE",
-                   help="a tokenizers JSON file (subword units; needs <pad> and <unk> tokens)")  # fmt: skip
+    p.add_argument(
+        "--min-count",
+        type=int,
+        default=1,
+        metavar="N",
+        help="leave out characters seen fewer times (they become <unk>)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="FILE",
+        help="a tokenizers JSON file (subword units; needs <pad> and <unk> tokens)",
+    )
 
 
 def transcripts(sources: list[str], text_key: str) -> Iterator[str]:
@@ -65,8 +80,10 @@ def run_vocab(args: argparse.Namespace) -> int:
     vocab, counts = build_char_vocab(texts, args.lowercase, args.min_count)
     vocab.save(args.out)
     rare = sorted(c for c, n in counts.items() if n < args.min_count)
-    print(f"wrote {len(vocab)} tokens ({len(vocab) - 3} characters) from {len(texts)} "
-          f"transcripts to {args.out}")  # fmt: skip
+    print(
+        f"wrote {len(vocab)} tokens ({len(vocab) - 3} characters) from {len(texts)} "
+        f"transcripts to {args.out}"
+    )
     if rare:
         print(f"left out (fewer than {args.min_count}, mapped to <unk>): {''.join(rare)}")
     return 0

@@ -34,7 +34,7 @@ PHONES = tuple(sorted(VOWELS) + sorted(CONSONANTS))
 LANGUAGES = {"a": 1.0, "b": 1.15}  # pitch factor of each language
 _SPLIT_STREAM = {"train": 41, "val": 42}
 _LEXICON_SIZE = 24
-_WORDS = (2, 4)  # words per clip
+_WORDS = (1, 3)  # words per clip
 _PHONE_S, _PAUSE_S = (0.06, 0.10), 0.05
 _EDGE_S = 0.08  # silence before and after the words
 
@@ -100,9 +100,9 @@ def render_words(words: list[str], rate: int, pitch: float, rng: np.random.Gener
 
 
 def _write_split(
-    writer: ShardWriter, split: str, count: int, rate: int, language: str, seed: int
+    writer: ShardWriter, split: str, count: int, rate: int, language: str, seed: int, labelled: bool
 ) -> float:
-    """Write ``count`` clips (``flac`` + ``json`` with ``transcript``); returns hours."""
+    """Write ``count`` clips (``flac`` + ``json``, with ``transcript`` if ``labelled``); hours."""
     rng = np.random.default_rng([seed, _SPLIT_STREAM[split], ord(language)])
     words, seconds = lexicon(language, seed), 0.0
     for i in range(count):
@@ -113,9 +113,11 @@ def _write_split(
         audio = render_words(chosen, rate, LANGUAGES[language], rng)
         key = f"{language}{i:08d}"
         info = {
-            "key": key, "transcript": " ".join(chosen), "language": f"tone-{language}",
+            "key": key, "language": f"tone-{language}",
             "sample_rate": rate, "num_samples": len(audio), "duration": len(audio) / rate,
         }  # fmt: skip
+        if labelled:
+            info["transcript"] = " ".join(chosen)
         writer.write({"__key__": key, "flac": encode_pcm16(audio, rate, "FLAC"), "json": info})
         seconds += len(audio) / rate
     return seconds / 3600
@@ -124,16 +126,17 @@ def _write_split(
 def synth_tone_speech(
     out: str | Path,
     train_samples: int = 2000,
-    val_samples: int = 200,
+    val_samples: int = 100,
     sample_rate: int = 16000,
     seed: int = 0,
     language: str = "a",
+    unlabelled: bool = False,
     samples_per_shard: int = 1000,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write a deterministic tone-speech set as ``out/train`` and ``out/val``.
 
-    Clips (about 0.6-2 s) speak 2-4 words of the language's 24-word lexicon; ``json``
+    Clips (about 0.3-1.5 s) speak 1-3 words of the language's 24-word lexicon; ``json``
     holds ``transcript`` (the words, spaces between them), ``language`` and the length.
 
     Args:
@@ -144,6 +147,8 @@ def synth_tone_speech(
         seed: Same seed gives byte-identical shards (and the same lexicons).
         language: ``a`` (the target) or ``b`` (a related language: same phones, other words,
             15% higher pitch).
+        unlabelled: Leave the transcripts out of the training split (unlabelled audio,
+            the same clips as a labelled set of the same seed; validation keeps them).
         samples_per_shard: Samples per ``.tar`` shard.
         overwrite: Replace shards in the split folders that this generator did not write.
 
@@ -169,7 +174,7 @@ def synth_tone_speech(
         "lexicon": lexicon(language, seed),
         "generator": {
             "name": GENERATOR_NAME, "seed": seed, "sample_rate": sample_rate,
-            "language": language, "samples_per_shard": samples_per_shard,
+            "language": language, "unlabelled": unlabelled, "samples_per_shard": samples_per_shard,
             **{f"{k}_samples": v for k, v in counts.items()},
         },
     }  # fmt: skip
@@ -177,7 +182,8 @@ def synth_tone_speech(
     for split, folder in folders.items():
         with split_writer(result, split, folder, counts[split], samples_per_shard,
                           ["audio", "text"], meta | {"split": split}) as writer:  # fmt: skip
-            hours = _write_split(writer, split, counts[split], sample_rate, language, seed)
+            keep = not unlabelled or split == "val"
+            hours = _write_split(writer, split, counts[split], sample_rate, language, seed, keep)
             writer.index.meta |= {"hours": hours}
     result["tokenizer"] = str(out / "tokenizer")
     tone_vocab().save(out / "tokenizer" / "vocab.json")
