@@ -25,8 +25,10 @@ class CTCSample:
     Args:
         read_audio: Sample -> mono clip (with ``crop=False``).
         tokenizer: The model's :class:`~mmpt.ctc_vocab.CTCTokenizer`.
-        text_key: Transcript field(s); the first transcript is the target.
+        text_key: Transcript field(s); one transcript (at random if several) is the target.
         label_key: Class id field, None for none.
+        allow_unlabelled: A sample without a transcript gives an empty target (unlabelled
+            audio, for semi-supervised training) instead of a skip.
     """
 
     def __init__(
@@ -35,13 +37,21 @@ class CTCSample:
         tokenizer: CTCTokenizer,
         text_key: str,
         label_key: str | None,
+        allow_unlabelled: bool = False,
     ) -> None:
         self.read_audio, self.tokenizer = read_audio, tokenizer
         self.text_key, self.label_key = text_key, label_key
+        self.allow_unlabelled = allow_unlabelled
 
     def __call__(self, sample: dict[str, Any]) -> tuple[torch.Tensor, list, int, str, int]:
         """Decode one sample; raises (a counted skip) on a bad clip or an unfit transcript."""
-        transcripts = read_captions(sample, self.text_key)
+        try:
+            transcripts = read_captions(sample, self.text_key)
+        except KeyError:
+            if not self.allow_unlabelled:
+                raise
+            clip = self.read_audio(sample)
+            return clip, [[], ""], read_label(sample, self.label_key), sample["__key__"], 0
         text = transcripts[0] if len(transcripts) == 1 else random.choice(transcripts)
         ids, oov = self.tokenizer.vocab.encode(text)
         if not ids:
@@ -85,12 +95,20 @@ class CTCDataModule(AudioTextDataModule):
     Takes :class:`~mmpt.datamodules.audio_text.AudioTextDataModule`'s arguments; the model
     must give a :class:`~mmpt.ctc_vocab.CTCTokenizer` (``mmpt.models.ctc.CTCModule``).
     ``text_key`` defaults to ``json:transcript;txt;json:text``.
+
+    Args:
+        allow_unlabelled: Keep training clips without a transcript as unlabelled rows (all
+            -100 labels, empty transcript) for semi-supervised training (wav2vec-S: mix an
+            unlabelled source with a labelled one by ``train.weights``); validation always
+            needs transcripts.
+        *args, **kwargs: :class:`~mmpt.datamodules.audio_text.AudioTextDataModule`'s.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, allow_unlabelled: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("text_key", "json:transcript;txt;json:text")
         kwargs.setdefault("label_key", None)
         super().__init__(*args, **kwargs)
+        self.allow_unlabelled = allow_unlabelled
 
     def required_fields(self, meta: dict) -> dict[str, str]:
         """The transcript field (training and validation read it)."""
@@ -111,7 +129,8 @@ class CTCDataModule(AudioTextDataModule):
         if not text_key:
             raise ValueError("data.text_key: CTC training needs the transcript field")
         reader = AudioReader(pre, train, self.audio_key, crop=False)
-        return CTCSample(reader, tokenizer, text_key, self.label_key)
+        unlabelled = self.allow_unlabelled and train
+        return CTCSample(reader, tokenizer, text_key, self.label_key, unlabelled)
 
     def collate_fn(self, tokenizer: Tokenizer | None) -> CTCCollate:
         """A :class:`CTCCollate`."""

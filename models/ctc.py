@@ -164,7 +164,8 @@ class CTCModule(MMPTModule):
         self.reduction, self.zero_infinity = ctc_loss_reduction, ctc_zero_infinity
         self.freeze_encoder_steps = freeze_encoder_steps
         self.normalizer = normalizer or TextNormalizer()
-        self.save_hyperparameters({"vocab": self.vocab.to_dict()})
+        # what load_ctc rebuilds the model from (mmpt eval asr, pseudo-labels, export)
+        self.save_hyperparameters({"vocab": self.vocab.to_dict(), "encoder": encoder.describe()})
         self._tally: dict[str, ErrorTally] = {}
 
     @property

@@ -1,7 +1,8 @@
 """``mmpt eval <task>``: evaluate a model, write JSON + PNG.
 
-Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`) and the VLM
-benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`).
+Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`), the VLM
+benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`) and asr
+(:mod:`mmpt.eval.asr_cli`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(
         dest="task",
         required=True,
-        metavar="{retrieval,zeroshot,mcq,probe,mir,caption,vqa,choice,all}",
+        metavar="{retrieval,zeroshot,mcq,probe,mir,caption,vqa,choice,all,asr}",
     )
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
@@ -109,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(label_key=None)
     add_probe_parser(sub)
     add_vlm_parsers(sub)
+    from mmpt.eval.asr_cli import add_asr_parser
+
+    add_asr_parser(sub)
     return p
 
 
@@ -162,6 +166,10 @@ def _out_dir(args: argparse.Namespace) -> Path:
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.task in VLM_COMMANDS:
         return run_vlm(args, overrides)
+    if args.task == "asr":
+        from mmpt.eval.asr_cli import run_asr
+
+        return run_asr(args, overrides)
     if args.task == "probe":
         if overrides:
             raise ValueError(f"unknown arguments for eval probe: {' '.join(overrides)}")
