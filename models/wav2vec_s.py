@@ -147,7 +147,8 @@ class WavSModule(CTCModule):
             self.encoder, batch.audio, batch.audio_lengths, *self.mask
         )
         ssl = outputs.loss / mask.sum().clamp(min=1).to(outputs.loss.dtype)
-        total = int(getattr(self.trainer, "estimated_stepping_batches", 0) or 0)
+        trainer = self._trainer
+        total = int(trainer.estimated_stepping_batches) if trainer is not None else 0
         weight = self.ssl_weight_at(self.global_step, total)
         loss = weight * ssl
         labelled = (batch.text_tokens >= 0).any(dim=1)
