@@ -171,11 +171,13 @@ class CTCModule(MMPTModule):
     @property
     def preprocess(self) -> Preprocess:
         """The tower's audio preprocessing and the CTC tokenizer (vocabulary + frames)."""
-        return Preprocess(
-            image=None,
-            tokenizer=CTCTokenizer(self.vocab, self.encoder.lengths),
-            audio=self.encoder.audio_preprocess,
-        )
+        if getattr(self, "_preprocess", None) is None:
+            self._preprocess = Preprocess(
+                image=None,
+                tokenizer=CTCTokenizer(self.vocab, self.encoder.lengths),
+                audio=self.encoder.audio_preprocess,
+            )
+        return self._preprocess
 
     def encoder_frozen(self) -> bool:
         """Whether this training step leaves the encoder out (``freeze_encoder_steps``)."""
