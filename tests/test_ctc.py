@@ -146,3 +146,36 @@ def _ta_config() -> dict:
         "encoder_layer_drop": 0.0,
         "aux_num_out": None,
     }
+
+
+@pytest.mark.parametrize("model_type", ["wav2vec2", "hubert"])
+def test_hf_ctc_export_loads_with_equal_logits_and_decoding(
+    tmp_path: Path, model_type: str
+) -> None:
+    from transformers import AutoModelForCTC, Wav2Vec2Processor
+
+    from mmpt.export.hf_wav2vec2_ctc import export_hf_ctc
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in LAYER.items() if "codevector" not in k}
+    tower = Wav2Vec2Tower(config={**config, "model_type": model_type})
+    module = CTCModule(tower, {"tokens": VOCAB}).eval()
+    torch.nn.init.normal_(module.lm_head.weight, std=1.0)
+    out = export_hf_ctc(module, tmp_path / "hf")
+    hf = AutoModelForCTC.from_pretrained(out).eval()
+    processor = Wav2Vec2Processor.from_pretrained(out)
+    g = torch.Generator().manual_seed(2)
+    clips = [torch.randn(6000, generator=g).numpy(), torch.randn(4400, generator=g).numpy()]
+    inputs = processor(clips, sampling_rate=16000, return_tensors="pt", padding=True)
+    from mmpt.datamodules.audio import normalize_audio, pad_audio
+
+    audio, lengths = pad_audio([torch.from_numpy(c) for c in clips])
+    with torch.no_grad():
+        ours, frames = module(normalize_audio(audio, lengths), lengths)
+        theirs = hf(**inputs).logits
+    for row, n in enumerate(frames.tolist()):
+        torch.testing.assert_close(ours[row, :n], theirs[row, :n], rtol=1e-4, atol=1e-4)
+    ids = theirs.argmax(-1)
+    decoded = [processor.decode(ids[r, :n]) for r, n in enumerate(frames.tolist())]
+    assert decoded == module.vocab.greedy(ours, frames)
+    assert hf.config.pad_token_id == 0 and hf.config.vocab_size == len(VOCAB)
