@@ -155,3 +155,35 @@ def test_wav2vec_s_step_mixes_ssl_and_ctc_and_pseudo_labels(tmp_path: Path) -> N
     assert module.lm_head.weight.grad is not None
     assert module.encoder.model.quantizer.codevectors.grad is not None  # the SSL loss trains
     assert not any(k.startswith("_labeler") for k in module.state_dict())
+
+
+def test_data_vocab_cli_and_tone_speech_synth(tmp_path: Path) -> None:
+    from mmpt.data_cli import main as data_main
+    from mmpt.synth.tone_speech import lexicon, synth_tone_speech, tone_vocab
+
+    out = synth_tone_speech(tmp_path / "a", train_samples=12, val_samples=3)
+    assert data_main(["vocab", "--from", out["train"], "--out", str(tmp_path / "v.json")]) == 0
+    built = json.loads((tmp_path / "v.json").read_text())
+    assert list(built)[:3] == ["<pad>", "<unk>", "|"]
+    assert set(built) <= set(tone_vocab().tokens)
+    assert json.loads((tmp_path / "a" / "tokenizer" / "vocab.json").read_text()) == tone_vocab().ids
+    bare = synth_tone_speech(tmp_path / "u", train_samples=4, val_samples=2, unlabelled=True)
+    assert data_main(["vocab", "--from", bare["train"], "--out", str(tmp_path / "x.json")]) == 2
+    assert set(lexicon("a")) != set(lexicon("b"))
+    with pytest.raises(ValueError, match="--language"):
+        lexicon("c")
+
+
+def test_subword_vocabulary_from_a_tokenizers_file(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mmpt.ctc_vocab import CTCVocab
+
+    pieces = ["<pad>", "<unk>", "ka", "m", "sa", "▁"]
+    raw = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.save(str(tmp_path / "tok.json"))
+    vocab = CTCVocab.load(tmp_path / "tok.json")
+    assert vocab.tokens == pieces and vocab.blank == 0
+    ids, oov = vocab.encode("ka zz")
+    assert ids[0] == 2 and oov == 1
