@@ -216,7 +216,7 @@ class CTCModule(MMPTModule):
         logits, frames = self(audio, lengths)
         return self.vocab.greedy(logits, frames)
 
-    def log_ctc_counts(self, batch: AudioTextBatch, stage: str) -> None:
+    def log_ctc_counts(self, batch: AudioTextBatch) -> None:
         """Log the batch's out-of-vocabulary characters (``data/oov``) and skipped samples."""
         bs = len(batch)
         self.log_data_counts(batch, ("skipped",), bs)
@@ -229,7 +229,7 @@ class CTCModule(MMPTModule):
         loss = self.loss(logits, batch.text_tokens, frames)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         self.log("train/encoder_frozen", float(self.encoder_frozen()), batch_size=len(batch))
-        self.log_ctc_counts(batch, "train")
+        self.log_ctc_counts(batch)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -250,7 +250,7 @@ class CTCModule(MMPTModule):
             self.vocab.decode(row.tolist()) for row in batch.text_tokens
         ]
         self._tally.setdefault(prefix, ErrorTally(self.normalizer)).add(refs, hyps)
-        self.log_ctc_counts(batch, prefix)
+        self.log_ctc_counts(batch)
         return loss
 
     def on_validation_epoch_end(self) -> None:

@@ -172,7 +172,7 @@ class WavSModule(CTCModule):
                 loss = loss + self.pseudo_weight * pseudo
                 log("train/pseudo_loss", pseudo.detach())
         log("train/loss", loss, prog_bar=True)
-        self.log_ctc_counts(batch, "train")
+        self.log_ctc_counts(batch)
         return loss
 
 

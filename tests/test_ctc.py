@@ -179,3 +179,20 @@ def test_hf_ctc_export_loads_with_equal_logits_and_decoding(
     decoded = [processor.decode(ids[r, :n]) for r, n in enumerate(frames.tolist())]
     assert decoded == module.vocab.greedy(ours, frames)
     assert hf.config.pad_token_id == 0 and hf.config.vocab_size == len(VOCAB)
+
+
+def test_tri_stage_schedule_is_fairseqs() -> None:
+    import math
+
+    from mmpt.models.schedules import TriStage
+
+    s = TriStage(phase_ratio=(0.1, 0.4, 0.5), init_scale=0.01, final_scale=0.05)
+    total = 1000
+    assert s.factor(0, total) == pytest.approx(0.01)
+    assert s.factor(50, total) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert s.factor(100, total) == s.factor(499, total) == 1.0
+    assert s.factor(750, total) == pytest.approx(math.exp(math.log(0.05) * 0.5))
+    assert s.factor(999, total) == pytest.approx(0.05, rel=0.01)
+    assert s.decay_start(total) == 500 and s.warmup_for(total) == 100
+    with pytest.raises(ValueError, match="phase_ratio"):
+        TriStage(phase_ratio=(0.5, 0.5, 0.5))
