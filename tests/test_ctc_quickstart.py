@@ -36,27 +36,19 @@ def untrained_wer(root: Path, monkeypatch: pytest.MonkeyPatch) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_ctc_quickstart_beats_an_untrained_head(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """ctc_tiny from scratch: validation WER well under 1; an untrained head's is >= 1."""
+def test_ctc_after_wav2vec_s_beats_an_untrained_head(tmp_path: Path, monkeypatch):
+    """wav2vec-S (60 steps) then CTC on 150 labelled clips: validation WER well under 1
+    (measured 0.52); an untrained head's is above 1 (measured 3.7, insertions)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(os.environ, "OMP_NUM_THREADS", "1")
-    (tmp_path / "configs").symlink_to(ROOT / "configs")
-    assert main(["fit", "-c", "configs/quickstart/ctc_tiny.yaml"]) == 0
-    trained = float(last_row("ctc_tiny", "val/wer", tmp_path)["val/wer"])
-    assert trained < 0.8
-    assert untrained_wer(tmp_path, monkeypatch) >= 0.95 > trained
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(3600)
-def test_wav2vec_s_then_ctc_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The semi-supervised stage trains both losses; CTC fine-tuning loads it by name."""
-    monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     assert main(["fit", "-c", "configs/quickstart/wav2vec_s_tiny.yaml"]) == 0
     row = last_row("wav2vec_s_tiny", "train/ssl_loss", tmp_path)
     assert float(row["train/ssl_loss"]) > 0
     ckpt = sorted(tmp_path.glob("runs/wav2vec_s_tiny/**/last.ckpt"))[-1]
-    args = ["fit", "-c", "configs/quickstart/ctc_tiny.yaml", "--trainer.max_steps", "20"]
-    args += ["--model.init_args.init_from", str(ckpt)]
-    assert main([*args, "--data.init_args.train.urls", "data/tonespeech-a-150/train"]) == 0
+    args = ["fit", "-c", "configs/quickstart/ctc_tiny.yaml", "--model.init_args.init_from"]
+    args += [str(ckpt), "--data.init_args.train.urls", "data/tonespeech-a-150/train"]
+    assert main(args) == 0
+    trained = float(last_row("ctc_tiny", "val/wer", tmp_path)["val/wer"])
+    assert trained < 0.8
+    assert untrained_wer(tmp_path, monkeypatch) >= 0.95 > trained
