@@ -189,10 +189,14 @@ class AudioReader:
         pre: The model's audio preprocessing (rate, crop length, minimum length).
         train: Random crop window (True) or the first ``pre.max_samples`` (evaluation).
         audio_key: Audio extensions to look for, ``;``-separated; None: ``AUDIO_EXTENSIONS``.
+        crop: Crop clips longer than ``pre.max_seconds``; False refuses them (a ``ValueError``,
+            so a counted skip): a clip with a transcript cannot be cut.
     """
 
-    def __init__(self, pre: AudioPreprocess, train: bool, audio_key: str | None = None) -> None:
-        self.pre, self.train = pre, train
+    def __init__(
+        self, pre: AudioPreprocess, train: bool, audio_key: str | None = None, crop: bool = True
+    ) -> None:
+        self.pre, self.train, self.crop = pre, train, crop
         self.audio_key = audio_key or AUDIO_EXTENSIONS
         self.resample = Resampler()
 
@@ -219,6 +223,11 @@ class AudioReader:
             raise ValueError(
                 f"audio too short: {n} samples at {self.pre.sample_rate} Hz, "
                 f"min {self.pre.min_samples}"
+            )
+        if n > self.pre.max_samples and not self.crop:
+            raise ValueError(
+                f"audio longer than max_seconds {self.pre.max_seconds} (its transcript cannot be "
+                "cropped; raise the tower's max_seconds)"
             )
         length = min(n, self.pre.max_samples)
         start = random.randrange(n - length + 1) if self.train else 0

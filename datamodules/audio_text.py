@@ -182,6 +182,19 @@ class AudioTextDataModule(ShardDataModule):
         tokenizer = getattr(self.preprocess, "tokenizer", None)
         return {"data.val_text_key": self.val_text_key} if tokenizer and self.val_text_key else {}
 
+    def sample_fn(self, pre: AudioPreprocess, train: bool, text_key: str | None) -> Any:
+        """Raw sample -> decoded item, run in the workers (subclasses read other targets)."""
+        return AudioTextSample(
+            read_audio=AudioReader(pre, train, self.audio_key),
+            text_key=text_key,
+            label_key=self.label_key,
+            all_captions=not train,
+        )
+
+    def collate_fn(self, tokenizer: Tokenizer | None) -> Any:
+        """Decoded items -> :class:`~mmpt.batch.AudioTextBatch`."""
+        return AudioTextCollate(tokenizer)
+
     def stream(self, config: StreamConfig, train: bool, field: str) -> ShardStream:
         """Build the stream of one split (also used by ``mmpt eval`` on arbitrary shards).
 
@@ -200,12 +213,7 @@ class AudioTextDataModule(ShardDataModule):
         text_key = None  # a model without a text tower reads no text
         if tokenizer is not None:
             text_key = self.text_key if train else self.val_text_key
-        sample_fn = AudioTextSample(
-            read_audio=AudioReader(pre, train, self.audio_key),
-            text_key=text_key,
-            label_key=self.label_key,
-            all_captions=not train,
-        )
+        sample_fn = self.sample_fn(pre, train, text_key)
         batch_size = self.batch_size if train else self.val_batch_size
         batcher = None
         if train and self.bucket_batches > 1:
@@ -217,7 +225,7 @@ class AudioTextDataModule(ShardDataModule):
             config.sources(field),
             config,
             sample_fn,
-            AudioTextCollate(tokenizer),
+            self.collate_fn(tokenizer),
             batch_size=batch_size,
             partial=not train,
             seed=self.seed,

@@ -24,6 +24,8 @@ class SyntheticData:
         train_samples: Training samples to render.
         image_size: Rendered image size in pixels.
         seed: Generator seed (the data is a pure function of it).
+        options: More keyword arguments of the kind's generator (e.g. ``language: b`` and
+            ``unlabelled: true`` for ``tone-speech``).
     """
 
     kind: str = "image-text"
@@ -31,6 +33,7 @@ class SyntheticData:
     train_samples: int = 6000
     image_size: int = 64
     seed: int = 0
+    options: dict[str, Any] | None = None
 
     def read_by(self, urls: Iterable[str]) -> bool:
         """Whether any of ``urls`` (shard sources of the config) lies in ``out``.
@@ -72,7 +75,7 @@ class SyntheticData:
         if self.kind in SYNTH_KINDS:  # an unknown kind gets make_synthetic's error
             accepted = inspect.signature(SYNTH_KINDS[self.kind]).parameters
             options = {k: v for k, v in options.items() if k in accepted}
-        make_synthetic(self.kind, self.out, **options)
+        make_synthetic(self.kind, self.out, **options, **(self.options or {}))
 
 
 _WILDCARD = re.compile(r"[{*?\[]")  # where a brace pattern or glob starts

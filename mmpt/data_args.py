@@ -16,6 +16,7 @@ EPILOG = r"""examples:
   mmpt data synth --kind video-caption --out data/univl --raw-clips
   mmpt data synth --kind multispectral --out data/landcover --image-size 32
   mmpt data synth --kind audio-text --out data/tones --train-samples 100
+  mmpt data synth --kind tone-speech --out data/tonespeech-b --language b
   mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
   mmpt data build --kind video-text --from egoclip.tsv --videos ego4d/chunks/ \
       --out shards/egoclip --reencode-short 256 --workers 8
@@ -42,6 +43,7 @@ EPILOG = r"""examples:
   mmpt data build --kind mcq --from MMBench_DEV_EN.tsv --out shards/mmbench-dev
   mmpt data index /data/laion-shards --workers 8
   mmpt data index 'pipe:aws s3 cp s3://bucket/shards/{00000..00999}.tar -' --out shards.json
+  mmpt data vocab --from shards/speech/train --out vocab.json
   mmpt data inspect shards/ --check
   mmpt data continue --llm /models/Qwen2.5-1.5B-Instruct --from shards/speech --out shards/cont
 """
@@ -136,6 +138,12 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
     )
     synth.add_argument(
         "--raw-clips", action="store_true", help="video-caption: also write mp4 clips in clips/"
+    )
+    synth.add_argument(
+        "--language", metavar="L", help="tone-speech: a (target) or b (a related language)"
+    )
+    synth.add_argument(
+        "--unlabelled", action="store_true", help="tone-speech: training clips without transcripts"
     )
     synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
 
@@ -293,6 +301,9 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         "--workers", type=int, default=1, metavar="N", help="processes reading shards"
     )
 
+    from mmpt.vocab_cli import add_vocab_parser
+
+    add_vocab_parser(sub)
     insp = sub.add_parser("inspect", help="count samples and keys; find corrupt samples")
     insp.add_argument("path", type=Path, help="a shard folder or a .tar file")
     insp.add_argument("--check", action="store_true", help="decode every image and json")

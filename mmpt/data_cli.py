@@ -88,6 +88,8 @@ def _synth(args: argparse.Namespace) -> int:
         "feature_dim": args.feature_dim,
         "noise": args.noise,
         "raw_clips": args.raw_clips,
+        "language": args.language,
+        "unlabelled": args.unlabelled,
         "overwrite": args.overwrite,
     }
     result = fn(args.out, **_options(fn, args.kind, given))
@@ -212,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     from mmpt.continue_cli import run_continue
     from mmpt.curation.cli import run_dedup, run_filter, run_score
+    from mmpt.vocab_cli import run_vocab
 
     commands = {"synth": _synth, "build": _build, "index": _index, "inspect": _inspect}
     commands |= {"score": run_score, "dedup": run_dedup, "filter": run_filter}
-    commands["continue"] = run_continue
+    commands |= {"continue": run_continue, "vocab": run_vocab}
     try:
         return commands[args.command](args)
     except (OSError, RuntimeError, ValueError) as e:

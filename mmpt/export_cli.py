@@ -21,7 +21,8 @@ FORMATS = {
     "open_clip": "contrastive image-text model -> open_clip folder (config, weights, tokenizer)",
     "timm": "the image tower of any model (MAE encoder, contrastive vision) -> timm checkpoint",
     "hf": "transformers folder: open_clip-tower CLIP -> CLIPModel + CLIPProcessor; otherwise the "
-    "wav2vec 2.0 speech tower of any model -> Wav2Vec2Model + feature extractor",
+    "wav2vec 2.0 speech tower of any model -> Wav2Vec2Model + feature extractor (a CTC model "
+    "-> Wav2Vec2ForCTC + Wav2Vec2Processor)",
     "llava": "VLM with an HF SigLIP/CLIP tower and mlp2x_gelu -> transformers LLaVA + processor",
     "mmpt": "any VLM -> mmpt's own folder (mmpt.load, `mmpt generate --model` rebuild it)",
 }
@@ -47,6 +48,12 @@ def _hf_speech(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
     from mmpt.export.parts import find_part
 
     return export_hf_wav2vec2(find_part(model, "audio"), out)
+
+
+def _hf_ctc(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
+    from mmpt.export.hf_wav2vec2_ctc import export_hf_ctc
+
+    return export_hf_ctc(model, out)
 
 
 def _hf_clip(model: nn.Module, out: Path, args: argparse.Namespace) -> Path:
@@ -92,6 +99,8 @@ def targets(model: nn.Module) -> dict[str, Exporter]:
         found["timm"] = _timm
     if "open_clip" in found:
         found["hf"] = _hf_clip
+    elif hasattr(model, "lm_head") and hasattr(model, "vocab"):  # CTCModule
+        found["hf"] = _hf_ctc
     elif any(isinstance(getattr(model, a, None), Wav2Vec2Tower) for a in ("audio", "encoder")):
         found["hf"] = _hf_speech
     return found

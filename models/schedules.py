@@ -1,6 +1,7 @@
 """Learning-rate schedules as config pieces: a factor of the peak LR at each optimizer step.
 
-Constant, WarmupCosine, WarmupStableDecay and Rewarm (continual pretraining) are named by
+Constant, WarmupCosine, WarmupStableDecay, TriStage (wav2vec 2.0 fine-tuning) and Rewarm
+(continual pretraining) are named by
 ``class_path`` under ``model.init_args.lr_schedule``; ``mmpt schedule -c CONFIG`` plots one.
 """
 
@@ -175,6 +176,63 @@ class WarmupStableDecay(Constant):
         else:
             shape = 1 - math.sqrt(p)
         return self.min_ratio + (1 - self.min_ratio) * shape
+
+
+class TriStage(Schedule):
+    """fairseq's tri-stage schedule of wav2vec 2.0 fine-tuning: warm up, hold, decay.
+
+    With phase lengths ``w, h, d`` (``phase_ratio`` x ``T``), start ``a = init_scale`` and
+    end ``b = final_scale``::
+
+        factor(s) = a + (1 - a) * s / w                  s < w
+                  = 1                                    w <= s < w + h
+                  = exp(ln(b) * (s - w - h) / d)         w + h <= s < w + h + d
+                  = b                                    after
+
+    Args:
+        phase_ratio: Warmup, hold and decay as fractions of the run (wav2vec 2.0: 0.1, 0.4,
+            0.5); they sum to at most 1.
+        init_scale: LR at step 0 as a fraction of the peak (0.01).
+        final_scale: LR at the end of the decay as a fraction of the peak (0.05).
+
+    Raises:
+        ValueError: An argument out of range (names its ``model.lr_schedule`` field).
+    """
+
+    needs_total = True
+
+    def __init__(
+        self,
+        phase_ratio: tuple[float, float, float] = (0.1, 0.4, 0.5),
+        init_scale: float = 0.01,
+        final_scale: float = 0.05,
+    ) -> None:
+        ratios = tuple(float(r) for r in phase_ratio)
+        _check(len(ratios) == 3 and min(ratios) >= 0, "phase_ratio", phase_ratio, "needs 3 >= 0")
+        _check(sum(ratios) <= 1 + 1e-9, "phase_ratio", phase_ratio, "must sum to at most 1")
+        _check(0 <= init_scale <= 1, "init_scale", init_scale, "must be in [0, 1]")
+        _check(0 < final_scale <= 1, "final_scale", final_scale, "must be in (0, 1]")
+        self.phase_ratio, self.init_scale, self.final_scale = ratios, init_scale, final_scale
+
+    def _phases(self, total_steps: int) -> tuple[int, int, int]:
+        return tuple(int(round(r * total_steps)) for r in self.phase_ratio)  # type: ignore[return-value]
+
+    def warmup_for(self, total_steps: int) -> int:  # noqa: D102
+        return self._phases(total_steps)[0]
+
+    def decay_start(self, total_steps: int) -> int:  # noqa: D102
+        w, h, _ = self._phases(total_steps)
+        return w + h
+
+    def factor(self, step: int, total_steps: int) -> float:  # noqa: D102
+        w, h, d = self._phases(total_steps)
+        if step < w:
+            return self.init_scale + (1 - self.init_scale) * step / w
+        if step < w + h:
+            return 1.0
+        if step < w + h + d:
+            return math.exp(math.log(self.final_scale) * (step - w - h) / d)
+        return self.final_scale
 
 
 class Rewarm(Schedule):

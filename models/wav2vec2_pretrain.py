@@ -71,6 +71,54 @@ def span_masks(
     return torch.from_numpy(mask).to(device), torch.from_numpy(negatives).long().to(device)
 
 
+def gumbel_temperature_at(schedule: tuple[float, float, float], step: int) -> float:
+    """``max(high * decay**step, low)`` of a ``(high, low, decay)`` schedule."""
+    high, low, decay = schedule
+    return max(high * decay**step, low)
+
+
+def pretraining_outputs(
+    tower: Wav2Vec2Tower,
+    audio: torch.Tensor,
+    lengths: torch.Tensor,
+    mask_prob: float,
+    mask_length: int,
+    num_negatives: int,
+    seed: int | None = None,
+) -> tuple[Wav2Vec2ForPreTrainingOutput, torch.Tensor]:
+    """wav2vec 2.0 pretraining outputs of a padded batch under fresh span masks.
+
+    Args:
+        tower: A tower with the pretraining head.
+        audio: (B, N) float waveforms, zero-padded.
+        lengths: Long tensor (B,), clip lengths in samples.
+        mask_prob, mask_length, num_negatives: See :func:`span_masks`.
+        seed: Seed of the masks and negatives (validation); None draws them at random.
+
+    Returns:
+        outputs: HF outputs; ``loss``, ``contrastive_loss`` and ``diversity_loss`` are
+            sums over the masked frames.
+        mask_time_indices: Bool tensor (B, T), the masked frames.
+
+    Raises:
+        ValueError: A clip too short for ``mask_length``.
+    """
+    frames = tower.output_lengths(lengths)
+    num_frames = int(tower.lengths(audio.shape[1]))
+    if int(frames.min()) <= mask_length:
+        raise ValueError(
+            f"a clip of {int(frames.min())} frames is too short for mask_length "
+            f"{mask_length}: raise the datamodule's minimum clip length"
+        )
+    mask, negatives = span_masks(frames, num_frames, mask_prob, mask_length, num_negatives, seed)
+    outputs = tower.model(
+        **tower.model_inputs(audio, lengths),
+        mask_time_indices=mask,
+        sampled_negative_indices=negatives,
+    )
+    return outputs, mask
+
+
 class Wav2Vec2PretrainModule(MMPTModule):
     """Continued self-supervised pretraining of an HF ``Wav2Vec2ForPreTraining`` tower.
 
@@ -144,41 +192,15 @@ class Wav2Vec2PretrainModule(MMPTModule):
 
     def temperature_at(self, step: int) -> float:
         """Gumbel-softmax temperature of the quantizer at optimizer step ``step``."""
-        high, low, decay = self.gumbel_temperature
-        return max(high * decay**step, low)
+        return gumbel_temperature_at(self.gumbel_temperature, step)
 
     def forward(
         self, audio: torch.Tensor, lengths: torch.Tensor, seed: int | None = None
     ) -> tuple[Wav2Vec2ForPreTrainingOutput, torch.Tensor]:
-        """Pretraining outputs of a padded batch under fresh span masks.
-
-        Args:
-            audio: (B, N) float waveforms, zero-padded.
-            lengths: Long tensor (B,), clip lengths in samples.
-            seed: Seed of the masks and negatives (validation); None draws them at random.
-
-        Returns:
-            outputs: HF outputs; ``loss``, ``contrastive_loss`` and ``diversity_loss`` are
-                sums over the masked frames.
-            mask_time_indices: Bool tensor (B, T), the masked frames.
-        """
-        tower = self.encoder
-        frames = tower.output_lengths(lengths)
-        num_frames = int(tower.lengths(audio.shape[1]))
-        if int(frames.min()) <= self.mask_length:
-            raise ValueError(
-                f"a clip of {int(frames.min())} frames is too short for mask_length "
-                f"{self.mask_length}: raise the datamodule's minimum clip length"
-            )
-        mask, negatives = span_masks(
-            frames, num_frames, self.mask_prob, self.mask_length, self.num_negatives, seed
+        """Pretraining outputs and masks of a padded batch: :func:`pretraining_outputs`."""
+        return pretraining_outputs(
+            self.encoder, audio, lengths, self.mask_prob, self.mask_length, self.num_negatives, seed
         )
-        outputs = tower.model(
-            **tower.model_inputs(audio, lengths),
-            mask_time_indices=mask,
-            sampled_negative_indices=negatives,
-        )
-        return outputs, mask
 
     def _step(self, batch: AudioTextBatch, stage: str, seed: int | None) -> torch.Tensor:
         """Loss per masked frame of ``batch``, logged with its parts under ``stage/``.

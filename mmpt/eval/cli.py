@@ -2,7 +2,8 @@
 
 Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`), univl
 (:mod:`mmpt.eval.univl_cli`), the VLM benchmarks caption, vqa, choice, all
-(:mod:`mmpt.eval.vlm_cli`) and the speech-LLM tasks asr, translate (:mod:`mmpt.eval.speech_llm`).
+(:mod:`mmpt.eval.vlm_cli`), asr (CTC checkpoints and speech LLMs, :mod:`mmpt.eval.asr_cli`) and
+translate (:mod:`mmpt.eval.speech_llm`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mmpt.cli_args import Parser
 from mmpt.datamodules.video import VIDEO_BACKENDS
 from mmpt.eval.applicable import require_task
+from mmpt.eval.asr_cli import add_asr_parser, run_asr
 from mmpt.eval.callback import write_reports
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
 from mmpt.eval.mir_cli import add_mir_args, check_mir_args, report_mir
@@ -25,12 +27,7 @@ from mmpt.eval.modality import item_counts, media_of
 from mmpt.eval.probe_cli import add_parser as add_probe_parser
 from mmpt.eval.probe_cli import run_probe
 from mmpt.eval.report import print_metrics, write_json
-from mmpt.eval.speech_llm import (
-    add_speech_llm_asr_args,
-    add_translate_parser,
-    run_speech_llm_asr,
-    run_translate,
-)
+from mmpt.eval.speech_llm import add_translate_parser, run_translate
 from mmpt.eval.univl_cli import add_univl_args, run_univl
 from mmpt.eval.vlm_cli import VLM_COMMANDS, run_vlm
 from mmpt.eval.vlm_cli import add_parsers as add_vlm_parsers
@@ -120,9 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     add_univl_args(s)
     add_probe_parser(sub)
     add_vlm_parsers(sub)
-    # speech LLM (BLSP); the CTC side of `eval asr` (--ckpt of a CTC model) joins this parser
-    help_ = "speech recognition with a speech LLM prompted to transcribe: WER / CER (jiwer)"
-    add_speech_llm_asr_args(sub.add_parser("asr", help=help_, description=help_))
+    add_asr_parser(sub)  # CTC checkpoints and speech LLMs
     add_translate_parser(sub)
     return p
 
@@ -178,7 +173,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.task in VLM_COMMANDS:
         return run_vlm(args, overrides)
     if args.task == "asr":
-        return run_speech_llm_asr(args, overrides)
+        return run_asr(args, overrides)
     if args.task == "translate":
         return run_translate(args, overrides)
     if args.task == "probe":

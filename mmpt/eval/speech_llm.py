@@ -39,7 +39,6 @@ LANGUAGES = {
     "tr": "Turkish", "zh": "Chinese",
 }  # fmt: skip
 #: ASR text normalisation applied to references and outputs before WER / CER (recorded).
-NORMALIZATION = "lowercase, punctuation removed, whitespace collapsed (jiwer transforms)"
 
 
 @dataclass
@@ -135,24 +134,6 @@ def generate_all(
         )
 
 
-def wer_cer(references: list[str], hypotheses: list[str]) -> dict[str, float]:
-    """Corpus WER and CER (jiwer's definitions) after :data:`NORMALIZATION`.
-
-    Local until the shared ``mmpt.eval.asr_metrics.wer_cer`` replaces it.
-    """
-    import jiwer
-
-    refs, hyps = [_normalize(r) for r in references], [_normalize(h) for h in hypotheses]
-    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps)}
-
-
-def _normalize(text: str) -> str:
-    import jiwer
-
-    steps = [jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces()]
-    return jiwer.Compose([*steps, jiwer.Strip()])(text)
-
-
 def _write_tsv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
@@ -241,12 +222,11 @@ def _print(task: str, metrics: dict[str, Any], paths: dict[str, Path], ctx: dict
 
 def run_speech_llm_asr(args: argparse.Namespace, overrides: list[str]) -> int:
     """``mmpt eval asr --model DIR --data SHARDS --prompt ...``: WER / CER of a speech LLM."""
-    from importlib.metadata import version
-
-    from mmpt.eval.report import write_json
+    from mmpt.eval.asr_cli import normalizer_of, report_asr
 
     gen, data, out = _setup(args, overrides)
-    keep = [i for i, r in enumerate(data.references) if _normalize(r)]
+    normalizer = normalizer_of(args)
+    keep = [i for i, r in enumerate(data.references) if normalizer(r)]
     for i in sorted(set(range(len(data.keys))) - set(keep)):
         data.skip("empty_reference", data.keys[i], "nothing left after normalisation")
     if not keep:
@@ -255,18 +235,8 @@ def run_speech_llm_asr(args: argparse.Namespace, overrides: list[str]) -> int:
     refs = [data.references[i] for i in keep]
     clips = [data.clips[i] for i in keep]
     outputs = list(generate_all(gen, clips, args.prompt, args.batch_size, args.max_new_tokens))
-    metrics = wer_cer(refs, outputs)
-    rows = []
-    for k, r, h in zip(keys, refs, outputs, strict=True):
-        one = wer_cer([r], [h])
-        rows.append([k, r, h, one["wer"], one["cer"]])
-    ctx = {**_context(args, data, outputs), "normalization": NORMALIZATION}
-    ctx["jiwer"] = version("jiwer")
-    paths = {
-        "json": write_json(out / "asr.json", metrics, task="asr", **ctx),
-        "tsv": _write_tsv(out / "asr.tsv", ["key", "reference", "hypothesis", "wer", "cer"], rows),
-    }
-    _print("asr", metrics, paths, ctx)
+    ctx = _context(args, data, outputs)
+    report_asr(keys, refs, outputs, normalizer, out, task="asr", **ctx)
     return 0
 
 
@@ -305,5 +275,4 @@ __all__ = [
     "read_speech_set",
     "run_speech_llm_asr",
     "run_translate",
-    "wer_cer",
 ]

@@ -48,6 +48,7 @@ SYNTH_KINDS: dict[str, Callable[..., dict]] = {
     "video-caption": _Lazy("mmpt.synth.video_caption", "synth_video_caption"),
     "multispectral": _Lazy("mmpt.synth.multispectral", "synth_multispectral"),
     "audio-text": _Lazy("mmpt.synth.audio_text", "synth_audio_text"),
+    "tone-speech": _Lazy("mmpt.synth.tone_speech", "synth_tone_speech"),  # CTC recognition
 }
 
 
