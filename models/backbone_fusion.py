@@ -177,6 +177,8 @@ class BackboneFusion(nn.Module):
             (B, L, D_t) last text hidden states.
 
         """
+        if not fuse:
+            return self.vision_top(vision, state), self.text_top(text, stream).hidden
         b = state.shape[0]
         if stream.hidden.shape[0] != b:
             raise ValueError(f"{b} images or videos but {stream.hidden.shape[0]} texts")
@@ -193,6 +195,37 @@ class BackboneFusion(nn.Module):
             x = stack.block(x, start_v + j)
             stream = _text_layers(text, stream, [start_t + j])
         return stack.final(x), stream.hidden
+
+    def vision_top(self, vision: nn.Module, state: torch.Tensor) -> torch.Tensor:
+        """The top K vision blocks and the final norm, unfused (any batch size)."""
+        stack = vision_stack(vision)
+        for i in range(stack.depth - self.layers, stack.depth):
+            state = stack.block(state, i)
+        return stack.final(state)
+
+    def text_top(self, text: HFTextTower, stream: TextStream) -> TextStream:
+        """The top K text layers, unfused (any batch size)."""
+        depth = len(text_layers(text))
+        return _text_layers(text, stream, range(depth - self.layers, depth))
+
+    def pair_outputs(
+        self,
+        vision: nn.Module,
+        text: HFTextTower,
+        state: torch.Tensor,
+        stream: TextStream,
+        fuse: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`top`, then the towers' outputs and the matching heads' pair state.
+
+        Returns:
+            Vision (B, E) and text (B, E) tower outputs (not normalised) and the (B, D_v + D_t)
+            [CLS] pair state (:func:`vision_pooled`, first text token).
+
+        """
+        final, hidden = self.top(vision, text, state, stream, fuse=fuse)
+        cls = torch.cat([vision_pooled(vision, final), hidden[:, 0]], dim=-1)
+        return vision_embedding(vision, final), text_embedding(text, hidden, stream.mask), cls
 
 
 def _text_layers(text: HFTextTower, stream: TextStream, indices: range | list[int]) -> TextStream:

@@ -13,9 +13,6 @@ from mmpt.batch import VideoTextBatch
 from mmpt.models.backbone_fusion import (
     BackboneFusion,
     TextStream,
-    text_embedding,
-    vision_embedding,
-    vision_pooled,
 )
 from mmpt.models.contrastive import first_text_per_item
 from mmpt.models.encoders.hf_text import HFTextTower
@@ -162,10 +159,7 @@ class EgoVLPv2Module(VideoTextModule):
         self, video: torch.Tensor, stream: TextStream, fuse: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top layers from bottom states: video (B, E), text (B, E), [CLS] pair (B, D_v + D_t)."""
-        v_tok, t_hid = self.fusion.top(self.vision, self.text, video, stream, fuse=fuse)
-        cls = torch.cat([vision_pooled(self.vision, v_tok), t_hid[:, 0]], dim=-1)
-        vid = vision_embedding(self.vision, v_tok)
-        return vid, text_embedding(self.text, t_hid, stream.mask), cls
+        return self.fusion.pair_outputs(self.vision, self.text, video, stream, fuse=fuse)
 
     def _positives(self, batch: VideoTextBatch, tokens: torch.Tensor) -> torch.Tensor:
         """(N, N) pairs never drawn as negatives: diagonal, same narration, EgoNCE positives."""

@@ -137,7 +137,7 @@ class SwinStack(VisionStack):
 
     def width(self, index: int) -> int:
         """Channels C of the stage of block ``index``."""
-        return int(self.model.layers[self.blocks[index][0]].dim)
+        return int(self.blocks[index][1].norm1.normalized_shape[0])
 
     def heads(self, index: int) -> int:
         """Attention heads of block ``index``."""
