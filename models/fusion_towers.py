@@ -73,6 +73,19 @@ class VisionStack:
             return final[:, 0]
         return final.mean(1)
 
+    def grid(self, final: torch.Tensor) -> torch.Tensor:
+        """Patch tokens on their grid (B, h, w, D), prefix tokens dropped (for box heads).
+
+        Raises:
+            ValueError: When the patch tokens do not form a square grid.
+
+        """
+        tokens = final[:, getattr(self.model, "num_prefix_tokens", 0) :]
+        side = round(tokens.shape[1] ** 0.5)
+        if side * side != tokens.shape[1]:
+            raise ValueError(f"{tokens.shape[1]} patch tokens are not a square grid")
+        return tokens.view(tokens.shape[0], side, side, tokens.shape[-1])
+
     def embedding(self, final: torch.Tensor) -> torch.Tensor:
         """The tower's output (B, E) from :meth:`final` states, as ``tower(pixels)``."""
         return self.model.forward_head(final)
@@ -158,6 +171,10 @@ class SwinStack(VisionStack):
     def flat(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H * W, C)."""
         return x.flatten(1, 2)
+
+    def grid(self, final: torch.Tensor) -> torch.Tensor:
+        """The final (B, h, w, C) state itself."""
+        return final
 
     def pooled(self, final: torch.Tensor) -> torch.Tensor:
         """Mean over positions (B, C)."""
