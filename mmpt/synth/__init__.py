@@ -46,6 +46,7 @@ SYNTH_KINDS: dict[str, Callable[..., dict]] = {
     "video-text": _Lazy("mmpt.synth.video_text", "synth_video_text"),
     "multispectral": _Lazy("mmpt.synth.multispectral", "synth_multispectral"),
     "audio-text": _Lazy("mmpt.synth.audio_text", "synth_audio_text"),
+    "grounding": _Lazy("mmpt.synth.grounding", "synth_grounding"),
 }
 
 
