@@ -46,8 +46,8 @@ class FiberModule(ContrastiveModule):
     - ITC: the contrastive ``loss`` (CLIP InfoNCE) on the unfused towers.
     - ITM: a binary head on the fused [CLS] pair state of the N pairs, of every image with a
       hard negative caption and of every caption with a hard negative image, drawn from the
-      softmax of the ITC similarities (``1 / negative_temperature``; identical captions are
-      never negatives).
+      softmax of the ITC logits (similarities over ``negative_temperature``, default the ITC
+      temperature; identical captions are never negatives).
     - MLM: BERT masking of the captions, predicted from the fused text stream.
 
     ``train/loss = itc_weight * ITC + itm_weight * ITM + mlm_weight * MLM``. Validation and test
@@ -72,7 +72,8 @@ class FiberModule(ContrastiveModule):
         mlm_weight: Weight of masked language modelling.
         mlm_probability: Share of non-special tokens masked.
         mlm_head: "auto": the checkpoint's ``AutoModelForMaskedLM`` head (falls back to "small").
-        negative_temperature: Temperature of the hard-negative sampling softmax.
+        negative_temperature: Temperature of the hard-negative sampling softmax; None: the ITC
+            loss's own (``1 / loss.scale``, learnable in CLIP's loss), as FIBER.
         rerank_k: Candidates per query the ITM head re-ranks at evaluation.
         rerank_batch: Pairs per fused forward at evaluation.
         init_from_strict: Refuse a checkpoint of which too little loads.
@@ -96,7 +97,7 @@ class FiberModule(ContrastiveModule):
         mlm_weight: float = 1.0,
         mlm_probability: float = 0.15,
         mlm_head: Literal["auto", "small"] = "auto",
-        negative_temperature: float = 0.05,
+        negative_temperature: float | None = None,
         rerank_k: int = 16,
         rerank_batch: int = 128,
         init_from_strict: bool = True,
@@ -161,7 +162,10 @@ class FiberModule(ContrastiveModule):
         same = (tokens[:, None] == tokens[None]).all(-1) | torch.eye(
             len(tokens), dtype=torch.bool, device=tokens.device
         )
-        neg_txt, neg_img = sample_hard_negatives(img @ txt.T / self.negative_temperature, same)
+        scale = (
+            self.loss.scale if self.negative_temperature is None else 1 / self.negative_temperature
+        )
+        neg_txt, neg_img = sample_hard_negatives(img @ txt.T * scale, same)
         vi, ti, labels = matching_pairs(neg_txt, neg_img)
         itm_logits = self.itm_logits(state[vi], stream.select(ti))
         terms["itm"] = F.cross_entropy(itm_logits.float(), labels)
