@@ -196,7 +196,9 @@ def test_module_trains_and_evaluates_on_a_batch(grounding_set: Path) -> None:
         vision, HFTextTower(str(bert), 16, context_length=16), fusion_layers=1
     )
     logged: dict[str, float] = {}
-    model.log = lambda name, value, **kw: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
+    model.log = lambda name, value, **kw: logged.__setitem__(
+        name, float(torch.as_tensor(value).detach())
+    )
     fn = GroundingSample(32, str(bert), context_length=16)
     batch = collate_grounding([fn(s) for s in _samples(grounding_set / "train")[:4]])
     batch.images = batch.images.float() / 255
