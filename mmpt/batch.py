@@ -244,3 +244,41 @@ class VideoFeatureBatch:
 
     def __len__(self) -> int:
         return self.features.shape[0]
+
+
+@dataclass
+class GroundingBatch:
+    """Images with a caption each, the caption's phrases and the boxes they name.
+
+    Boxes are normalised ``(x0, y0, x1, y1)`` in [0, 1] of the (resized) image. Phrases are
+    token masks of the caption (from character spans); a phrase names one or more boxes.
+
+    Attributes:
+        images: (B, C, H, W) uint8 pixels from the workers, normalised float32 on the device.
+        text_tokens: (B, L) long caption ids.
+        boxes: (B, G, 4) float boxes, padded.
+        box_mask: (B, G) bool, real boxes.
+        phrase_tokens: (B, P, L) bool, the tokens of each phrase, padded.
+        phrase_boxes: (B, P, G) bool, the boxes each phrase names.
+        phrase_mask: (B, P) bool, real phrases.
+        keys: The ``__key__`` of each sample, length B.
+        skipped: Samples the producing worker dropped as corrupt since its previous batch.
+    """
+
+    images: torch.Tensor
+    text_tokens: torch.Tensor
+    boxes: torch.Tensor
+    box_mask: torch.Tensor
+    phrase_tokens: torch.Tensor
+    phrase_boxes: torch.Tensor
+    phrase_mask: torch.Tensor
+    keys: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def box_tokens(self) -> torch.Tensor:
+        """(B, G, L) bool: the tokens of every phrase that names each box."""
+        named = self.phrase_boxes.transpose(1, 2).float() @ self.phrase_tokens.float()
+        return named > 0

@@ -17,6 +17,7 @@ EPILOG = r"""examples:
   mmpt data synth --kind multispectral --out data/landcover --image-size 32
   mmpt data synth --kind audio-text --out data/tones --train-samples 100
   mmpt data synth --kind tone-speech --out data/tonespeech-b --language b
+  mmpt data synth --kind grounding --out data/grounding
   mmpt data build --from captions.csv --out shards/ --images photos/ --workers 8
   mmpt data build --kind video-text --from egoclip.tsv --videos ego4d/chunks/ \
       --out shards/egoclip --reencode-short 256 --workers 8
@@ -144,6 +145,9 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
     )
     synth.add_argument(
         "--unlabelled", action="store_true", help="tone-speech: training clips without transcripts"
+    )
+    synth.add_argument(
+        "--shapes-per-image", type=int, metavar="N", help="grounding: shapes per image (3)"
     )
     synth.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
 

@@ -14,6 +14,7 @@ from mmpt.data_args import data_parser
 from mmpt.shards.audio_build import build_audio_text_shards
 from mmpt.shards.build import build_image_text_shards
 from mmpt.shards.coco_caption import build_coco_caption_shards
+from mmpt.shards.grounding import build_grounding_shards
 from mmpt.shards.imagefolder import build_classification_shards
 from mmpt.shards.interleaved_build import build_interleaved_shards
 from mmpt.shards.karpathy import build_retrieval_shards
@@ -38,6 +39,7 @@ BUILD_KINDS: dict[str, Callable[..., Any]] = {
     "coco-caption": build_coco_caption_shards,
     "vqav2": build_vqav2_shards,
     "mcq": build_mcq_shards,
+    "grounding": build_grounding_shards,
 }
 #: Kinds whose --from and --images may be given several times (shards of one data set).
 _SEVERAL = ("conversation", "interleaved", "vqav2")
@@ -90,6 +92,7 @@ def _synth(args: argparse.Namespace) -> int:
         "raw_clips": args.raw_clips,
         "language": args.language,
         "unlabelled": args.unlabelled,
+        "shapes_per_image": args.shapes_per_image,
         "overwrite": args.overwrite,
     }
     result = fn(args.out, **_options(fn, args.kind, given))
@@ -98,8 +101,9 @@ def _synth(args: argparse.Namespace) -> int:
         if split in result:
             n, shards = result.get(f"{split}_samples", "?"), result.get(f"{split}_shards", "?")
             print(f"  {split}: {n} samples in {shards} shard(s) at {result[split]}")
-    if "tokenizer" in result:
-        print(f"  tokenizer: {result['tokenizer']}")
+    for name in ("tokenizer", "text_encoder"):
+        if name in result:
+            print(f"  {name}: {result[name]}")
     return 0
 
 

@@ -2,129 +2,34 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
-from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from mmpt.batch import VideoTextBatch
+from mmpt.models.backbone_fusion import (
+    BackboneFusion,
+    TextStream,
+)
 from mmpt.models.contrastive import first_text_per_item
 from mmpt.models.encoders.hf_text import HFTextTower
 from mmpt.models.encoders.video_vit import VideoViTTower
+from mmpt.models.fused_objectives import (
+    mask_tokens,
+    masked_lm_loss,
+    matching_pairs,
+    mlm_token_sets,
+    sample_hard_negatives,
+)
+from mmpt.models.fused_objectives import mlm_head as build_mlm_head
 from mmpt.models.losses import EgoNCELoss
 from mmpt.models.schedules import Schedule
-from mmpt.models.video_fusion import (
-    BackboneFusion,
-    TextStream,
-    text_embedding,
-    video_embedding,
-)
 from mmpt.models.video_text import DATA_COUNTERS, VideoTextModule
 
-log = logging.getLogger(__name__)
-
-
-def sample_hard_negatives(
-    logits: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one hard negative per row and per column from the softmax of a similarity matrix.
-
-    As ALBEF/EgoVLPv2: for video i a text j ~ softmax_j(logits[i, j]) over its negatives, for
-    text j a video i ~ softmax_i(logits[i, j]); positives get probability exactly 0.
-
-    Args:
-        logits: (N, N) video-text similarities (already divided by a temperature).
-        positives: (N, N) bool, True for pairs that must never be drawn (the diagonal at least).
-        generator: Optional RNG (on the logits' device).
-
-    Returns:
-        Long (N,) negative text of each video and long (N,) negative video of each text; -1 for
-        a row or column without any negative.
-
-    """
-
-    def draw(lg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        has_neg = (~pos).any(1)
-        lg = lg.float().masked_fill(pos, float("-inf"))
-        lg = torch.where(has_neg[:, None], lg, 0.0)  # rows without negatives: drawn, then dropped
-        idx = torch.multinomial(lg.softmax(-1), 1, generator=generator).squeeze(1)
-        return torch.where(has_neg, idx, -1)
-
-    logits, positives = logits.detach(), positives.bool()
-    return draw(logits, positives), draw(logits.T, positives.T)
-
-
-def mask_tokens(
-    tokens: torch.Tensor,
-    mask_token_id: int,
-    special_ids: torch.Tensor,
-    replacement_ids: torch.Tensor,
-    probability: float = 0.15,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: 80% mask token, 10% random token, 10% unchanged.
-
-    A ``probability`` share of the non-special tokens is picked; special tokens never are.
-
-    Args:
-        tokens: (B, L) long ids.
-        mask_token_id: Id of the mask token.
-        special_ids: (S,) ids never picked (CLS, SEP, PAD ...).
-        replacement_ids: (R,) ids random replacements are drawn from (no special ids, so that
-            no padding or separator appears).
-        probability: Chance that a non-special token is picked.
-        generator: Optional RNG (on the tokens' device).
-
-    Returns:
-        (B, L) inputs and (B, L) labels: the original id where picked, -100 elsewhere.
-
-    """
-
-    def rand() -> torch.Tensor:
-        return torch.rand(tokens.shape, device=tokens.device, generator=generator)
-
-    picked = (rand() < probability) & ~torch.isin(tokens, special_ids)
-    labels = torch.where(picked, tokens, -100)
-    action = rand()
-    drawn = torch.randint(
-        len(replacement_ids), tokens.shape, device=tokens.device, generator=generator
-    )
-    inputs = torch.where(picked & (action < 0.8), mask_token_id, tokens)
-    random = picked & (action >= 0.8) & (action < 0.9)
-    return torch.where(random, replacement_ids[drawn], inputs), labels
-
-
-def _mlm_head(text: HFTextTower, kind: str) -> nn.Module:
-    """MLM head (K, D_t) -> (K, vocab), decoder tied to the tower's input embeddings.
-
-    "auto": the head of ``AutoModelForMaskedLM`` loaded from the tower's folder (pretrained
-    transform weights when the checkpoint has them); "small", or when that fails:
-    Linear-GELU-LayerNorm-decoder.
-    """
-    emb = text.model.get_input_embeddings()
-    head: nn.Module | None = None
-    if kind == "auto":
-        try:
-            mlm = AutoModelForMaskedLM.from_pretrained(text.tokenizer.path, local_files_only=True)
-            base = getattr(mlm, mlm.base_model_prefix)
-            heads = [m for _, m in mlm.named_children() if m is not base]
-            out = mlm.get_output_embeddings()
-            if len(heads) == 1 and out is not None and out.weight.shape == emb.weight.shape:
-                head, out.weight = heads[0], emb.weight
-        except (ValueError, OSError, KeyError) as err:
-            log.warning(
-                "no masked-LM head for %s (%s): using a small one", text.tokenizer.path, err
-            )
-    if head is None:
-        hidden = emb.weight.shape[1]
-        decoder = nn.Linear(hidden, emb.weight.shape[0])
-        decoder.weight = emb.weight
-        head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden), decoder)
-    return head
+__all__ = ["EgoVLPv2Module", "mask_tokens", "sample_hard_negatives"]
 
 
 class EgoVLPv2Module(VideoTextModule):
@@ -133,7 +38,7 @@ class EgoVLPv2Module(VideoTextModule):
     Dual mode (fusion off) is the :class:`VideoTextModule` dual encoder, used for EgoNCE,
     validation retrieval and export (``forward(batch)``). Fused mode runs the top
     ``fusion_layers`` layers of both towers with gated cross-attention
-    (:class:`~mmpt.models.video_fusion.BackboneFusion`) for two more training objectives:
+    (:class:`~mmpt.models.backbone_fusion.BackboneFusion`) for two more training objectives:
 
     - VTM: a binary head on the concatenated fused [CLS] states (video: the frame mean of the
       class token after the final norm; text: the first token) of the N pairs, of each video
@@ -205,16 +110,10 @@ class EgoVLPv2Module(VideoTextModule):
         self.fusion = BackboneFusion(vision, text, fusion_layers, fusion_ff_mult)
         dv, dt = int(vision.model.embed_dim), int(text.model.config.hidden_size)
         self.vtm_head = nn.Sequential(nn.Linear(dv + dt, dt), nn.GELU(), nn.Linear(dt, 2))
-        self.mlm_head = _mlm_head(text, mlm_head)
-        tok = AutoTokenizer.from_pretrained(text.tokenizer.path, local_files_only=True)
-        if tok.mask_token_id is None:
-            raise ValueError(f"the tokenizer in {text.tokenizer.path} has no mask token for MLM")
-        vocab = text.model.get_input_embeddings().weight.shape[0]
-        special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
-        ids = torch.arange(vocab)
-        self.mask_token_id = int(tok.mask_token_id)
+        self.mlm_head = build_mlm_head(text, mlm_head)
+        self.mask_token_id, special, replacement = mlm_token_sets(text)
         self.register_buffer("special_ids", special, persistent=False)
-        self.register_buffer("replacement_ids", ids[~torch.isin(ids, special)], persistent=False)
+        self.register_buffer("replacement_ids", replacement, persistent=False)
         self.loss_weights = {"egonce": egonce_weight, "vtm": vtm_weight, "mlm": mlm_weight}
         self.mlm_probability = mlm_probability
         self.negative_temperature = negative_temperature
@@ -252,7 +151,7 @@ class EgoVLPv2Module(VideoTextModule):
             Video (B, E) and text (B, E) tower outputs (not normalised) and the (B, D_v + D_t)
             [CLS] pair states (frame-mean video class token, first text token) for VTM.
         """
-        video = self.fusion.video_bottom(self.vision, videos)
+        video = self.fusion.vision_bottom(self.vision, videos)
         stream = self.fusion.text_bottom(self.text, tokens)
         return self._top(video, stream, fuse)
 
@@ -260,10 +159,7 @@ class EgoVLPv2Module(VideoTextModule):
         self, video: torch.Tensor, stream: TextStream, fuse: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top layers from bottom states: video (B, E), text (B, E), [CLS] pair (B, D_v + D_t)."""
-        v_tok, t_hid = self.fusion.top(self.vision, self.text, video, stream, fuse=fuse)
-        cls = torch.cat([v_tok[:, :, 0].mean(1), t_hid[:, 0]], dim=-1)
-        vid = video_embedding(self.vision, v_tok)
-        return vid, text_embedding(self.text, t_hid, stream.mask), cls
+        return self.fusion.pair_outputs(self.vision, self.text, video, stream, fuse=fuse)
 
     def _positives(self, batch: VideoTextBatch, tokens: torch.Tensor) -> torch.Tensor:
         """(N, N) pairs never drawn as negatives: diagonal, same narration, EgoNCE positives."""
@@ -277,7 +173,7 @@ class EgoVLPv2Module(VideoTextModule):
         tokens = batch.text_tokens
         if tokens.shape[0] != len(batch):  # several narrations per clip: each clip's first
             tokens = tokens[first_text_per_item(batch.text_to_video.to(tokens.device), len(batch))]
-        video = self.fusion.video_bottom(self.vision, batch.videos)
+        video = self.fusion.vision_bottom(self.vision, batch.videos)
         stream = self.fusion.text_bottom(self.text, tokens)
         vid, txt, _ = self._top(video, stream, fuse=False)
         vid, txt = F.normalize(vid, dim=-1), F.normalize(txt, dim=-1)
@@ -285,11 +181,7 @@ class EgoVLPv2Module(VideoTextModule):
 
         logits = vid @ txt.T / self.negative_temperature
         neg_txt, neg_vid = sample_hard_negatives(logits, self._positives(batch, tokens))
-        n, rows = len(batch), torch.arange(len(batch), device=vid.device)
-        has_t, has_v = neg_txt >= 0, neg_vid >= 0
-        vi = torch.cat([rows, rows[has_t], neg_vid[has_v]])
-        ti = torch.cat([rows, neg_txt[has_t], rows[has_v]])
-        labels = (torch.arange(len(vi), device=vi.device) < n).long()
+        vi, ti, labels = matching_pairs(neg_txt, neg_vid)
         *_, cls = self._top(video[vi], stream.select(ti), fuse=True)
         vtm_logits = self.vtm_head(cls)
         terms["vtm"] = F.cross_entropy(vtm_logits, labels)
@@ -299,12 +191,7 @@ class EgoVLPv2Module(VideoTextModule):
         )
         masked = self.fusion.text_bottom(self.text, inputs, mask=stream.mask)
         _, hidden = self.fusion.top(self.vision, self.text, video, masked, fuse=True)
-        picked = mlm_labels != -100
-        mlm_logits = self.mlm_head(hidden[picked])  # (K, vocab)
-        if picked.any():
-            terms["mlm"] = F.cross_entropy(mlm_logits.float(), mlm_labels[picked])
-        else:  # nothing masked (tiny batch): zero, still in the graph
-            terms["mlm"] = mlm_logits.sum() * 0.0 + hidden.sum() * 0.0
+        terms["mlm"] = masked_lm_loss(self.mlm_head, hidden, mlm_labels)
 
         loss = sum(self.loss_weights[k] * v for k, v in terms.items())
         bs = len(batch)

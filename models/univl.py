@@ -12,8 +12,9 @@ from transformers import AutoTokenizer
 
 from mmpt.batch import VideoFeatureBatch, VideoTextBatch
 from mmpt.models.contrastive import first_text_per_item
-from mmpt.models.egovlpv2 import _mlm_head, mask_tokens
 from mmpt.models.encoders.hf_text import HFTextTower
+from mmpt.models.fused_objectives import mask_tokens, mlm_token_sets
+from mmpt.models.fused_objectives import mlm_head as build_mlm_head
 from mmpt.models.losses import MILNCELoss
 from mmpt.models.module import MMPTModule
 from mmpt.models.schedules import Schedule
@@ -146,7 +147,7 @@ class UniVLModule(MMPTModule):
         words = text.model.get_input_embeddings()
         self.decoder = CaptionDecoder(words, decoder_layers, num_heads, ff_mult, max_caption_len,
                                       dropout)  # fmt: skip
-        self.mlm_head = _mlm_head(text, mlm_head)
+        self.mlm_head = build_mlm_head(text, mlm_head)
         self.mfm_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden),
                                       nn.Linear(hidden, in_dim))  # fmt: skip
         self.align_head = nn.Linear(hidden, 1)
@@ -160,12 +161,9 @@ class UniVLModule(MMPTModule):
                 "UniVL needs a BERT-style tokenizer ([CLS] text [SEP], [MASK])"
             )
         self.mask_token_id, self.bos_id, self.eos_id = ids["mask"], ids["cls"], ids["sep"]
-        vocab = words.weight.shape[0]
-        special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
-        every = torch.arange(vocab)
+        _, special, replacements = mlm_token_sets(text)
         self.register_buffer("special_ids", special, persistent=False)
-        self.register_buffer("replacement_ids", every[~torch.isin(every, special)],
-                             persistent=False)  # fmt: skip
+        self.register_buffer("replacement_ids", replacements, persistent=False)
         self.weights = dict(zip(OBJECTIVES, (joint_weight, mlm_weight, mfm_weight, align_weight,
                                              decoder_weight), strict=True))  # fmt: skip
         self.enhanced_v, self.enhanced_v_probability = enhanced_v, enhanced_v_probability

@@ -101,32 +101,9 @@ def write_tiny_bert(path: Path, words: list[str]) -> Path:
 
     ``words`` must start with [PAD], [UNK], [CLS], [SEP], [MASK] (ids 0-4).
     """
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+    from mmpt.synth.text_encoder import write_bert
 
-    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    raw.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    names = ("pad", "unk", "cls", "sep", "mask")
-    specials = {f"{n}_token": f"[{n.upper()}]" for n in names}
-    PreTrainedTokenizerFast(tokenizer_object=raw, **specials).save_pretrained(str(path))
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(words),
-        hidden_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        pad_token_id=0,
-    )
-    BertModel(cfg).save_pretrained(str(path))
-    return path
+    return write_bert(path, words, hidden_size=24, layers=3, heads=2, max_positions=16)
 
 
 TINY_BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "#c", "c", "a", "the", "opens"]

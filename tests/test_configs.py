@@ -84,6 +84,11 @@ def audio_of(cfg: dict[str, Any]) -> bool:
     return "audio" in model or encoder.endswith("Wav2Vec2Tower") or speech
 
 
+def grounding_of(cfg: dict[str, Any]) -> bool:
+    """Whether the recipe reads grounding shards (boxes and phrases)."""
+    return cfg["data"]["class_path"].endswith("GroundingDataModule")
+
+
 def tiny_audio(written: dict[str, Any], embed_dim: int) -> dict[str, Any]:
     """A tiny tower of the written audio tower's class (wav2vec 2.0 keeps its head flag)."""
     if written["class_path"].endswith("LogMelTower"):
@@ -110,14 +115,21 @@ def tiny_tower(written: dict[str, Any], embed_dim: int, tiles: Path) -> dict[str
 
 
 def tiny_variant(
-    cfg: dict[str, Any], shards: Path, tiles: Path | None = None, tones: Path | None = None
+    cfg: dict[str, Any],
+    shards: Path,
+    tiles: Path | None = None,
+    tones: Path | None = None,
+    grounding: Path | None = None,
 ) -> dict[str, Any]:
     """The recipe with tiny towers, the test shards and a one-CPU fp32 trainer.
 
     Recipes with a multispectral tower read ``tiles`` (synthetic land-cover shards); audio
-    recipes read ``tones`` (synthetic audio-text shards).
+    recipes read ``tones`` (synthetic audio-text shards); grounding recipes ``grounding``.
     """
     cfg = copy.deepcopy(cfg)
+    if grounding_of(cfg):
+        assert grounding is not None, "a grounding recipe needs the grounding shards"
+        shards = grounding / "train"
     if tiles_of(cfg):
         assert tiles is not None, "a multispectral recipe needs the tile shards"
         shards = tiles / "train"
@@ -221,19 +233,30 @@ def tones(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def grounding(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic grounding shards: 40 training images in 8 shards of 5."""
+    from mmpt.synth import make_synthetic
+
+    out = tmp_path_factory.mktemp("grounding")
+    make_synthetic("grounding", out, train_samples=40, val_samples=5, samples_per_shard=5)
+    return out
+
+
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=IDS)
 def test_config_instantiates_with_tiny_overrides(
     path: Path,
     shards: Path,
     tiles: Path,
     tones: Path,
+    grounding: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     written = load_recipe(path)
     tiny = tmp_path / "tiny.yaml"
-    tiny_cfg = tiny_variant(written, shards, tiles, tones)
+    tiny_cfg = tiny_variant(written, shards, tiles, tones, grounding)
     tiny.write_text(yaml.safe_dump(tiny_cfg))
 
     cli = build_cli(["-c", str(tiny)], run=False)

@@ -49,6 +49,7 @@ SYNTH_KINDS: dict[str, Callable[..., dict]] = {
     "multispectral": _Lazy("mmpt.synth.multispectral", "synth_multispectral"),
     "audio-text": _Lazy("mmpt.synth.audio_text", "synth_audio_text"),
     "tone-speech": _Lazy("mmpt.synth.tone_speech", "synth_tone_speech"),  # CTC recognition
+    "grounding": _Lazy("mmpt.synth.grounding", "synth_grounding"),
 }
 
 

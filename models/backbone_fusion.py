@@ -1,6 +1,7 @@
 """Fusion in the backbone (EgoVLPv2, FIBER): gated cross-attention in the top layers of both towers.
 
-A video ViT tower and a BERT/RoBERTa tower run layer by layer together (explicit co-forward).
+A vision tower (video ViT, timm ViT or Swin) and a BERT/RoBERTa tower run layer by layer together
+(explicit co-forward).
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_bidirectional_mask
 
 from mmpt.models.encoders.hf_text import HFTextTower
-from mmpt.models.encoders.video_vit import VideoViTTower
 from mmpt.models.fusion import GatedCrossAttentionBlock
+from mmpt.models.fusion_towers import vision_stack
 
 
 @dataclass(eq=False)
@@ -56,34 +56,36 @@ class BackboneFusion(nn.Module):
 
     The towers are passed to every call instead of being stored, so their parameters keep their
     names (``vision.*``, ``text.*``) and live once in the owning module. The forward is split:
-    :meth:`video_bottom` / :meth:`text_bottom` run the embeddings and the bottom layers of each
+    :meth:`vision_bottom` / :meth:`text_bottom` run the embeddings and the bottom layers of each
     tower independently (the same computation as the towers' own forward), then :meth:`top` runs
     the top ``layers`` layers of both together. In fused mode, before top layer j of each tower,
     both streams exchange information at the same depth (both updates read the inputs of the
     layer, so the order does not matter)::
 
-        v = v + tanh(a_v) XAttn(LN(v), t) ; v = v + tanh(f_v) FF(v)      (video <- text)
-        t = t + tanh(a_t) XAttn(LN(t), v) ; t = t + tanh(f_t) FF(t)      (text <- video)
+        v = v + tanh(a_v) XAttn(LN(v), t) ; v = v + tanh(f_v) FF(v)      (vision <- text)
+        t = t + tanh(a_t) XAttn(LN(t), v) ; t = t + tanh(f_t) FF(t)      (text <- vision)
 
     with :class:`~mmpt.models.fusion.GatedCrossAttentionBlock` (keys/values projected from the
-    other stream's width, gates initialised at 0). Video queries are all tokens of all frames,
-    keys the text tokens (padding masked); text queries are all text tokens, keys all tokens of
-    all frames. The towers' depths may differ: top layer j is video block ``Lv - K + j`` and text
-    layer ``Lt - K + j``. With ``fuse=False``, or with all gates at 0, :meth:`top` gives exactly
-    the towers' own outputs.
+    other stream's width, gates initialised at 0). Vision queries are all its tokens (all frames
+    of a clip), keys the text tokens (padding masked); text queries are all text tokens, keys all
+    vision tokens. The vision tower is any :func:`~mmpt.models.fusion_towers.vision_stack`
+    (video ViT, timm ViT, timm Swin: EgoVLPv2 and FIBER share this code). The towers' depths may
+    differ: top layer j is vision block ``Lv - K + j`` and text layer ``Lt - K + j``. With
+    ``fuse=False``, or with all gates at 0, :meth:`top` gives exactly the towers' own outputs.
 
     Attributes:
         layers: K, the number of fused top layers.
-        video_blocks: K blocks, queries video (D_v), keys text (D_t).
-        text_blocks: K blocks, queries text (D_t), keys video (D_v).
+        video_blocks: K blocks, queries vision (D_v of that block), keys text (D_t). (The name
+            is kept from the video-only version so EgoVLPv2 checkpoints still load.)
+        text_blocks: K blocks, queries text (D_t), keys vision.
 
     """
 
-    def __init__(self, vision: VideoViTTower, text: HFTextTower, layers: int = 6, ff_mult: int = 4):
+    def __init__(self, vision: nn.Module, text: HFTextTower, layers: int = 6, ff_mult: int = 4):
         """Build the blocks for the two towers' widths and head counts.
 
         Args:
-            vision: The video tower (widths read here, not stored).
+            vision: The vision tower (widths read here, not stored).
             text: The BERT/RoBERTa text tower (widths read here, not stored).
             layers: K, fused top layers; at most the depth of the shallower tower.
             ff_mult: Feed-forward width multiple of the blocks.
@@ -93,18 +95,19 @@ class BackboneFusion(nn.Module):
 
         """
         super().__init__()
-        depth = min(len(vision.model.blocks), len(text_layers(text)))
+        stack = vision_stack(vision)
+        depth = min(stack.depth, len(text_layers(text)))
         if not 1 <= layers <= depth:
             raise ValueError(f"fusion layers must be in 1..{depth} (the shallower tower's depth)")
-        dv, dt = int(vision.model.embed_dim), int(text.model.config.hidden_size)
-        hv = int(vision.temporal[0].attn.num_heads)
+        dt = int(text.model.config.hidden_size)
         ht = int(text.model.config.num_attention_heads)
+        top = range(stack.depth - layers, stack.depth)
         self.layers = layers
         self.video_blocks = nn.ModuleList(
-            GatedCrossAttentionBlock(dv, dt, hv, ff_mult) for _ in range(layers)
+            GatedCrossAttentionBlock(stack.width(i), dt, stack.heads(i), ff_mult) for i in top
         )
         self.text_blocks = nn.ModuleList(
-            GatedCrossAttentionBlock(dt, dv, ht, ff_mult) for _ in range(layers)
+            GatedCrossAttentionBlock(dt, stack.width(i), ht, ff_mult) for i in top
         )
 
     def gates(self) -> list[nn.Parameter]:
@@ -112,27 +115,25 @@ class BackboneFusion(nn.Module):
         blocks = [*self.video_blocks, *self.text_blocks]
         return [g for b in blocks for g in (b.attn_gate, b.ff_gate)]
 
-    def video_bottom(self, vision: VideoViTTower, videos: torch.Tensor) -> torch.Tensor:
-        """Embeddings and the bottom ``Lv - K`` blocks, as in ``VideoViTTower.frame_tokens``.
+    def vision_bottom(self, vision: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """Embeddings and the bottom ``Lv - K`` blocks, as in the tower's own forward.
 
         Args:
-            vision: The video tower.
-            videos: (B, T, C, H, W) normalised frames, T <= ``vision.max_frames``.
+            vision: The vision tower.
+            pixels: Normalised (B, C, H, W) images, or (B, T, C, H, W) clips for a video tower.
 
         Returns:
-            (B, T, L, D_v) tokens (L = prefix + patch tokens), before the top K blocks.
+            The batch-first state before the top K blocks: (B, T, L, D_v) for video, (B, L, D_v)
+            for a ViT, (B, h, w, C) for Swin.
 
         """
-        if videos.ndim != 5 or videos.shape[1] > vision.max_frames:
-            raise ValueError(f"expected (B, T<={vision.max_frames}, C, H, W), got {videos.shape}")
-        b, t = videos.shape[:2]
-        m = vision.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(videos.flatten(0, 1)))))
-        length, dim = x.shape[1:]
-        x = (x.view(b, t, length, dim) + vision.temporal_pos_embed[:t, None]).view(-1, length, dim)
-        for i in range(len(m.blocks) - self.layers):
-            x = _video_layer(vision, x, i, t)
-        return x.view(b, t, length, dim)
+        if hasattr(vision, "check_channels"):
+            pixels = vision.check_channels(pixels)
+        stack = vision_stack(vision)
+        x = stack.embed(pixels)
+        for i in range(stack.depth - self.layers):
+            x = stack.block(x, i)
+        return x
 
     def text_bottom(
         self, text: HFTextTower, tokens: torch.Tensor, mask: torch.Tensor | None = None
@@ -156,55 +157,75 @@ class BackboneFusion(nn.Module):
 
     def top(
         self,
-        vision: VideoViTTower,
+        vision: nn.Module,
         text: HFTextTower,
-        video: torch.Tensor,
+        state: torch.Tensor,
         stream: TextStream,
         fuse: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the top K layers of both towers, exchanging information when ``fuse``.
 
         Args:
-            vision: The video tower.
+            vision: The vision tower.
             text: The text tower.
-            video: (B, T, L_v, D_v) output of :meth:`video_bottom`.
+            state: Output of :meth:`vision_bottom` (B first).
             stream: Output of :meth:`text_bottom`, same B.
             fuse: False: the towers run independently (dual encoder).
 
         Returns:
-            (B, T, L_v, D_v) final normed video tokens (as ``frame_tokens``) and (B, L, D_t) last
-            text hidden states.
+            Final normed vision tokens (layout of ``state``; for video as ``frame_tokens``) and
+            (B, L, D_t) last text hidden states.
 
         """
-        b, t, length, dv = video.shape
+        if not fuse:
+            return self.vision_top(vision, state), self.text_top(text, stream).hidden
+        b = state.shape[0]
         if stream.hidden.shape[0] != b:
-            raise ValueError(f"{b} videos but {stream.hidden.shape[0]} texts")
-        start_v = len(vision.model.blocks) - self.layers
+            raise ValueError(f"{b} images or videos but {stream.hidden.shape[0]} texts")
+        stack = vision_stack(vision)
+        start_v = stack.depth - self.layers
         start_t = len(text_layers(text)) - self.layers
-        x = video.reshape(b * t, length, dv)
+        x = state
         for j in range(self.layers):
             if fuse:
-                flat = x.reshape(
-                    b, t * length, dv
-                )  # cross-attention is per query: frames flattened
+                flat = stack.flat(x)
                 fused = self.video_blocks[j](flat, stream.hidden, visual_mask=stream.mask)
                 hidden = self.text_blocks[j](stream.hidden, flat)
-                x, stream = fused.view(b * t, length, dv), TextStream(hidden, stream.mask)
-            x = _video_layer(vision, x, start_v + j, t)
+                x, stream = stack.unflat(fused, x), TextStream(hidden, stream.mask)
+            x = stack.block(x, start_v + j)
             stream = _text_layers(text, stream, [start_t + j])
-        return vision.model.norm(x).view(b, t, length, dv), stream.hidden
+        return stack.final(x), stream.hidden
 
+    def vision_top(self, vision: nn.Module, state: torch.Tensor) -> torch.Tensor:
+        """The top K vision blocks and the final norm, unfused (any batch size)."""
+        stack = vision_stack(vision)
+        for i in range(stack.depth - self.layers, stack.depth):
+            state = stack.block(state, i)
+        return stack.final(state)
 
-def _video_layer(vision: VideoViTTower, x: torch.Tensor, index: int, frames: int) -> torch.Tensor:
-    """Temporal attention then timm block ``index`` on (B * T, L, D) tokens."""
+    def text_top(self, text: HFTextTower, stream: TextStream) -> TextStream:
+        """The top K text layers, unfused (any batch size)."""
+        depth = len(text_layers(text))
+        return _text_layers(text, stream, range(depth - self.layers, depth))
 
-    def layer(x: torch.Tensor) -> torch.Tensor:
-        x = x + vision.temporal[index](x, frames)
-        return vision.model.blocks[index](x)
+    def pair_outputs(
+        self,
+        vision: nn.Module,
+        text: HFTextTower,
+        state: torch.Tensor,
+        stream: TextStream,
+        fuse: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`top`, then the towers' outputs and the matching heads' pair state.
 
-    if vision.grad_checkpointing and torch.is_grad_enabled():
-        return checkpoint(layer, x, use_reentrant=False)
-    return layer(x)
+        Returns:
+            Vision (B, E) and text (B, E) tower outputs (not normalised) and the (B, D_v + D_t)
+            [CLS] pair state (:func:`vision_pooled`, first text token).
+
+        """
+        final, hidden = self.top(vision, text, state, stream, fuse=fuse)
+        cls = torch.cat([vision_pooled(vision, final), hidden[:, 0]], dim=-1)
+        return vision_embedding(vision, final), text_embedding(text, hidden, stream.mask), cls
 
 
 def _text_layers(text: HFTextTower, stream: TextStream, indices: range | list[int]) -> TextStream:
@@ -224,10 +245,14 @@ def _text_layers(text: HFTextTower, stream: TextStream, indices: range | list[in
     return TextStream(hidden, stream.mask)
 
 
-def video_embedding(vision: VideoViTTower, tokens: torch.Tensor) -> torch.Tensor:
-    """Tower output from final tokens: (B, T, L, D_v) -> (B, E), as ``VideoViTTower.forward``."""
-    b, t = tokens.shape[:2]
-    return vision.model.forward_head(tokens.flatten(0, 1)).view(b, t, -1).mean(dim=1)
+def vision_embedding(vision: nn.Module, final: torch.Tensor) -> torch.Tensor:
+    """Tower output (B, E) from the final tokens of :meth:`BackboneFusion.top` (as the tower)."""
+    return vision_stack(vision).embedding(final)
+
+
+def vision_pooled(vision: nn.Module, final: torch.Tensor) -> torch.Tensor:
+    """(B, D_v) summary of the final vision tokens for matching heads (class token ...)."""
+    return vision_stack(vision).pooled(final)
 
 
 def text_embedding(text: HFTextTower, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
