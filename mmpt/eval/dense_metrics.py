@@ -187,4 +187,61 @@ def mask_ap(
     return dict(zip(zero, stats, strict=True))
 
 
-__all__ = ["SegmentationMeter", "mask_ap", "rotated_map", "voc_ap"]
+
+
+
+class DenseEvaluator:
+    """Accumulate a dense model's predictions on batches; report every metric it can.
+
+    Args:
+        num_semantic: Semantic classes (0: no segmentation metric).
+        num_instance: Instance classes (0: no mask AP).
+        num_rotated: Oriented-box classes (0: no rotated mAP).
+    """
+
+    def __init__(self, num_semantic: int = 0, num_instance: int = 0, num_rotated: int = 0) -> None:
+        self.seg = SegmentationMeter(num_semantic) if num_semantic else None
+        self.num_instance, self.num_rotated = num_instance, num_rotated
+        self.inst_pred: list[dict[str, torch.Tensor]] = []
+        self.inst_true: list[dict[str, torch.Tensor]] = []
+        self.rot_pred: list[dict[str, torch.Tensor]] = []
+        self.rot_true: list[dict[str, torch.Tensor]] = []
+
+    def update(self, batch: Any, predictions: dict[str, Any]) -> None:
+        """Add one batch (:class:`~mmpt.batch.DenseBatch`) and the model's predictions on it.
+
+        Args:
+            batch: The batch (ground truth).
+            predictions: ``semseg`` (B, H, W) class maps, ``instance`` and ``rotated`` per-image
+                detection dicts, each for every sample of the batch (absent: not predicted).
+        """
+        if self.seg is not None and "semseg" in predictions and bool(batch.has_mask.any()):
+            keep = batch.has_mask
+            self.seg.update(predictions["semseg"][keep], batch.masks[keep])
+        if self.num_instance and "instance" in predictions:
+            for det, gt in zip(predictions["instance"], batch.instances, strict=True):
+                if gt is None:
+                    continue
+                self.inst_pred.append({k: v.detach().cpu() for k, v in det.items()})
+                if "masks" in self.inst_pred[-1]:
+                    self.inst_pred[-1]["masks"] = self.inst_pred[-1]["masks"] > 0.5
+                self.inst_true.append({k: gt[k].cpu() for k in ("masks", "labels")})
+        if self.num_rotated and "rotated" in predictions:
+            for det, gt in zip(predictions["rotated"], batch.obbs, strict=True):
+                if gt is not None:
+                    self.rot_pred.append({k: v.detach().cpu() for k, v in det.items()})
+                    self.rot_true.append({k: v.cpu() for k, v in gt.items()})
+
+    def compute(self) -> dict[str, Any]:
+        """``miou``, ``iou`` (per class), ``acc``; ``mask_ap``, ``mask_ap50``, ``mask_ap75``;
+        ``rotated_map``, ``rotated_ap`` (per class); each only for tasks seen."""
+        out: dict[str, Any] = {}
+        if self.seg is not None and int(self.seg.confusion.sum()):
+            out |= self.seg.compute()
+        if self.inst_true:
+            out |= mask_ap(self.inst_pred, self.inst_true, self.num_instance)
+        if self.rot_true:
+            rot = rotated_map(self.rot_pred, self.rot_true, self.num_rotated)
+            out |= {"rotated_map": rot["map"], "rotated_ap": rot["ap"]}
+        return out
+__all__ = ["DenseEvaluator", "SegmentationMeter", "mask_ap", "rotated_map", "voc_ap"]

@@ -17,7 +17,7 @@ GENERATOR_NAME = "mmpt.synth.rs_dense"
 SEMANTIC_CLASSES = ("background", "field", "road", "building", "vehicle")
 #: Object classes of the instance and oriented-box annotations.
 OBJECT_CLASSES = ("building", "vehicle")
-_SPLIT_STREAM = {"train-semseg": 1, "train-instance": 2, "train-rotated": 3, "val": 4}
+_SPLIT_STREAM = {"train": 0, "train-semseg": 1, "train-instance": 2, "train-rotated": 3, "val": 4}
 _ROOFS = ((185, 80, 60), (200, 195, 185), (150, 60, 50), (120, 125, 140))
 _CARS = ((235, 235, 235), (40, 60, 200), (210, 40, 40), (240, 210, 40))
 
@@ -113,11 +113,11 @@ def synth_rs_dense(
     samples_per_shard: int = 500,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write the synthetic dense set: one training source per task and a fully labelled val.
+    """Write the synthetic dense set: one training source per task and fully labelled sets.
 
-    ``out/train-semseg`` holds tiles with only the semantic mask, ``out/train-instance`` only
+    ``out/train`` and ``out/val`` hold tiles with all three annotations, ``out/train-semseg`` holds tiles with only the semantic mask, ``out/train-instance`` only
     instances, ``out/train-rotated`` only oriented boxes (``train_samples`` each, different
-    tiles: MTP's per-task sources), ``out/val`` all three. Samples follow
+    tiles: MTP's per-task sources). Samples follow
     :mod:`mmpt.shards.dense_format`; ``index.json`` ``meta`` holds ``semantic_classes``,
     ``object_classes`` and ``tasks``.
 
@@ -140,7 +140,7 @@ def synth_rs_dense(
     result: dict[str, Any] = {"out": str(out)}
     for split, folder in folders.items():
         count = val_samples if split == "val" else train_samples
-        tasks = TASKS if split == "val" else (split.removeprefix("train-"),)
+        tasks = TASKS if split in ("train", "val") else (split.removeprefix("train-"),)
         meta = {"semantic_classes": list(SEMANTIC_CLASSES), "object_classes": list(OBJECT_CLASSES),
                 "tasks": list(tasks), "split": split,
                 "generator": {"name": GENERATOR_NAME, "seed": seed, "image_size": image_size}}  # fmt: skip

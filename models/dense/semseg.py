@@ -10,10 +10,20 @@ from torch import nn
 IGNORE_INDEX = 255
 
 
+def _batchnorm_to_groupnorm(module: nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` below ``module`` by ``GroupNorm(min(32, C), C)``."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            c = child.num_features
+            setattr(module, name, nn.GroupNorm(min(32, c), c))
+        else:
+            _batchnorm_to_groupnorm(child)
+
+
 class UPerNetHead(nn.Module):
     """UPerNet (Xiao et al., 2018) over pyramid maps: PPM on the coarsest, FPN fusion, classifier.
 
-    The decoder is smp's ``UPerNetDecoder`` (PSP pooling 1, 2, 3, 6; BatchNorm), fed the
+    The decoder is smp's ``UPerNetDecoder`` (PSP pooling 1, 2, 3, 6), fed the
     pyramid as its strides 4..32 features; smp's ``SegmentationHead`` classifies its stride-4
     output, upsampled bilinearly to the input size.
 
@@ -23,6 +33,11 @@ class UPerNetHead(nn.Module):
         channels: Decoder width (UPerNet: 256; MTP, Wang et al. 2024, likewise).
         num_levels: Pyramid levels, finest (stride 4) first.
         ignore_index: Mask value without loss.
+        norm: Normalisation of the decoder convolutions: ``groupnorm`` (default; smp's
+            BatchNorm layers swapped for ``GroupNorm(min(32, C), C)``, right for any number of
+            samples per step), ``batchnorm`` (UPerNet's; SyncBN in MTP; fails in training on a
+            step with a single segmentation sample: the 1x1 pooled map then has one value per
+            channel) or ``identity``.
     """
 
     def __init__(
@@ -32,6 +47,7 @@ class UPerNetHead(nn.Module):
         channels: int = 256,
         num_levels: int = 4,
         ignore_index: int = IGNORE_INDEX,
+        norm: str = "groupnorm",
     ) -> None:
         super().__init__()
         from segmentation_models_pytorch.base import SegmentationHead
@@ -39,11 +55,18 @@ class UPerNetHead(nn.Module):
 
         if num_classes < 1:
             raise ValueError(f"semseg num_classes must be >= 1, got {num_classes}")
+        if norm not in ("groupnorm", "batchnorm", "identity"):
+            raise ValueError(f"semseg norm must be groupnorm, batchnorm or identity, got {norm!r}")
         self.num_classes, self.in_channels, self.ignore_index = num_classes, in_channels, ignore_index
         # smp skips the first two (stride 1 and 2) features of its encoder list
         self.decoder = UPerNetDecoder(
-            [in_channels] * (num_levels + 2), encoder_depth=num_levels + 1, decoder_channels=channels
+            [in_channels] * (num_levels + 2),
+            encoder_depth=num_levels + 1,
+            decoder_channels=channels,
+            use_norm="identity" if norm == "identity" else "batchnorm",
         )
+        if norm == "groupnorm":
+            _batchnorm_to_groupnorm(self.decoder)
         self.classifier = SegmentationHead(channels, num_classes, kernel_size=1)
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
