@@ -46,6 +46,8 @@ SYNTH_KINDS: dict[str, Callable[..., dict]] = {
     "video-text": _Lazy("mmpt.synth.video_text", "synth_video_text"),
     "multispectral": _Lazy("mmpt.synth.multispectral", "synth_multispectral"),
     "audio-text": _Lazy("mmpt.synth.audio_text", "synth_audio_text"),
+    # tiles with semantic masks, instances and oriented boxes; one training source per task
+    "rs-dense": _Lazy("mmpt.synth.rs_dense", "synth_rs_dense"),
 }
 
 
