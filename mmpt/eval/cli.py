@@ -1,7 +1,8 @@
 """``mmpt eval <task>``: evaluate a model, write JSON + PNG.
 
-Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`) and the VLM
-benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`).
+Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`), the VLM
+benchmarks caption, vqa, choice, all (:mod:`mmpt.eval.vlm_cli`) and the dense tasks segment,
+detect (:mod:`mmpt.eval.dense_cli`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mmpt.cli_args import Parser
 from mmpt.datamodules.video import VIDEO_BACKENDS
 from mmpt.eval.applicable import require_task
 from mmpt.eval.callback import write_reports
+from mmpt.eval.dense_cli import DENSE_TASKS, add_dense_parsers, run_dense
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
 from mmpt.eval.mir_cli import add_mir_args, check_mir_args, report_mir
 from mmpt.eval.modality import item_counts, media_of
@@ -59,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(
         dest="task",
         required=True,
-        metavar="{retrieval,zeroshot,mcq,probe,mir,caption,vqa,choice,all}",
+        metavar="{retrieval,zeroshot,mcq,probe,mir,caption,vqa,choice,all,segment,detect}",
     )
     for task, help_ in (
         ("retrieval", "zero-shot image<->text retrieval: R@1/5/10 both ways, mean/median rank"),
@@ -109,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(label_key=None)
     add_probe_parser(sub)
     add_vlm_parsers(sub)
+    add_dense_parsers(sub, _common_args)
     return p
 
 
@@ -168,6 +171,10 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         return run_probe(args, _device(args.device))
     if args.task == "mcq":
         return _run_mcq(args, overrides)
+    if args.task in DENSE_TASKS:
+        model, dm = _build(args, overrides)
+        run_dense(args, model, dm, _device(args.device))
+        return 0
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     from mmpt.datamodules.key_check import peek_samples, require_fields

@@ -25,6 +25,8 @@ class MaskRCNNHead(nn.Module):
         aspect_ratios: Anchor aspect ratios at every level.
         rpn_pre_nms_top_n: Proposals per level before NMS (training, testing).
         rpn_post_nms_top_n: Proposals kept after NMS (training, testing).
+        rpn_batch_size_per_image: Anchors sampled per image for the RPN loss.
+        box_batch_size_per_image: Proposals sampled per image for the box and mask losses.
         box_score_thresh: Minimum score of a returned detection.
         box_detections_per_img: Detections returned per image.
         representation_size: Width of the box head's two MLP layers.
@@ -39,6 +41,8 @@ class MaskRCNNHead(nn.Module):
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         rpn_pre_nms_top_n: tuple[int, int] = (2000, 1000),
         rpn_post_nms_top_n: tuple[int, int] = (2000, 1000),
+        rpn_batch_size_per_image: int = 256,
+        box_batch_size_per_image: int = 512,
         box_score_thresh: float = 0.05,
         box_detections_per_img: int = 100,
         representation_size: int = 1024,
@@ -66,7 +70,7 @@ class MaskRCNNHead(nn.Module):
             RPNHead(in_channels, anchors.num_anchors_per_location()[0]),
             fg_iou_thresh=0.7,
             bg_iou_thresh=0.3,
-            batch_size_per_image=256,
+            batch_size_per_image=rpn_batch_size_per_image,
             positive_fraction=0.5,
             pre_nms_top_n={"training": train_pre, "testing": test_pre},
             post_nms_top_n={"training": train_post, "testing": test_post},
@@ -78,7 +82,7 @@ class MaskRCNNHead(nn.Module):
             FastRCNNPredictor(representation_size, num_classes + 1),
             fg_iou_thresh=0.5,
             bg_iou_thresh=0.5,
-            batch_size_per_image=512,
+            batch_size_per_image=box_batch_size_per_image,
             positive_fraction=0.25,
             bbox_reg_weights=None,
             score_thresh=box_score_thresh,
