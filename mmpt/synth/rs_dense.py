@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
-
-from mmpt.shards.dense_format import TASKS, encode_dense_sample
+from mmpt.shards.dense_format import TASKS, encode_dense_sample, segmentation_mask
 from mmpt.synth.common import check_minimums, split_folders, split_writer
 
 GENERATOR_NAME = "mmpt.synth.rs_dense"
@@ -29,9 +27,8 @@ def _corners(cx: float, cy: float, w: float, h: float, a: float) -> list[tuple[f
 
 
 def _polygon_mask(points: list[tuple[float, float]], size: int) -> np.ndarray:
-    img = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(img).polygon(points, fill=1)
-    return np.asarray(img, dtype=np.uint8)
+    """The polygon rasterised as its COCO instance mask is (so mask and instance agree)."""
+    return segmentation_mask([[v for p in points for v in p]], size, size)
 
 
 def render_dense_tile(rng: np.random.Generator, size: int) -> dict[str, Any]:
@@ -92,7 +89,7 @@ def render_dense_tile(rng: np.random.Generator, size: int) -> dict[str, Any]:
             ridge = 0.9 + 0.1 * (((xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)) > 0)
             image = np.where(obj[..., None], colour * (ridge[..., None] if label == 0 else 1), image)
             mask[obj] = 3 + label
-            flat = [round(v, 2) for p in pts for v in p]
+            flat = [v for p in pts for v in p]
             instances.append({"label": label, "segmentation": [flat]})
             obbs.append({"label": label, "obb": [cx, cy, max(w, h), min(w, h), a]})
     image = image * rng.uniform(0.85, 1.15) + rng.normal(0, 4, image.shape)

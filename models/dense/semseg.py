@@ -11,11 +11,18 @@ IGNORE_INDEX = 255
 
 
 def _batchnorm_to_groupnorm(module: nn.Module) -> None:
-    """Replace every ``BatchNorm2d`` below ``module`` by ``GroupNorm(min(32, C), C)``."""
+    """Replace every ``BatchNorm2d`` below ``module`` by a ``GroupNorm`` of up to 32 groups.
+
+    Each group holds at least two channels, so a single sample's 1x1 pooled map still has
+    several values per group.
+    """
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
             c = child.num_features
-            setattr(module, name, nn.GroupNorm(min(32, c), c))
+            groups = max(1, min(32, c // 2))
+            while c % groups:
+                groups -= 1
+            setattr(module, name, nn.GroupNorm(groups, c))
         else:
             _batchnorm_to_groupnorm(child)
 
@@ -34,7 +41,7 @@ class UPerNetHead(nn.Module):
         num_levels: Pyramid levels, finest (stride 4) first.
         ignore_index: Mask value without loss.
         norm: Normalisation of the decoder convolutions: ``groupnorm`` (default; smp's
-            BatchNorm layers swapped for ``GroupNorm(min(32, C), C)``, right for any number of
+            BatchNorm layers swapped for GroupNorm, up to 32 groups of >= 2 channels; right for any number of
             samples per step), ``batchnorm`` (UPerNet's; SyncBN in MTP; fails in training on a
             step with a single segmentation sample: the 1x1 pooled map then has one value per
             channel) or ``identity``.
