@@ -46,13 +46,14 @@ class MultiTaskModule(MMPTModule):
         pyramid_channels: Channels of every pyramid level (each head's ``in_channels``).
         strides: Pyramid strides in pixels, finest first.
         loss_weights: Weight of each task's loss (``semseg``, ``instance``, ``rotated``;
-            default 1: MTP sums the losses unweighted).
+            default 1: MTP sums the losses unweighted); weights of tasks without a head are
+            unused (a single-task overlay of a multi-task recipe keeps them).
         optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
             :class:`~mmpt.models.module.MMPTModule`.
 
     Raises:
         ValueError: No head, a head whose ``in_channels`` is not ``pyramid_channels``, or a
-            loss weight for a task without a head.
+            loss weight for an unknown task.
     """
 
     def __init__(
@@ -82,9 +83,10 @@ class MultiTaskModule(MMPTModule):
                     f"model.{task}.in_channels={heads[task].in_channels} but the pyramid gives "
                     f"{pyramid_channels} channels (model.pyramid_channels): set them equal"
                 )
-        self.loss_weights = {t: 1.0 for t in self.tasks} | dict(loss_weights or {})
-        if extra := sorted(set(self.loss_weights) - set(self.tasks)):
-            raise ValueError(f"model.loss_weights names {extra}, which have no head")
+        weights = dict(loss_weights or {})
+        if unknown := sorted(set(weights) - set(TASKS)):
+            raise ValueError(f"model.loss_weights: unknown tasks {unknown}; known: {TASKS}")
+        self.loss_weights = {t: float(weights.get(t, 1.0)) for t in self.tasks}
         self.vision = vision
         self.pyramid = tower_pyramid(vision, pyramid_channels, strides or [4, 8, 16, 32])
         self.semseg, self.instance, self.rotated = semseg, instance, rotated
