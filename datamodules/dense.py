@@ -68,8 +68,12 @@ class DenseSample:
                     " cut square tiles (mmpt data build --kind rs-dense --tile-size)"
                 )
             s, size = self.size / h, (self.size, self.size)
-            image = F.interpolate(image[None].float(), size=size, mode="bilinear",
-                                  antialias=s < 1)[0].round().clamp(0, 255).to(torch.uint8)  # fmt: skip
+            image = (
+                F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=s < 1)[0]
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
             if mask is not None:
                 mask = F.interpolate(mask[None, None].float(), size=size)[0, 0].long()
             if imasks is not None and imasks.shape[0]:

@@ -104,8 +104,7 @@ class MultiTaskModule(MMPTModule):
     def task_losses(self, batch: DenseBatch) -> dict[str, torch.Tensor]:
         """Each task's loss and its parts, on the samples that hold the task's annotation.
 
-        A task without samples in the batch gives a zero loss that still touches its head's
-        parameters (every parameter gets a gradient each step, as DDP expects).
+        A task without samples in the batch gives a zero loss.
 
         Returns:
             ``{task: loss}`` plus ``{task/part: value}`` for the heads' loss parts.
@@ -136,16 +135,17 @@ class MultiTaskModule(MMPTModule):
                 )
                 parts |= {f"rotated/{k}": v for k, v in losses.items()}
                 out["rotated"] = sum(losses.values())
-        for task in self.tasks:
-            if task not in out:
-                head = getattr(self, task)
-                out[task] = sum(p.sum() for p in head.parameters()) * 0.0
+        for task in self.tasks:  # absent from this batch: no loss (logged as 0)
+            out.setdefault(task, batch.images.new_zeros(()))
         return out | parts
 
     def training_step(self, batch: DenseBatch, batch_idx: int = 0) -> torch.Tensor:
         """Weighted sum of the task losses (one backward, one optimizer step)."""
         losses = self.task_losses(batch)
         total = sum(self.loss_weights[t] * losses[t] for t in self.tasks)
+        # every trainable parameter gets a gradient each step (zero for a head without samples
+        # in this batch, or tower weights after the feature layer), as DDP expects
+        total = total + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
         b = len(batch)
         self.log("train/loss", total, prog_bar=True, batch_size=b)
         for name, value in losses.items():
@@ -193,7 +193,7 @@ class MultiTaskModule(MMPTModule):
         self._evaluator.update(batch, self.predict_dense(batch.images))
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/miou``, ``val/mask_ap``, ``val/mask_ap50``, ``val/rotated_map`` (rank-local)."""
+        """Log ``val/miou``, ``val/mask_ap``, ``val/mask_ap50``, ``val/rotated_map`` (per rank)."""
         if self._evaluator is None:
             return
         metrics = self._evaluator.compute()

@@ -119,7 +119,9 @@ def test_upernet_head_is_smp_decoder() -> None:
     masks[0, :8] = 2
     loss = head.loss(logits, masks)
     assert loss.item() == pytest.approx(
-        torch.nn.functional.cross_entropy(logits[0, :, :8].reshape(5, -1).t(), masks[0, :8].flatten()).item(),
+        torch.nn.functional.cross_entropy(
+            logits[0, :, :8].reshape(5, -1).t(), masks[0, :8].flatten()
+        ).item(),
         rel=1e-5,
     )
 
@@ -128,19 +130,34 @@ def test_mask_rcnn_head_is_torchvision() -> None:
     from torchvision.models.detection.roi_heads import RoIHeads
     from torchvision.models.detection.rpn import RegionProposalNetwork
 
-    head = MaskRCNNHead(2, in_channels=16, anchor_sizes=(8, 16, 32, 64), representation_size=32,
-                        mask_channels=8, rpn_pre_nms_top_n=(50, 50), rpn_post_nms_top_n=(20, 20))  # fmt: skip
+    head = MaskRCNNHead(
+        2,
+        in_channels=16,
+        anchor_sizes=(8, 16, 32, 64),
+        representation_size=32,
+        mask_channels=8,
+        rpn_pre_nms_top_n=(50, 50),
+        rpn_post_nms_top_n=(20, 20),
+    )
     assert isinstance(head.rpn, RegionProposalNetwork) and isinstance(head.roi_heads, RoIHeads)
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 4:20, 6:30] = 1
     targets = [
         {"boxes": torch.tensor([[6.0, 4, 30, 20]]), "labels": torch.tensor([1]), "masks": masks},
-        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
-         "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)},
-    ]  # fmt: skip
+        {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "masks": torch.zeros(0, 64, 64, dtype=torch.uint8),
+        },
+    ]
     losses = head.train()(_feats(), (64, 64), targets)
-    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier",
-                           "loss_box_reg", "loss_mask"}  # fmt: skip
+    assert set(losses) == {
+        "loss_objectness",
+        "loss_rpn_box_reg",
+        "loss_classifier",
+        "loss_box_reg",
+        "loss_mask",
+    }
     sum(losses.values()).backward()
     dets = head.eval()(_feats(), (64, 64))
     assert dets[0]["masks"].shape[1:] == (64, 64)

@@ -26,8 +26,9 @@ from mmpt.synth import make_synthetic
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("rsdense")
-    make_synthetic("rs-dense", out, train_samples=12, val_samples=6, image_size=32,
-                   samples_per_shard=4)  # fmt: skip
+    make_synthetic(
+        "rs-dense", out, train_samples=12, val_samples=6, image_size=32, samples_per_shard=4
+    )
     return out
 
 
@@ -44,8 +45,11 @@ def test_synth_writes_one_source_per_task(dense: Path) -> None:
         samples = _samples(dense / split)
         assert len(samples) == (6 if split == "val" else 12)
         infos = [json.loads(s["json"]) for s in samples]
-        has[split] = (all("mask.png" in s for s in samples), all("instances" in i for i in infos),
-                      all("obbs" in i for i in infos))  # fmt: skip
+        has[split] = (
+            all("mask.png" in s for s in samples),
+            all("instances" in i for i in infos),
+            all("obbs" in i for i in infos),
+        )
         meta = load_index(dense / split).meta
         assert meta["object_classes"] == ["building", "vehicle"]
     assert has["train-semseg"] == (True, False, False)
@@ -54,8 +58,9 @@ def test_synth_writes_one_source_per_task(dense: Path) -> None:
     assert has["val"] == has["train"] == (True, True, True)
     # the oriented box, the instance outline and the mask's class pixels agree
     d = DenseSample(32, train=False)(_samples(dense / "val")[0])
-    for m, label, box in zip(d["instances"]["masks"], d["instances"]["labels"],
-                             d["obbs"]["boxes"], strict=True):  # fmt: skip
+    for m, label, box in zip(
+        d["instances"]["masks"], d["instances"]["labels"], d["obbs"]["boxes"], strict=True
+    ):
         assert int(m.sum()) > 0 and (d["mask"][m.bool()] == 3 + label).float().mean() > 0.9
         corners = obb_to_corners(box[None].double())[0].numpy()
         poly = segmentation_mask([list(corners.reshape(-1))], 32, 32)
@@ -96,16 +101,28 @@ def test_flips_move_image_masks_and_boxes_together(monkeypatch: pytest.MonkeyPat
 def test_datamodule_mixes_task_sources(dense: Path) -> None:
     pre = ImagePreprocess(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
     tasks = ["train-semseg", "train-instance", "train-rotated"]
-    train = StreamConfig(urls=[str(dense / t) for t in tasks], weights=[1.0, 1.0, 1.0],
-                         resampled=True, epoch_samples=24, names=["s", "i", "r"])  # fmt: skip
-    dm = DenseDataModule(train=train, val=StreamConfig(urls=str(dense / "val"), shuffle_buffer=0),
-                         batch_size=12, num_workers=0, preprocess=Preprocess(image=pre))  # fmt: skip
+    train = StreamConfig(
+        urls=[str(dense / t) for t in tasks],
+        weights=[1.0, 1.0, 1.0],
+        resampled=True,
+        epoch_samples=24,
+        names=["s", "i", "r"],
+    )
+    dm = DenseDataModule(
+        train=train,
+        val=StreamConfig(urls=str(dense / "val"), shuffle_buffer=0),
+        batch_size=12,
+        num_workers=0,
+        preprocess=Preprocess(image=pre),
+    )
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == 2 and all(isinstance(b, DenseBatch) for b in batches)
     b = batches[0]
-    kinds = [(bool(m), i is not None, o is not None)
-             for m, i, o in zip(b.has_mask, b.instances, b.obbs, strict=True)]  # fmt: skip
+    kinds = [
+        (bool(m), i is not None, o is not None)
+        for m, i, o in zip(b.has_mask, b.instances, b.obbs, strict=True)
+    ]
     assert all(sum(k) == 1 for k in kinds)  # every sample holds one task's annotation
     assert sum(b.mix.values()) == 12 and len(b.mix) >= 2
     assert bool((b.masks[~b.has_mask] == 255).all())
@@ -124,8 +141,22 @@ def test_build_from_dota_txt(tmp_path: Path) -> None:
         "10 10 30 10 30 20 10 20 small-vehicle 0\n"
         "50 30 40 40 30 30 40 20 plane 1\n"
     )
-    assert data_main(["build", "--kind", "rs-dense", "--from", str(tmp_path / "labelTxt"),
-                      "--out", str(tmp_path / "out"), "--size", "32"]) == 0  # fmt: skip
+    assert (
+        data_main(
+            [
+                "build",
+                "--kind",
+                "rs-dense",
+                "--from",
+                str(tmp_path / "labelTxt"),
+                "--out",
+                str(tmp_path / "out"),
+                "--size",
+                "32",
+            ]
+        )
+        == 0
+    )
     samples = {s["__key__"]: json.loads(s["json"]) for s in _samples(tmp_path / "out")}
     assert sorted(samples) == ["P1_0_0", "P1_0_28", "P1_8_0", "P1_8_28"]  # 2 x 2 tiles
     assert load_index(tmp_path / "out").meta["object_classes"] == ["plane", "small-vehicle"]
@@ -146,15 +177,37 @@ def test_build_from_coco_json(tmp_path: Path) -> None:
         "images": [{"id": 7, "file_name": "a.png", "height": 30, "width": 40}],
         "categories": [{"id": 3, "name": "ship"}, {"id": 9, "name": "harbor"}],
         "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 9, "iscrowd": 0,
-             "segmentation": [[2, 2, 22, 2, 22, 12, 2, 12]]},
-            {"id": 2, "image_id": 7, "category_id": 3, "iscrowd": 0,
-             "segmentation": [[30, 20, 36, 20, 36, 28, 30, 28]]},
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 9,
+                "iscrowd": 0,
+                "segmentation": [[2, 2, 22, 2, 22, 12, 2, 12]],
+            },
+            {
+                "id": 2,
+                "image_id": 7,
+                "category_id": 3,
+                "iscrowd": 0,
+                "segmentation": [[30, 20, 36, 20, 36, 28, 30, 28]],
+            },
         ],
-    }  # fmt: skip
+    }
     (tmp_path / "inst.json").write_text(json.dumps(coco))
-    assert data_main(["build", "--kind", "rs-dense", "--from", str(tmp_path / "inst.json"),
-                      "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert (
+        data_main(
+            [
+                "build",
+                "--kind",
+                "rs-dense",
+                "--from",
+                str(tmp_path / "inst.json"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     (sample,) = _samples(tmp_path / "out")
     d = DenseSample(40, train=False)  # 30 x 40 is not square: refused with the fix named
     with pytest.raises(ValueError, match="--tile-size|square"):

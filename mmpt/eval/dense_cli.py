@@ -85,8 +85,13 @@ def run_dense(args: argparse.Namespace, model: Any, dm: Any, device: torch.devic
         names = _class_names(meta, "object_classes", len(metrics["rotated_ap"]))
         metrics["rotated_ap"] = dict(zip(names, metrics["rotated_ap"], strict=True))
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval"
-    path = write_json(out / f"{args.task}.json", metrics, checkpoint=str(args.ckpt),
-                      data=str(data), num_images=images)  # fmt: skip
+    path = write_json(
+        out / f"{args.task}.json",
+        metrics,
+        checkpoint=str(args.ckpt),
+        data=str(data),
+        num_images=images,
+    )
     flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     print_metrics(flat, f"mmpt eval {args.task}")
     print(f"json: {path}")

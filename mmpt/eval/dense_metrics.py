@@ -30,8 +30,12 @@ class SegmentationMeter:
         self.confusion += torch.bincount(idx, minlength=k * k).reshape(k, k)
 
     def compute(self) -> dict[str, Any]:
-        """``miou`` (mean over classes present in targets or predictions), ``iou`` per class
-        (NaN when absent from both), pixel accuracy ``acc``."""
+        """mIoU, per-class IoU and pixel accuracy of the pixels seen so far.
+
+        Returns:
+            ``miou`` (mean over classes present in targets or predictions), ``iou`` per class
+            (NaN when absent from both), pixel accuracy ``acc``.
+        """
         cm = self.confusion.double()
         tp = cm.diag()
         union = cm.sum(0) + cm.sum(1) - tp
@@ -165,19 +169,36 @@ def mask_ap(
         images.append({"id": img, "height": int(h), "width": int(w)})
         for m, label in zip(gt["masks"], gt["labels"], strict=True):
             seg = rle(m > 0)
-            anns.append({"id": len(anns) + 1, "image_id": img, "category_id": int(label),
-                         "segmentation": seg, "area": float(mask_utils.area(seg)),
-                         "bbox": list(map(float, mask_utils.toBbox(seg))), "iscrowd": 0})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img,
+                    "category_id": int(label),
+                    "segmentation": seg,
+                    "area": float(mask_utils.area(seg)),
+                    "bbox": list(map(float, mask_utils.toBbox(seg))),
+                    "iscrowd": 0,
+                }
+            )
         for m, score, label in zip(det["masks"], det["scores"], det["labels"], strict=True):
-            results.append({"image_id": img, "category_id": int(label),
-                            "segmentation": rle(m > 0.5), "score": float(score)})  # fmt: skip
+            results.append(
+                {
+                    "image_id": img,
+                    "category_id": int(label),
+                    "segmentation": rle(m > 0.5),
+                    "score": float(score),
+                }
+            )
     zero = {"mask_ap": 0.0, "mask_ap50": 0.0, "mask_ap75": 0.0}
     if not results or not anns:
         return zero
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
-        coco.dataset = {"images": images, "annotations": anns,
-                        "categories": [{"id": k} for k in range(num_classes)]}  # fmt: skip
+        coco.dataset = {
+            "images": images,
+            "annotations": anns,
+            "categories": [{"id": k} for k in range(num_classes)],
+        }
         coco.createIndex()
         ev = COCOeval(coco, coco.loadRes(results), iouType="segm")
         ev.evaluate()
@@ -185,9 +206,6 @@ def mask_ap(
         ev.summarize()
     stats = [max(0.0, float(s)) for s in ev.stats[:3]]  # -1 means no ground truth
     return dict(zip(zero, stats, strict=True))
-
-
-
 
 
 class DenseEvaluator:
@@ -233,8 +251,12 @@ class DenseEvaluator:
                     self.rot_true.append({k: v.cpu() for k, v in gt.items()})
 
     def compute(self) -> dict[str, Any]:
-        """``miou``, ``iou`` (per class), ``acc``; ``mask_ap``, ``mask_ap50``, ``mask_ap75``;
-        ``rotated_map``, ``rotated_ap`` (per class); each only for tasks seen."""
+        """Every metric of the tasks seen.
+
+        Returns:
+            ``miou``, ``iou`` (per class), ``acc``; ``mask_ap``, ``mask_ap50``, ``mask_ap75``;
+            ``rotated_map``, ``rotated_ap`` (per class); each only for tasks seen.
+        """
         out: dict[str, Any] = {}
         if self.seg is not None and int(self.seg.confusion.sum()):
             out |= self.seg.compute()
@@ -244,4 +266,6 @@ class DenseEvaluator:
             rot = rotated_map(self.rot_pred, self.rot_true, self.num_rotated)
             out |= {"rotated_map": rot["map"], "rotated_ap": rot["ap"]}
         return out
+
+
 __all__ = ["DenseEvaluator", "SegmentationMeter", "mask_ap", "rotated_map", "voc_ap"]

@@ -86,9 +86,12 @@ def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
 
 
 def decode_dense_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Raw sample -> arrays: ``image`` (H, W, 3) uint8, ``mask`` (H, W) or None, ``instances``
-    (``masks`` (M, H, W) uint8, ``labels`` (M,)) or None, ``obbs`` (``boxes`` (M, 5),
-    ``labels``, ``difficult``) or None, ``key``.
+    """Decode a raw ``rs-dense`` sample into arrays.
+
+    Returns:
+        ``image`` (H, W, 3) uint8, ``mask`` (H, W) or None, ``instances`` (``masks``
+        (M, H, W) uint8, ``labels`` (M,)) or None, ``obbs`` (``boxes`` (M, 5), ``labels``,
+        ``difficult``) or None, ``key``.
 
     Raises:
         KeyError: No image or json (the sample is skipped and counted).

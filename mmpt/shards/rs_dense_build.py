@@ -70,7 +70,8 @@ def _tiles(h: int, w: int, size: int | None) -> list[tuple[int, int, int, int]]:
 
 def _clip_polygon(points: np.ndarray, box: tuple[int, int, int, int]) -> list[list[float]]:
     """COCO polygons of ``points`` clipped to the tile, in tile coordinates."""
-    from shapely.geometry import Polygon, box as shapely_box
+    from shapely.geometry import Polygon
+    from shapely.geometry import box as shapely_box
 
     top, left, h, w = box
     poly = Polygon(points).buffer(0).intersection(shapely_box(left, top, left + w, top + h))
@@ -103,8 +104,9 @@ def _coco_objects(path: Path) -> tuple[list[str], dict[str, dict], dict[str, lis
         if isinstance(ann["segmentation"], list):
             points = np.concatenate([np.reshape(p, (-1, 2)) for p in ann["segmentation"]])
         else:  # pixel corners of an RLE mask
-            points = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1)
-                                     for dy in (0, 1)])  # fmt: skip
+            points = np.concatenate(
+                [np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]
+            )
         objects[im["file_name"]].append(
             {"points": points, "label": label_of[ann["category_id"]], "difficult": False}
         )
@@ -117,8 +119,16 @@ def _sources(
     """Class names, (image, name, objects) items, and whether objects carry instance masks."""
     if source.suffix == ".json":
         names, _, objects = _coco_objects(source)
-        items = ((_find_image(images_root, Path(f).stem) if not (images_root / f).is_file()
-                  else images_root / f, f, objs) for f, objs in objects.items())  # fmt: skip
+        items = (
+            (
+                _find_image(images_root, Path(f).stem)
+                if not (images_root / f).is_file()
+                else images_root / f,
+                f,
+                objs,
+            )
+            for f, objs in objects.items()
+        )
         return names, items, True
     files = sorted(source.glob("*.txt")) if source.is_dir() else [source]
     if not files:
@@ -178,8 +188,11 @@ def build_rs_dense_shards(
     names_list = [n.strip() for n in names_list or [] if n.strip()] or None
     names, items, coco = _sources(src, root, names_list)
     prepare_out_dir(out, overwrite)
-    meta = {"object_classes": names, "tasks": ["instance", "rotated", "semseg"] if coco
-            else ["rotated"], "source": str(src)}  # fmt: skip
+    meta = {
+        "object_classes": names,
+        "tasks": ["instance", "rotated", "semseg"] if coco else ["rotated"],
+        "source": str(src),
+    }
     if coco:
         meta["semantic_classes"] = ["background", *names]
     report = BuildReport(out=str(out))
@@ -223,17 +236,32 @@ def build_rs_dense_shards(
                     if box is None or not (left <= box[0] < left + tw and top <= box[1] < top + th):
                         continue
                     cx, cy, bw, bh, a = box
-                    obbs.append({"label": o["label"], "obb": [cx - left, cy - top, bw, bh, a],
-                                 "difficult": bool(o["difficult"])})  # fmt: skip
+                    obbs.append(
+                        {
+                            "label": o["label"],
+                            "obb": [cx - left, cy - top, bw, bh, a],
+                            "difficult": bool(o["difficult"]),
+                        }
+                    )
                     if coco:
                         seg = _clip_polygon(np.asarray(o["points"], float), (top, left, th, tw))
                         if seg:
                             instances.append({"label": o["label"], "segmentation": seg})
                 tile = image[top : top + th, left : left + tw]
-                mask = full_mask[top : top + th, left : left + tw] if full_mask is not None else None
+                mask = (
+                    full_mask[top : top + th, left : left + tw] if full_mask is not None else None
+                )
                 key = f"{Path(name).stem}_{top}_{left}".replace(".", "_")
-                writer.write(encode_dense_sample(key, tile, mask, instances if coco else None,
-                                                 obbs, source=f"{name}@{top},{left}"))  # fmt: skip
+                writer.write(
+                    encode_dense_sample(
+                        key,
+                        tile,
+                        mask,
+                        instances if coco else None,
+                        obbs,
+                        source=f"{name}@{top},{left}",
+                    )
+                )
                 report.written += 1
     report.shards = [str(Path(out) / s.name) for s in writer.index.shards]
     return report

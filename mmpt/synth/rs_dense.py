@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from mmpt.shards.dense_format import TASKS, encode_dense_sample, segmentation_mask
 from mmpt.synth.common import check_minimums, split_folders, split_writer
 
@@ -87,7 +88,9 @@ def render_dense_tile(rng: np.random.Generator, size: int) -> dict[str, Any]:
             palette = _ROOFS if label == 0 else _CARS
             colour = np.array(palette[rng.integers(len(palette))]) + rng.normal(0, 6, 3)
             ridge = 0.9 + 0.1 * (((xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)) > 0)
-            image = np.where(obj[..., None], colour * (ridge[..., None] if label == 0 else 1), image)
+            image = np.where(
+                obj[..., None], colour * (ridge[..., None] if label == 0 else 1), image
+            )
             mask[obj] = 3 + label
             flat = [v for p in pts for v in p]
             instances.append({"label": label, "segmentation": [flat]})
@@ -112,11 +115,11 @@ def synth_rs_dense(
 ) -> dict[str, Any]:
     """Write the synthetic dense set: one training source per task and fully labelled sets.
 
-    ``out/train`` and ``out/val`` hold tiles with all three annotations, ``out/train-semseg`` holds tiles with only the semantic mask, ``out/train-instance`` only
-    instances, ``out/train-rotated`` only oriented boxes (``train_samples`` each, different
-    tiles: MTP's per-task sources). Samples follow
-    :mod:`mmpt.shards.dense_format`; ``index.json`` ``meta`` holds ``semantic_classes``,
-    ``object_classes`` and ``tasks``.
+    ``out/train`` and ``out/val`` hold tiles with all three annotations; ``out/train-semseg``
+    holds tiles with only the semantic mask, ``out/train-instance`` only instances,
+    ``out/train-rotated`` only oriented boxes (``train_samples`` each, different tiles: MTP's
+    per-task sources). Samples follow :mod:`mmpt.shards.dense_format`; ``index.json``
+    ``meta`` holds ``semantic_classes``, ``object_classes`` and ``tasks``.
 
     Args:
         out: Output folder.
@@ -130,17 +133,26 @@ def synth_rs_dense(
     Returns:
         Dict with ``out``, each split folder, ``<split>_samples`` and ``<split>_shards``.
     """
-    check_minimums({"train_samples": (train_samples, 1), "val_samples": (val_samples, 1),
-                    "image_size": (image_size, 32)})  # fmt: skip
+    check_minimums(
+        {
+            "train_samples": (train_samples, 1),
+            "val_samples": (val_samples, 1),
+            "image_size": (image_size, 32),
+        }
+    )
     out = Path(out)
     folders = split_folders(out, _SPLIT_STREAM, overwrite, GENERATOR_NAME)
     result: dict[str, Any] = {"out": str(out)}
     for split, folder in folders.items():
         count = val_samples if split == "val" else train_samples
         tasks = TASKS if split in ("train", "val") else (split.removeprefix("train-"),)
-        meta = {"semantic_classes": list(SEMANTIC_CLASSES), "object_classes": list(OBJECT_CLASSES),
-                "tasks": list(tasks), "split": split,
-                "generator": {"name": GENERATOR_NAME, "seed": seed, "image_size": image_size}}  # fmt: skip
+        meta = {
+            "semantic_classes": list(SEMANTIC_CLASSES),
+            "object_classes": list(OBJECT_CLASSES),
+            "tasks": list(tasks),
+            "split": split,
+            "generator": {"name": GENERATOR_NAME, "seed": seed, "image_size": image_size},
+        }
         rng = np.random.default_rng([seed, _SPLIT_STREAM[split]])
         with split_writer(result, split, folder, count, samples_per_shard, ["image"], meta) as w:
             for i in range(count):

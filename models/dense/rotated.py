@@ -77,10 +77,17 @@ class RotatedFCOSHead(nn.Module):
         if len(upper) != len(self.strides) - 1:
             raise ValueError(f"size_ranges needs {len(self.strides) - 1} limits, got {upper}")
         self.ranges = list(zip([0.0, *upper], [*upper, math.inf], strict=True))
-        self.center_radius, self.score_thresh, self.nms_thresh = center_radius, score_thresh, nms_thresh
+        self.center_radius, self.score_thresh, self.nms_thresh = (
+            center_radius,
+            score_thresh,
+            nms_thresh,
+        )
         self.pre_nms_top_k, self.max_detections = pre_nms_top_k, max_detections
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-        self.cls_tower, self.reg_tower = _tower(in_channels, num_convs), _tower(in_channels, num_convs)
+        self.cls_tower, self.reg_tower = (
+            _tower(in_channels, num_convs),
+            _tower(in_channels, num_convs),
+        )
         self.cls_out = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.reg_out = nn.Conv2d(in_channels, 6, 3, padding=1)  # dx, dy, log w, log h, cos, sin
         self.ctr_out = nn.Conv2d(in_channels, 1, 3, padding=1)
@@ -244,7 +251,10 @@ class RotatedFCOSHead(nn.Module):
                 rr = r[i].flatten(1).t()[loc]
                 cx = (xs.float() + 0.5 + rr[:, 0]) * stride
                 cy = (ys.float() + 0.5 + rr[:, 1]) * stride
-                bw, bh = rr[:, 2].clamp(max=10).exp() * stride, rr[:, 3].clamp(max=10).exp() * stride
+                bw, bh = (
+                    rr[:, 2].clamp(max=10).exp() * stride,
+                    rr[:, 3].clamp(max=10).exp() * stride,
+                )
                 angle = 0.5 * torch.atan2(rr[:, 5], rr[:, 4])
                 boxes.append(torch.stack([cx, cy, bw, bh, angle], -1))
                 scores.append(vals)

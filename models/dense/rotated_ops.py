@@ -89,9 +89,11 @@ def _inside(points: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
     pab, pad = (ap * ab).sum(-1), (ap * ad).sum(-1)
     tol = 1e-6 * (ab * ab).sum(-1).clamp(min=1)
     return (
-        (pab >= -tol) & (pab <= (ab * ab).sum(-1) + tol) & (pad >= -tol)
+        (pab >= -tol)
+        & (pab <= (ab * ab).sum(-1) + tol)
+        & (pad >= -tol)
         & (pad <= (ad * ad).sum(-1) + tol)
-    )  # fmt: skip
+    )
 
 
 def _edge_crossings(ca: torch.Tensor, cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Semantic segmentation head: segmentation_models_pytorch's UPerNet decoder on a feature pyramid."""
+"""Semantic segmentation head: segmentation_models_pytorch's UPerNet decoder on a pyramid."""
 
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ class UPerNetHead(nn.Module):
         num_levels: Pyramid levels, finest (stride 4) first.
         ignore_index: Mask value without loss.
         norm: Normalisation of the decoder convolutions: ``groupnorm`` (default; smp's
-            BatchNorm layers swapped for GroupNorm, up to 32 groups of >= 2 channels; right for any number of
-            samples per step), ``batchnorm`` (UPerNet's; SyncBN in MTP; fails in training on a
-            step with a single segmentation sample: the 1x1 pooled map then has one value per
-            channel) or ``identity``.
+            BatchNorm layers swapped for GroupNorm, up to 32 groups of >= 2 channels; right for
+            any number of samples per step), ``batchnorm`` (UPerNet's; SyncBN in MTP; fails in
+            training on a step with a single segmentation sample: the 1x1 pooled map then has
+            one value per channel) or ``identity``.
     """
 
     def __init__(
@@ -64,7 +64,11 @@ class UPerNetHead(nn.Module):
             raise ValueError(f"semseg num_classes must be >= 1, got {num_classes}")
         if norm not in ("groupnorm", "batchnorm", "identity"):
             raise ValueError(f"semseg norm must be groupnorm, batchnorm or identity, got {norm!r}")
-        self.num_classes, self.in_channels, self.ignore_index = num_classes, in_channels, ignore_index
+        self.num_classes, self.in_channels, self.ignore_index = (
+            num_classes,
+            in_channels,
+            ignore_index,
+        )
         # smp skips the first two (stride 1 and 2) features of its encoder list
         self.decoder = UPerNetDecoder(
             [in_channels] * (num_levels + 2),
