@@ -4,6 +4,7 @@ torchvision pieces, the oriented head's assignment and loss."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -30,6 +31,15 @@ TOWER = dict(
     feature_layer=-1,
     model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread (several fight over a shared CPU, ~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _random_boxes(n: int, seed: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,15 @@ HEADS = {
     "instance": (MaskRCNNHead, INSTANCE),
     "rotated": (RotatedFCOSHead, {"num_classes": 2, "in_channels": 16, "num_convs": 1}),
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread (several fight over a shared CPU, ~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_model(tasks: tuple[str, ...] = ("semseg", "instance", "rotated"), **kw) -> MultiTaskModule:

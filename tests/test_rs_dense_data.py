@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,15 @@ from mmpt.preprocess import ImagePreprocess, Preprocess
 from mmpt.shards.dense_format import encode_dense_sample, segmentation_mask
 from mmpt.shards.index import load_index
 from mmpt.synth import make_synthetic
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread (several fight over a shared CPU, ~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
