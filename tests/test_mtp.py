@@ -208,28 +208,42 @@ def _val_metrics(run: Path) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_mtp_quickstart_learns_far_above_an_untrained_backbone(tmp_path: Path) -> None:
-    """The CPU quickstart (minutes) vs the same heads on the untrained, frozen backbone."""
+    """The CPU quickstart (minutes) vs the same heads on an untrained backbone.
+
+    Two baselines: the whole model untrained (every metric near 0), and the same heads
+    trained on the frozen, untrained backbone (the pyramid and heads learn; the backbone does
+    not). The multi-task run must be far above the first and above the second on all three.
+    """
+    import lightning as L
+
+    from mmpt.eval.cli import main as eval_main
+    from mmpt.run_config import build_from_config
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    base = [
-        sys.executable,
-        "-m",
-        "mmpt.cli",
-        "fit",
-        "-c",
-        str(ROOT / "configs" / "quickstart" / "mtp_tiny.yaml"),
-        f"--data.init_args.synthetic.out={tmp_path / 'rsdense'}",
-    ]
-    sources = ",".join(str(tmp_path / "rsdense" / f"train-{t}") for t in HEADS)
-    urls = [
+    recipe = str(ROOT / "configs" / "quickstart" / "mtp_tiny.yaml")
+    data = tmp_path / "rsdense"
+    sources = ",".join(str(data / f"train-{t}") for t in HEADS)
+    overrides = [
+        f"--data.init_args.synthetic.out={data}",
         f"--data.init_args.train.urls=[{sources}]",
-        f"--data.init_args.val.urls={tmp_path / 'rsdense' / 'val'}",
+        f"--data.init_args.val.urls={data / 'val'}",
     ]
     runs = {}
     for name, extra in (("mtp", []), ("frozen", ["--model.init_args.freeze=[vision.*]"])):
         root = tmp_path / name
-        cmd = [*base, *urls, f"--trainer.default_root_dir={root}", *extra]
+        cmd = [sys.executable, "-m", "mmpt.cli", "fit", "-c", recipe, *overrides,
+               f"--trainer.default_root_dir={root}", *extra]  # fmt: skip
         subprocess.run(cmd, check=True, env=env, cwd=tmp_path, timeout=1800)
         runs[name] = _val_metrics(root)
+    L.seed_everything(0)
+    untrained = _save(build_from_config([recipe], overrides).model, tmp_path / "init.ckpt")
+    for task in ("segment", "detect"):
+        args = [task, "-c", recipe, *overrides, "--ckpt", str(untrained), "--out",
+                str(tmp_path / "ev"), "--num-workers", "0"]  # fmt: skip
+        assert eval_main(args) == 0
+    init = {**json.loads((tmp_path / "ev" / "segment.json").read_text())["metrics"],
+            **json.loads((tmp_path / "ev" / "detect.json").read_text())["metrics"]}  # fmt: skip
     mtp, frozen = runs["mtp"], runs["frozen"]
-    for key in ("val/miou", "val/mask_ap50", "val/rotated_map"):
-        assert mtp[key] > frozen[key] + 0.1, (key, mtp, frozen)
+    for key, margin in (("miou", 0.2), ("mask_ap50", 0.05), ("rotated_map", 0.2)):
+        assert mtp[f"val/{key}"] > init[key] + margin, (key, mtp, init)
+        assert mtp[f"val/{key}"] > frozen[f"val/{key}"], (key, mtp, frozen)
