@@ -63,7 +63,8 @@ class SyntheticData:
             for u in urls
             if not _WILDCARD.search(u) and self.read_by([u]) and not Path(u).exists()
         ]
-        if (out / "train" / "index.json").exists() and (out / "tokenizer").is_dir() and not missing:
+        tokenizer = (out / "tokenizer").is_dir() or self.kind in _NO_TOKENIZER
+        if (out / "train" / "index.json").exists() and tokenizer and not missing:
             return
         import inspect
 
@@ -78,6 +79,8 @@ class SyntheticData:
         make_synthetic(self.kind, self.out, **options, **(self.options or {}))
 
 
+#: Synthetic kinds that write no tokenizer (image-only sets).
+_NO_TOKENIZER = frozenset({"rs-dense"})
 _WILDCARD = re.compile(r"[{*?\[]")  # where a brace pattern or glob starts
 
 

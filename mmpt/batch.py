@@ -282,3 +282,34 @@ class GroundingBatch:
         """(B, G, L) bool: the tokens of every phrase that names each box."""
         named = self.phrase_boxes.transpose(1, 2).float() @ self.phrase_tokens.float()
         return named > 0
+
+
+@dataclass
+class DenseBatch:
+    """A collated batch of dense-task samples (semantic masks, instances, oriented boxes).
+
+    Samples of a multi-task mixture carry different annotations; each task's loss uses the
+    samples that have its annotation.
+
+    Attributes:
+        images: (B, 3, H, W) uint8 pixels from the workers; normalised float32 on the device.
+        masks: (B, H, W) long class ids, 255 (ignored) where a sample has no mask.
+        has_mask: (B,) bool, the sample has a semantic mask.
+        instances: Per sample None (no instance annotation) or ``boxes`` (M, 4) xyxy float,
+            ``labels`` (M,) long, ``masks`` (M, H, W) uint8.
+        obbs: Per sample None (no oriented boxes) or ``boxes`` (M, 5) ``(cx, cy, w, h,
+            angle)`` float, ``labels`` (M,) long, ``difficult`` (M,) bool.
+        keys: The ``__key__`` of each sample.
+        skipped: Samples the producing worker dropped as corrupt since its previous batch.
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    has_mask: torch.Tensor
+    instances: list[dict[str, torch.Tensor] | None] = field(default_factory=list)
+    obbs: list[dict[str, torch.Tensor] | None] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]

@@ -42,6 +42,10 @@ EPILOG = r"""examples:
   mmpt data build --kind vqav2 --from v2_OpenEnded_mscoco_val2014_questions.json \
       v2_mscoco_val2014_annotations.json --images /data/coco --out shards/vqav2-val
   mmpt data build --kind mcq --from MMBench_DEV_EN.tsv --out shards/mmbench-dev
+  mmpt data build --kind rs-dense --from DOTA/train/labelTxt --images DOTA/train/images \
+      --size 1024 --out shards/dota-train
+  mmpt data build --kind rs-dense --from iSAID/train/instances.json --images iSAID/train/images \
+      --size 800 --out shards/isaid-train
   mmpt data index /data/laion-shards --workers 8
   mmpt data index 'pipe:aws s3 cp s3://bucket/shards/{00000..00999}.tar -' --out shards.json
   mmpt data vocab --from shards/speech/train --out vocab.json
@@ -278,7 +282,17 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         "--format", choices=("npy", "tif"), help="multispectral: tile file format (default npy)"
     )
     build.add_argument(
-        "--size", type=int, metavar="N", help="multispectral: resize every tile to N x N"
+        "--size",
+        type=int,
+        metavar="N",
+        help="multispectral: resize every tile to N x N; rs-dense: cut images into N x N tiles",
+    )
+    build.add_argument(
+        "--masks",
+        dest="masks_root",
+        type=Path,
+        metavar="DIR",
+        help="rs-dense: semantic PNG masks named like the images (SAMRS, Potsdam)",
     )
     build.add_argument("--overwrite", action="store_true", help="replace shards found in --out")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -21,6 +21,7 @@ from mmpt.shards.karpathy import build_retrieval_shards
 from mmpt.shards.llava import build_conversation_shards
 from mmpt.shards.mcq_table import build_mcq_shards
 from mmpt.shards.multispectral_build import build_multispectral_shards
+from mmpt.shards.rs_dense_build import build_rs_dense_shards
 from mmpt.shards.video_build import build_video_text_shards
 from mmpt.shards.vqav2 import build_vqav2_shards
 from mmpt.synth import SYNTH_KINDS
@@ -40,12 +41,18 @@ BUILD_KINDS: dict[str, Callable[..., Any]] = {
     "vqav2": build_vqav2_shards,
     "mcq": build_mcq_shards,
     "grounding": build_grounding_shards,
+    "rs-dense": build_rs_dense_shards,
 }
 #: Kinds whose --from and --images may be given several times (shards of one data set).
 _SEVERAL = ("conversation", "interleaved", "vqav2")
 
 #: Option names whose flag is not ``--`` + the name with dashes.
-_FLAGS = {"images_root": "--images", "videos_root": "--videos", "audio_root": "--audio"}
+_FLAGS = {
+    "images_root": "--images",
+    "videos_root": "--videos",
+    "audio_root": "--audio",
+    "masks_root": "--masks",
+}
 
 
 def _options(fn: Callable[..., Any], kind: str, given: dict[str, Any]) -> dict[str, Any]:
@@ -141,6 +148,7 @@ def _build(args: argparse.Namespace) -> int:
         "sensor": args.sensor,
         "format": args.format,
         "size": args.size,
+        "masks_root": args.masks_root,
         "overwrite": args.overwrite,
     }
     options = _options(fn, args.kind, given)

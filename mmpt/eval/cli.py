@@ -2,8 +2,9 @@
 
 Tasks: retrieval, zeroshot, mcq, probe, mir (:mod:`mmpt.eval.mir_cli`), univl
 (:mod:`mmpt.eval.univl_cli`), the VLM benchmarks caption, vqa, choice, all
-(:mod:`mmpt.eval.vlm_cli`), asr (CTC checkpoints and speech LLMs, :mod:`mmpt.eval.asr_cli`) and
-translate (:mod:`mmpt.eval.speech_llm`).
+(:mod:`mmpt.eval.vlm_cli`), asr (CTC checkpoints and speech LLMs, :mod:`mmpt.eval.asr_cli`),
+translate (:mod:`mmpt.eval.speech_llm`) and the dense tasks segment, detect
+(:mod:`mmpt.eval.dense_cli`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mmpt.datamodules.video import VIDEO_BACKENDS
 from mmpt.eval.applicable import require_task
 from mmpt.eval.asr_cli import add_asr_parser, run_asr
 from mmpt.eval.callback import write_reports
+from mmpt.eval.dense_cli import DENSE_TASKS, add_dense_parsers, run_dense
 from mmpt.eval.embed import EmbeddingAccumulator, evaluate
 from mmpt.eval.mir_cli import add_mir_args, check_mir_args, report_mir
 from mmpt.eval.modality import item_counts, media_of
@@ -119,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     add_vlm_parsers(sub)
     add_asr_parser(sub)  # CTC checkpoints and speech LLMs
     add_translate_parser(sub)
+    add_dense_parsers(sub, _common_args)
     return p
 
 
@@ -185,6 +188,10 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.task == "univl":
         model, dm = _build(args, overrides)
         return run_univl(args, model, dm, _device(args.device), _out_dir(args))
+    if args.task in DENSE_TASKS:
+        model, dm = _build(args, overrides)
+        run_dense(args, model, dm, _device(args.device))
+        return 0
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     from mmpt.datamodules.key_check import peek_samples, require_fields

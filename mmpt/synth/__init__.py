@@ -50,6 +50,8 @@ SYNTH_KINDS: dict[str, Callable[..., dict]] = {
     "audio-text": _Lazy("mmpt.synth.audio_text", "synth_audio_text"),
     "tone-speech": _Lazy("mmpt.synth.tone_speech", "synth_tone_speech"),  # CTC recognition
     "grounding": _Lazy("mmpt.synth.grounding", "synth_grounding"),
+    # tiles with semantic masks, instances and oriented boxes; one training source per task
+    "rs-dense": _Lazy("mmpt.synth.rs_dense", "synth_rs_dense"),
 }
 
 
