@@ -28,8 +28,8 @@ class DINOModule(SelfDistillModule):
             ViT needs ``model_kwargs.dynamic_img_size: true`` for local crops of another size.
         global_view: Augmentation of the 2 global crops (default: the tower's size, area
             0.4-1, jitter, blur p 0.5).
-        local_view: Augmentation of the local crops (default: 3/7 of the tower's size in whole patches, area
-            0.05-0.4, jitter, blur p 0.5).
+        local_view: Augmentation of the local crops (default: 3/7 of the tower's size in
+            whole patches, area 0.05-0.4, jitter, blur p 0.5).
         local_crops: Local crops per image (8 in SSL4EO-S12; 0 for global crops only).
         out_dim, hidden_dim, bottleneck_dim, head_layers, norm_last_layer: The head
             (:class:`~mmpt.models.ssl_heads.DINOHead`; 65536, 2048, 256, 3, True).
