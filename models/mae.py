@@ -259,13 +259,17 @@ class MAEModule(MMPTModule):
             self.log_data_counts(batch, ("skipped",), images.shape[0])
         return loss
 
+    def encoder_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch's images as the encoder takes them (as read, here)."""
+        return images
+
     def predict_step(self, batch: object, batch_idx: int = 0) -> dict:
         """L2-normalised mean-pooled encoder features of the unmasked images, with the keys.
 
         Returns:
             ``keys`` (B sample keys), ``image_emb`` (B, D) and ``labels`` (B,), -1 if unknown.
         """
-        images = self._images(batch)
+        images = self.encoder_images(self._images(batch))
         feats = torch.nn.functional.normalize(self.encoder.pooled_features(images, "avg"), dim=-1)
         labels = getattr(batch, "labels", None)
         if not torch.is_tensor(labels):

@@ -4,6 +4,7 @@ towers, data and trainer are swapped for tiny CPU ones; the CLIP ViT-B/16 recipe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,8 @@ def tiny_tower(written: dict[str, Any], embed_dim: int, tiles: Path) -> dict[str
     for key in ("bands", "band_groups", "scale"):
         if args.get(key) is not None:
             tower["init_args"][key] = args[key]
+    if (args.get("model_kwargs") or {}).get("dynamic_img_size"):  # DINO's local crops
+        tower["init_args"]["model_kwargs"]["dynamic_img_size"] = True
     if args.get("bands"):
         tower["init_args"]["stats_from"] = str(tiles / "train")
     return tower
@@ -147,9 +150,14 @@ def tiny_variant(
             model["vision"] = tiny_tower(model["vision"], 16, shards.parent)
     if model.get("encoder", {}).get("class_path", "").endswith("Wav2Vec2Tower"):
         model["encoder"] = tiny_audio(model["encoder"], 0)
-    elif "encoder" in model:  # MAE: no projection head
+    elif "encoder" in model:  # MAE, SatMAE++, MoCo v3, DINO: no projection head
         model["encoder"] = tiny_tower(model["encoder"], 0, shards.parent)
-        model.update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
+        if "decoder_dim" in model:
+            model.update(decoder_dim=16, decoder_depth=1, decoder_heads=2)
+        for view in ("view", "global_view", "local_view"):  # default views at the tiny size
+            model.pop(view, None)
+        tiny_heads = {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16, "mlp_dim": 32}
+        model.update({k: v for k, v in tiny_heads.items() if k in model})
     if "text" in model:
         if model["text"]["class_path"].endswith("HFTextTower"):
             bert = write_tiny_bert(shards.parent / "bert", TINY_BERT_WORDS)
@@ -277,9 +285,13 @@ def test_config_instantiates_with_tiny_overrides(
     assert dm.preprocess is not None
     own = getattr(model.preprocess, "tokenizer", None)  # a CTC model's vocabulary
     assert dm.preprocess.tokenizer is (text_model.tokenizer if text_model is not None else own)
-    if tower is not None:
-        assert dm.preprocess.image == tower.image_preprocess
-        assert dm.preprocess.image.size == TINY_VISION["init_args"]["image_size"]
+    if tower is not None:  # SatMAE++ reads tiles at its top scale, the tower takes scale 1
+        assert dm.preprocess.image == model.preprocess.image
+        scale = max(tiny_model.get("scales") or [1])
+        assert dm.preprocess.image == dataclasses.replace(
+            tower.image_preprocess, size=tower.image_preprocess.size * scale
+        )
+        assert tower.image_preprocess.size == TINY_VISION["init_args"]["image_size"]
     audio_tower = getattr(model, "audio", None) or getattr(model, "encoder", None)
     if hasattr(audio_tower, "audio_preprocess"):
         assert dm.preprocess.audio == model.preprocess.audio is not None

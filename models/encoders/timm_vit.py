@@ -205,10 +205,13 @@ class TimmVisionTower(nn.Module):
                 )
             self.band_groups = resolve_groups(band_groups, band_names)
             kwargs["embed_layer"] = group_embed_layer(self.band_groups)
-        if pretrained is None:
-            self.model = timm.create_model(model_name, pretrained=False, **kwargs)
-        else:
-            self.model = self._create_pretrained(model_name, pretrained, kwargs)
+        try:
+            self.model = self._create(model_name, pretrained, kwargs)
+        except TypeError as err:  # CNNs (ResNet ...) take any size and have no img_size
+            if "img_size" not in str(err):
+                raise
+            kwargs.pop("img_size")
+            self.model = self._create(model_name, pretrained, kwargs)
         pooled = getattr(self.model, "head_hidden_size", self.model.num_features)
         self.output_dim = int(embed_dim or pooled)
 
@@ -265,6 +268,12 @@ class TimmVisionTower(nn.Module):
             from .vit_init import init_vit_from
 
             self.init_report = init_vit_from(self.model, init_from, bands=band_names)
+
+    @classmethod
+    def _create(cls, model_name: str, pretrained: str | None, kwargs: dict) -> nn.Module:
+        if pretrained is None:
+            return timm.create_model(model_name, pretrained=False, **kwargs)
+        return cls._create_pretrained(model_name, pretrained, kwargs)
 
     @staticmethod
     def _create_pretrained(model_name: str, pretrained: str, kwargs: dict) -> nn.Module:
