@@ -49,6 +49,7 @@ class Pair(nn.Module):
             )
 
         self.img, self.txt, self.loss = tower(), tower(), make_loss(loss)
+        self.fsdp_root: nn.Module | None = None  # set to the model when fully_shard shards it
 
     def embed(self, x_img: torch.Tensor, x_txt: torch.Tensor, rows: slice) -> tuple:
         return F.normalize(self.img(x_img[rows]), dim=-1), F.normalize(
@@ -65,6 +66,7 @@ class Pair(nn.Module):
                 n,
                 chunk,
                 [self.img, self.txt],
+                root=self.fsdp_root,
                 replay_rng=replay,
             )
         else:  # reference: the same chunks, embedded with graphs
@@ -72,7 +74,7 @@ class Pair(nn.Module):
                 self.embed(data["x_img"], data["x_txt"], slice(i, i + chunk))
                 for i in range(0, n, chunk)
             ]
-            img, txt = (torch.cat(k) for k in zip(*parts))
+            img, txt = (torch.cat(k) for k in zip(*parts, strict=True))
         if isinstance(self.loss, EgoNCELoss):
             return self.loss(img, txt, data["nouns"], data["verbs"])
         return self.loss(img, txt)
@@ -177,6 +179,32 @@ def test_no_grad_is_plain_chunked_embedding_and_bad_chunk_size() -> None:
         GradCache(chunk_size=0)
 
 
+def fsdp2_grads(data: dict) -> dict[str, torch.Tensor]:
+    """Gradients of a cached step with both towers and the model sharded by ``fully_shard``.
+
+    Scalars (the logit scale) stay whole with averaged gradients, as ``mmpt.strategies.FSDP2``
+    does.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from mmpt.strategies import _GradAverage
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = Pair("clip", dropout=0.0)
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    for p in scalars:
+        p.register_post_accumulate_grad_hook(_GradAverage(mesh.get_group()))
+    for module in (model.img, model.txt, model):
+        fully_shard(module, mesh=mesh, ignored_params=scalars)
+    model.fsdp_root = model
+    model(data, chunk=3).backward()
+    return {
+        k: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
+        for k, p in model.named_parameters()
+    }
+
+
 def worker(rank: int, init_file: str, out_dir: str) -> None:
     init_gloo(rank, init_file, WORLD)
     try:
@@ -193,6 +221,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
         ddp.zero_grad()
         ddp(data, chunk=3).backward()
         res["ddp"] = {k.removeprefix("module."): p.grad.clone() for k, p in ddp.named_parameters()}
+        res["fsdp2"] = fsdp2_grads(data)
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -225,8 +254,10 @@ def test_two_chunks_two_ranks_equal_one_process_global_batch(ranks, loss: str) -
 
 
 @pytest.mark.timeout(180)
-def test_real_ddp_all_reduces_cached_gradients_once(ranks) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_ddp_and_fsdp2_reduce_cached_gradients_to_the_global_batch(ranks, strategy: str) -> None:
+    """Real DDP (all-reduce hooks fire once) and FSDP2 (reduce-scatter after the last chunk)."""
     want = step(Pair("clip", dropout=0.0), batch(WORLD * B), chunk=None)
     want.pop("loss")
     for res in ranks:
-        assert_same(res["ddp"], want)
+        assert_same(res[strategy], want)
