@@ -15,6 +15,7 @@ from mmpt.batch import VideoTextBatch
 from mmpt.models.contrastive import first_text_per_item
 from mmpt.models.encoders.hf_text import HFTextTower
 from mmpt.models.encoders.video_vit import VideoViTTower
+from mmpt.models.grad_cache import GradCache, cached_embeddings
 from mmpt.models.losses import EgoNCELoss
 from mmpt.models.schedules import Schedule
 from mmpt.models.video_fusion import (
@@ -168,6 +169,9 @@ class EgoVLPv2Module(VideoTextModule):
         mlm_probability: Share of non-special tokens masked.
         mlm_head: "auto": the checkpoint's ``AutoModelForMaskedLM`` head (falls back to "small").
         negative_temperature: Temperature of the hard-negative sampling softmax.
+        grad_cache: Gradient caching ``{chunk_size: N}`` of the dual (EgoNCE) pass: its
+            towers run N pairs at a time (:mod:`mmpt.models.grad_cache`), the loss sees the
+            whole batch. The fused VTM and MLM passes still run on the whole batch at once.
 
     """
 
@@ -190,6 +194,7 @@ class EgoVLPv2Module(VideoTextModule):
         mlm_head: Literal["auto", "small"] = "auto",
         negative_temperature: float = 0.05,
         init_from_strict: bool = True,
+        grad_cache: GradCache | None = None,
     ) -> None:
         super().__init__(
             vision,
@@ -201,6 +206,7 @@ class EgoVLPv2Module(VideoTextModule):
             trainable,
             init_from,
             init_from_strict=init_from_strict,
+            grad_cache=grad_cache,
         )
         self.fusion = BackboneFusion(vision, text, fusion_layers, fusion_ff_mult)
         dv, dt = int(vision.model.embed_dim), int(text.model.config.hidden_size)
@@ -272,6 +278,18 @@ class EgoVLPv2Module(VideoTextModule):
             same = same | self.loss.positive_mask(batch.nouns, batch.verbs).to(same.device)
         return same | torch.eye(len(tokens), dtype=torch.bool, device=tokens.device)
 
+    def _cached_dual(
+        self, videos: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dual-encoder embeddings (N, E) of clips and narrations, with gradient caching."""
+
+        def embed(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            vid, txt, _ = self.encode_pairs(videos[rows], tokens[rows], fuse=False)
+            return F.normalize(vid, dim=-1), F.normalize(txt, dim=-1)
+
+        towers = [self.vision, self.text, self.fusion]
+        return cached_embeddings(embed, len(tokens), self.grad_cache.chunk_size, towers, root=self)
+
     def training_step(self, batch: VideoTextBatch, batch_idx: int) -> torch.Tensor:
         """EgoNCE + VTM + MLM on one batch; logs the total, each term and the data counters."""
         tokens = batch.text_tokens
@@ -279,8 +297,11 @@ class EgoVLPv2Module(VideoTextModule):
             tokens = tokens[first_text_per_item(batch.text_to_video.to(tokens.device), len(batch))]
         video = self.fusion.video_bottom(self.vision, batch.videos)
         stream = self.fusion.text_bottom(self.text, tokens)
-        vid, txt, _ = self._top(video, stream, fuse=False)
-        vid, txt = F.normalize(vid, dim=-1), F.normalize(txt, dim=-1)
+        if self.grad_cache is None:
+            vid, txt, _ = self._top(video, stream, fuse=False)
+            vid, txt = F.normalize(vid, dim=-1), F.normalize(txt, dim=-1)
+        else:
+            vid, txt = self._cached_dual(batch.videos, tokens)
         terms = {"egonce": self._pair_loss(vid, txt, batch)}
 
         logits = vid @ txt.T / self.negative_temperature

@@ -14,13 +14,14 @@ import yaml
 
 from mmpt.batch import VideoTextBatch
 from mmpt.cli import build_cli
-from mmpt.models import contrastive
+from mmpt.models import contrastive, egovlpv2
 from mmpt.models.encoders import OpenCLIPTextTower, VideoViTTower
 from mmpt.models.grad_cache import GradCache, cached_embeddings
 from mmpt.models.schedules import Constant
 from mmpt.models.video_text import VideoTextModule
 from mmpt.strategies import ActivationCheckpointing
-from tests.helpers import TINY_TEXT, write_shards
+from tests import test_egovlpv2 as egovlpv2_tests
+from tests.helpers import TINY_TEXT, write_shards, write_tiny_bert
 from tests.test_configs import load_recipe, overlay_base, tiny_variant
 from tests.test_contrastive_module import fit, make_model, snapshot
 from tests.test_video_text_module import TINY_VIDEO
@@ -134,3 +135,33 @@ def test_gradcache_recipe_instantiates(tmp_path: Path) -> None:
     assert cli.datamodule.batch_size == 512
     with pytest.raises(ValueError, match="chunk_size"):
         GradCache(chunk_size=0)
+
+
+@pytest.mark.slow  # about 25 s on an idle 2-core machine, 90 s when shared
+def test_egovlpv2_cached_dual_pass_equals_full_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EgoVLPv2 with grad_cache: the same EgoNCE + VTM + MLM loss and gradients (chunks of 3)."""
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(args[2])
+        return cached_embeddings(*args, **kw)
+
+    monkeypatch.setattr(egovlpv2, "cached_embeddings", counted)
+    bert = str(write_tiny_bert(tmp_path / "bert", egovlpv2_tests.WORDS))
+    results = []
+    for cache in (None, GradCache(3)):
+        model = egovlpv2_tests.make_model(bert, grad_cache=cache)
+        egovlpv2_tests.open_gates(model)
+        batch = egovlpv2_tests.make_batch(model)
+        torch.manual_seed(5)  # hard negatives and MLM masks draw the same
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results.append(grads(model, model.training_step(batch, 0)))
+    full, cached = results
+    assert calls == [3]
+    assert full.keys() == cached.keys() and len(full) > 30
+    for k in full:  # gradients up to ~7 (open gates): 1e-5 of each tensor's largest entry
+        diff = (cached[k] - full[k]).abs().max().item()
+        assert diff <= 1e-5 * full[k].abs().max().item() + 1e-6, (k, diff)
