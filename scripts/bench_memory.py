@@ -6,9 +6,10 @@ model of a recipe (``--config``, default the tiny CLIP of the quickstart) with i
 and takes ``--warmup`` untimed then ``--steps`` timed training steps (``training_step``,
 backward, AdamW step) on a synthetic batch of random images and token ids.
 
-Peak memory of a step, above what the process held before its first step (model, optimizer
-state once allocated, the batch): on CUDA ``torch.cuda.max_memory_allocated`` minus
-``memory_allocated`` before; on the CPU the resident-set high-water mark
+Peak memory of the steps, above what the process held before the first one (the model and
+the batch; the AdamW state, allocated in the first step, counts in the peak): on CUDA
+``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before; on the CPU the
+resident-set high-water mark
 (``resource.getrusage(...).ru_maxrss``) minus the resident set before (tracemalloc does not
 see torch's allocations). Both are reported, with the absolute peak.
 
