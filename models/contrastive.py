@@ -9,7 +9,7 @@ from torch import nn
 
 from mmpt.batch import AudioTextBatch, ImageTextBatch, VideoTextBatch
 from mmpt.eval.forgetting import eval_prefix
-from mmpt.models.grad_cache import GradCache, cached_embeddings
+from mmpt.models.grad_cache import GradCache, cached_embeddings, fsdp_forward_method
 from mmpt.models.losses import ClipLoss
 from mmpt.models.module import MMPTModule
 from mmpt.models.schedules import Schedule
@@ -159,14 +159,25 @@ class ContrastiveModule(MMPTModule):
             owner = text_owner(batch).to(tokens.device)
             tokens = tokens[first_text_per_item(owner, len(batch))]
 
-        def embed(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            return self.encode_media_rows(batch, rows), self.encode_text(tokens[rows])
-
+        embed_rows = fsdp_forward_method(self, "embed_rows")  # FSDP2: gathers root weights
         towers = [t for t in (self.vision, self.audio, self.text) if t is not None]
         media, text = cached_embeddings(
-            embed, len(batch), self.grad_cache.chunk_size, towers, root=self
+            lambda rows: embed_rows(batch, tokens, rows),
+            len(batch),
+            self.grad_cache.chunk_size,
+            towers,
+            root=self,
         )
         return media, text
+
+    def embed_rows(
+        self,
+        batch: ImageTextBatch | AudioTextBatch | VideoTextBatch,
+        tokens: torch.Tensor,
+        rows: slice,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (R, D) of the items ``rows`` and of ``tokens[rows]`` (one caption each)."""
+        return self.encode_media_rows(batch, rows), self.encode_text(tokens[rows])
 
     def _pair_loss(
         self,

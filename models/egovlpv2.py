@@ -15,7 +15,7 @@ from mmpt.batch import VideoTextBatch
 from mmpt.models.contrastive import first_text_per_item
 from mmpt.models.encoders.hf_text import HFTextTower
 from mmpt.models.encoders.video_vit import VideoViTTower
-from mmpt.models.grad_cache import GradCache, cached_embeddings
+from mmpt.models.grad_cache import GradCache
 from mmpt.models.losses import EgoNCELoss
 from mmpt.models.schedules import Schedule
 from mmpt.models.video_fusion import (
@@ -278,18 +278,6 @@ class EgoVLPv2Module(VideoTextModule):
             same = same | self.loss.positive_mask(batch.nouns, batch.verbs).to(same.device)
         return same | torch.eye(len(tokens), dtype=torch.bool, device=tokens.device)
 
-    def _cached_dual(
-        self, videos: torch.Tensor, tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dual-encoder embeddings (N, E) of clips and narrations, with gradient caching."""
-
-        def embed(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-            vid, txt, _ = self.encode_pairs(videos[rows], tokens[rows], fuse=False)
-            return F.normalize(vid, dim=-1), F.normalize(txt, dim=-1)
-
-        towers = [self.vision, self.text, self.fusion]
-        return cached_embeddings(embed, len(tokens), self.grad_cache.chunk_size, towers, root=self)
-
     def training_step(self, batch: VideoTextBatch, batch_idx: int) -> torch.Tensor:
         """EgoNCE + VTM + MLM on one batch; logs the total, each term and the data counters."""
         tokens = batch.text_tokens
@@ -300,8 +288,8 @@ class EgoVLPv2Module(VideoTextModule):
         if self.grad_cache is None:
             vid, txt, _ = self._top(video, stream, fuse=False)
             vid, txt = F.normalize(vid, dim=-1), F.normalize(txt, dim=-1)
-        else:
-            vid, txt = self._cached_dual(batch.videos, tokens)
+        else:  # the dual towers alone, in chunks (equal to the shared-bottom pass above)
+            vid, txt = self.train_embeddings(batch)
         terms = {"egonce": self._pair_loss(vid, txt, batch)}
 
         logits = vid @ txt.T / self.negative_temperature

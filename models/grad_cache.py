@@ -200,6 +200,20 @@ def cached_embeddings(
     return _CachedEmbeddings.apply(plan, anchor, *params)
 
 
+def fsdp_forward_method(module: nn.Module, name: str) -> Callable[..., Any]:
+    """``module.<name>``, run between FSDP2's pre- and post-forward hooks when FSDP2 shards it.
+
+    FSDP2 gathers the parameters of the root unit (those outside the sharded layers) only
+    around ``forward``; a method that embeds chunks outside ``forward`` must be registered
+    (``register_fsdp_forward_method``, once per module). Without FSDP2: the plain method.
+    """
+    if _fsdp_root(module) is not None and name not in vars(module):
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(module, name)
+    return getattr(module, name)
+
+
 def _trainable(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     """Trainable parameters of ``modules``, each once, in module order."""
     seen: dict[int, nn.Parameter] = {}

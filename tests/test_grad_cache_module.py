@@ -14,7 +14,7 @@ import yaml
 
 from mmpt.batch import VideoTextBatch
 from mmpt.cli import build_cli
-from mmpt.models import contrastive, egovlpv2
+from mmpt.models import contrastive
 from mmpt.models.encoders import OpenCLIPTextTower, VideoViTTower
 from mmpt.models.grad_cache import GradCache, cached_embeddings
 from mmpt.models.schedules import Constant
@@ -148,7 +148,7 @@ def test_egovlpv2_cached_dual_pass_equals_full_batch(
         calls.append(args[2])
         return cached_embeddings(*args, **kw)
 
-    monkeypatch.setattr(egovlpv2, "cached_embeddings", counted)
+    monkeypatch.setattr(contrastive, "cached_embeddings", counted)
     bert = str(write_tiny_bert(tmp_path / "bert", egovlpv2_tests.WORDS))
     results = []
     for cache in (None, GradCache(3)):
