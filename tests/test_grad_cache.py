@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from mmpt.models.grad_cache import GradCache, cached_embeddings
+from mmpt.models.grad_cache import GradCache, cached_embeddings, fsdp_forward_method
 from mmpt.models.losses import ClipLoss, EgoNCELoss, SigLipLoss
 from tests.helpers import ddp_average_, init_gloo
 
@@ -61,8 +61,9 @@ class Pair(nn.Module):
         if chunk is None:  # one unchunked pass
             img, txt = self.embed(data["x_img"], data["x_txt"], slice(0, n))
         elif cache:
+            embed = fsdp_forward_method(self, "embed")  # FSDP2 gathers the root's weights
             img, txt = cached_embeddings(
-                lambda r: self.embed(data["x_img"], data["x_txt"], r),
+                lambda r: embed(data["x_img"], data["x_txt"], r),
                 n,
                 chunk,
                 [self.img, self.txt],
@@ -180,10 +181,12 @@ def test_no_grad_is_plain_chunked_embedding_and_bad_chunk_size() -> None:
 
 
 def fsdp2_grads(data: dict) -> dict[str, torch.Tensor]:
-    """Gradients of a cached step with both towers and the model sharded by ``fully_shard``.
+    """Gradients of a cached step with the image tower and the model sharded by ``fully_shard``.
 
-    Scalars (the logit scale) stay whole with averaged gradients, as ``mmpt.strategies.FSDP2``
-    does.
+    The text tower belongs to the root unit (as a tower's embeddings do under
+    ``mmpt.strategies.FSDP2``, which shards only the listed layers): its weights are gathered
+    only around the registered forward method. Scalars (the logit scale) stay whole with
+    averaged gradients, as ``mmpt.strategies.FSDP2`` does.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -195,7 +198,7 @@ def fsdp2_grads(data: dict) -> dict[str, torch.Tensor]:
     scalars = {p for p in model.parameters() if p.ndim == 0}
     for p in scalars:
         p.register_post_accumulate_grad_hook(_GradAverage(mesh.get_group()))
-    for module in (model.img, model.txt, model):
+    for module in (model.img, model):
         fully_shard(module, mesh=mesh, ignored_params=scalars)
     model.fsdp_root = model
     model(data, chunk=3).backward()

@@ -5,6 +5,10 @@ VideoTextModule's EgoNCE step; the quickstart recipe builds with it."""
 from __future__ import annotations
 
 import functools
+import os
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -165,3 +169,36 @@ def test_egovlpv2_cached_dual_pass_equals_full_batch(
     for k in full:  # gradients up to ~7 (open gates): 1e-5 of each tensor's largest entry
         diff = (cached[k] - full[k]).abs().max().item()
         assert diff <= 1e-5 * full[k].abs().max().item() + 1e-6, (k, diff)
+
+
+@pytest.mark.slow  # two CPU processes through the CLI: minutes on a shared machine
+def test_fsdp2_fit_with_grad_cache_on_two_cpu_processes(tmp_path: Path) -> None:
+    """The grad-cache overlay takes 2 FSDP2 steps (activation checkpointing on) on 2 gloo ranks."""
+    over = {
+        "trainer": {
+            "accelerator": "cpu", "devices": 2, "max_steps": 2, "precision": "32-true",
+            "limit_val_batches": 0, "check_val_every_n_epoch": None, "val_check_interval": None,
+            "enable_progress_bar": False, "logger": False, "enable_checkpointing": False,
+            "callbacks": [],
+            "strategy": {"class_path": "mmpt.strategies.FSDP2", "init_args": {
+                "layers": ["timm.models.vision_transformer.Block"],
+                "activation_checkpointing": True}},
+        },
+        "model": {"init_args": {"grad_cache": {"chunk_size": 3}}},
+        "data": {"init_args": {"batch_size": 8, "num_workers": 0, "train": {
+            "urls": "data/shapes/train", "resampled": True, "epoch_samples": 64},
+            "synthetic": {"kind": "image-text", "out": "data/shapes", "train_samples": 96,
+                          "image_size": 64}}},
+    }  # fmt: skip
+    (tmp_path / "over.yaml").write_text(yaml.safe_dump(over))
+    configs = ["clip_tiny.yaml", "clip_tiny_gradcache.yaml"]
+    cmd = [sys.executable, "-m", "mmpt.cli", "fit"]
+    for name in configs:
+        cmd += ["-c", str(ROOT / "configs" / "quickstart" / name)]
+    cmd += ["-c", "over.yaml"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert re.search(r"FSDP2: [1-9]\d* layers sharded as units over 2 processes", log)
+    assert "`max_steps=2` reached" in log
