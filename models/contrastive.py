@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from mmpt.batch import AudioTextBatch, ImageTextBatch
+from mmpt.batch import AudioTextBatch, ImageTextBatch, VideoTextBatch
 from mmpt.eval.forgetting import eval_prefix
+from mmpt.models.grad_cache import GradCache, cached_embeddings, fsdp_forward_method
 from mmpt.models.losses import ClipLoss
 from mmpt.models.module import MMPTModule
 from mmpt.models.schedules import Schedule
@@ -37,8 +38,10 @@ def first_text_per_item(text_to_video: torch.Tensor, num_items: int) -> torch.Te
     return first
 
 
-def text_owner(batch: ImageTextBatch | AudioTextBatch) -> torch.Tensor:
+def text_owner(batch: ImageTextBatch | AudioTextBatch | VideoTextBatch) -> torch.Tensor:
     """Long tensor (M,): the image or clip each caption of ``batch`` belongs to."""
+    if isinstance(batch, VideoTextBatch):
+        return batch.text_to_video
     return batch.text_to_audio if isinstance(batch, AudioTextBatch) else batch.text_to_image
 
 
@@ -61,6 +64,10 @@ class ContrastiveModule(MMPTModule):
         audio: Audio tower instead of ``vision``: ``(B, N), (B,) -> (B, D)`` (waveforms and
             their lengths), with ``audio_preprocess`` (``LogMelTower``, ``Wav2Vec2Tower``).
         init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
+        grad_cache: Gradient caching (``{chunk_size: N}``): the towers embed the training batch
+            N pairs at a time, so a batch far larger than memory allows trains with exactly the
+            full-batch loss and gradients (:mod:`mmpt.models.grad_cache`). Training only embeds
+            the first caption of each item.
     """
 
     def __init__(
@@ -75,8 +82,10 @@ class ContrastiveModule(MMPTModule):
         init_from: str | list[str] | None = None,
         audio: nn.Module | None = None,
         init_from_strict: bool = True,
+        grad_cache: GradCache | None = None,
     ) -> None:
         super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        self.grad_cache = grad_cache
         if text is None or (vision is None) == (audio is None):
             raise ValueError(
                 "ContrastiveModule needs model.text and exactly one of model.vision (image-text) "
@@ -127,6 +136,49 @@ class ContrastiveModule(MMPTModule):
         """Embeddings of the batch's images or clips (B, D) and captions (M, D)."""
         return self.encode_media(batch), self.encode_text(batch.text_tokens)
 
+    def encode_media_rows(
+        self, batch: ImageTextBatch | AudioTextBatch, rows: slice
+    ) -> torch.Tensor:
+        """L2-normalised embeddings (R, D) of the batch's images or audio clips ``rows``."""
+        if isinstance(batch, AudioTextBatch):
+            return self.encode_audio(batch.audio[rows], batch.audio_lengths[rows])
+        return self.encode_image(batch.images[rows])
+
+    def train_embeddings(
+        self, batch: ImageTextBatch | AudioTextBatch | VideoTextBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training embeddings: media (B, D) and captions (M, D), or (B, D) with grad caching.
+
+        With ``grad_cache`` the towers run ``chunk_size`` items (and their first captions) at
+        a time; the returned embeddings re-run the chunks in backward.
+        """
+        if self.grad_cache is None:
+            return self(batch)
+        tokens = batch.text_tokens
+        if tokens.shape[0] != len(batch):  # several captions per item: each one's first
+            owner = text_owner(batch).to(tokens.device)
+            tokens = tokens[first_text_per_item(owner, len(batch))]
+
+        embed_rows = fsdp_forward_method(self, "embed_rows")  # FSDP2: gathers root weights
+        towers = [t for t in (self.vision, self.audio, self.text) if t is not None]
+        media, text = cached_embeddings(
+            lambda rows: embed_rows(batch, tokens, rows),
+            len(batch),
+            self.grad_cache.chunk_size,
+            towers,
+            root=self,
+        )
+        return media, text
+
+    def embed_rows(
+        self,
+        batch: ImageTextBatch | AudioTextBatch | VideoTextBatch,
+        tokens: torch.Tensor,
+        rows: slice,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (R, D) of the items ``rows`` and of ``tokens[rows]`` (one caption each)."""
+        return self.encode_media_rows(batch, rows), self.encode_text(tokens[rows])
+
     def _pair_loss(
         self,
         img: torch.Tensor,
@@ -140,7 +192,7 @@ class ContrastiveModule(MMPTModule):
 
     def training_step(self, batch: ImageTextBatch | AudioTextBatch, batch_idx: int) -> torch.Tensor:
         """Contrastive loss on one batch; logs loss, logit scale and skipped samples."""
-        img, txt = self(batch)
+        img, txt = self.train_embeddings(batch)
         loss = self._pair_loss(img, txt, batch)
         bs = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)

@@ -25,6 +25,7 @@ from mmpt.models.fused_objectives import (
     sample_hard_negatives,
 )
 from mmpt.models.fused_objectives import mlm_head as build_mlm_head
+from mmpt.models.grad_cache import GradCache
 from mmpt.models.losses import EgoNCELoss
 from mmpt.models.schedules import Schedule
 from mmpt.models.video_text import DATA_COUNTERS, VideoTextModule
@@ -73,6 +74,9 @@ class EgoVLPv2Module(VideoTextModule):
         mlm_probability: Share of non-special tokens masked.
         mlm_head: "auto": the checkpoint's ``AutoModelForMaskedLM`` head (falls back to "small").
         negative_temperature: Temperature of the hard-negative sampling softmax.
+        grad_cache: Gradient caching ``{chunk_size: N}`` of the dual (EgoNCE) pass: its
+            towers run N pairs at a time (:mod:`mmpt.models.grad_cache`), the loss sees the
+            whole batch. The fused VTM and MLM passes still run on the whole batch at once.
 
     """
 
@@ -95,6 +99,7 @@ class EgoVLPv2Module(VideoTextModule):
         mlm_head: Literal["auto", "small"] = "auto",
         negative_temperature: float = 0.05,
         init_from_strict: bool = True,
+        grad_cache: GradCache | None = None,
     ) -> None:
         super().__init__(
             vision,
@@ -106,6 +111,7 @@ class EgoVLPv2Module(VideoTextModule):
             trainable,
             init_from,
             init_from_strict=init_from_strict,
+            grad_cache=grad_cache,
         )
         self.fusion = BackboneFusion(vision, text, fusion_layers, fusion_ff_mult)
         dv, dt = int(vision.model.embed_dim), int(text.model.config.hidden_size)
@@ -175,8 +181,11 @@ class EgoVLPv2Module(VideoTextModule):
             tokens = tokens[first_text_per_item(batch.text_to_video.to(tokens.device), len(batch))]
         video = self.fusion.vision_bottom(self.vision, batch.videos)
         stream = self.fusion.text_bottom(self.text, tokens)
-        vid, txt, _ = self._top(video, stream, fuse=False)
-        vid, txt = F.normalize(vid, dim=-1), F.normalize(txt, dim=-1)
+        if self.grad_cache is None:
+            vid, txt, _ = self._top(video, stream, fuse=False)
+            vid, txt = F.normalize(vid, dim=-1), F.normalize(txt, dim=-1)
+        else:  # the dual towers alone, in chunks (equal to the shared-bottom pass above)
+            vid, txt = self.train_embeddings(batch)
         terms = {"egonce": self._pair_loss(vid, txt, batch)}
 
         logits = vid @ txt.T / self.negative_temperature

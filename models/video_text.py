@@ -13,6 +13,7 @@ from mmpt.eval.embed import EmbeddingAccumulator
 from mmpt.eval.forgetting import eval_prefix
 from mmpt.eval.video_metrics import video_text_retrieval_metrics
 from mmpt.models.contrastive import ContrastiveModule, first_text_per_item
+from mmpt.models.grad_cache import GradCache
 from mmpt.models.losses import EgoNCELoss
 from mmpt.models.schedules import Schedule
 
@@ -44,6 +45,8 @@ class VideoTextModule(ContrastiveModule):
         trainable: Patterns that alone train.
         init_from: Checkpoint to initialise from (e.g. an image CLIP run: the tower names match).
         init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
+        grad_cache: Gradient caching ``{chunk_size: N}`` of the contrastive loss (see
+            :class:`~mmpt.models.contrastive.ContrastiveModule`).
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class VideoTextModule(ContrastiveModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        grad_cache: GradCache | None = None,
     ) -> None:
         super().__init__(
             vision,
@@ -68,6 +72,7 @@ class VideoTextModule(ContrastiveModule):
             trainable,
             init_from,
             init_from_strict=init_from_strict,
+            grad_cache=grad_cache,
         )
         self._retrieval: dict[str, EmbeddingAccumulator] = {}  # metric prefix -> its clips
 
@@ -78,6 +83,10 @@ class VideoTextModule(ContrastiveModule):
     def forward(self, batch: VideoTextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of the batch's clips (N, D) and narrations (M, D)."""
         return self.encode_video(batch.videos), self.encode_text(batch.text_tokens)
+
+    def encode_media_rows(self, batch: VideoTextBatch, rows: slice) -> torch.Tensor:
+        """L2-normalised embeddings (R, D) of the batch's clips ``rows``."""
+        return self.encode_video(batch.videos[rows])
 
     def _pair_loss(
         self, vid: torch.Tensor, txt: torch.Tensor, batch: VideoTextBatch, gather: bool = True
@@ -91,7 +100,7 @@ class VideoTextModule(ContrastiveModule):
 
     def training_step(self, batch: VideoTextBatch, batch_idx: int) -> torch.Tensor:
         """Loss on one batch; logs it, the logit scale and the data counters."""
-        vid, txt = self(batch)
+        vid, txt = self.train_embeddings(batch)
         loss = self._pair_loss(vid, txt, batch)
         bs = len(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
