@@ -9,6 +9,7 @@ from torch import nn
 
 from mmpt.batch import AudioTextBatch, ImageTextBatch
 from mmpt.eval.forgetting import eval_prefix
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.losses import ClipLoss
 from mmpt.models.module import MMPTModule
 from mmpt.models.schedules import Schedule
@@ -61,6 +62,7 @@ class ContrastiveModule(MMPTModule):
         audio: Audio tower instead of ``vision``: ``(B, N), (B,) -> (B, D)`` (waveforms and
             their lengths), with ``audio_preprocess`` (``LogMelTower``, ``Wav2Vec2Tower``).
         init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -75,8 +77,11 @@ class ContrastiveModule(MMPTModule):
         init_from: str | list[str] | None = None,
         audio: nn.Module | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         if text is None or (vision is None) == (audio is None):
             raise ValueError(
                 "ContrastiveModule needs model.text and exactly one of model.vision (image-text) "

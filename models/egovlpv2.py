@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from mmpt.batch import VideoTextBatch
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.contrastive import first_text_per_item
 from mmpt.models.encoders.hf_text import HFTextTower
 from mmpt.models.encoders.video_vit import VideoViTTower
@@ -160,6 +161,7 @@ class EgoVLPv2Module(VideoTextModule):
         trainable: Patterns that alone train.
         init_from: Checkpoint to initialise from.
         init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
         fusion_layers: K, fused top layers of each tower (6 in EgoVLPv2).
         fusion_ff_mult: Feed-forward multiple of the fusion blocks.
         egonce_weight: Weight of the contrastive loss.
@@ -190,6 +192,7 @@ class EgoVLPv2Module(VideoTextModule):
         mlm_head: Literal["auto", "small"] = "auto",
         negative_temperature: float = 0.05,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__(
             vision,
@@ -201,6 +204,7 @@ class EgoVLPv2Module(VideoTextModule):
             trainable,
             init_from,
             init_from_strict=init_from_strict,
+            adapters=adapters,
         )
         self.fusion = BackboneFusion(vision, text, fusion_layers, fusion_ff_mult)
         dv, dt = int(vision.model.embed_dim), int(text.model.config.hidden_size)

@@ -12,6 +12,7 @@ from mmpt.eval.callback import gather_optional
 from mmpt.eval.embed import EmbeddingAccumulator
 from mmpt.eval.forgetting import eval_prefix
 from mmpt.eval.video_metrics import video_text_retrieval_metrics
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.contrastive import ContrastiveModule, first_text_per_item
 from mmpt.models.losses import EgoNCELoss
 from mmpt.models.schedules import Schedule
@@ -44,6 +45,7 @@ class VideoTextModule(ContrastiveModule):
         trainable: Patterns that alone train.
         init_from: Checkpoint to initialise from (e.g. an image CLIP run: the tower names match).
         init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class VideoTextModule(ContrastiveModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__(
             vision,
@@ -68,6 +71,7 @@ class VideoTextModule(ContrastiveModule):
             trainable,
             init_from,
             init_from_strict=init_from_strict,
+            adapters=adapters,
         )
         self._retrieval: dict[str, EmbeddingAccumulator] = {}  # metric prefix -> its clips
 
