@@ -95,7 +95,20 @@ def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
                 f"{type(model).__name__}; near matches: {near or sorted(names)[:5]}"
             )
         found.update(dict.fromkeys(hits))
+    bypassed = [n for n in found if _inside_attention(model, n)]
+    if bypassed:
+        raise ValueError(
+            f"{_FLAG}: {bypassed[:3]} are the out_proj of torch's nn.MultiheadAttention, whose "
+            "forward reads the weight directly, so an adapter there would never run; target "
+            "the MLP layers (e.g. '*.mlp.c_fc', '*.mlp.c_proj') of those blocks instead"
+        )
     return [n for n in names if n in found]
+
+
+def _inside_attention(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a projection torch's ``nn.MultiheadAttention`` never calls."""
+    parent = name.rpartition(".")[0]
+    return isinstance(model.get_submodule(parent), nn.MultiheadAttention)
 
 
 def peft_config(spec: AdapterSpec, modules: list[str], feedforward: list[str] | None = None):
