@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from mmpt.batch import ImageTextBatch
-from tests.test_vlm_module import PackedBatcher
 from mmpt.models.adapters import (
     AdapterSpec,
     adapter_layers,
@@ -23,6 +22,7 @@ from mmpt.models.adapters import (
 from mmpt.synth import make_synthetic
 from tests import test_contrastive_module, test_mae, test_video_text_module, test_wav2vec2_pretrain
 from tests import test_vlm_module as vlm_tests
+from tests.test_vlm_module import PackedBatcher
 
 
 def _quiet(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -151,7 +151,9 @@ def test_merge_gives_plain_modules_with_the_adapted_outputs() -> None:
         adapted = model.vision(images)
         merge_adapters(model)
         merged = model.vision(images)
-    assert not adapter_layers(model) and "blocks.0.attn.qkv.weight" in str(model.state_dict().keys())
+    assert not adapter_layers(model) and "blocks.0.attn.qkv.weight" in str(
+        model.state_dict().keys()
+    )
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
     fresh = test_contrastive_module.make_model()
     with torch.no_grad():
