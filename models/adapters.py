@@ -155,6 +155,7 @@ def add_adapters(model: nn.Module, specs: list[AdapterSpec]) -> list[str]:
         if stray:
             raise ValueError(f"{_FLAG}: feedforward modules not among the targets: {stray[:5]}")
         inject_adapter_in_model(peft_config(spec, modules, feedforward), model, ADAPTER_NAME)
+        vars(model).pop("peft_config", None)  # peft's note of the config: the specs hold it
         done += modules
     return done
 
