@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+import lightning as L
+import torch
 from torch import nn
 
 #: The adapter name every spec injects under (one peft adapter per model, as PeftModel saves).
@@ -198,3 +200,46 @@ def merge_adapters(model: nn.Module, merge: bool = True) -> list[str]:
             layer.merge(safe_merge=True)
         _replace(model, name, layer.get_base_layer())
     return list(layers)
+
+
+class MergeAdapters(L.Callback):
+    """LoRA + merge: fold the LoRA update into the base weights and restart the adapter.
+
+    Every ``every_n_epochs`` training epochs (after that epoch's validation) each LoRA layer's
+    update ``alpha / r * B @ A`` (peft's ``get_delta_weight``) is added to its base weight,
+    then peft re-initialises the adapter (B = 0: the model's function is unchanged) and the
+    optimizer forgets its moments. The run thus accumulates several low-rank updates in the
+    base weights, while only the adapter trains at any time. Plain LoRA only: a DoRA magnitude
+    and an (IA)^3 scale are not additive.
+
+    Args:
+        every_n_epochs: Merge after every n-th training epoch.
+    """
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"MergeAdapters every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse a model without adapters, or with adapters that do not add to the base."""
+        specs = getattr(pl_module, "adapter_specs", [])
+        if not specs or any(s.kind != "lora" for s in specs):
+            raise ValueError(
+                "mmpt.models.adapters.MergeAdapters needs model.adapters of kind lora only "
+                f"(got {[s.kind for s in specs] or 'none'})"
+            )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Merge and restart every LoRA layer (see the class docstring)."""
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        state = trainer.optimizers[0].state if trainer.optimizers else {}
+        with torch.no_grad():
+            for layer in adapter_layers(pl_module).values():
+                base = layer.get_base_layer()
+                base.weight.add_(layer.get_delta_weight(ADAPTER_NAME).to(base.weight.dtype))
+                layer.reset_lora_parameters(ADAPTER_NAME, True)
+                for attr in layer.adapter_layer_names:
+                    for p in getattr(layer, attr).parameters():
+                        state.pop(p, None)

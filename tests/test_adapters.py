@@ -158,3 +158,33 @@ def test_merge_gives_plain_modules_with_the_adapted_outputs() -> None:
     fresh = test_contrastive_module.make_model()
     with torch.no_grad():
         assert (fresh.vision(images) - merged).abs().max() > 1e-3  # the adapter did something
+
+
+def test_merge_adapters_callback_folds_lora_into_the_base_and_restarts() -> None:
+    from types import SimpleNamespace
+
+    from mmpt.models.adapters import MergeAdapters
+
+    model, _ = _contrastive([AdapterSpec(targets=["vision.*.qkv"], r=2)])
+    model.configure_model()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    opt.state[next(p for p in model.parameters() if p.requires_grad)] = {"step": 1}
+    base = model.vision.model.blocks[0].attn.qkv.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        before = model.vision(images)
+        callback = MergeAdapters()
+        callback.setup(None, model, "fit")
+        callback.on_train_epoch_end(SimpleNamespace(current_epoch=0, optimizers=[opt]), model)
+        after = model.vision(images)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert not torch.equal(model.vision.model.blocks[0].attn.qkv.base_layer.weight, base)
+    assert all(not p.detach().any() for n, p in model.named_parameters() if "lora_B" in n)
+    assert not opt.state
+    dora, _ = _contrastive([AdapterSpec(targets=["vision.*.qkv"], kind="dora")])
+    with pytest.raises(ValueError, match="kind lora only"):
+        MergeAdapters().setup(None, dora, "fit")
