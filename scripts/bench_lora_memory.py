@@ -121,9 +121,14 @@ def measure(setting: str, steps: int, rows: int, device: str) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
+    grad_bytes = [0]
+
     def step() -> float:
         loss = model(data).loss
         loss.backward()
+        grad_bytes[0] = sum(
+            p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None
+        )
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
@@ -152,6 +157,14 @@ def measure(setting: str, steps: int, rows: int, device: str) -> dict[str, Any]:
         "step_ms": 1000 * seconds,
         "peak_mib": peak,
         "peak_is": what,
+        "grads_mib": grad_bytes[0] / 2**20,
+        "optimizer_state_mib": sum(
+            t.numel() * t.element_size()
+            for st in opt.state.values()
+            for t in st.values()
+            if torch.is_tensor(t)
+        )
+        / 2**20,
         "trainable": sum(p.numel() for p in params),
         "adapter_tensors": len(adapter_parameter_names(model)),
         "total": sum(p.numel() for p in model.parameters()),
@@ -176,13 +189,16 @@ def run_settings(
 def markdown(results: list[dict[str, Any]]) -> str:
     """One row per setting: step time, peak memory, trained weights."""
     lines = [
-        "| setting | device | step (ms) | peak memory (MiB) | trained weights |",
-        "|---|---|---|---|---|",
+        "| setting | device | step (ms) | peak memory (MiB) | grads + AdamW state (MiB) "
+        "| trained weights |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
+        share = r["trainable"] / r["total"]
+        state = r["grads_mib"] + r["optimizer_state_mib"]
         lines.append(
             f"| {r['setting']} | {r['device']} | {r['step_ms']:.1f} | {r['peak_mib']:.0f} "
-            f"| {r['trainable']:,} of {r['total']:,} ({r['trainable'] / r['total']:.1%}) |"
+            f"| {state:.2f} | {r['trainable']:,} of {r['total']:,} ({share:.1%}) |"
         )
     return "\n".join(lines) + "\n"
 

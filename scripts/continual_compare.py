@@ -78,9 +78,17 @@ def run_mmpt(subcommand: str, configs: list[str], root: Path, extra: list[str]) 
     (root.parent / f"{root.name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    trained = re.findall(r"trainable parameters: ([\d,]+) / ([\d,]+)", done.stderr + done.stdout)
-    counts = [int(x.replace(",", "")) for x in trained[-1]] if trained else [None, None]
-    return {"values": last_values(root), "seconds": seconds, "trainable": counts}
+    return {"values": last_values(root), "seconds": seconds, "trainable": trained(done.stdout)}
+
+
+def trained(log: str) -> list[float | None]:
+    """(trainable, total) parameter counts from Lightning's model summary in a run's output."""
+    scale = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9}
+    counts: list[float | None] = []
+    for what in ("Trainable params", "Total params"):
+        found = re.findall(rf"{what}: ([\d.]+) ?([KMB]?)", log)
+        counts.append(float(found[-1][0]) * scale[found[-1][1]] if found else None)
+    return counts
 
 
 def compare(
