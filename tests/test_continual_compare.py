@@ -66,3 +66,29 @@ def test_lora_bench_trains_far_fewer_weights() -> None:
     assert count[1] < 0.2 * count[0]
     assert all(not p.requires_grad for n, p in lora.named_parameters() if n.startswith("vision."))
     assert any("lora_A" in n for n, p in lora.named_parameters() if p.requires_grad)
+
+
+#: The small CPU scale the comparison was measured at (the report's command).
+A_RUN = ["--trainer.max_epochs", "2", "--data.init_args.batch_size", "64",
+         "--model.init_args.lr_schedule.init_args.warmup_steps", "20"]  # fmt: skip
+SMALL = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "25",
+         "--trainer.check_val_every_n_epoch", "2", "--data.init_args.batch_size", "64",
+         "--model.init_args.lr_schedule.init_args.warmup_steps", "5"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(5400)
+def test_comparison_learns_b_and_full_updates_forget_a(tmp_path: Path, monkeypatch) -> None:
+    """The measured directions: every update method gains on B; full fine-tuning forgets A."""
+    from mmpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    assert main(["fit", "-c", "configs/quickstart/clip_tiny.yaml", *A_RUN]) == 0
+    cc = _script("continual_compare")
+    monkeypatch.setattr(cc, "REPO", tmp_path)
+    rows = cc.compare("configs/quickstart/continual_tiny.yaml", list(cc.SETTINGS),
+                      tmp_path / "compare", SMALL, cc.METRICS)  # fmt: skip
+    by_name = {r["setting"]: r for r in rows}
+    assert all(r["gain"] > 0 for r in rows[1:]), rows
+    assert by_name["full"]["forgetting"] > 0, rows
