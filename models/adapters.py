@@ -142,6 +142,19 @@ def add_adapters(model: nn.Module, specs: list[AdapterSpec]) -> list[str]:
     Returns:
         The adapted module names.
     """
+    # Lightning's ModelParallelStrategy (FSDP2) sets ``_device_mesh`` on the module; peft would
+    # take it for a transformers tensor-parallel mesh and read a ``config`` the module lacks
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is not None:
+        model._device_mesh = None
+    try:
+        return _inject(model, specs)
+    finally:
+        if mesh is not None:
+            model._device_mesh = mesh
+
+
+def _inject(model: nn.Module, specs: list[AdapterSpec]) -> list[str]:
     from peft import inject_adapter_in_model
 
     done: list[str] = []
