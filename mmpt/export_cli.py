@@ -130,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
         "llava when transformers has a class for it, else mmpt",
     )
     p.add_argument("--name", default=None, help="open_clip model config name (default: --out's)")
+    p.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="a model with peft adapters (model.adapters): export the base weights and write "
+        "the adapters as a peft folder OUT/adapter (PeftModel.from_pretrained loads it onto the "
+        "exported model; llava, open_clip, hf); default: merge them into the weights",
+    )
     add_unsafe_load_flag(p)
     return p
 
@@ -174,7 +181,33 @@ def export(args: argparse.Namespace, overrides: list[str]) -> Path:
         )
     load_checkpoint(model, args.ckpt, unsafe=args.unsafe_load or None)
     model.eval()
-    return found[fmt](model, Path(args.out), args)
+    return _write(model, found[fmt], fmt, args)
+
+
+def _write(model: nn.Module, exporter: Exporter, fmt: str, args: argparse.Namespace) -> Path:
+    """Export, with peft adapters merged into the weights or (``--no-merge``) beside them."""
+    from mmpt.models.adapters import adapter_layers, merge_adapters
+
+    out, no_merge = Path(args.out), getattr(args, "no_merge", False)
+    if not adapter_layers(model):
+        if no_merge:
+            raise ValueError("--no-merge: the model has no adapters (model.adapters) to keep")
+        return exporter(model, out, args)
+    if not no_merge:
+        log.info("merged the adapters of %d modules into the weights", len(merge_adapters(model)))
+        return exporter(model, out, args)
+    from mmpt.export.peft_adapter import UNMERGED_FORMATS, export_unmerged
+
+    if fmt not in UNMERGED_FORMATS:
+        raise ValueError(
+            f"--no-merge: format {fmt} has no peft adapter export ("
+            f"{', '.join(UNMERGED_FORMATS)} have); drop --no-merge to merge the adapters"
+        )
+    log.info(
+        "peft adapter written to %s",
+        export_unmerged(model, out, lambda m: exporter(m, out, args), fmt),
+    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from torch import nn
 
 from mmpt.batch import AudioTextBatch, ImageTextBatch, VideoTextBatch
 from mmpt.eval.forgetting import eval_prefix
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.grad_cache import GradCache, cached_embeddings, fsdp_forward_method
 from mmpt.models.losses import ClipLoss
 from mmpt.models.module import MMPTModule
@@ -68,6 +69,7 @@ class ContrastiveModule(MMPTModule):
             N pairs at a time, so a batch far larger than memory allows trains with exactly the
             full-batch loss and gradients (:mod:`mmpt.models.grad_cache`). Training only embeds
             the first caption of each item.
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -83,8 +85,11 @@ class ContrastiveModule(MMPTModule):
         audio: nn.Module | None = None,
         init_from_strict: bool = True,
         grad_cache: GradCache | None = None,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         self.grad_cache = grad_cache
         if text is None or (vision is None) == (audio is None):
             raise ValueError(

@@ -10,6 +10,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from mmpt.batch import VideoTextBatch
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.backbone_fusion import (
     BackboneFusion,
     TextStream,
@@ -66,6 +67,7 @@ class EgoVLPv2Module(VideoTextModule):
         trainable: Patterns that alone train.
         init_from: Checkpoint to initialise from.
         init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
         fusion_layers: K, fused top layers of each tower (6 in EgoVLPv2).
         fusion_ff_mult: Feed-forward multiple of the fusion blocks.
         egonce_weight: Weight of the contrastive loss.
@@ -100,6 +102,7 @@ class EgoVLPv2Module(VideoTextModule):
         negative_temperature: float = 0.05,
         init_from_strict: bool = True,
         grad_cache: GradCache | None = None,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__(
             vision,
@@ -112,6 +115,7 @@ class EgoVLPv2Module(VideoTextModule):
             init_from,
             init_from_strict=init_from_strict,
             grad_cache=grad_cache,
+            adapters=adapters,
         )
         self.fusion = BackboneFusion(vision, text, fusion_layers, fusion_ff_mult)
         dv, dt = int(vision.model.embed_dim), int(text.model.config.hidden_size)

@@ -20,6 +20,7 @@ from torch import nn
 
 from mmpt.eval.forgetting import eval_prefix
 from mmpt.eval.report import save_figure
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.encoders.timm_vit import TimmVisionTower
 from mmpt.models.mae_figure import figure_pixels, reconstruction_figure
 from mmpt.models.mae_patches import (  # re-exported: the MAE's patch, mask and loss functions
@@ -147,6 +148,7 @@ class MAEModule(MMPTModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         """Build encoder and decoder.
 
@@ -157,14 +159,16 @@ class MAEModule(MMPTModule):
             decoder_dim, decoder_depth, decoder_heads: Decoder width, blocks, attention heads.
             norm_pix_loss: Regress per-patch normalised pixels.
             log_reconstructions: Images drawn per validation epoch; 0 turns drawing off.
-            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
-                :class:`MMPTModule`.
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict,
+                adapters: See :class:`MMPTModule`.
 
         Raises:
             TypeError: The tower's model is not a timm ``VisionTransformer``.
             ValueError: Non-square patches or a mask ratio that leaves no visible patch.
         """
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         vit = encoder.model
         if not isinstance(vit, VisionTransformer):
             raise TypeError(f"MAE needs a timm VisionTransformer, got {type(vit).__name__}")

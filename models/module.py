@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from mmpt.models.adapters import AdapterSpec, adapter_parameter_names, add_adapters
 from mmpt.models.init_from import load_init_from
 from mmpt.models.init_from import load_matching as load_matching
 from mmpt.models.rng_state import RNG_KEY, TrainingRNG
@@ -60,6 +61,9 @@ class MMPTModule(L.LightningModule):
         init_from_strict: Refuse an ``init_from`` of which less than half of the weights it
             can fill would load (a checkpoint of another family); False loads what fits and
             logs a WARNING.
+        adapters: peft LoRA/DoRA/(IA)^3 adapters on modules chosen by pattern
+            (:mod:`mmpt.models.adapters`), added after ``init_from``. Their parameters then
+            train and nothing else does, unless ``trainable`` names more.
     """
 
     #: Attribute holding the image tower (recorded in checkpoints when it has ``describe``).
@@ -73,8 +77,10 @@ class MMPTModule(L.LightningModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__()
+        self.adapter_specs = list(adapters or [])
         self.optimizer_factory = optimizer
         self.lr_schedule = lr_schedule or WarmupCosine()
         self.freeze_patterns = list(freeze or [])
@@ -94,11 +100,23 @@ class MMPTModule(L.LightningModule):
             paths = [self.init_from] if isinstance(self.init_from, str) else self.init_from or []
             if paths:
                 load_init_from(self, paths, strict=self.init_from_strict)
-            apply_trainable(self, self.trainable_patterns, self.freeze_patterns)
+            self.add_adapters()
+            apply_trainable(
+                self, self.trainable_patterns, self.freeze_patterns, adapter_parameter_names(self)
+            )
         trainer = getattr(self, "_trainer", None)
         shard = getattr(trainer.strategy, "parallelize", None) if trainer is not None else None
         if shard is not None:
             shard(self)
+
+    def add_adapters(self) -> None:
+        """Inject ``adapters`` once: after ``init_from``, or before loading a checkpoint.
+
+        :func:`load_checkpoint` calls it: a checkpoint of an adapted run holds peft's names.
+        """
+        if self.adapter_specs and not getattr(self, "_mmpt_adapted", False):
+            self._mmpt_adapted = True
+            add_adapters(self, self.adapter_specs)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the image tower (:data:`TOWER_KEY`) and every rank's random generator states.
@@ -236,13 +254,23 @@ def _total_steps(estimated: float, schedule: Schedule) -> int:
     return max(1, int(estimated)) if finite else 1
 
 
-def apply_trainable(model: nn.Module, trainable: list[str] | None, freeze: list[str]) -> None:
+def apply_trainable(
+    model: nn.Module,
+    trainable: list[str] | None,
+    freeze: list[str],
+    adapter_params: set[str] | frozenset[str] = frozenset(),
+) -> None:
     """Set ``requires_grad`` from pattern lists and log what trains.
+
+    With ``adapter_params`` (names of peft adapter parameters) those train, and besides them
+    only what ``trainable`` names (``freeze`` still applies last).
 
     Raises:
         ValueError: A pattern matches no parameter (a typo would otherwise train everything).
     """
     names = [n for n, _ in model.named_parameters()]
+    if adapter_params and trainable is None:
+        trainable = []
     for pattern in [*(trainable or []), *freeze]:
         if not fnmatch.filter(names, pattern):
             raise ValueError(f"pattern {pattern!r} in model.trainable/freeze matches no parameter")
@@ -251,7 +279,7 @@ def apply_trainable(model: nn.Module, trainable: list[str] | None, freeze: list[
         train = (
             p.requires_grad
             if trainable is None
-            else any(fnmatch.fnmatch(name, pat) for pat in trainable)
+            else name in adapter_params or any(fnmatch.fnmatch(name, pat) for pat in trainable)
         )
         p.requires_grad_(train and not any(fnmatch.fnmatch(name, pat) for pat in freeze))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -275,6 +303,8 @@ def load_checkpoint(model: nn.Module, ckpt: str, unsafe: bool | None = None) -> 
     """
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {ckpt!r}")
+    if hasattr(model, "add_adapters"):  # the checkpoint holds the adapted layers' names
+        model.add_adapters()
     obj = load_tensors(ckpt, unsafe=unsafe)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     result = model.load_state_dict(state, strict=False)

@@ -12,6 +12,7 @@ from mmpt.eval.callback import gather_optional
 from mmpt.eval.embed import EmbeddingAccumulator
 from mmpt.eval.forgetting import eval_prefix
 from mmpt.eval.video_metrics import video_text_retrieval_metrics
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.contrastive import ContrastiveModule, first_text_per_item
 from mmpt.models.grad_cache import GradCache
 from mmpt.models.losses import EgoNCELoss
@@ -47,6 +48,7 @@ class VideoTextModule(ContrastiveModule):
         init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
         grad_cache: Gradient caching ``{chunk_size: N}`` of the contrastive loss (see
             :class:`~mmpt.models.contrastive.ContrastiveModule`).
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class VideoTextModule(ContrastiveModule):
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
         grad_cache: GradCache | None = None,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__(
             vision,
@@ -73,6 +76,7 @@ class VideoTextModule(ContrastiveModule):
             init_from,
             init_from_strict=init_from_strict,
             grad_cache=grad_cache,
+            adapters=adapters,
         )
         self._retrieval: dict[str, EmbeddingAccumulator] = {}  # metric prefix -> its clips
 

@@ -23,6 +23,7 @@ from mmpt.batch import ImageLayout, VLMBatch
 from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeResolution
 from mmpt.datamodules.templates import check_targets
 from mmpt.eval.forgetting import eval_prefix
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.attention import hf_packing_kwargs, is_packed_implementation
 from mmpt.models.connectors import ConnectorTokens, MLP2xGelu, SpeechAdapter
 from mmpt.models.fusion import (
@@ -77,6 +78,7 @@ class VLMModule(MMPTModule):
             ``["audio_adapter.*"]``).
         init_from: The previous stage's checkpoint.
         init_from_strict: Refuse a checkpoint of which too little loads (see :class:`MMPTModule`).
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -97,8 +99,11 @@ class VLMModule(MMPTModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         if fusion is not None and (vision is None or audio is not None):
             raise ValueError(
                 "model.fusion (gated cross-attention) fuses images: it needs model.vision and "

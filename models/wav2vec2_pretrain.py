@@ -23,6 +23,7 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
 
 from mmpt.batch import AudioTextBatch
 from mmpt.eval.forgetting import eval_prefix
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.encoders.lengths import length_mask
 from mmpt.models.encoders.wav2vec2 import Wav2Vec2Tower
 from mmpt.models.module import MMPTModule
@@ -141,6 +142,7 @@ class Wav2Vec2PretrainModule(MMPTModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         """Wrap the tower.
 
@@ -153,13 +155,15 @@ class Wav2Vec2PretrainModule(MMPTModule):
             gumbel_temperature: (max, min, decay): step s uses ``max(max * decay**s, min)``.
             diversity_loss_weight: Weight of the codebook diversity loss; None keeps the
                 model config's (0.1).
-            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
-                :class:`MMPTModule`.
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict,
+                adapters: See :class:`MMPTModule`.
 
         Raises:
             ValueError: A tower without the pretraining head or not from HF, bad masking.
         """
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         if encoder.source != "hf" or not encoder.pretraining_head:
             raise ValueError(
                 "continued pretraining needs model.encoder with source: hf and "
