@@ -149,7 +149,7 @@ def run_sweep(
     seed: int = 0,
     batch_size: int = 256,
 ) -> list[dict[str, Any]]:
-    """kNN and linear-probe top-1 for every (resize, normalize) combination.
+    """Top-1 of kNN and linear probes for every (resize, normalize) combination.
 
     Args:
         encode: Maps prepared images (B, C, H, W) to features (B, D).
