@@ -200,3 +200,22 @@ def test_cli_wrong_band_count_and_missing_model_are_clear(tmp_path, eurosat, cap
     assert "13 bands" in err and "takes 3" in err and "Traceback" not in err
     assert main(["probe", "--dataset", "torchgeo:EuroSAT", "--root", str(eurosat)]) == 2
     assert "--ckpt" in capsys.readouterr().err
+
+
+def test_data_build_torchgeo_writes_tile_shards_with_bands(tmp_path, eurosat, capsys):
+    from mmpt.data_cli import main as data_main
+    from mmpt.eval.probe_sweep_cli import shard_tiles
+
+    out = tmp_path / "shards"
+    argv = ["build", "--kind", "torchgeo", "--dataset", "EuroSAT", "--from", str(eurosat)]
+    assert data_main([*argv, "--split", "test", "--out", str(out)]) == 0
+    meta = json.loads((out / "index.json").read_text())["meta"]
+    assert meta["bands"][3] == "B4" and meta["classnames"] == list(CLASSES)
+    x, y, bands = shard_tiles(str(out), "--test")
+    want_x, want_y, _, _ = load_split("torchgeo:EuroSAT", eurosat, "test")
+    assert torch.equal(x, want_x) and torch.equal(y, want_y) and bands == meta["bands"]
+    capsys.readouterr()
+    assert (
+        data_main(["build", "--kind", "torchgeo", "--from", str(eurosat), "--out", str(out)]) == 2
+    )
+    assert "needs --dataset" in capsys.readouterr().err
