@@ -172,6 +172,7 @@ def test_torchgeo_weight_gives_bands_normalisation_and_local_state_dict(tmp_path
         weights_model(enum, weights_file=str(bad))
 
 
+@pytest.mark.slow  # ~20 s idle, 60 s on the shared CPU: torchgeo.models import + 8 settings
 def test_cli_sweep_torchgeo_weight_on_torchgeo_dataset(tmp_path, eurosat, capsys):
     import timm
 
