@@ -220,3 +220,22 @@ def test_data_build_torchgeo_writes_tile_shards_with_bands(tmp_path, eurosat, ca
         data_main(["build", "--kind", "torchgeo", "--from", str(eurosat), "--out", str(out)]) == 2
     )
     assert "needs --dataset" in capsys.readouterr().err
+
+
+def test_checkpoint_tower_probes_native_size_without_touching_the_tower():
+    from mmpt.eval.probe_sweep_cli import _any_size
+    from mmpt.models.encoders.timm_vit import TimmVisionTower
+
+    torch.manual_seed(0)
+    tower = TimmVisionTower(
+        "vit_tiny_patch16_224",
+        embed_dim=0,
+        image_size=32,
+        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    ).eval()
+    pos = tower.model.pos_embed.detach().clone()
+    encode = _any_size(tower, "avg")
+    x32 = torch.randn(2, 3, 32, 32)
+    assert torch.equal(encode(x32), tower.pooled_features(x32, "avg"))
+    assert encode(torch.randn(2, 3, 16, 16)).shape == (2, 32)
+    assert torch.equal(tower.model.pos_embed, pos)

@@ -8,6 +8,7 @@ normalised per setting by :mod:`mmpt.eval.probe_sweep`.
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import json
 from pathlib import Path
@@ -69,6 +70,27 @@ def shard_tiles(urls: str, flag: str, label_key: str = "label") -> tuple[Tensor,
     return torch.stack(tiles), torch.tensor(labels), list(bands or [])
 
 
+def _any_size(tower: nn.Module, pool: str | None) -> Encoder:
+    """``tower.pooled_features`` at any input size (the ``none``/pixel resizes of a ViT).
+
+    Each new size gets a copy whose timm model has its position embeddings resampled by
+    ``set_input_size``; the pretrained tower itself stays intact.
+    """
+    copies: dict[tuple[int, int], nn.Module] = {}
+
+    def encode(x: Tensor) -> Tensor:
+        size = tuple(x.shape[-2:])
+        grid = getattr(getattr(tower.model, "patch_embed", None), "img_size", size)
+        if tuple(grid) == size or not hasattr(tower.model, "set_input_size"):
+            return tower.pooled_features(x, pool)
+        if size not in copies:
+            copies[size] = copy.deepcopy(tower)
+            copies[size].model.set_input_size(img_size=size)
+        return copies[size].pooled_features(x, pool)
+
+    return encode
+
+
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Encoder, ModelInput, str]:
     """The model, its feature function, pretraining input and a display name.
 
@@ -86,7 +108,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Encoder, ModelInput
         scale = pre.scale if pre.bands else 1 / 255
         model = ModelInput(pre.size, tuple(pre.mean), tuple(pre.std), scale, pre.bands)
         pool = None if args.pool == "model" else args.pool
-        return tower, (lambda x: tower.pooled_features(x, pool)), model, Path(args.ckpt).name
+        return tower, _any_size(tower, pool), model, Path(args.ckpt).name
     if not args.timm:
         raise ValueError("eval probe: give --ckpt (an mmpt checkpoint) or --timm NAME")
     weights = args.weights
