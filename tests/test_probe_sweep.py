@@ -172,7 +172,6 @@ def test_torchgeo_weight_gives_bands_normalisation_and_local_state_dict(tmp_path
         weights_model(enum, weights_file=str(bad))
 
 
-@pytest.mark.slow  # ~20 s idle, 60 s on the shared CPU: torchgeo.models import + 8 settings
 def test_cli_sweep_torchgeo_weight_on_torchgeo_dataset(tmp_path, eurosat, capsys):
     import timm
 
@@ -239,3 +238,21 @@ def test_checkpoint_tower_probes_native_size_without_touching_the_tower():
     assert torch.equal(encode(x32), tower.pooled_features(x32, "avg"))
     assert encode(torch.randn(2, 3, 16, 16)).shape == (2, 32)
     assert torch.equal(tower.model.pos_embed, pos)
+
+
+def test_cli_sweep_mmpt_checkpoint_on_small_chips(tmp_path, capsys):
+    from mmpt.synth import make_synthetic
+    from tests.test_probe_cli import mae_checkpoint
+
+    chips = tmp_path / "chips"
+    make_synthetic("multispectral", chips, train_samples=28, val_samples=7, test_samples=14,
+                   image_size=16)  # fmt: skip
+    mae_checkpoint(tmp_path / "mae.ckpt", chips)  # pretrained at 48 px
+    out = tmp_path / "sweep"
+    args = ["probe", "--ckpt", str(tmp_path / "mae.ckpt"), "--train", str(chips / "train")]
+    args += ["--test", str(chips / "test"), "--resize", "pretrain,none,24"]
+    args += ["--normalize", "checkpoint,minmax", "--epochs", "5", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    rows = json.loads((out / "probe_sweep.json").read_text())["rows"]
+    assert [r["size"] for r in rows] == [48, 48, 16, 16, 24, 24]
+    assert all(0.0 <= r["knn_top1"] <= 1.0 for r in rows)
