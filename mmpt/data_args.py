@@ -24,6 +24,8 @@ EPILOG = r"""examples:
   mmpt data build --kind multispectral --from ssl4eo-s12/ --sensor s2_l1c \
       --out shards/ssl4eo --size 256 --workers 8
   mmpt data build --kind multispectral --from EuroSAT_MS/ --out shards/eurosat --format tif
+  mmpt data build --kind torchgeo --dataset EuroSAT --from /data/eurosat --split test \
+      --out shards/eurosat-test
   mmpt data build --kind audio-text --from transcripts.jsonl --audio clips/ \
       --out shards/speech --resample 16000 --workers 8
   mmpt data build --kind conversation --from llava_v1_5_mix665k.json --images /data/llava \
@@ -194,6 +196,11 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         help="root of relative image paths (conversation, interleaved: repeat to search several)",
     )
     build.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="torchgeo: dataset class (EuroSAT, So2Sat ...); --from = root",
+    )
+    build.add_argument(
         "--pairs",
         action="store_true",
         help="conversation: write single-image two-turn rows as image-caption pairs (stage 1)",
@@ -210,7 +217,9 @@ def data_parser(synth_kinds: Sequence[str], build_kinds: Sequence[str]) -> argpa
         help="interleaved (OBELICS-style): the images column holds the encoded images",
     )
     build.add_argument(
-        "--split", metavar="NAME", help="retrieval: Karpathy split(s), comma-separated (test)"
+        "--split",
+        metavar="NAME",
+        help="retrieval: Karpathy split(s), comma-separated (test); torchgeo: train, val, test",
     )
     build.add_argument(
         "--classnames",

@@ -22,6 +22,7 @@ from mmpt.shards.llava import build_conversation_shards
 from mmpt.shards.mcq_table import build_mcq_shards
 from mmpt.shards.multispectral_build import build_multispectral_shards
 from mmpt.shards.rs_dense_build import build_rs_dense_shards
+from mmpt.shards.torchgeo_build import build_torchgeo_shards
 from mmpt.shards.video_build import build_video_text_shards
 from mmpt.shards.vqav2 import build_vqav2_shards
 from mmpt.synth import SYNTH_KINDS
@@ -32,6 +33,7 @@ BUILD_KINDS: dict[str, Callable[..., Any]] = {
     "image-text": build_image_text_shards,
     "video-text": build_video_text_shards,
     "multispectral": build_multispectral_shards,
+    "torchgeo": build_torchgeo_shards,
     "audio-text": build_audio_text_shards,
     "conversation": build_conversation_shards,
     "interleaved": build_interleaved_shards,
@@ -130,6 +132,7 @@ def _build(args: argparse.Namespace) -> int:
         "min_sim": args.min_sim,
         "images_from_bytes": args.images_from_bytes,
         "split": args.split,
+        "dataset": args.dataset,
         "classnames": args.classnames,
         "videos_root": args.videos_root,
         "audio_root": args.audio_root,

@@ -20,15 +20,36 @@ from mmpt.eval.report import plot_confusion_matrix, print_metrics, write_json
 from mmpt.safe_load import add_unsafe_load_flag
 
 METHODS = ("knn", "linear")
+SWEEP_FLAGS = ("timm", "weights", "dataset", "resize", "normalize")
+
+
+def add_sweep_arguments(s: argparse.ArgumentParser) -> None:
+    """Flags of the sweep mode (:mod:`mmpt.eval.probe_sweep_cli`)."""
+    g = s.add_argument_group("sweep (any of these runs the resizing/normalisation protocol)")
+    g.add_argument("--timm", default=None, help="timm model name to probe instead of --ckpt")
+    g.add_argument(
+        "--weights",
+        default=None,
+        help="--timm weights: a local file, or torchgeo:<Enum>.<MEMBER> (bands, size and "
+        "normalisation from the enum; state dict from --weights-file or the torch hub cache)",
+    )
+    g.add_argument("--weights-file", default=None, help="local .pth of a torchgeo weight")
+    g.add_argument("--dataset", default=None, help="torchgeo:<Name> (read with download=False)")
+    g.add_argument("--root", default=None, help="local root of the --dataset")
+    g.add_argument("--resize", default=None, help="comma list of pretrain, none, <pixels>")
+    g.add_argument(
+        "--normalize", default=None, help="comma list of checkpoint, dataset, minmax, none"
+    )
 
 
 def add_parser(sub: Any) -> None:
     """Register ``probe`` on the ``mmpt eval`` subparsers."""
     help_ = "kNN (k=5, cosine) / linear probe on frozen features: top-1, per-class recall"
     s = sub.add_parser("probe", help=help_, description=__doc__)
-    s.add_argument("--ckpt", required=True, help="mmpt checkpoint (.ckpt) with an image tower")
-    s.add_argument("--train", required=True, help="labelled shards the probe is fit on")
-    s.add_argument("--test", required=True, help="labelled shards the probe is scored on")
+    s.add_argument("--ckpt", default=None, help="mmpt checkpoint (.ckpt) with an image tower")
+    s.add_argument("--train", default=None, help="labelled shards the probe is fit on")
+    s.add_argument("--test", default=None, help="labelled shards the probe is scored on")
+    add_sweep_arguments(s)
     s.add_argument("--method", default="knn", choices=[*METHODS, "both"])
     s.add_argument("--k", type=int, default=5, help="neighbours for kNN (default 5)")
     s.add_argument(
@@ -114,6 +135,12 @@ def run_probe(args: argparse.Namespace, device: torch.device) -> int:
     """Probe the checkpoint's tower (and, with ``--baseline``, the same tower untrained)."""
     from mmpt.models.encoders.from_checkpoint import tower_from_checkpoint
 
+    if any(getattr(args, f) for f in SWEEP_FLAGS):
+        from mmpt.eval.probe_sweep_cli import run_probe_sweep
+
+        return run_probe_sweep(args, device)
+    if not (args.ckpt and args.train and args.test):
+        raise ValueError("eval probe needs --ckpt, --train and --test (or the sweep flags)")
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     methods = METHODS if args.method == "both" else (args.method,)
