@@ -29,6 +29,7 @@ data:
   data build      raw files -> WebDataset shards   mmpt data build --from captions.csv --out DIR
   data index      count samples into index.json    mmpt data index DIR
   data score      CLIP score per sample (parquet)  mmpt data score -c CFG --ckpt CKPT --from D
+  data vocab      CTC vocabulary from transcripts  mmpt data vocab --from DIR --out vocab.json
   data continue   BLSP: an LLM continues transcripts mmpt data continue --llm DIR --from D --out D
   data dedup      near-duplicates -> score table   mmpt data dedup --from DIR --out SCORES
   data filter     keep by scores, re-shard          mmpt data filter --from DIR --scores S --keep E
@@ -50,7 +51,10 @@ evaluation (JSON report + PNG plot):
   eval univl      UniVL captions (CIDEr) and R@k    mmpt eval univl -c CFG --ckpt CKPT --data DIR
   eval asr        speech recognition: WER, CER     mmpt eval asr --model DIR --data DIR
   eval translate  speech translation: BLEU, chrF   mmpt eval translate --model DIR --data DIR
+  eval segment    mIoU of a dense (MTP) model      mmpt eval segment -c CFG --ckpt CKPT --data D
+  eval detect     mask AP, rotated mAP@0.5         mmpt eval detect -c CFG --ckpt CKPT --data D
   eval probe      kNN / linear probe of a tower    mmpt eval probe --ckpt CKPT --train D --test D
+                  resize/normalise sweep            --resize pretrain,none --normalize ...
   eval caption    VLM captioning: CIDEr, BLEU-4    mmpt eval caption --model DIR --data DIR
   eval vqa        VLM VQA accuracy                 mmpt eval vqa -c CFG --ckpt CKPT --data DIR
   eval choice     VLM multiple choice (MMBench)    mmpt eval choice --model DIR --data DIR
