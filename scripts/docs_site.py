@@ -116,7 +116,10 @@ def header_comment(text: str) -> str:
 
 
 def recipe_commands(text: str) -> list[str]:
-    """``mmpt ...`` commands in a recipe's header comment, continuation lines joined."""
+    """``mmpt ...`` commands in a recipe's header comment, continuation lines joined.
+
+    Commands are the indented lines (``#   mmpt fit ...``); prose lines are not.
+    """
     commands, current = [], None
     for line in header_comment(text).splitlines():
         stripped = line.strip()
@@ -125,7 +128,7 @@ def recipe_commands(text: str) -> list[str]:
             if not stripped.endswith("\\"):
                 commands.append(current)
                 current = None
-        elif stripped.startswith("mmpt "):
+        elif stripped.startswith("mmpt ") and line.startswith("  "):  # indented: a command
             if stripped.endswith("\\"):
                 current = stripped.rstrip("\\").strip()
             else:
