@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# pyarrow's default jemalloc pool runs a background thread; a process that forks after it
+# started (shard-building pools, DataLoader workers) can deadlock in the child's first malloc.
+# The system allocator has no such thread. Set before pyarrow is first imported; a user's own
+# ARROW_DEFAULT_MEMORY_POOL wins.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 if TYPE_CHECKING:
     from mmpt.load import load as load

@@ -215,3 +215,8 @@ def test_filter_counts_a_corrupt_shard(planted: dict, tmp_path: Path) -> None:
     scores = _scores(tmp_path / "s.parquet", rows)
     report = filter_shards([str(raw)], [str(scores)], "x > 0", tmp_path / "out")
     assert report.kept == 18  # 23 minus the 5 of the broken shard (no index: lost unknown)
+
+
+def test_pyarrow_uses_the_system_allocator_so_forks_do_not_deadlock() -> None:
+    """jemalloc's background thread (pyarrow's default pool) deadlocked a forked build pool."""
+    assert pa.default_memory_pool().backend_name == "system"
