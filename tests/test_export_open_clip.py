@@ -18,7 +18,7 @@ from mmpt.models.encoders import (
     TimmVisionTower,
 )
 from mmpt.models.losses import SigLipLoss
-from tests.helpers import write_tiny_bert
+from tests.helpers import TINY_BERT_WORDS, write_tiny_bert
 
 TEXTS = ["a red square", "two blue circles on a green mat", "x"]
 
@@ -112,7 +112,7 @@ def test_timm_towers_open_clip_cannot_build_are_refused(vision_kwargs: dict, nam
 
 
 def test_hf_text_tower_is_refused(tmp_path: Path) -> None:
-    bert = write_tiny_bert(tmp_path / "bert", ["red", "square"])
+    bert = write_tiny_bert(tmp_path / "bert", TINY_BERT_WORDS)
     text = HFTextTower(str(bert), embed_dim=32, context_length=8)
     model = ContrastiveModule(vision=open_clip_vit(), text=text)
     with pytest.raises(ValueError, match="text tower HFTextTower.*supports"):
