@@ -253,9 +253,11 @@ def write_rows(
     unknown) by one. ``initializer`` runs in each pool worker, ``chunksize`` items go to a
     worker at a time, and with ``batched`` ``work`` returns a list of results.
     """
-    # The pool forks before the progress bar starts its refresh thread.
+    # Workers come from a fork server, not a fork of this process: a fork copies whatever
+    # locks this process's other threads hold (pyarrow's jemalloc background thread deadlocked
+    # forked workers in their first malloc). The pool starts before the progress bar.
     with (
-        multiprocessing.Pool(workers, initializer)
+        pool_context().Pool(workers, initializer)
         if workers > 1
         else contextlib.nullcontext() as pool,
         build_progress(progress, total) as bar,
@@ -265,6 +267,12 @@ def write_rows(
                 write(report, writer, item)
                 if bar is not None:
                     bar.advance(bar.task_ids[0])
+
+
+def pool_context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` where the platform has it (Linux, macOS), else the default context."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
 
 
 def warn_skipped(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import re
 import tarfile
 from collections import Counter
@@ -285,7 +284,9 @@ def inspect_shards(
     keys = (tuple(k.lower() for k in image_keys), tuple(k.lower() for k in text_keys))
     todo = [(p, name, check, *keys, report.text_only) for p, name in shards if p.is_file()]
     if workers > 1 and len(todo) > 1:
-        with multiprocessing.Pool(min(workers, len(todo))) as pool:
+        from mmpt.shards.build import pool_context
+
+        with pool_context().Pool(min(workers, len(todo))) as pool:
             results = list(pool.imap(_scan_shard, todo))
     else:
         results = [_scan_shard(t) for t in todo]
