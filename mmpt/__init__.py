@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-# pyarrow's default jemalloc pool runs a background thread; a process that forks after it
-# started (shard-building pools, DataLoader workers) can deadlock in the child's first malloc.
-# The system allocator has no such thread. Set before pyarrow is first imported; a user's own
-# ARROW_DEFAULT_MEMORY_POOL wins.
+# pyarrow's default jemalloc pool keeps a background thread, and a fork taken while it holds a
+# lock deadlocks the child. mmpt's own worker pools start from a fork server
+# (mmpt.shards.build.pool_context); this keeps pyarrow's allocations on the system allocator
+# as well. Set before pyarrow is first imported; a user's own ARROW_DEFAULT_MEMORY_POOL wins.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 if TYPE_CHECKING:
