@@ -204,8 +204,6 @@ class VLMModule(MMPTModule):
             audio=self.audio.audio_preprocess if audio else None,
         )
 
-    # ---- images -> LLM-width tokens -------------------------------------------------------
-
     def image_tokens(self, batch: VLMBatch) -> list[torch.Tensor]:
         """Connector tokens of every image of the batch, in token order.
 
@@ -260,8 +258,6 @@ class VLMModule(MMPTModule):
         return [t[:n] for t, n in zip(tokens, counts.tolist(), strict=True)]
 
     shuffle_images = staticmethod(shuffle_same_count)
-
-    # ---- forward ----------------------------------------------------------------------------
 
     def forward(
         self, batch: VLMBatch, shuffle_images: bool = False, zero_audio: bool = False
@@ -328,8 +324,6 @@ class VLMModule(MMPTModule):
             embeds = splice_tokens(embeds, audio_marks, clips, "audio")
         return embeds
 
-    # ---- steps ------------------------------------------------------------------------------
-
     def training_step(self, batch: VLMBatch, batch_idx: int) -> torch.Tensor:
         """Next-token loss on target text; logs fill fraction, skipped and truncated samples."""
         check_targets(batch.labels, batch.template)
@@ -368,8 +362,6 @@ class VLMModule(MMPTModule):
     def test_step(self, batch: VLMBatch, batch_idx: int) -> None:
         """As validation, logged under ``test/``."""
         self._eval_step(batch, "test")
-
-    # ---- export ---------------------------------------------------------------------------
 
     def export_mmpt(self, path: str | Path, template: str | None = None) -> Path:
         """Write mmpt's own loadable folder (``mmpt-vlm/3``, see :mod:`mmpt.models.vlm_export`).

@@ -85,7 +85,7 @@ FAMILIES = {
 }
 
 
-def _step_changes_only_adapters(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> None:
+def _step_changes_only_adapters(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> set[str]:
     model.configure_model()
     model.train()
     adapters = adapter_parameter_names(model)
@@ -102,13 +102,15 @@ def _step_changes_only_adapters(model: nn.Module, loss_fn: Callable[[], torch.Te
     frozen = set(before) - adapters
     assert not changed & frozen, sorted(changed & frozen)[:5]
     assert changed == adapters, sorted(adapters - changed)[:5]  # every adapter weight moved
+    return changed
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_step_changes_only_the_lora_parameters(family: str) -> None:
     build, targets = FAMILIES[family]
     model, loss_fn = build([AdapterSpec(targets=targets, r=2, alpha=4)])
-    _step_changes_only_adapters(model, loss_fn)
+    changed = _step_changes_only_adapters(model, loss_fn)
+    assert changed and all("lora_" in n for n in changed)
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
