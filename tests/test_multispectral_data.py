@@ -16,7 +16,13 @@ from mmpt.bands import S2_L1C
 from mmpt.data_cli import main
 from mmpt.shards import load_index
 from mmpt.shards.multispectral_build import build_multispectral_shards, resize_matrix
-from mmpt.synth.multispectral import CLASSNAMES, render_tiles, synth_multispectral
+from mmpt.synth.multispectral import (
+    CLASSNAMES,
+    WAVELENGTHS,
+    render_tiles,
+    spectral_gain,
+    synth_multispectral,
+)
 
 SIDE = {"B2": 12, "B3": 12, "B4": 12, "B8": 12, "B1": 2, "B9": 2, "B10": 2}  # others 6 px
 ACQUISITIONS = ("20200915T103021_20200915T103418_T32UMU", "20200310T103021_20200310T103418_T32UMU")
@@ -254,3 +260,17 @@ def test_cli_synth_multispectral(tmp_path: Path, capsys) -> None:
     assert main([*argv, *sizes, "--image-size", "16"]) == 0
     assert "test: 7 samples in 1 shard(s)" in capsys.readouterr().out
     assert load_index(tmp_path / "val").meta["bands"] == [b for b in S2_L1C if b != "B10"]
+
+
+def test_spectral_gain_varies_level_and_tilt_smoothly_in_wavelength() -> None:
+    """Per-tile gains: a wide level, a tilt that decorrelates blue from SWIR, and otherwise
+    smooth over log wavelength (what is left after a quadratic fit is the band jitter)."""
+    wavelengths = np.array(WAVELENGTHS, dtype=np.float64)
+    log = np.log(spectral_gain(wavelengths, 2000, np.random.default_rng(0)))
+    assert log.shape == (2000, 13)
+    assert log.mean(1).std() > 0.1  # illumination level
+    blue, swir = WAVELENGTHS.index(490), WAVELENGTHS.index(2190)
+    assert np.corrcoef(log[:, blue], log[:, swir])[0, 1] < 0.7  # not one gain for all bands
+    z = np.log(wavelengths)
+    residual = log.T - np.polyval(np.polyfit(z, log.T, 2), z[:, None])
+    assert np.abs(residual).max() < 0.16 and residual.std() > 0.02  # jitter within +-8 %
