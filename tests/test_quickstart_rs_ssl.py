@@ -32,7 +32,7 @@ def _losses(run: str) -> list[float]:
 def test_self_distillation_quickstart_beats_random_init(
     name: str, tmp_path: Path, monkeypatch
 ) -> None:
-    """MoCo v3 / DINO on the land-cover tiles (62 steps each): kNN (k=5) on the class token
+    """MoCo v3 / DINO on the land-cover tiles (60 steps each): kNN (k=5) on the class token
     beats the same tower at random initialisation, which keys on mean colour (that the tiles'
     per-band gains blur) and cannot tell cropland from grassland by texture."""
     monkeypatch.chdir(tmp_path)
