@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ class BeamSearchDecoder:
     Raises:
         ValueError: torchaudio's decoder is not installed (names the package), or a
             subword vocabulary (the decoder here spells characters).
+        FileNotFoundError: ``lm`` or ``lexicon`` is not a file.
     """
 
     def __init__(
@@ -49,6 +51,9 @@ class BeamSearchDecoder:
                 "--beam-size: beam search needs torchaudio's CTC decoder, which needs the "
                 "flashlight-text package (pip install flashlight-text; kenlm for --lm)"
             )
+        for flag, path in (("--lm", lm), ("--lexicon", lexicon)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} {path}: no such file")
         if vocab.tokenizer_file:
             raise ValueError("--beam-size: beam search here takes a character vocabulary")
         from torchaudio.models.decoder import ctc_decoder

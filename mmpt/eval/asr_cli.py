@@ -79,6 +79,8 @@ def ctc_transcripts(args: argparse.Namespace) -> tuple[list[str], list[str], lis
 
     model = load_ctc(args.ckpt, unsafe=args.unsafe_load or None)
     decode = model.vocab.greedy
+    if args.beam_size <= 0 and (args.lm or args.lexicon):
+        raise ValueError("--lm and --lexicon are for beam search: add --beam-size N (e.g. 50)")
     if args.beam_size > 0:
         from mmpt.models.ctc_beam import BeamSearchDecoder
 
