@@ -65,7 +65,7 @@ def _pairs(setup: dict) -> dict[str, tuple[Image.Image, str]]:
 
 
 def test_judgement_is_the_expected_score_of_the_models_next_token(setup) -> None:
-    rows = _score(setup, setup["judge"], "judge", "--num-workers", "2")
+    rows = _score(setup, setup["judge"], "judge")
     assert len(rows) == 6 and set(rows[0]) == {"shard", "key", "mlm_itm", "mlm_ctq"}
     assert rows[0]["shard"] == "raw-000000.tar" and rows[5]["shard"] == "raw-000002.tar"
     gen = Generator(mmpt.load(setup["export"]).float().eval())
@@ -114,7 +114,7 @@ def test_judgement_rows_are_the_generation_prompt(setup) -> None:
 
 
 def test_filter_keeps_what_the_expression_selects(setup) -> None:
-    rows = _score(setup, setup["judge"], "judge_f")
+    rows = _score(setup, setup["judge"], "judge_f", "--num-workers", "2")  # workers split
     cut = sorted(r["mlm_itm"] for r in rows)[3]
     out = setup["tmp"] / "curated"
     argv = ["filter", "--from", str(setup["raw"]), "--scores", str(setup["tmp"] / "judge_f")]
