@@ -33,16 +33,17 @@ class ScoreBatch:
     """The prompt rows of B samples (``rows_per_sample`` consecutive rows each).
 
     Attributes:
-        rows: (R, L) right-padded rows, R = B * rows_per_sample; pixels uint8 until the step.
+        rows: (R, L) left-padded rows, R = B * rows_per_sample; pixels uint8 until the step.
         targets: (R, L) long: the caption's token ids where it is scored, else -100.
-        lengths: (R,) long: tokens of each row before its padding.
+        keep: Last positions whose logits the scores need (1: the next token; a caption:
+            its longest span + 1).
         keys: ``<shard>/<__key__>`` of each sample.
         skipped: Samples dropped as unreadable since the previous batch.
     """
 
     rows: VLMBatch
     targets: torch.Tensor
-    lengths: torch.Tensor
+    keep: int
     keys: list[str] = field(default_factory=list)
     skipped: int = 0
 
@@ -113,10 +114,12 @@ class ScoreCollate:
         from mmpt.eval.vlm_likelihood import padded_batch
 
         rows = [r for rs, _, _ in items for r in rs]
-        batch = padded_batch(rows, [c for _, cs, _ in items for c in cs], self.pad_id)
+        crops = [c for _, cs, _ in items for c in cs]
+        batch = padded_batch(rows, crops, self.pad_id, left=True)  # every row ends at L - 1
         targets, batch.labels = batch.labels, None  # no loss in the forward: logits only
-        lengths = torch.tensor([int(r["input_ids"].shape[0]) for r in rows])
-        return ScoreBatch(batch, targets, lengths, [key for _, _, key in items])
+        first = [int((r["labels"] != -100).long().argmax()) - len(r["labels"]) for r in rows]
+        keep = 1 - min(first) if any((r["labels"] != -100).any() for r in rows) else 1
+        return ScoreBatch(batch, targets, keep, [key for _, _, key in items])
 
 
 class VLMScorer(L.LightningModule):
@@ -152,14 +155,13 @@ class VLMScorer(L.LightningModule):
         rows = batch.rows
         dtype = next(self.model.vision.parameters()).dtype
         rows.pixels = [normalize_images(p, self.mean, self.std).to(dtype) for p in rows.pixels]
-        logits = self.model(rows).logits
+        logits = self.model(rows, logits_to_keep=batch.keep).logits  # (R, keep, V)
         n = len(batch.keys)
         if self.prompt.mode == "judgement":
-            last = logits[torch.arange(logits.shape[0], device=logits.device), batch.lengths - 1]
-            probs = last[:, self.score_ids].double().softmax(-1)  # over the score tokens only
+            probs = logits[:, -1, self.score_ids].double().softmax(-1)  # over the score tokens
             scores = (probs @ self.values).view(n, -1)
         else:
-            scores = mean_target_logprob(logits, batch.targets).view(n, -1)
+            scores = mean_target_logprob(logits, batch.targets[:, -batch.keep :]).view(n, -1)
             if self.prompt.pmi:
                 scores = torch.cat([scores[:, :1], scores[:, :1] - scores[:, 1:]], dim=1)
         return {"keys": batch.keys, **dict(zip(self.columns, scores.unbind(1), strict=True))}

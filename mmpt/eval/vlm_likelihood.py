@@ -56,15 +56,17 @@ def render_row(
 
 
 def padded_batch(
-    rows: Sequence[dict[str, Any]], crops: Sequence[ImageCrops], pad_id: int
+    rows: Sequence[dict[str, Any]], crops: Sequence[ImageCrops], pad_id: int, left: bool = False
 ) -> VLMBatch:
-    """Right-padded rows, each its own attention segment (a pad tail is one more), on the CPU.
+    """Padded rows, each its own attention segment (its padding is one more), on the CPU.
 
     Args:
         rows: :func:`render_row` outputs (R of them).
         crops: The images of every row, in row order (pixels stay uint8: normalise them on
             the device, as the training datamodule does).
         pad_id: Padding token id.
+        left: Pad on the left, so every row ends at the last position (positions restart at
+            0 where the row starts); default right padding.
 
     Returns:
         A :class:`VLMBatch` of (R, L) rows, L the longest row.
@@ -75,16 +77,22 @@ def padded_batch(
     n, length = len(rows), max(int(r["input_ids"].shape[0]) for r in rows)
     ids = torch.full((n, length), pad_id, dtype=torch.long)
     labels = torch.full((n, length), -100, dtype=torch.long)
+    positions = torch.arange(length).repeat(n, 1)
     cuts = [0]
     for i, r in enumerate(rows):
         size = int(r["input_ids"].shape[0])
-        ids[i, :size], labels[i, :size] = r["input_ids"], r["labels"]
-        cuts += [i * length + size] + ([(i + 1) * length] if size < length else [])
+        at = slice(length - size, length) if left else slice(0, size)
+        ids[i, at], labels[i, at] = r["input_ids"], r["labels"]
+        if left:
+            positions[i, at] = torch.arange(size)
+            cuts += ([i * length + length - size] if size < length else []) + [(i + 1) * length]
+        else:
+            cuts += [i * length + size] + ([(i + 1) * length] if size < length else [])
     pixels, layouts = group_crops(list(crops))
     return VLMBatch(
         input_ids=ids,
         labels=labels,
-        position_ids=torch.arange(length).expand(n, length),
+        position_ids=positions,
         cu_seqlens=torch.tensor(cuts, dtype=torch.int32),
         max_seqlen=length,
         pixels=pixels,
