@@ -165,3 +165,33 @@ def test_scores_that_are_not_one_token_fail_before_reading(setup, capsys) -> Non
     assert not (setup["tmp"] / "wide").exists()
     assert data_main(["score", "--kind", "vlm", "--prompt", str(path), "--from", "x", "--out", "y"])
     assert "either --model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_give_the_same_vlm_scores(setup) -> None:
+    """torchrun, 2 processes (gloo): every shard scored once, the numbers of one rank."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    one = _score(setup, setup["judge"], "one_rank")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", port, "-m", "mmpt.cli", "data", "score", "--kind", "vlm"]
+    cmd += ["--model", str(setup["export"]), "--prompt", str(setup["judge"]), "--from"]
+    cmd += [str(setup["raw"]), "--out", str(setup["tmp"] / "two_ranks"), "--batch-size", "3"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*cmd, "--accelerator", "cpu"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = sorted(pq.read_table(setup["tmp"] / "two_ranks").to_pylist(), key=lambda r: r["key"])
+    assert [(r["shard"], r["key"]) for r in two] == [(r["shard"], r["key"]) for r in one]
+    for a, b in zip(one, two, strict=True):
+        assert a["mlm_itm"] == pytest.approx(b["mlm_itm"], abs=1e-5)
+        assert a["mlm_ctq"] == pytest.approx(b["mlm_ctq"], abs=1e-5)
+    assert "rank 0 scored 4 samples" in done.stdout and "rank 1 scored 2 samples" in done.stdout

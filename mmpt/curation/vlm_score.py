@@ -110,15 +110,16 @@ class ScoreCollate:
         self.pad_id = pad_id
 
     def __call__(self, items: list[tuple[list[dict], list, str]]) -> ScoreBatch:
-        """Every item's rows, right-padded into one packed batch."""
+        """Every item's rows, left-padded into one packed batch."""
         from mmpt.eval.vlm_likelihood import padded_batch
 
         rows = [r for rs, _, _ in items for r in rs]
         crops = [c for _, cs, _ in items for c in cs]
         batch = padded_batch(rows, crops, self.pad_id, left=True)  # every row ends at L - 1
         targets, batch.labels = batch.labels, None  # no loss in the forward: logits only
-        first = [int((r["labels"] != -100).long().argmax()) - len(r["labels"]) for r in rows]
-        keep = 1 - min(first) if any((r["labels"] != -100).any() for r in rows) else 1
+        scored = [r["labels"] != -100 for r in rows]  # the caption span (none: a judgement)
+        spans = [len(m) - int(m.long().argmax()) for m in scored if m.any()]
+        keep = 1 + max(spans, default=0)  # the logit before each target, and the last one
         return ScoreBatch(batch, targets, keep, [key for _, _, key in items])
 
 
