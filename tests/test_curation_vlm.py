@@ -195,3 +195,19 @@ def test_two_ranks_under_torchrun_give_the_same_vlm_scores(setup) -> None:
         assert a["mlm_itm"] == pytest.approx(b["mlm_itm"], abs=1e-5)
         assert a["mlm_ctq"] == pytest.approx(b["mlm_ctq"], abs=1e-5)
     assert "rank 0 scored 4 samples" in done.stdout and "rank 1 scored 2 samples" in done.stdout
+
+
+def test_the_shipped_prompts_load(setup) -> None:
+    """configs/curation/*.yaml: MLM-Filter's four metrics on a one-token scale, and PMI."""
+    root = Path(__file__).resolve().parents[1] / "configs" / "curation"
+    mlm = load_prompt(root / "mlm_filter.yaml")
+    assert mlm.columns("mlm") == ["mlm_itm", "mlm_odf", "mlm_ctq", "mlm_sem"]
+    assert mlm.values()[0] == 0 and mlm.values()[-1] == 100
+    assert all(p.startswith("Text Caption: {caption}\n") for p in mlm.prompts.values())
+    assert all(
+        "0 to 9" in p and "{" not in p.replace("{caption}", "") for p in mlm.prompts.values()
+    )
+    tokenizer = mmpt.load(setup["export"]).preprocess.tokenizer
+    assert len(set(mlm.score_token_ids(tokenizer))) == 10
+    cap = load_prompt(root / "caption_likelihood.yaml")
+    assert cap.columns("mlm") == ["mlm_ll", "mlm_pmi"]
