@@ -29,9 +29,11 @@ def add_parsers(sub: Any) -> None:
     s.add_argument(
         "--name", default=None, help="score column (clip; default clip) or prefix (vlm; mlm)"
     )
-    s.add_argument("--text-key", default=None, help="caption field (default: the config's)")
+    s.add_argument(
+        "--text-key", default=None, help="caption field (clip: the config's; vlm: txt;json:caption)"
+    )
     s.add_argument("--image-key", default=None, help="vlm: image member (default jpg/png/webp)")
-    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=None, help="per rank (vlm default 8)")
     s.add_argument("--num-workers", type=int, default=None)
     s.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
     add_unsafe_load_flag(s)
