@@ -260,7 +260,11 @@ class VLMModule(MMPTModule):
     shuffle_images = staticmethod(shuffle_same_count)
 
     def forward(
-        self, batch: VLMBatch, shuffle_images: bool = False, zero_audio: bool = False
+        self,
+        batch: VLMBatch,
+        shuffle_images: bool = False,
+        zero_audio: bool = False,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutputWithPast:
         """LLM output (logits (R, L, vocab), loss) on a packed batch.
 
@@ -269,6 +273,8 @@ class VLMModule(MMPTModule):
             shuffle_images: Swap images between samples (a control: the loss it gives
                 minus the true loss is how much the model relies on the images).
             zero_audio: Replace every audio token by zeros (the no-audio baseline).
+            logits_to_keep: > 0: logits of the last this many positions only (R, k, vocab),
+                as transformers' argument (scoring left-padded rows needs no more).
 
         Raises:
             ValueError: Media token and media counts disagree; packed rows with an LLM
@@ -287,6 +293,7 @@ class VLMModule(MMPTModule):
             labels=batch.labels,
             use_cache=False,
             **hf_packing_kwargs(batch.cu_seqlens, batch.max_seqlen),
+            **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
         )
 
     def embed_inputs(

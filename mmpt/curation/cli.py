@@ -1,4 +1,4 @@
-"""``mmpt data dedup`` and ``mmpt data filter``: their flags and runners."""
+"""``mmpt data score``, ``dedup`` and ``filter``: their flags and runners."""
 
 from __future__ import annotations
 
@@ -12,17 +12,28 @@ from mmpt.safe_load import add_unsafe_load_flag
 
 def add_parsers(sub: Any) -> None:
     """Add ``score``, ``dedup`` and ``filter`` to the ``mmpt data`` subparsers."""
-    help_ = "CLIP score (image-caption cosine) of every sample, as a Lightning predict job"
-    s = sub.add_parser("score", help=help_, description=help_)
-    s.add_argument(
-        "-c", "--config", action="append", required=True, help="the model's training config(s)"
+    help_ = (
+        "per-sample scores as a Lightning predict job: CLIP score (image-caption cosine) or "
+        "a VLM's judgement / caption likelihood (--kind vlm --prompt YAML)"
     )
-    s.add_argument("--ckpt", required=True, help="checkpoint of a contrastive model")
+    s = sub.add_parser("score", help=help_, description=help_)
+    s.add_argument("--kind", choices=("clip", "vlm"), default="clip", help="default clip")
+    s.add_argument("-c", "--config", action="append", help="the model's training config(s)")
+    s.add_argument("--ckpt", help="checkpoint of the -c config")
+    s.add_argument("--model", help="vlm: export folder (mmpt export, or a transformers LLaVA one)")
+    s.add_argument("--prompt", help="vlm: prompt YAML (configs/curation/mlm_filter.yaml)")
+    s.add_argument("--template", help="vlm: chat template (default: the model's own)")
+    s.add_argument("--system", help="vlm: system prompt")
     s.add_argument("--from", dest="source", required=True, help="shards to score")
     s.add_argument("--out", required=True, help="score folder: one parquet file per shard")
-    s.add_argument("--name", default="clip", help="score column name (default clip)")
-    s.add_argument("--text-key", default=None, help="caption field (default: the config's)")
-    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument(
+        "--name", default=None, help="score column (clip; default clip) or prefix (vlm; mlm)"
+    )
+    s.add_argument(
+        "--text-key", default=None, help="caption field (clip: the config's; vlm: txt;json:caption)"
+    )
+    s.add_argument("--image-key", default=None, help="vlm: image member (default jpg/png/webp)")
+    s.add_argument("--batch-size", type=int, default=None, help="per rank (vlm default 8)")
     s.add_argument("--num-workers", type=int, default=None)
     s.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
     add_unsafe_load_flag(s)
@@ -118,6 +129,8 @@ def run_filter(args: argparse.Namespace) -> int:
 
 def run_score(args: argparse.Namespace) -> int:
     """``mmpt data score``."""
+    if args.kind == "vlm":
+        return _run_vlm_score(args)
     from pathlib import Path
 
     from mmpt.curation.score import score_shards
@@ -125,6 +138,10 @@ def run_score(args: argparse.Namespace) -> int:
     from mmpt.models.module import load_checkpoint
     from mmpt.run_config import build_from_config
 
+    if not args.config or args.ckpt is None or args.model or args.prompt:
+        raise ValueError(
+            "--kind clip scores with -c CONFIG --ckpt CKPT (--model/--prompt are for --kind vlm)"
+        )
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     cli = build_from_config(args.config, [])
@@ -137,10 +154,47 @@ def run_score(args: argparse.Namespace) -> int:
         cli.datamodule,
         args.source,
         args.out,
-        args.name,
+        args.name or "clip",
         args.accelerator,
         args.batch_size,
         args.num_workers,
     )
     print(f"mmpt data score: {shards} shard(s) scored -> {args.out}")
+    return 0
+
+
+def _run_vlm_score(args: argparse.Namespace) -> int:
+    """``mmpt data score --kind vlm``: the model loads as ``mmpt generate`` loads it."""
+    import os
+
+    import torch
+
+    from mmpt.curation.vlm_prompt import load_prompt
+    from mmpt.curation.vlm_score import score_vlm
+    from mmpt.generate_cli import check_model_source, load_model
+
+    check_model_source(args, [])
+    if args.prompt is None:
+        raise ValueError("--kind vlm needs --prompt YAML (e.g. configs/curation/mlm_filter.yaml)")
+    prompt = load_prompt(args.prompt)  # a bad YAML fails before the model loads
+    if (args.batch_size is not None and args.batch_size < 1) or (args.num_workers or 0) < 0:
+        raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
+    cuda = args.accelerator != "cpu" and torch.cuda.is_available()
+    args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    model = load_model(args, [])
+    shards = score_vlm(
+        model,
+        prompt,
+        args.source,
+        args.out,
+        args.name or "mlm",
+        args.accelerator,
+        args.batch_size or 8,
+        args.num_workers or 0,
+        args.template,
+        args.system,
+        args.image_key,
+        args.text_key or "txt;json:caption",
+    )
+    print(f"mmpt data score: {shards} shard(s) scored -> {args.out} ({prompt.mode})")
     return 0
