@@ -162,13 +162,8 @@ def run_predict(
     datamodule: L.LightningDataModule,
     writer: ScoreWriter,
     accelerator: str = "auto",
-    inference_mode: bool = True,
 ) -> None:
-    """``Trainer.predict`` on every rank torchrun / SLURM started (DDP when several).
-
-    ``inference_mode=False`` predicts under ``no_grad`` instead (for models whose caches
-    key on a tensor's version counter, which inference tensors do not have).
-    """
+    """``Trainer.predict`` on every rank torchrun / SLURM started (DDP when several)."""
     devices, nodes = launch_world()
     trainer = L.Trainer(
         accelerator=accelerator,
@@ -178,7 +173,6 @@ def run_predict(
         logger=False,
         enable_model_summary=False,
         callbacks=[writer],
-        inference_mode=inference_mode,
     )
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
 

@@ -268,6 +268,5 @@ def score_vlm(
         todo, sample_fn, ScoreCollate(model.preprocess.pad_id), batch_size, num_workers
     )
     writer = ScoreWriter(out, lambda p: {c: p[c] for c in scorer.columns}, expected)
-    # no_grad, not inference mode: the packed attention caches its plan by cu_seqlens' version
-    run_predict(scorer, data, writer, accelerator, inference_mode=False)
+    run_predict(scorer, data, writer, accelerator)
     return len(todo)
