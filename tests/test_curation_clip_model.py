@@ -14,7 +14,7 @@ from open_clip.model import CLIP
 from PIL import Image
 from safetensors.torch import save_file
 
-from mmpt.curation.clip_model import CONFIG_FILE
+from mmpt.curation.clip_model import CONFIG_FILE, open_clip_folder
 from mmpt.data_cli import main as data_main
 from mmpt.datamodules.stages import SkipCounter, read_shards
 from tests.helpers import write_shards
@@ -69,7 +69,13 @@ def open_clip_scores(folder: Path, raw: Path) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("weights", ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        "open_clip_model.safetensors",
+        pytest.param("open_clip_pytorch_model.bin", marks=pytest.mark.slow),  # torch weights_only
+    ],
+)
 def test_scores_equal_open_clips_cosine(tmp_path: Path, raw: Path, weights: str) -> None:
     folder = write_open_clip_folder(tmp_path / "my-clip", weights)
     out = tmp_path / "scores"
@@ -106,3 +112,18 @@ def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "not both" in both
     neither = _error(capsys)
     assert "--model DIR" in neither and "-c CONFIG --ckpt CKPT" in neither
+
+
+def test_other_open_clip_transform_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "open_clip_model.safetensors").write_bytes(b"")
+    pre = {**PREPROCESS_CFG, "resize_mode": "squash"}
+    cfg = {"model_cfg": MODEL_CFG, "preprocess_cfg": pre}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING"):
+        open_clip_folder(str(tmp_path))
+    assert "'resize_mode': 'squash'" in caplog.text
+    caplog.clear()
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**cfg, "preprocess_cfg": PREPROCESS_CFG}))
+    with caplog.at_level("WARNING"):
+        open_clip_folder(str(tmp_path))
+    assert caplog.text == ""

@@ -13,6 +13,7 @@ tokenizer at ``text_cfg.context_length``.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,11 @@ from mmpt.models.contrastive import ContrastiveModule
 if TYPE_CHECKING:
     from mmpt.datamodules.image_text import ImageTextDataModule
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "open_clip_config.json"
+#: open_clip's ``preprocess_cfg`` defaults that mmpt's evaluation transform reproduces.
+_SAME_TRANSFORM = {"resize_mode": "shortest", "interpolation": "bicubic"}
 #: Weight files open_clip's ``local-dir:`` / hub loading looks for, in its order.
 WEIGHT_FILES = (
     "open_clip_model.safetensors",
@@ -55,8 +60,17 @@ def open_clip_folder(folder: str) -> tuple[Path, Path]:
             f"folder ({CONFIG_FILE} + {WEIGHT_FILES[0]} or {WEIGHT_FILES[2]}), as `hf download` "
             "of an OpenCLIP repo or `mmpt export --format open_clip` writes it"
         )
-    if "model_cfg" not in json.loads(config.read_text(encoding="utf-8")):
+    cfg = json.loads(config.read_text(encoding="utf-8"))
+    if "model_cfg" not in cfg:
         raise ValueError(f"--model {folder}: {CONFIG_FILE} has no model_cfg (not open_clip's)")
+    pre = cfg.get("preprocess_cfg") or {}
+    if other := {k: pre[k] for k, v in _SAME_TRANSFORM.items() if pre.get(k, v) != v}:
+        log.warning(
+            "%s: preprocess_cfg %s; mmpt crops the centre square and resizes it bicubic "
+            "(open_clip's shortest/bicubic), so scores differ slightly from open_clip's",
+            folder,
+            other,
+        )
     for name in WEIGHT_FILES:
         if (root / name).is_file():
             return config, root / name
