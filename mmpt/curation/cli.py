@@ -35,7 +35,10 @@ def add_parsers(sub: Any) -> None:
         "--name", default=None, help="score column (clip; default clip) or prefix (vlm; mlm)"
     )
     s.add_argument(
-        "--text-key", default=None, help="caption field (clip: the config's; vlm: txt;json:caption)"
+        "--text-key",
+        default=None,
+        help="caption field (clip: the config's, txt;json:caption with --model; vlm: "
+        "txt;json:caption)",
     )
     s.add_argument("--image-key", default=None, help="vlm: image member (default jpg/png/webp)")
     s.add_argument("--batch-size", type=int, default=None, help="per rank (vlm default 8)")
