@@ -20,7 +20,12 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--kind", choices=("clip", "vlm"), default="clip", help="default clip")
     s.add_argument("-c", "--config", action="append", help="the model's training config(s)")
     s.add_argument("--ckpt", help="checkpoint of the -c config")
-    s.add_argument("--model", help="vlm: export folder (mmpt export, or a transformers LLaVA one)")
+    s.add_argument(
+        "--model",
+        help="clip: open_clip model folder (open_clip_config.json + weights: an OpenCLIP hub "
+        "repo, or `mmpt export --format open_clip`), instead of -c/--ckpt; vlm: export folder "
+        "(mmpt export, or a transformers LLaVA one)",
+    )
     s.add_argument("--prompt", help="vlm: prompt YAML (configs/curation/mlm_filter.yaml)")
     s.add_argument("--template", help="vlm: chat template (default: the model's own)")
     s.add_argument("--system", help="vlm: system prompt")
@@ -30,7 +35,10 @@ def add_parsers(sub: Any) -> None:
         "--name", default=None, help="score column (clip; default clip) or prefix (vlm; mlm)"
     )
     s.add_argument(
-        "--text-key", default=None, help="caption field (clip: the config's; vlm: txt;json:caption)"
+        "--text-key",
+        default=None,
+        help="caption field (clip: the config's, txt;json:caption with --model; vlm: "
+        "txt;json:caption)",
     )
     s.add_argument("--image-key", default=None, help="vlm: image member (default jpg/png/webp)")
     s.add_argument("--batch-size", type=int, default=None, help="per rank (vlm default 8)")
@@ -128,30 +136,24 @@ def run_filter(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """``mmpt data score``."""
+    """``mmpt data score``: CLIP score with ``--model DIR`` or ``-c CONFIG --ckpt CKPT``."""
     if args.kind == "vlm":
         return _run_vlm_score(args)
-    from pathlib import Path
-
     from mmpt.curation.score import score_shards
-    from mmpt.eval.applicable import require_task
-    from mmpt.models.module import load_checkpoint
-    from mmpt.run_config import build_from_config
 
-    if not args.config or args.ckpt is None or args.model or args.prompt:
+    if args.prompt:
+        raise ValueError("--prompt is for --kind vlm")
+    if args.model is not None and (args.config or args.ckpt is not None):
+        raise ValueError("--kind clip: give --model DIR or -c CONFIG --ckpt CKPT, not both")
+    if args.model is None and (not args.config or args.ckpt is None):
         raise ValueError(
-            "--kind clip scores with -c CONFIG --ckpt CKPT (--model/--prompt are for --kind vlm)"
+            "--kind clip scores with --model DIR (an open_clip model folder) or "
+            "-c CONFIG --ckpt CKPT (an mmpt training run)"
         )
-    if not Path(args.ckpt).is_file():
-        raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
-    cli = build_from_config(args.config, [])
-    require_task(cli.model, "retrieval", args.ckpt)  # a contrastive model, before reading it
-    load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
-    if args.text_key is not None:
-        cli.datamodule.val_text_key = args.text_key
+    model, datamodule = _open_clip_model(args) if args.model else _config_model(args)
     shards = score_shards(
-        cli.model,
-        cli.datamodule,
+        model,
+        datamodule,
         args.source,
         args.out,
         args.name or "clip",
@@ -161,6 +163,32 @@ def run_score(args: argparse.Namespace) -> int:
     )
     print(f"mmpt data score: {shards} shard(s) scored -> {args.out}")
     return 0
+
+
+def _config_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``-c CONFIG --ckpt CKPT`` as (its contrastive model with the weights, its datamodule)."""
+    from pathlib import Path
+
+    from mmpt.eval.applicable import require_task
+    from mmpt.models.module import load_checkpoint
+    from mmpt.run_config import build_from_config
+
+    if not Path(args.ckpt).is_file():
+        raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
+    cli = build_from_config(args.config, [])
+    require_task(cli.model, "retrieval", args.ckpt)  # a contrastive model, before reading it
+    load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
+    if args.text_key is not None:
+        cli.datamodule.val_text_key = args.text_key
+    return cli.model, cli.datamodule
+
+
+def _open_clip_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The ``--model`` open_clip folder as (ContrastiveModule, ImageTextDataModule)."""
+    from mmpt.curation.clip_model import load_open_clip_folder, open_clip_datamodule
+
+    model = load_open_clip_folder(args.model)
+    return model, open_clip_datamodule(model, args.text_key)
 
 
 def _run_vlm_score(args: argparse.Namespace) -> int:
