@@ -12,6 +12,7 @@ from torch import nn
 from mmpt.batch import ImageTextBatch
 from mmpt.eval.forgetting import eval_prefix
 from mmpt.eval.rerank import reranked_metrics
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.backbone_fusion import (
     BackboneFusion,
     TextStream,
@@ -82,6 +83,7 @@ class FiberModule(ContrastiveModule):
         rerank_k: Candidates per query the ITM head re-ranks at evaluation.
         rerank_batch: Pairs per fused forward at evaluation.
         init_from_strict: Refuse a checkpoint of which too little loads.
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
 
     """
 
@@ -107,6 +109,7 @@ class FiberModule(ContrastiveModule):
         rerank_k: int = 16,
         rerank_batch: int = 128,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__(
             vision,
@@ -118,6 +121,7 @@ class FiberModule(ContrastiveModule):
             trainable,
             init_from,
             init_from_strict=init_from_strict,
+            adapters=adapters,
         )
         if rerank_k < 0 or rerank_batch < 1:
             raise ValueError("model.rerank_k must be >= 0 and model.rerank_batch >= 1")
