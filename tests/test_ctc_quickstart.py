@@ -39,7 +39,7 @@ def untrained_wer(root: Path, monkeypatch: pytest.MonkeyPatch) -> float:
 @pytest.mark.timeout(3600)
 def test_ctc_after_wav2vec_s_beats_an_untrained_head(tmp_path: Path, monkeypatch):
     """wav2vec-S (60 steps) then CTC on 150 labelled clips: validation WER well under 1
-    (measured 0.52); an untrained head's is above 1 (measured 3.7, insertions)."""
+    (measured 0.223); an untrained head's is above 1 (measured 3.73, insertions)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(os.environ, "OMP_NUM_THREADS", "1")
     (tmp_path / "configs").symlink_to(ROOT / "configs")
@@ -51,7 +51,7 @@ def test_ctc_after_wav2vec_s_beats_an_untrained_head(tmp_path: Path, monkeypatch
     args += [str(ckpt), "--data.init_args.train.urls", "data/tonespeech-a-150/train"]
     assert main(args) == 0
     trained = float(last_row("ctc_tiny", "val/wer", tmp_path)["val/wer"])
-    assert trained < 0.8
+    assert trained < 0.5
     assert untrained_wer(tmp_path, monkeypatch) >= 0.95 > trained
 
 
