@@ -19,6 +19,20 @@ def beam_search_available() -> bool:
     return True
 
 
+def require_beam_search() -> None:
+    """Fail clearly where torchaudio's CTC decoder cannot be built.
+
+    Raises:
+        ValueError: flashlight-text is missing (names the flag, the package and the command).
+    """
+    if not beam_search_available():
+        raise ValueError(
+            "--beam-size: beam search needs torchaudio's CTC decoder, which needs the "
+            "flashlight-text package: pip install flashlight-text (and kenlm for --lm), "
+            "or leave --beam-size out for greedy decoding"
+        )
+
+
 class BeamSearchDecoder:
     """Lexicon-free or lexicon beam search over a character vocabulary, KenLM n-gram LM.
 
@@ -46,11 +60,7 @@ class BeamSearchDecoder:
         lm_weight: float = 2.0,
         word_score: float = 0.0,
     ) -> None:
-        if not beam_search_available():
-            raise ValueError(
-                "--beam-size: beam search needs torchaudio's CTC decoder, which needs the "
-                "flashlight-text package (pip install flashlight-text; kenlm for --lm)"
-            )
+        require_beam_search()
         for flag, path in (("--lm", lm), ("--lexicon", lexicon)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{flag} {path}: no such file")
@@ -78,4 +88,4 @@ class BeamSearchDecoder:
         return [self.vocab.decode(h[0].tokens.tolist()) if h else "" for h in hyps]
 
 
-__all__ = ["BeamSearchDecoder", "beam_search_available"]
+__all__ = ["BeamSearchDecoder", "beam_search_available", "require_beam_search"]
