@@ -293,7 +293,7 @@ class VLMModule(MMPTModule):
             labels=batch.labels,
             use_cache=False,
             **hf_packing_kwargs(batch.cu_seqlens, batch.max_seqlen),
-            **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}),
+            logits_to_keep=logits_to_keep,  # transformers' argument; 0 keeps every position
         )
 
     def embed_inputs(
@@ -371,14 +371,9 @@ class VLMModule(MMPTModule):
         self._eval_step(batch, "test")
 
     def export_mmpt(self, path: str | Path, template: str | None = None) -> Path:
-        """Write mmpt's own loadable folder (``mmpt-vlm/3``, see :mod:`mmpt.models.vlm_export`).
+        """Write mmpt's ``mmpt-vlm/3`` folder to ``path``; returns it.
 
-        Args:
-            path: Output folder.
-            template: The data template the model trained with (None when unknown).
-
-        Returns:
-            The folder.
+        ``template``: the data template the model trained with (None: unknown).
         """
         from mmpt.models.vlm_export import export_mmpt_vlm
 
