@@ -25,11 +25,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mmpt fit -c configs/quickstart/vila_stage1.yaml
 
+# Tests run in TEST_WORKERS processes (pytest-xdist; CI has 2 cores); TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+TEST_ARGS := -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(TEST_ARGS)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "" 
+	$(PY) -m pytest $(TEST_ARGS) -m "" 
 
 # The documentation site (MkDocs Material + mkdocstrings), offline, into site/.
 docs: $(STAMP)

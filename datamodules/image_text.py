@@ -159,15 +159,15 @@ class ImageTextDataModule(ShardDataModule):
         self.val_text_key = val_text_key or text_key
         self.classnames: list[str] | None = None  # set by `mmpt eval zeroshot --classnames`
 
-    def classnames_for(self, config: StreamConfig, field: str) -> list[str] | None:
+    def classnames_for(self, meta: dict) -> list[str] | None:
         """Class names that labels given as names map onto.
 
         ``classnames`` (``mmpt eval zeroshot``), else the set's ``index.json``
-        ``meta.zeroshot.classnames``, else None (names stay names).
+        ``meta.zeroshot.classnames`` (``meta``: the first source's), else None (names stay
+        names).
         """
         if self.classnames is not None:
             return self.classnames
-        meta = config.sources(field)[0].meta
         return list((meta.get("zeroshot") or {}).get("classnames") or []) or None
 
     def required_fields(self, meta: dict) -> dict[str, str]:
@@ -185,17 +185,18 @@ class ImageTextDataModule(ShardDataModule):
                 "the model gives no tokenizer/image preprocessing: ImageTextDataModule needs a "
                 "model with an image and a text tower (data.preprocess is linked from the model)"
             )
+        sources = config.sources(field)  # resolved once: a folder of many shards is stat'ed once
         sample_fn = ImageTextSample(
             # no flips: captions say left and right (tiles too: "river in the north")
             read_image=ImageReader(pre.image, train, self.image_key, pre.image.size, flip=False),
             text_key=self.text_key if train else self.val_text_key,
             label_key=self.label_key,
             all_captions=not train,
-            classnames=self.classnames_for(config, field),
+            classnames=self.classnames_for(sources[0].meta),
         )
         rank, world = self._world()
         return ShardStream(
-            config.sources(field),
+            sources,
             config,
             sample_fn,
             ImageTextCollate(pre.tokenizer),

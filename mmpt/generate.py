@@ -35,6 +35,9 @@ from mmpt.datamodules.templates import (
 from mmpt.datamodules.transforms import normalize_images
 from mmpt.datamodules.vlm_batching import group_crops
 
+Encoded = tuple[torch.Tensor, list[ImageCrops], list[torch.Tensor]]
+"""One encoded prompt: input_ids (L,) long, its images' ``ImageCrops``, its clips (N_i,)."""
+
 if TYPE_CHECKING:
     from mmpt.models.vlm import VLMModule
 
@@ -119,7 +122,7 @@ class Generator:
 
     def encode(
         self, prompt: str, images: Sequence[Image.Image], clips: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, list[ImageCrops], list[torch.Tensor]]:
+    ) -> Encoded:
         """One prompt -> (input_ids (L,) long, its images' ``ImageCrops``, its clips (N_i,)).
 
         Raises:
@@ -162,7 +165,17 @@ class Generator:
         audio = audio or [[] for _ in range(n)]
         if not len(images) == len(audio) == n:
             raise ValueError(f"{n} prompts but {len(images)} image lists, {len(audio)} audio")
-        encoded = [self.encode(p, i, a) for p, i, a in zip(prompts, images, audio, strict=True)]
+        return self.collate(
+            [self.encode(p, i, a) for p, i, a in zip(prompts, images, audio, strict=True)]
+        )
+
+    def collate(self, encoded: Sequence[Encoded]) -> tuple[VLMBatch, torch.Tensor]:
+        """Left-padded rows of prompts already encoded by :meth:`encode`, on the model's device.
+
+        Returns:
+            The batch (one row and segment per prompt) and its attention mask (B, L) long.
+        """
+        n = len(encoded)
         length = max(int(ids.shape[0]) for ids, _, _ in encoded)
         input_ids = torch.full((n, length), self.pre.pad_id, dtype=torch.long)
         mask = torch.zeros(n, length, dtype=torch.long)
@@ -204,8 +217,25 @@ class Generator:
         decoding: Decoding | None = None,
     ) -> list[list[int]]:
         """New token ids of each prompt (up to, without, the first end-of-turn token)."""
-        settings = decoding or Decoding()
-        batch, mask = self.batch(prompts, images, audio)
+        return self._generate(*self.batch(prompts, images, audio), decoding or Decoding())
+
+    def generate_encoded(self, encoded: Sequence[Encoded], **decoding: object) -> list[str]:
+        """:meth:`generate` for prompts already encoded by :meth:`encode` (no second encoding).
+
+        Args:
+            encoded: B results of :meth:`encode`.
+            **decoding: :class:`Decoding` fields.
+
+        Returns:
+            B texts, as :meth:`generate` returns them.
+        """
+        settings = Decoding(**decoding)  # type: ignore[arg-type]
+        with torch.no_grad():
+            ids = self._generate(*self.collate(encoded), settings)
+        return self._texts(ids, settings)
+
+    def _generate(self, batch: VLMBatch, mask: torch.Tensor, settings: Decoding) -> list[list[int]]:
+        """New token ids of each row of a collated batch (see :meth:`generate_ids`)."""
         config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens,
             do_sample=settings.temperature > 0,
@@ -257,7 +287,10 @@ class Generator:
             B texts, special tokens dropped, cut before the first ``stop`` string.
         """
         settings = Decoding(**decoding)  # type: ignore[arg-type]
-        ids = self.generate_ids(prompts, images, audio, settings)
+        return self._texts(self.generate_ids(prompts, images, audio, settings), settings)
+
+    def _texts(self, ids: list[list[int]], settings: Decoding) -> list[str]:
+        """Decoded texts of new token ids, special tokens dropped, cut at the stop strings."""
         texts = self.pre.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return [cut_at_stop(t, settings.stop) for t in texts]
 

@@ -206,12 +206,7 @@ def _run_shards(gen: Generator, args: argparse.Namespace, decoding: Decoding) ->
         task = progress.add_task("generate", total=source.num_samples)
         samples = _samples(gen, source.urls, args.prompt, counts)
         for items in batched(samples, args.batch_size, partial=True):
-            texts = gen.generate(
-                [it["prompt"] for it in items],
-                [it.pop("images") for it in items],
-                [it.pop("audio") for it in items],
-                **vars(decoding),
-            )
+            texts = gen.generate_encoded([it.pop("encoded") for it in items], **vars(decoding))
             for item, text in zip(items, texts, strict=True):
                 counts["empty"] += not text.strip()
                 f.write(json.dumps({**item, "output": text}, ensure_ascii=False) + "\n")
@@ -228,7 +223,7 @@ def _run_shards(gen: Generator, args: argparse.Namespace, decoding: Decoding) ->
 def _samples(
     gen: Generator, urls: list[str], prompt: str | None, counts: dict[str, int]
 ) -> Iterator[dict[str, Any]]:
-    """Each good sample as key, prompt, reference, images, audio; bad ones counted, skipped."""
+    """Each good sample as key, prompt, reference, its encoding; bad ones counted, skipped."""
     import webdataset as wds
 
     from mmpt.datamodules.decode import decode_image
@@ -249,13 +244,13 @@ def _samples(
             first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
             asked = [m["content"] for m in messages[:first] if m["role"] == "user"]
             text = prompt if prompt is not None else "\n".join(asked)
-            gen.encode(text, images, clips)  # bad placeholders or media: a skip, not a crash
+            encoded = gen.encode(text, images, clips)  # bad placeholders or media: a skip
         except DataError:  # the data does not fit the model: every sample would fail
             raise
         except Exception as e:  # noqa: BLE001 - any bad sample is counted and skipped
             skip(ValueError(f"{key}: {e}"))
             continue
-        item = {"key": key, "prompt": text, "images": images, "audio": clips}
+        item = {"key": key, "prompt": text, "encoded": encoded}
         if first is not None:
             item["reference"] = messages[first]["content"]
         yield item

@@ -37,8 +37,12 @@ class Memo:
         self._value: Any = None
 
     def get(self, tensor: torch.Tensor, key: tuple, build: Callable[[], Any]) -> Any:
-        """The value built for this ``tensor`` (unmodified) and ``key``, else ``build()``."""
-        full = (tensor._version, *key)
+        """The value built for this ``tensor`` (unmodified) and ``key``, else ``build()``.
+
+        Inference tensors (``torch.inference_mode``) carry no version counter: for them the
+        same tensor object is taken as unmodified (batches are not edited in place).
+        """
+        full = (None if tensor.is_inference() else tensor._version, *key)
         if self._ref is None or self._ref() is not tensor or self._key != full:
             self._ref, self._key, self._value = weakref.ref(tensor), full, build()
         return self._value

@@ -220,12 +220,14 @@ class BackboneFusion(nn.Module):
 
         Returns:
             Vision (B, E) and text (B, E) tower outputs (not normalised) and the (B, D_v + D_t)
-            [CLS] pair state (:func:`vision_pooled`, first text token).
+            pair state: :func:`vision_pooled` and :func:`text_pooled` (the [CLS] token of a
+            ``pooling="cls"`` tower, the masked token mean of a ``"mean"`` one).
 
         """
         final, hidden = self.top(vision, text, state, stream, fuse=fuse)
-        cls = torch.cat([vision_pooled(vision, final), hidden[:, 0]], dim=-1)
-        return vision_embedding(vision, final), text_embedding(text, hidden, stream.mask), cls
+        pooled = text_pooled(text, hidden, stream.mask)
+        cls = torch.cat([vision_pooled(vision, final), pooled], dim=-1)
+        return vision_embedding(vision, final), text.proj(pooled), cls
 
 
 def _text_layers(text: HFTextTower, stream: TextStream, indices: range | list[int]) -> TextStream:
@@ -255,14 +257,17 @@ def vision_pooled(vision: nn.Module, final: torch.Tensor) -> torch.Tensor:
     return vision_stack(vision).pooled(final)
 
 
-def text_embedding(text: HFTextTower, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Tower output from last hidden states (B, L, D_t) and (B, L) mask -> (B, E).
+def text_pooled(text: HFTextTower, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, D_t) summary of last hidden states (B, L, D_t) with (B, L) mask, before projection.
 
-    Pools as ``HFTextTower.forward`` (first token or masked mean), then projects.
+    Pools as ``HFTextTower.forward``: the first token, or the mean over real tokens.
     """
     if text.pooling == "cls":
-        pooled = hidden[:, 0]
-    else:
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-    return text.proj(pooled)
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def text_embedding(text: HFTextTower, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Tower output (B, E): :func:`text_pooled` of (B, L, D_t) hidden states, projected."""
+    return text.proj(text_pooled(text, hidden, mask))

@@ -21,6 +21,7 @@ from mmpt.batch import AudioTextBatch
 from mmpt.ctc_vocab import CTCTokenizer, CTCVocab
 from mmpt.eval.asr_metrics import ErrorTally, TextNormalizer
 from mmpt.eval.forgetting import eval_prefix
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.encoders.wav2vec2 import Wav2Vec2Tower
 from mmpt.models.module import MMPTModule
 from mmpt.models.schedules import Schedule
@@ -117,6 +118,7 @@ class CTCModule(MMPTModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         """Build the head on the tower.
 
@@ -137,14 +139,16 @@ class CTCModule(MMPTModule):
                 SpecAugment masking of the HF model config (None keeps the config's).
             normalizer: Text normalisation before WER/CER (default: lowercase, no
                 punctuation, single spaces).
-            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
-                :class:`MMPTModule`.
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters:
+                See :class:`MMPTModule`.
 
         Raises:
             ValueError: A bad reduction, negative steps, masking on a torchaudio tower.
             FileNotFoundError: No vocabulary file.
         """
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         if ctc_loss_reduction not in ("mean", "sum"):
             raise ValueError("model.ctc_loss_reduction must be mean or sum")
         if freeze_encoder_steps < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,20 @@ def beam_search_available() -> bool:
     except (ImportError, RuntimeError):
         return False
     return True
+
+
+def require_beam_search() -> None:
+    """Fail clearly where torchaudio's CTC decoder cannot be built.
+
+    Raises:
+        ValueError: flashlight-text is missing (names the flag, the package and the command).
+    """
+    if not beam_search_available():
+        raise ValueError(
+            "--beam-size: beam search needs torchaudio's CTC decoder, which needs the "
+            "flashlight-text package: pip install flashlight-text (and kenlm for --lm), "
+            "or leave --beam-size out for greedy decoding"
+        )
 
 
 class BeamSearchDecoder:
@@ -33,6 +48,7 @@ class BeamSearchDecoder:
     Raises:
         ValueError: torchaudio's decoder is not installed (names the package), or a
             subword vocabulary (the decoder here spells characters).
+        FileNotFoundError: ``lm`` or ``lexicon`` is not a file.
     """
 
     def __init__(
@@ -44,11 +60,10 @@ class BeamSearchDecoder:
         lm_weight: float = 2.0,
         word_score: float = 0.0,
     ) -> None:
-        if not beam_search_available():
-            raise ValueError(
-                "--beam-size: beam search needs torchaudio's CTC decoder, which needs the "
-                "flashlight-text package (pip install flashlight-text; kenlm for --lm)"
-            )
+        require_beam_search()
+        for flag, path in (("--lm", lm), ("--lexicon", lexicon)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} {path}: no such file")
         if vocab.tokenizer_file:
             raise ValueError("--beam-size: beam search here takes a character vocabulary")
         from torchaudio.models.decoder import ctc_decoder
@@ -73,4 +88,4 @@ class BeamSearchDecoder:
         return [self.vocab.decode(h[0].tokens.tolist()) if h else "" for h in hyps]
 
 
-__all__ = ["BeamSearchDecoder", "beam_search_available"]
+__all__ = ["BeamSearchDecoder", "beam_search_available", "require_beam_search"]

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.losses.self_distill import dino_loss, update_center
 from mmpt.models.schedules import Schedule
 from mmpt.models.self_distill import SelfDistillModule, check_view_size, view_step
@@ -42,8 +43,8 @@ class DINOModule(SelfDistillModule):
         freeze_last_layer_steps: Optimizer steps with the head's last layer frozen.
         base_momentum, final_momentum, probe_teacher: See :class:`SelfDistillModule`
             (DINO: 0.996 to 1; the teacher is probed).
-        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
-            :class:`~mmpt.models.module.MMPTModule`.
+        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters:
+            See :class:`~mmpt.models.module.MMPTModule`.
     """
 
     def __init__(
@@ -72,10 +73,11 @@ class DINOModule(SelfDistillModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__(
             encoder, base_momentum, final_momentum, probe_teacher,
-            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict,
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters,
         )  # fmt: skip
         from mmpt.models.ssl_heads import DINOHead
 

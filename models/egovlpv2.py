@@ -159,7 +159,8 @@ class EgoVLPv2Module(VideoTextModule):
 
         Returns:
             Video (B, E) and text (B, E) tower outputs (not normalised) and the (B, D_v + D_t)
-            [CLS] pair states (frame-mean video class token, first text token) for VTM.
+            [CLS] pair states (frame-mean video class token, text pooled as its tower pools:
+            the first token for ``cls``) for VTM.
         """
         video = self.fusion.vision_bottom(self.vision, videos)
         stream = self.fusion.text_bottom(self.text, tokens)

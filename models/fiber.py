@@ -12,6 +12,7 @@ from torch import nn
 from mmpt.batch import ImageTextBatch
 from mmpt.eval.forgetting import eval_prefix
 from mmpt.eval.rerank import reranked_metrics
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.backbone_fusion import (
     BackboneFusion,
     TextStream,
@@ -44,7 +45,8 @@ class FiberModule(ContrastiveModule):
     are exactly the dual encoder. Objectives:
 
     - ITC: the contrastive ``loss`` (CLIP InfoNCE) on the unfused towers.
-    - ITM: a binary head on the fused [CLS] pair state of the N pairs, of every image with a
+    - ITM: a binary head on the fused pair state (the image tower's class token and the text
+      pooled as the text tower pools: [CLS] in FIBER) of the N pairs, of every image with a
       hard negative caption and of every caption with a hard negative image, drawn from the
       softmax of the ITC logits (similarities over ``negative_temperature``, default the ITC
       temperature; identical captions are never negatives).
@@ -74,9 +76,14 @@ class FiberModule(ContrastiveModule):
         mlm_head: "auto": the checkpoint's ``AutoModelForMaskedLM`` head (falls back to "small").
         negative_temperature: Temperature of the hard-negative sampling softmax; None: the ITC
             loss's own (``1 / loss.scale``, learnable in CLIP's loss), as FIBER.
+        fusion_lr_scale: Learning-rate multiple of the cross-modal parameters (fusion blocks with
+            their gates, ITM and MLM heads; not the decoder tied to the word embeddings): 5 in
+            FIBER. Adam moves a gate by about one learning rate per step, so at the towers' rate
+            the gates stay near 0 for thousands of steps.
         rerank_k: Candidates per query the ITM head re-ranks at evaluation.
         rerank_batch: Pairs per fused forward at evaluation.
         init_from_strict: Refuse a checkpoint of which too little loads.
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
 
     """
 
@@ -98,9 +105,11 @@ class FiberModule(ContrastiveModule):
         mlm_probability: float = 0.15,
         mlm_head: Literal["auto", "small"] = "auto",
         negative_temperature: float | None = None,
+        fusion_lr_scale: float = 5.0,
         rerank_k: int = 16,
         rerank_batch: int = 128,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__(
             vision,
@@ -112,9 +121,12 @@ class FiberModule(ContrastiveModule):
             trainable,
             init_from,
             init_from_strict=init_from_strict,
+            adapters=adapters,
         )
         if rerank_k < 0 or rerank_batch < 1:
             raise ValueError("model.rerank_k must be >= 0 and model.rerank_batch >= 1")
+        if fusion_lr_scale <= 0:
+            raise ValueError("model.fusion_lr_scale must be > 0 (1: the towers' learning rate)")
         self.fusion = BackboneFusion(vision, text, fusion_layers, fusion_ff_mult)
         stack = vision_stack(vision)
         dv, dt = stack.width(stack.depth - 1), int(text.model.config.hidden_size)
@@ -126,8 +138,42 @@ class FiberModule(ContrastiveModule):
         self.loss_weights = {"itc": itc_weight, "itm": itm_weight, "mlm": mlm_weight}
         self.mlm_probability = mlm_probability
         self.negative_temperature = negative_temperature
+        self.fusion_lr_scale = fusion_lr_scale
         self.rerank_k, self.rerank_batch = rerank_k, rerank_batch
         self._eval: dict[str, list[dict]] = {}
+
+    def cross_modal_parameters(self) -> list[nn.Parameter]:
+        """Fusion blocks (gates included) and the ITM/MLM heads, less the text tower's own."""
+        tower = {id(p) for p in self.text.parameters()}
+        heads = (self.fusion, self.itm_head, self.mlm_head)
+        return [p for m in heads for p in m.parameters() if id(p) not in tower]
+
+    def configure_optimizers(self) -> dict:
+        """The optimizer and schedule of :class:`~mmpt.models.module.MMPTModule`, groups split.
+
+        Each parameter group is split in two: the cross-modal parameters (``decay_fusion``,
+        ``no_decay_fusion``) train at ``fusion_lr_scale`` times the learning rate (the schedule
+        scales every group alike).
+        """
+        factory, fast = self.optimizer_factory, {id(p) for p in self.cross_modal_parameters()}
+
+        def split(groups: list[dict]) -> torch.optim.Optimizer:
+            parts = []
+            for g in groups:
+                parts.append(g | {"params": [p for p in g["params"] if id(p) not in fast]})
+                quick = [p for p in g["params"] if id(p) in fast]
+                parts.append(g | {"params": quick, "name": f"{g['name']}_fusion"})
+            opt = factory([g for g in parts if g["params"]])
+            for g in opt.param_groups:
+                if g["name"].endswith("_fusion"):
+                    g["lr"] = g["lr"] * self.fusion_lr_scale
+            return opt
+
+        self.optimizer_factory = split
+        try:
+            return super().configure_optimizers()
+        finally:
+            self.optimizer_factory = factory
 
     def encode_pairs(
         self, images: torch.Tensor, tokens: torch.Tensor, fuse: bool = True
@@ -136,7 +182,7 @@ class FiberModule(ContrastiveModule):
 
         Returns:
             Image (B, E) and text (B, E) tower outputs (not normalised) and the (B, D_v + D_t)
-            [CLS] pair states for ITM.
+            pair states for ITM.
 
         """
         state = self.fusion.vision_bottom(self.vision, images)

@@ -9,6 +9,7 @@ from torch import nn
 
 from mmpt.batch import GroundingBatch
 from mmpt.eval.grounding import centre_boxes, grounding_metrics
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.backbone_fusion import BackboneFusion
 from mmpt.models.encoders.hf_text import HFTextTower
 from mmpt.models.fusion_towers import vision_stack
@@ -54,6 +55,7 @@ class FiberGroundingModule(MMPTModule):
         align_dim: Width of the alignment projections.
         align_temperature: Temperature of the alignment logits.
         init_from_strict: Refuse a checkpoint of which too little loads.
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
 
     """
 
@@ -72,8 +74,11 @@ class FiberGroundingModule(MMPTModule):
         align_dim: int = 64,
         align_temperature: float = 0.07,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         self.vision, self.text = vision, text
         self.loss = loss if loss is not None else GroundingLoss()
         self.fusion = BackboneFusion(vision, text, fusion_layers, fusion_ff_mult)

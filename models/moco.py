@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.losses.self_distill import moco_v3_loss
 from mmpt.models.schedules import Schedule
 from mmpt.models.self_distill import SelfDistillModule, check_view_size
@@ -33,8 +34,8 @@ class MoCoV3Module(SelfDistillModule):
         temperature: InfoNCE temperature (0.2 in SSL4EO-S12).
         base_momentum, final_momentum, probe_teacher: See :class:`SelfDistillModule`
             (MoCo v3: 0.99 to 1, the student is probed).
-        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
-            :class:`~mmpt.models.module.MMPTModule`.
+        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters:
+            See :class:`~mmpt.models.module.MMPTModule`.
     """
 
     def __init__(
@@ -56,10 +57,11 @@ class MoCoV3Module(SelfDistillModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__(
             encoder, base_momentum, final_momentum, probe_teacher,
-            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict,
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters,
         )  # fmt: skip
         from mmpt.models.ssl_heads import bn_mlp
 

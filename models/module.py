@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import logging
@@ -88,6 +89,19 @@ class MMPTModule(L.LightningModule):
         self.init_from = init_from
         self.init_from_strict = init_from_strict
         self.training_rng = TrainingRNG()  # generator states saved in checkpoints
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MMPTModule:
+        """A deep copy (weights, buffers, settings) that shares the optimizer factory.
+
+        The factory is configuration, not state: LightningCLI's closes over the CLI, and so over
+        the datamodule and its ``multiprocessing.Value`` epoch counters, which cannot be copied.
+        Weight averaging (:class:`mmpt.callbacks.EMA`, Lightning's SWA) deep-copies the module.
+        """
+        memo[id(self.optimizer_factory)] = self.optimizer_factory
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return twin
 
     def configure_model(self) -> None:
         """Apply ``init_from`` and the freeze/trainable lists once; shard under FSDP2.

@@ -19,6 +19,7 @@ from torch import nn
 
 from mmpt.batch import DenseBatch
 from mmpt.eval.dense_metrics import DenseEvaluator
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.dense.instance import MaskRCNNHead
 from mmpt.models.dense.pyramid import pyramid_features, tower_pyramid
 from mmpt.models.dense.rotated import RotatedFCOSHead
@@ -48,8 +49,8 @@ class MultiTaskModule(MMPTModule):
         loss_weights: Weight of each task's loss (``semseg``, ``instance``, ``rotated``;
             default 1: MTP sums the losses unweighted); weights of tasks without a head are
             unused (a single-task overlay of a multi-task recipe keeps them).
-        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
-            :class:`~mmpt.models.module.MMPTModule`.
+        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters:
+            See :class:`~mmpt.models.module.MMPTModule`.
 
     Raises:
         ValueError: No head, a head whose ``in_channels`` is not ``pyramid_channels``, or a
@@ -71,8 +72,11 @@ class MultiTaskModule(MMPTModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         heads = {"semseg": semseg, "instance": instance, "rotated": rotated}
         self.tasks = [t for t, h in heads.items() if h is not None]
         if not self.tasks:

@@ -20,6 +20,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from mmpt.eval.forgetting import eval_prefix
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.encoders.timm_vit import TimmVisionTower
 from mmpt.models.mae import MAEModule
 from mmpt.models.mae_patches import unpatchify
@@ -128,8 +129,8 @@ class SatMAEPPModule(MAEModule):
         scales: 1, 2, 4, ... (each block doubles the side).
         scale_weights: Loss weight of each scale (masked MSE at 1x, L1 above).
         upsample_ratio: Width of the upsampling blocks per reconstructed channel.
-        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
-            :class:`~mmpt.models.module.MMPTModule`.
+        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters:
+            See :class:`~mmpt.models.module.MMPTModule`.
 
     Raises:
         ValueError: Scales that are not 1, 2, 4, ... or weights of another length.
@@ -153,11 +154,12 @@ class SatMAEPPModule(MAEModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         super().__init__(
             encoder, mask_ratio, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss,
             log_reconstructions, optimizer, lr_schedule, freeze, trainable, init_from,
-            init_from_strict,
+            init_from_strict, adapters,
         )  # fmt: skip
         self.scales = [int(s) for s in (scales if scales is not None else [1, 2, 4])]
         weights = scale_weights if scale_weights is not None else [0.6, 0.2, 0.2]

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from mmpt.eval.forgetting import eval_prefix
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.ema_teacher import EMATeacher, cosine_momentum
 from mmpt.models.module import TOWER_KEY, MMPTModule
 from mmpt.models.schedules import Schedule
@@ -65,8 +66,8 @@ class SelfDistillModule(MMPTModule):
             cosine over the run's optimizer steps (:func:`cosine_momentum`).
         probe_teacher: Record the teacher's encoder as the checkpoint's tower and use it for
             the validation kNN (DINO evaluates the teacher; MoCo v3 the student).
-        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
-            :class:`MMPTModule` (``freeze: [encoder.model.patch_embed.*]`` is MoCo v3's
+        optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters:
+            See :class:`MMPTModule` (``freeze: [encoder.model.patch_embed.*]`` is MoCo v3's
             stop-gradient on the patch projection).
     """
 
@@ -84,8 +85,11 @@ class SelfDistillModule(MMPTModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         cosine_momentum(0, 1, base_momentum, final_momentum)  # checks the range
         self.encoder = encoder
         self.base_momentum, self.final_momentum = base_momentum, final_momentum
@@ -115,6 +119,17 @@ class SelfDistillModule(MMPTModule):
         """One random view of normalised images, jittered in the tower's scaled units."""
         pre = self.encoder.image_preprocess
         return view(images, pre.mean, pre.std)
+
+    def add_adapters(self) -> None:
+        """Adapters (base) on the student, then the teacher again a copy of the student.
+
+        The teacher keeps the student's structure (peft layers included), so it follows the
+        adapted student and a checkpoint of an adapted run loads into it.
+        """
+        fresh = bool(self.adapter_specs) and not getattr(self, "_mmpt_adapted", False)
+        super().add_adapters()
+        if fresh:
+            self.make_teacher()
 
     def configure_model(self) -> None:
         """Load ``init_from`` / freeze (base), then restart the teacher from the student."""

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from mmpt.batch import VideoFeatureBatch, VideoTextBatch
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.contrastive import first_text_per_item
 from mmpt.models.encoders.hf_text import HFTextTower
 from mmpt.models.fused_objectives import mask_tokens, mlm_token_sets
@@ -96,6 +97,7 @@ class UniVLModule(MMPTModule):
         trainable: Patterns that alone train.
         init_from: Checkpoint to initialise from (stage 2: the stage-1 run).
         init_from_strict: Refuse a checkpoint of which too little loads.
+        adapters: peft LoRA/DoRA/(IA)^3 adapters by module pattern (see :class:`MMPTModule`).
     """
 
     def __init__(
@@ -130,8 +132,11 @@ class UniVLModule(MMPTModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
-        super().__init__(optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict)
+        super().__init__(
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters
+        )
         if stage not in (1, 2):
             raise ValueError(f"model.stage must be 1 or 2, got {stage}")
         self.text, self.vision, self.stage = text, vision, stage

@@ -260,7 +260,11 @@ class VLMModule(MMPTModule):
     shuffle_images = staticmethod(shuffle_same_count)
 
     def forward(
-        self, batch: VLMBatch, shuffle_images: bool = False, zero_audio: bool = False
+        self,
+        batch: VLMBatch,
+        shuffle_images: bool = False,
+        zero_audio: bool = False,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutputWithPast:
         """LLM output (logits (R, L, vocab), loss) on a packed batch.
 
@@ -269,6 +273,8 @@ class VLMModule(MMPTModule):
             shuffle_images: Swap images between samples (a control: the loss it gives
                 minus the true loss is how much the model relies on the images).
             zero_audio: Replace every audio token by zeros (the no-audio baseline).
+            logits_to_keep: > 0: logits of the last this many positions only (R, k, vocab),
+                as transformers' argument (scoring left-padded rows needs no more).
 
         Raises:
             ValueError: Media token and media counts disagree; packed rows with an LLM
@@ -287,6 +293,7 @@ class VLMModule(MMPTModule):
             labels=batch.labels,
             use_cache=False,
             **hf_packing_kwargs(batch.cu_seqlens, batch.max_seqlen),
+            logits_to_keep=logits_to_keep,  # transformers' argument; 0 keeps every position
         )
 
     def embed_inputs(
@@ -364,14 +371,9 @@ class VLMModule(MMPTModule):
         self._eval_step(batch, "test")
 
     def export_mmpt(self, path: str | Path, template: str | None = None) -> Path:
-        """Write mmpt's own loadable folder (``mmpt-vlm/3``, see :mod:`mmpt.models.vlm_export`).
+        """Write mmpt's ``mmpt-vlm/3`` folder to ``path``; returns it.
 
-        Args:
-            path: Output folder.
-            template: The data template the model trained with (None when unknown).
-
-        Returns:
-            The folder.
+        ``template``: the data template the model trained with (None: unknown).
         """
         from mmpt.models.vlm_export import export_mmpt_vlm
 

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from mmpt.batch import AudioTextBatch
 from mmpt.ctc_vocab import pad_labels
 from mmpt.eval.asr_metrics import TextNormalizer
+from mmpt.models.adapters import AdapterSpec
 from mmpt.models.ctc import CTCModule
 from mmpt.models.encoders.wav2vec2 import Wav2Vec2Tower
 from mmpt.models.schedules import Schedule
@@ -58,6 +59,7 @@ class WavSModule(CTCModule):
         trainable: list[str] | None = None,
         init_from: str | list[str] | None = None,
         init_from_strict: bool = True,
+        adapters: list[AdapterSpec] | None = None,
     ) -> None:
         """Build the stage.
 
@@ -74,8 +76,8 @@ class WavSModule(CTCModule):
             mask_prob, mask_length, num_negatives, gumbel_temperature: The self-supervised
                 loss's settings (see ``Wav2Vec2PretrainModule``).
             lowercase, final_dropout, ctc_loss_reduction, normalizer: See :class:`CTCModule`.
-            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict: See
-                :class:`~mmpt.models.module.MMPTModule`.
+            optimizer, lr_schedule, freeze, trainable, init_from, init_from_strict, adapters:
+                See :class:`~mmpt.models.module.MMPTModule`.
 
         Raises:
             ValueError: A tower without the pretraining head, negative weights.
@@ -100,6 +102,7 @@ class WavSModule(CTCModule):
             trainable=trainable,
             init_from=init_from,
             init_from_strict=init_from_strict,
+            adapters=adapters,
         )
         self.ssl_weight, self.ssl_weight_end = ssl_weight, ssl_weight_end
         self.ctc_weight, self.pseudo_weight = ctc_weight, pseudo_weight

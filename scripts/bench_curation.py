@@ -7,19 +7,26 @@ user writes by hand: ``wds.WebDataset(...).decode("pil").to_tuple("jpg", "txt")`
 model's own transforms in the workers, a DataLoader with the same batch size and workers, and
 the model's ``encode_image`` / ``encode_text`` in a ``torch.no_grad`` loop. ``mmpt data score``
 runs as the command (a Lightning predict job), with 1 rank and with 2 ranks under torchrun;
-each rank reports its own samples/s after start-up, and the wall time includes start-up.
+each rank reports its own samples/s (from its writer's start, so loader start-up included),
+and the wall time includes the process start-up.
 
-    python scripts/bench_curation.py --samples 4000 --workers 2
+The machine this runs on may be shared, so one reading says little: the settings run
+interleaved (plain, 1 rank, 2 ranks, plain, 1 rank, 2 ranks ...) ``--repeats`` times, each
+is reported as the median and the min-max spread of its repeats, and the load average
+(1 min) at the start and the end of the run is printed with the table.
 
-Prints a Markdown table; ``--json FILE`` also writes the numbers.
+    python scripts/bench_curation.py --samples 400 --repeats 3
+
+Prints a Markdown table; ``--json FILE`` also writes every run as it completes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
+import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from bench_dataloader import machine, make_shards  # noqa: E402
+from bench_harness import ResultLog  # noqa: E402
 
 RECIPE = ROOT / "configs" / "quickstart" / "clip_tiny.yaml"
 
@@ -98,11 +106,17 @@ def plain_loop(config: Path, ckpt: Path, shards: Path, bs: int, workers: int) ->
 
 def mmpt_score(config: Path, ckpt: Path, shards: Path, out: Path, ranks: int, args: Any) -> dict:
     """``mmpt data score`` as a command; 2 ranks under torchrun. Wall time and per-rank rates."""
+    for f in out.glob("*.parquet") if out.exists() else []:
+        f.unlink()  # a fresh output: nothing to resume
     cmd = ["-m", "mmpt.cli", "data", "score", "-c", str(config), "--ckpt", str(ckpt)]
     cmd += ["--from", str(shards), "--out", str(out), "--batch-size", str(args.batch_size)]
     cmd += ["--num-workers", str(args.workers), "--accelerator", "cpu", "--text-key", "txt"]
     if ranks > 1:
-        cmd = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), *cmd]
+        with socket.socket() as sock:  # a free port: other jobs may hold torchrun's default
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
+        cmd = [*launch, "--master-port", port, *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
     start = time.perf_counter()
     done = subprocess.run(
@@ -115,38 +129,61 @@ def mmpt_score(config: Path, ckpt: Path, shards: Path, out: Path, ranks: int, ar
     return {"wall_s": wall, "rank_samples_per_s": rates, "samples_per_s": sum(rates)}
 
 
+def summary(runs: list[float]) -> str:
+    """``median (min-max)`` of a setting's repeats."""
+    return f"{statistics.median(runs):.0f} ({min(runs):.0f}-{max(runs):.0f})"
+
+
 def main() -> None:
-    """Run both and print the table."""
+    """Run the settings interleaved, ``--repeats`` times, and print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each setting, interleaved")
     p.add_argument("--work", type=Path, default=Path("runs/bench_curation"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     shards, config, ckpt = setup(args.work, args.samples)
-    results = {
-        "plain WebDataset loop": plain_loop(config, ckpt, shards, args.batch_size, args.workers)
-    }
-    for ranks in (1, 2):
-        out = args.work / f"scores-{ranks}"
-        if out.exists():
-            for f in out.glob("*.parquet"):
-                f.unlink()
-        results[f"mmpt data score, {ranks} rank(s)"] = mmpt_score(
-            config, ckpt, shards, out, ranks, args
-        )
-    print(
-        f"\n{machine()}; {args.samples} samples, batch {args.batch_size}, {args.workers} workers\n"
+    log = ResultLog(
+        str(args.json) if args.json else None,
+        machine=machine(),
+        samples=args.samples,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        load_avg_start=os.getloadavg(),
     )
-    print("| scorer | samples/s (scoring) | wall s (incl. start-up) |")
+    settings = {
+        "plain WebDataset loop": lambda: plain_loop(
+            config, ckpt, shards, args.batch_size, args.workers
+        ),
+        **{
+            f"mmpt data score, {ranks} rank(s)": lambda ranks=ranks: mmpt_score(
+                config, ckpt, shards, args.work / f"scores-{ranks}", ranks, args
+            )
+            for ranks in (1, 2)
+        },
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in settings}
+    for repeat in range(args.repeats):
+        for name, run in settings.items():
+            result = {"setting": name, "repeat": repeat, "load_avg": os.getloadavg()[0], **run()}
+            runs[name].append(result)
+            log.results([result])
+    log.data["load_avg_end"] = os.getloadavg()
+    log.write()
+    start, end = log.data["load_avg_start"][0], log.data["load_avg_end"][0]
+    print(
+        f"\n{machine()}; {args.samples} samples, batch {args.batch_size}, {args.workers} workers, "
+        f"{args.repeats} interleaved repeats; load average (1 min) {start:.1f} at the start, "
+        f"{end:.1f} at the end\n"
+    )
+    print("| scorer | samples/s (scoring), median (min-max) | wall s (incl. start-up) |")
     print("|---|---|---|")
-    for name, r in results.items():
-        wall = f"{r['wall_s']:.1f}" if "wall_s" in r else "-"
-        print(f"| {name} | {r['samples_per_s']:.0f} | {wall} |")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    for name, rows in runs.items():
+        wall = summary([r["wall_s"] for r in rows]) if "wall_s" in rows[0] else "-"
+        print(f"| {name} | {summary([r['samples_per_s'] for r in rows])} | {wall} |")
 
 
 if __name__ == "__main__":

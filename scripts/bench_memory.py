@@ -19,11 +19,16 @@ Comparisons (``--compare``):
   (``grad_cache: {chunk_size: --chunk}``, :mod:`mmpt.models.grad_cache`). Gradient caching
   keeps the encoders' activation memory at one chunk; what still grows with the batch is the
   B x B logit matrices of the loss (and the batch itself).
-- ``full_vs_lora``: full training vs LoRA adapters (``adapters:``). Its settings are added to
-  :data:`COMPARISONS` by the parameter-efficient training work (issue 22, requirement 1).
+- ``full_vs_lora``: full training of the tiny VLM (quickstart stage 3: connector + LLM) vs
+  LoRA adapters on the LLM (``adapters:``), ``--rows`` packed rows, measured by
+  :func:`bench_lora_memory.run_settings` (also one fresh process per setting); its table adds
+  the gradient + AdamW state, where LoRA's saving shows at this size.
 
-    python scripts/bench_memory.py --compare grad_cache --json /tmp/bench_memory.json \\
-        --markdown /tmp/bench_memory.md
+Both by default, in one report (JSON: every row, with its ``compare``; Markdown: one table per
+comparison)::
+
+    python scripts/bench_memory.py --json /tmp/bench_memory.json --markdown /tmp/bench_memory.md
+    python scripts/bench_memory.py --compare grad_cache --batches 256 4096
 """
 
 from __future__ import annotations
@@ -64,9 +69,21 @@ def grad_cache_settings(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 #: Comparison name -> settings. A setting: ``name``, ``batch`` and ``model`` (init_args
 #: overriding the recipe's model, e.g. ``{"grad_cache": {"chunk_size": 64}}``).
-#: full vs LoRA: the peft work adds ``"full_vs_lora": lora_settings`` here, its settings
-#: overriding the model with ``{"adapters": ...}``; nothing else in this file changes.
 COMPARISONS = {"grad_cache": grad_cache_settings}
+
+
+def full_vs_lora(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    """Full vs LoRA training of the tiny VLM (:mod:`bench_lora_memory`): rows and table."""
+    import bench_lora_memory
+
+    rows = bench_lora_memory.run_settings(
+        bench_lora_memory.SETTINGS, args.steps, args.rows, args.device
+    )
+    return rows, bench_lora_memory.markdown(rows)
+
+
+#: Comparisons measured by another benchmark script: name -> (rows, Markdown table).
+DELEGATED = {"full_vs_lora": full_vs_lora}
 
 
 def build(spec: dict[str, Any]) -> Any:
@@ -190,11 +207,15 @@ def markdown(rows: list[dict[str, Any]], device: str) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--compare", choices=sorted(COMPARISONS), default="grad_cache")
+    p.add_argument(
+        "--compare", nargs="+", choices=sorted(COMPARISONS | DELEGATED),
+        default=["grad_cache", "full_vs_lora"], help="comparisons to run, in one report",
+    )  # fmt: skip
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="recipe whose model is built")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 4096])
     p.add_argument("--chunk", type=int, default=64, help="grad_cache chunk_size")
     p.add_argument("--steps", type=int, default=2, help="timed steps per setting")
+    p.add_argument("--rows", type=int, default=8, help="full_vs_lora: packed VLM rows a step")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -222,16 +243,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log = ResultLog(args.json, compare=args.compare, argv=sys.argv[1:],
                     machine=machine_info(torch.device(args.device)))  # fmt: skip
-    rows = []
-    for setting in COMPARISONS[args.compare](args):
-        rows.append(run_in_subprocess(setting, args))
-        log.results([rows[-1]])
-        print(json.dumps(rows[-1]), flush=True)
-    table = markdown(rows, args.device)
-    print(table)
+    tables, ok = [], True
+    for name in args.compare:
+        if name in DELEGATED:
+            rows, table = DELEGATED[name](args)
+            log.results([{"compare": name, **r} for r in rows])
+        else:
+            rows = []
+            for setting in COMPARISONS[name](args):
+                rows.append(run_in_subprocess(setting, args))
+                log.results([{"compare": name, **rows[-1]}])
+                print(json.dumps(rows[-1]), flush=True)
+            table = markdown(rows, args.device)
+            ok = ok and all(not r.get("error") for r in rows)
+        tables.append(f"### {name}\n\n{table.rstrip()}\n")
+        print(tables[-1], flush=True)
     if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
-    return 0 if all(not r.get("error") for r in rows) else 1
+        Path(args.markdown).write_text("\n".join(tables))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

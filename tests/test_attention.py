@@ -255,3 +255,20 @@ def test_mixed_qkv_dtypes_are_unified_for_the_kernel():
         assert {t.dtype for t in _common_dtype(q, q, v)} == {torch.bfloat16}
     assert {t.dtype for t in _common_dtype(q, q, v)} == {torch.float32}
     assert all(a is b for a, b in zip(_common_dtype(q, q, q), (q, q, q), strict=True))
+
+
+def test_the_segment_memo_works_under_inference_mode():
+    """Inference tensors have no version counter; the memo keys them on identity alone."""
+    from mmpt.models.attn_segments import Memo
+
+    memo, built = Memo(), []
+    with torch.inference_mode():
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+        assert memo.get(cu, ("k",), lambda: built.append(1) or len(built)) == 1
+        assert memo.get(cu, ("k",), lambda: built.append(1) or len(built)) == 1  # shared
+        other = torch.tensor([0, 3, 8], dtype=torch.int32)
+        assert memo.get(other, ("k",), lambda: built.append(1) or len(built)) == 2
+    plain = torch.tensor([0, 8], dtype=torch.int32)
+    assert memo.get(plain, (), lambda: "a") == "a"
+    plain.add_(0)  # an in-place edit of a normal tensor rebuilds
+    assert memo.get(plain, (), lambda: "b") == "b"

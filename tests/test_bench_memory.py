@@ -55,9 +55,27 @@ def test_main_writes_json_and_markdown(tmp_path: Path) -> None:
     bench = load_bench()
     out, md = tmp_path / "bench.json", tmp_path / "bench.md"
     argv = ["--batches", "8", "--chunk", "4", "--steps", "1", "--warmup", "0", "--threads", "1"]
-    argv += ["--config", tiny_config(tmp_path)]
+    argv += ["--config", tiny_config(tmp_path), "--compare", "grad_cache"]
     assert bench.main([*argv, "--json", str(out), "--markdown", str(md)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["setting"] for r in rows] == ["batch 8", "batch 8, grad cache 4"]
     assert all(r["step_peak_mib"] >= 0 for r in rows)
     assert md.read_text().count("| batch 8") == 2
+
+
+@pytest.mark.slow  # four fresh Python processes, two of them build the tiny VLM
+def test_one_report_holds_grad_cache_and_full_vs_lora(tmp_path: Path) -> None:
+    bench = load_bench()
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    argv = ["--batches", "8", "--chunk", "4", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    argv += ["--rows", "2", "--config", tiny_config(tmp_path)]
+    assert bench.main([*argv, "--json", str(out), "--markdown", str(md)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["compare"], r["setting"]) for r in rows] == [
+        ("grad_cache", "batch 8"), ("grad_cache", "batch 8, grad cache 4"),
+        ("full_vs_lora", "full"), ("full_vs_lora", "lora"),
+    ]  # fmt: skip
+    full, lora = rows[2:]
+    assert lora["trainable"] < full["trainable"] and lora["adapter_tensors"] > 0
+    text = md.read_text()
+    assert "### grad_cache" in text and "### full_vs_lora" in text and "| lora | cpu |" in text

@@ -53,8 +53,11 @@ def config_args(path: Path) -> list[str]:
     return [*(config_args(base) if base is not None else []), "-c", str(path)]
 
 
-# configs/eval/ holds benchmark suites, not recipes (tests/test_vlm_eval.py loads them)
-ALL_CONFIGS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent != CONFIGS / "eval")
+# configs/eval/ holds benchmark suites and configs/curation/ scoring prompts, not recipes
+# (tests/test_vlm_eval.py and tests/test_curation_vlm.py load them)
+ALL_CONFIGS = sorted(
+    p for p in CONFIGS.rglob("*.yaml") if p.parent not in (CONFIGS / "eval", CONFIGS / "curation")
+)
 IDS = [str(p.relative_to(CONFIGS)) for p in ALL_CONFIGS]
 
 

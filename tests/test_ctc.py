@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmpt.cli import main
 from mmpt.ctc_vocab import CTCTokenizer, CTCVocab, build_char_vocab, frames_needed
 from mmpt.models.ctc import CTCModule
+from mmpt.models.ctc_beam import beam_search_available
 from mmpt.models.encoders import Wav2Vec2Tower
 from tests.helpers import TINY_WAV2VEC2
 
@@ -196,3 +198,16 @@ def test_tri_stage_schedule_is_fairseqs() -> None:
     assert s.decay_start(total) == 500 and s.warmup_for(total) == 100
     with pytest.raises(ValueError, match="phase_ratio"):
         TriStage(phase_ratio=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.skipif(beam_search_available(), reason="flashlight-text is installed here")
+def test_beam_search_without_flashlight_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    """``--beam-size`` where torchaudio's decoder cannot load names the package and command."""
+    (tmp_path / "val").mkdir()
+    argv = ["eval", "asr", "--ckpt", str(tmp_path / "ctc.ckpt"), "--data", str(tmp_path / "val")]
+    assert main([*argv, "--beam-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--beam-size" in err and "pip install flashlight-text" in err
+    assert "Traceback" not in err
+    assert main([*argv, "--lm", str(tmp_path / "lm.arpa")]) == 2
+    assert "add --beam-size" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The CTC quickstarts learn (slow): WER far below an untrained head; wav2vec-S then CTC runs."""
+"""The CTC quickstarts learn (slow): WER far below an untrained head, from scratch and after
+wav2vec-S."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def untrained_wer(root: Path, monkeypatch: pytest.MonkeyPatch) -> float:
 @pytest.mark.timeout(3600)
 def test_ctc_after_wav2vec_s_beats_an_untrained_head(tmp_path: Path, monkeypatch):
     """wav2vec-S (60 steps) then CTC on 150 labelled clips: validation WER well under 1
-    (measured 0.52); an untrained head's is above 1 (measured 3.7, insertions)."""
+    (measured 0.223); an untrained head's is above 1 (measured 3.69, insertions)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(os.environ, "OMP_NUM_THREADS", "1")
     (tmp_path / "configs").symlink_to(ROOT / "configs")
@@ -50,5 +51,20 @@ def test_ctc_after_wav2vec_s_beats_an_untrained_head(tmp_path: Path, monkeypatch
     args += [str(ckpt), "--data.init_args.train.urls", "data/tonespeech-a-150/train"]
     assert main(args) == 0
     trained = float(last_row("ctc_tiny", "val/wer", tmp_path)["val/wer"])
-    assert trained < 0.8
+    assert trained < 0.5
+    assert untrained_wer(tmp_path, monkeypatch) >= 0.95 > trained
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_ctc_from_scratch_leaves_the_blank_plateau(tmp_path: Path, monkeypatch):
+    """ctc_tiny.yaml alone (1500 labelled clips, 600 updates of 8): validation WER far below an
+    untrained head's (measured 0.166 vs 3.69). With 300 updates of 16 it stayed on the blank
+    plateau (WER 1.00): the plateau lasts about 200 updates, whatever the peak LR."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(os.environ, "OMP_NUM_THREADS", "1")
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    assert main(["fit", "-c", "configs/quickstart/ctc_tiny.yaml"]) == 0
+    trained = float(last_row("ctc_tiny", "val/wer", tmp_path)["val/wer"])
+    assert trained < 0.5
     assert untrained_wer(tmp_path, monkeypatch) >= 0.95 > trained

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -101,22 +102,72 @@ def test_resume_scores_only_the_missing_shards(clip: dict, capsys) -> None:
     assert "already scored" in capsys.readouterr().out
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_give_the_same_scores(clip: dict) -> None:
-    """Two processes (torchrun, gloo): every shard scored once, the same numbers as one."""
-    one = _score(clip, clip["tmp"] / "one", "--num-workers", "0")
-    out = clip["tmp"] / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", "29571", "-m", "mmpt.cli", "data", "score", "-c", str(clip["cfg"])]
-    cmd += ["--ckpt", str(clip["ckpt"]), "--from", str(clip["raw"]), "--out", str(out)]
-    cmd += ["--num-workers", "1", "--batch-size", "3", "--accelerator", "cpu", "--text-key", "txt"]
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ranks_under_torchrun_give_the_same_scores(clip: dict, ranks: int) -> None:
+    """2 and 4 processes (torchrun, gloo): every shard scored once, the same numbers as one.
+
+    5 shards over 4 ranks: rank 0 reads two, the others one each (uneven ranks finish apart).
+    """
+    one = _score(clip, clip["tmp"] / f"one{ranks}", "--num-workers", "0")
+    out = clip["tmp"] / f"ranks{ranks}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks)]
+    cmd += ["--master-port", str(_free_port()), "-m", "mmpt.cli", "data", "score"]
+    cmd += ["-c", str(clip["cfg"]), "--ckpt", str(clip["ckpt"]), "--from", str(clip["raw"])]
+    cmd += ["--out", str(out), "--num-workers", "1", "--batch-size", "3", "--accelerator", "cpu"]
+    cmd += ["--text-key", "txt"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        cmd, cwd=clip["tmp"], env=env, capture_output=True, text=True, timeout=600
+        cmd, cwd=clip["tmp"], env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    two = sorted(pq.read_table(out).to_pylist(), key=lambda r: (r["shard"], r["key"]))
-    assert [(r["shard"], r["key"]) for r in two] == [(r["shard"], r["key"]) for r in one]
-    for a, b in zip(one, two, strict=True):
+    got = sorted(pq.read_table(out).to_pylist(), key=lambda r: (r["shard"], r["key"]))
+    assert [(r["shard"], r["key"]) for r in got] == [(r["shard"], r["key"]) for r in one]
+    for a, b in zip(one, got, strict=True):
         assert a["clip"] == pytest.approx(b["clip"], abs=1e-6)
-    assert "rank 1 scored" in done.stdout
+    for rank in range(ranks):
+        want = 4 * len(range(rank, 5, ranks))  # shard i is rank i % ranks's, 4 samples each
+        assert f"rank {rank} scored {want} samples" in done.stdout, done.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_give_the_same_scores(clip: dict) -> None:
+    """Two torchrun "nodes" (``--nnodes 2``, node ranks 0/1, localhost rendezvous, gloo), one
+    process each: every shard scored once, by rank ``i % 2``, the same numbers as one rank."""
+    one = _score(clip, clip["tmp"] / "one-nodes", "--num-workers", "0")
+    out, port = clip["tmp"] / "nodes", str(_free_port())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+        cmd += ["--node-rank", str(node), "--nproc-per-node", "1"]
+        cmd += ["--master-addr", "127.0.0.1", "--master-port", port]
+        cmd += ["-m", "mmpt.cli", "data", "score", "-c", str(clip["cfg"])]
+        cmd += ["--ckpt", str(clip["ckpt"]), "--from", str(clip["raw"]), "--out", str(out)]
+        cmd += ["--num-workers", "1", "--batch-size", "3", "--accelerator", "cpu"]
+        cmd += ["--text-key", "txt"]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=clip["tmp"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        )
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    got = sorted(pq.read_table(out).to_pylist(), key=lambda r: (r["shard"], r["key"]))
+    assert [(r["shard"], r["key"]) for r in got] == [(r["shard"], r["key"]) for r in one]
+    for a, b in zip(one, got, strict=True):
+        assert a["clip"] == pytest.approx(b["clip"], abs=1e-6)
+    assert "rank 0 scored 12 samples" in logs[0], logs[0][-2000:]  # shards 0, 2, 4
+    assert "rank 1 scored 8 samples" in logs[1], logs[1][-2000:]  # shards 1, 3

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from mmpt.cli import LIGHTNING_COMMANDS, TOP_HELP, command_parser, training_parser
+from tests.test_configs import overlay_base
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -154,6 +155,9 @@ def test_documented_command_parses(where: str, command: str, monkeypatch) -> Non
     configs = [argv[i + 1] for i, t in enumerate(argv[:-1]) if t in ("-c", "--config")]
     if not configs or any(placeholder(c) for c in configs):
         return  # a placeholder (CONFIG, base.yaml): only the command name can be checked
+    plain = argv[0] == "fit" and len(argv) == 3 and configs[0].startswith("configs/")
+    if plain and overlay_base(ROOT / configs[0]) is None:
+        return  # one recipe as written: test_configs.py parses each (--print_config)
     monkeypatch.chdir(ROOT)
     print_config(argv)
 

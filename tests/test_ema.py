@@ -168,3 +168,53 @@ def test_ema_mmpt_module_freeze_no_warning() -> None:
 def test_ema_rejects_bad_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="EMA"):
         EMA(**kwargs)
+
+
+class CLIFactory:
+    """An optimizer factory holding the run's datamodule, as LightningCLI's does.
+
+    LightningCLI's ``OptimizerCallable`` closes over the CLI, whose config holds the
+    instantiated datamodule and its :class:`~mmpt.datamodules.stages.SharedEpoch` counters
+    (a ``multiprocessing.Value``, which cannot be deep-copied).
+    """
+
+    def __init__(self) -> None:
+        from mmpt.datamodules.stages import SharedEpoch
+
+        self.datamodule_epoch = SharedEpoch()
+
+    def __call__(self, params: list) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=0.1)
+
+
+class TinyCLIModule(TinyMMPT):
+    """TinyMMPT whose optimizer factory reaches a shared-memory counter (the continual recipe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.optimizer_factory = CLIFactory()
+
+
+def test_deepcopy_shares_the_optimizer_factory_and_copies_the_weights() -> None:
+    import copy
+
+    model = TinyCLIModule()
+    twin = copy.deepcopy(model)
+    assert twin.optimizer_factory is model.optimizer_factory
+    assert twin.body.weight is not model.body.weight
+    assert torch.equal(twin.body.weight, model.body.weight)
+    assert twin.freeze_patterns == model.freeze_patterns
+    assert twin.freeze_patterns is not model.freeze_patterns  # the rest is a real deep copy
+    twin.body.weight.data.add_(1.0)
+    assert not torch.equal(twin.body.weight, model.body.weight)
+
+
+def test_ema_with_a_factory_holding_the_datamodule() -> None:
+    """The continual ``ema`` recipe failed at setup: the average's deep copy of the module
+    reached the datamodule's ``multiprocessing.Value`` through the optimizer factory."""
+    torch.manual_seed(0)
+    model = TinyCLIModule()
+    ema = EMA(decay=0.9)
+    rec = _fit(model, ema, 3)
+    expected = _expected(rec, 0.9, [0, 1, 2])["body.weight"]
+    torch.testing.assert_close(model.body.weight.double(), expected, rtol=0, atol=1e-6)

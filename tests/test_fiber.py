@@ -4,6 +4,7 @@ cross-modal dependence once the gates open, ITM/MLM losses vs direct formulas, r
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -187,3 +188,42 @@ def test_validation_reports_itc_and_itm_retrieval(bert_dir: str) -> None:
     assert torch.allclose(out["text_emb"], txt, atol=1e-6)
     for key in ("itc/t2i/R@1", "itm/t2i/R@1", "itc/i2t/R@5", "itm/i2t/median_rank"):
         assert key in metrics
+
+
+def test_cross_modal_parameters_train_at_fusion_lr_scale(bert_dir: str) -> None:
+    model = make_model(bert_dir, fusion_lr_scale=5.0)
+    model._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    conf = model.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    fast = {id(p) for p in model.cross_modal_parameters()}
+    assert {id(g) for g in model.fusion.gates()} <= fast
+    assert {id(p) for p in model.itm_head.parameters()} <= fast
+    assert id(model.text.model.get_input_embeddings().weight) not in fast  # tied MLM decoder
+    params = list(model.parameters())
+    assert len(lr) == len(params)  # every parameter in exactly one group
+    for p in params:
+        assert lr[id(p)] == pytest.approx(5e-3 if id(p) in fast else 1e-3)
+    assert sched.base_lrs == [g["lr"] for g in opt.param_groups]
+    names = {g["name"] for g in opt.param_groups}
+    assert names == {"decay", "no_decay", "decay_fusion", "no_decay_fusion"}
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_itm_pair_state_pools_the_text_as_the_tower(bert_dir: str, pooling: str) -> None:
+    torch.manual_seed(0)
+    text = HFTextTower(bert_dir, embed_dim=16, context_length=12, pooling=pooling)
+    model = FiberModule(TimmVisionTower(**VIT), text, fusion_layers=2).eval()
+    open_gates(model)
+    batch = make_batch(model)
+    with torch.no_grad():
+        state = model.fusion.vision_bottom(model.vision, batch.images)
+        stream = model.fusion.text_bottom(model.text, batch.text_tokens)
+        final, hidden = model.fusion.top(model.vision, model.text, state, stream)
+        _, txt, pair = model.fusion.pair_outputs(model.vision, model.text, state, stream)
+    keep = stream.mask[..., None].float()
+    pooled = hidden[:, 0] if pooling == "cls" else (hidden * keep).sum(1) / keep.sum(1)
+    dv = pair.shape[1] - hidden.shape[-1]
+    torch.testing.assert_close(pair[:, :dv], final[:, 0])  # the ViT's class token
+    torch.testing.assert_close(pair[:, dv:], pooled)
+    torch.testing.assert_close(txt, model.text.proj(pooled))

@@ -145,7 +145,7 @@ def test_killed_ddp_fit_resumes_with_every_sample_exactly_once(tmp_path: Path):
 
 @pytest.mark.parametrize(
     "kill,every",
-    [(21, 5), (17, 16)],
+    [(21, 5), pytest.param(17, 16, marks=pytest.mark.slow)],  # ~35 CPU-s each: one by default
     ids=["mid-epoch-1", "at-the-end-of-epoch-0"],
 )
 def test_one_process_resumes_in_a_later_epoch_or_after_an_epoch_end(tmp_path, kill, every):
@@ -156,6 +156,7 @@ def test_one_process_resumes_in_a_later_epoch_or_after_an_epoch_end(tmp_path, ki
     check_epochs(before + after, 1)
 
 
+@pytest.mark.slow  # a 2-process FSDP2 fit killed and resumed; test_distributed_fit fits FSDP2
 def test_fsdp2_restoring_after_setup_resumes_exactly(tmp_path: Path):
     """FSDP2 restores the checkpoint after the strategy's setup built the loader: the position
     still reaches the workers (they start at the first batch)."""

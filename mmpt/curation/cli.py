@@ -1,4 +1,4 @@
-"""``mmpt data dedup`` and ``mmpt data filter``: their flags and runners."""
+"""``mmpt data score``, ``dedup`` and ``filter``: their flags and runners."""
 
 from __future__ import annotations
 
@@ -12,17 +12,36 @@ from mmpt.safe_load import add_unsafe_load_flag
 
 def add_parsers(sub: Any) -> None:
     """Add ``score``, ``dedup`` and ``filter`` to the ``mmpt data`` subparsers."""
-    help_ = "CLIP score (image-caption cosine) of every sample, as a Lightning predict job"
-    s = sub.add_parser("score", help=help_, description=help_)
-    s.add_argument(
-        "-c", "--config", action="append", required=True, help="the model's training config(s)"
+    help_ = (
+        "per-sample scores as a Lightning predict job: CLIP score (image-caption cosine) or "
+        "a VLM's judgement / caption likelihood (--kind vlm --prompt YAML)"
     )
-    s.add_argument("--ckpt", required=True, help="checkpoint of a contrastive model")
+    s = sub.add_parser("score", help=help_, description=help_)
+    s.add_argument("--kind", choices=("clip", "vlm"), default="clip", help="default clip")
+    s.add_argument("-c", "--config", action="append", help="the model's training config(s)")
+    s.add_argument("--ckpt", help="checkpoint of the -c config")
+    s.add_argument(
+        "--model",
+        help="clip: open_clip model folder (open_clip_config.json + weights: an OpenCLIP hub "
+        "repo, or `mmpt export --format open_clip`), instead of -c/--ckpt; vlm: export folder "
+        "(mmpt export, or a transformers LLaVA one)",
+    )
+    s.add_argument("--prompt", help="vlm: prompt YAML (configs/curation/mlm_filter.yaml)")
+    s.add_argument("--template", help="vlm: chat template (default: the model's own)")
+    s.add_argument("--system", help="vlm: system prompt")
     s.add_argument("--from", dest="source", required=True, help="shards to score")
     s.add_argument("--out", required=True, help="score folder: one parquet file per shard")
-    s.add_argument("--name", default="clip", help="score column name (default clip)")
-    s.add_argument("--text-key", default=None, help="caption field (default: the config's)")
-    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument(
+        "--name", default=None, help="score column (clip; default clip) or prefix (vlm; mlm)"
+    )
+    s.add_argument(
+        "--text-key",
+        default=None,
+        help="caption field (clip: the config's, txt;json:caption with --model; vlm: "
+        "txt;json:caption)",
+    )
+    s.add_argument("--image-key", default=None, help="vlm: image member (default jpg/png/webp)")
+    s.add_argument("--batch-size", type=int, default=None, help="per rank (vlm default 8)")
     s.add_argument("--num-workers", type=int, default=None)
     s.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
     add_unsafe_load_flag(s)
@@ -117,10 +136,39 @@ def run_filter(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
-    """``mmpt data score``."""
+    """``mmpt data score``: CLIP score with ``--model DIR`` or ``-c CONFIG --ckpt CKPT``."""
+    if args.kind == "vlm":
+        return _run_vlm_score(args)
+    from mmpt.curation.score import score_shards
+
+    if args.prompt:
+        raise ValueError("--prompt is for --kind vlm")
+    if args.model is not None and (args.config or args.ckpt is not None):
+        raise ValueError("--kind clip: give --model DIR or -c CONFIG --ckpt CKPT, not both")
+    if args.model is None and (not args.config or args.ckpt is None):
+        raise ValueError(
+            "--kind clip scores with --model DIR (an open_clip model folder) or "
+            "-c CONFIG --ckpt CKPT (an mmpt training run)"
+        )
+    model, datamodule = _open_clip_model(args) if args.model else _config_model(args)
+    shards = score_shards(
+        model,
+        datamodule,
+        args.source,
+        args.out,
+        args.name or "clip",
+        args.accelerator,
+        args.batch_size,
+        args.num_workers,
+    )
+    print(f"mmpt data score: {shards} shard(s) scored -> {args.out}")
+    return 0
+
+
+def _config_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``-c CONFIG --ckpt CKPT`` as (its contrastive model with the weights, its datamodule)."""
     from pathlib import Path
 
-    from mmpt.curation.score import score_shards
     from mmpt.eval.applicable import require_task
     from mmpt.models.module import load_checkpoint
     from mmpt.run_config import build_from_config
@@ -132,15 +180,49 @@ def run_score(args: argparse.Namespace) -> int:
     load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
     if args.text_key is not None:
         cli.datamodule.val_text_key = args.text_key
-    shards = score_shards(
-        cli.model,
-        cli.datamodule,
+    return cli.model, cli.datamodule
+
+
+def _open_clip_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The ``--model`` open_clip folder as (ContrastiveModule, ImageTextDataModule)."""
+    from mmpt.curation.clip_model import load_open_clip_folder, open_clip_datamodule
+
+    model = load_open_clip_folder(args.model)
+    return model, open_clip_datamodule(model, args.text_key)
+
+
+def _run_vlm_score(args: argparse.Namespace) -> int:
+    """``mmpt data score --kind vlm``: the model loads as ``mmpt generate`` loads it."""
+    import os
+
+    import torch
+
+    from mmpt.curation.vlm_prompt import load_prompt
+    from mmpt.curation.vlm_score import score_vlm
+    from mmpt.generate_cli import check_model_source, load_model
+
+    check_model_source(args, [])
+    if args.prompt is None:
+        raise ValueError("--kind vlm needs --prompt YAML (e.g. configs/curation/mlm_filter.yaml)")
+    prompt = load_prompt(args.prompt)  # a bad YAML fails before the model loads
+    if (args.batch_size is not None and args.batch_size < 1) or (args.num_workers or 0) < 0:
+        raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
+    cuda = args.accelerator != "cpu" and torch.cuda.is_available()
+    args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    model = load_model(args, [])
+    shards = score_vlm(
+        model,
+        prompt,
         args.source,
         args.out,
-        args.name,
+        args.name or "mlm",
         args.accelerator,
-        args.batch_size,
-        args.num_workers,
+        args.batch_size or 8,
+        args.num_workers or 0,
+        args.template,
+        args.system,
+        args.image_key,
+        args.text_key or "txt;json:caption",
     )
-    print(f"mmpt data score: {shards} shard(s) scored -> {args.out}")
+    print(f"mmpt data score: {shards} shard(s) scored -> {args.out} ({prompt.mode})")
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,19 @@ class ScoreWriter(BasePredictionWriter):
 
     Args:
         out: Output folder.
-        name: Score column name.
+        columns: ``predict_step`` output -> {score column: (N,) tensor}, N its ``keys``.
         expected: Samples per shard file name (from the index); shards absent are written at
             the end of the epoch.
     """
 
-    def __init__(self, out: str | Path, name: str, expected: dict[str, int]) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        columns: Callable[[Any], dict[str, torch.Tensor]],
+        expected: dict[str, int],
+    ) -> None:
         super().__init__(write_interval="batch")
-        self.out, self.name, self.expected = Path(out), name, expected
+        self.out, self.columns, self.expected = Path(out), columns, expected
         self.rows: dict[str, dict[str, list]] = {}
         self.samples = 0
         self.start = time.perf_counter()
@@ -91,16 +97,17 @@ class ScoreWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        scores = pair_scores(prediction).cpu().tolist()
-        for composite, score in zip(prediction["keys"], scores, strict=True):
+        scores = {name: v.float().cpu().tolist() for name, v in self.columns(prediction).items()}
+        for i, composite in enumerate(prediction["keys"]):
             shard, key = composite.split("/", 1)
-            rows = self.rows.setdefault(shard, {"shard": [], "key": [], self.name: []})
+            rows = self.rows.setdefault(shard, {"shard": [], "key": [], **{n: [] for n in scores}})
             rows["shard"].append(shard)
             rows["key"].append(key)
-            rows[self.name].append(score)
+            for name, values in scores.items():
+                rows[name].append(values[i])
             if len(rows["key"]) == self.expected.get(shard, -1):
                 self._flush(shard)
-        self.samples += len(scores)
+        self.samples += len(prediction["keys"])
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the shards still open (no index count, or samples skipped as corrupt)."""
@@ -135,6 +142,41 @@ def launch_world() -> tuple[int, int]:
     return local, max(1, world // max(local, 1))
 
 
+def plan(source: str, out: str | Path) -> tuple[list[str], dict[str, int]]:
+    """(shards of ``source`` not scored in ``out`` yet, their sample counts by file name).
+
+    Raises:
+        FileNotFoundError: ``--from`` has no shards.
+    """
+    from mmpt.datamodules.urls import resolve_source
+
+    resolved = resolve_source(source, "--from")
+    todo = remaining_shards(resolved.urls, out)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    counts = dict(zip(resolved.urls, resolved.counts or [], strict=False))
+    return todo, {shard_name(u): counts[u] for u in todo if u in counts}
+
+
+def run_predict(
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    writer: ScoreWriter,
+    accelerator: str = "auto",
+) -> None:
+    """``Trainer.predict`` on every rank torchrun / SLURM started (DDP when several)."""
+    devices, nodes = launch_world()
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=nodes,
+        strategy="ddp" if devices * nodes > 1 else "auto",
+        logger=False,
+        enable_model_summary=False,
+        callbacks=[writer],
+    )
+    trainer.predict(model, datamodule=datamodule, return_predictions=False)
+
+
 def score_shards(
     model: L.LightningModule,
     datamodule: Any,
@@ -159,16 +201,11 @@ def score_shards(
         num_workers: Loader workers per rank (default: the datamodule's).
     """
     from mmpt.datamodules.streams import StreamConfig
-    from mmpt.datamodules.urls import resolve_source
 
-    resolved = resolve_source(source, "--from")
-    todo = remaining_shards(resolved.urls, out)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    todo, expected = plan(source, out)
     if not todo:
         print(f"mmpt data score: every shard of {source} is already scored in {out}")
         return 0
-    counts = dict(zip(resolved.urls, resolved.counts or [], strict=False))
-    expected = {shard_name(u): counts[u] for u in todo if u in counts}
     datamodule.test_cfg = StreamConfig(urls="::".join(todo), shuffle_buffer=0, shuffle_shards=False)
     if batch_size is not None:
         datamodule.val_batch_size = batch_size
@@ -181,15 +218,6 @@ def score_shards(
         return original()
 
     datamodule.predict_dataloader = predict_dataloader
-    devices, nodes = launch_world()
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=nodes,
-        strategy="ddp" if devices * nodes > 1 else "auto",
-        logger=False,
-        enable_model_summary=False,
-        callbacks=[ScoreWriter(out, name, expected)],
-    )
-    trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    writer = ScoreWriter(out, lambda p: {name: pair_scores(p)}, expected)
+    run_predict(model, datamodule, writer, accelerator)
     return len(todo)

@@ -60,6 +60,22 @@ def _device(name: str) -> torch.device:
     )
 
 
+def check_beam_args(args: argparse.Namespace) -> None:
+    """Refuse beam-search flags that cannot run, before the model loads.
+
+    Raises:
+        ValueError: ``--lm``/``--lexicon`` without ``--beam-size``, or ``--beam-size`` where
+            torchaudio's CTC decoder is missing (names flashlight-text and its pip command).
+    """
+    if args.beam_size <= 0:
+        if args.lm or args.lexicon:
+            raise ValueError("--lm/--lexicon are for beam search: add --beam-size N (e.g. 50)")
+        return
+    from mmpt.models.ctc_beam import require_beam_search
+
+    require_beam_search()
+
+
 def ctc_transcripts(args: argparse.Namespace) -> tuple[list[str], list[str], list[str], dict]:
     """Keys, references and hypotheses of ``--data`` by the CTC model of ``--ckpt``.
 
@@ -77,6 +93,7 @@ def ctc_transcripts(args: argparse.Namespace) -> tuple[list[str], list[str], lis
     from mmpt.datamodules.streams import StreamConfig
     from mmpt.models.ctc_load import load_ctc
 
+    check_beam_args(args)
     model = load_ctc(args.ckpt, unsafe=args.unsafe_load or None)
     decode = model.vocab.greedy
     if args.beam_size > 0:
@@ -172,4 +189,11 @@ def run_asr(args: argparse.Namespace, overrides: list[str]) -> int:
     return run_ctc_asr(args)
 
 
-__all__ = ["add_asr_parser", "ctc_transcripts", "normalizer_of", "report_asr", "run_asr"]
+__all__ = [
+    "add_asr_parser",
+    "check_beam_args",
+    "ctc_transcripts",
+    "normalizer_of",
+    "report_asr",
+    "run_asr",
+]
