@@ -1,9 +1,10 @@
 """Band-aware view augmentation for self-distillation, batched on the device (RGB or 13 bands).
 
 Every operation treats channels alike (no grayscale, hue or solarisation, which only mean
-something for RGB): a random resized crop with flips (one affine resampling per sample),
-per-band brightness and contrast jitter in the data's scaled units, and Gaussian blur. They
-run on normalised (B, C, H, W) batches after the datamodule, with no per-sample Python work.
+something for RGB): a random resized crop with flips (one affine resampling per sample), a
+random gain smooth over the band order (illumination and atmosphere), per-band brightness and
+contrast jitter in the data's scaled units, and Gaussian blur. They run on normalised
+(B, C, H, W) batches after the datamodule, with no per-sample Python work.
 """
 
 from __future__ import annotations
@@ -70,6 +71,24 @@ def resized_crop(
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def smooth_gain(
+    batch: int,
+    channels: int,
+    ranges: tuple[float, float, float],
+    like: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, C) gains smooth over the band order: ``exp(a + b z + c (z^2 - 1/3))``.
+
+    ``z`` is the band's position mapped to [-1, 1] (Sentinel-2's band order is its wavelength
+    order); ``a, b, c`` are uniform in ``+-ranges`` per sample: the level, tilt and curvature of
+    a log gain, as illumination, aerosol and water-vapour transmission change a spectrum.
+    """
+    z = torch.linspace(-1, 1, channels, device=like.device) if channels > 1 else like.new_zeros(1)
+    a, b, c = (_uniform((batch, 1), -r, r, like, generator) for r in ranges)
+    return (a + b * z + c * (z**2 - 1 / 3)).exp()
+
+
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of every channel (reflect padding); (B, C, H, W) -> same."""
     radius = max(1, min(math.ceil(3 * sigma), (min(images.shape[-2:]) - 1) // 2))
@@ -83,13 +102,19 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class BandAugment:
-    """One random view of a normalised batch: resized crop + flips, band jitter, blur.
+    """One random view of a normalised batch: resized crop + flips, band gains, blur.
 
-    Brightness and contrast act in the data's scaled units (``x * std + mean`` of the
+    Gains act in the data's scaled units (``x * std + mean`` of the
     normalisation, i.e. reflectance for Sentinel-2 or [0, 1] for RGB), with one factor per
     band and sample: brightness ``x * b``, contrast ``mu + (x - mu) * c`` around the band's
     spatial mean ``mu``; ``b, c`` uniform in ``[1 - strength, 1 + strength]``, applied to a
-    sample with probability ``jitter_prob`` (SSL4EO-S12: 0.4, 0.4, p 0.8).
+    sample with probability ``jitter_prob`` (SSL4EO-S12: 0.4, 0.4, p 0.8). With
+    ``spectral_gain`` every view is first multiplied by its own gain smooth over the band order
+    (:func:`smooth_gain`): independent per-band factors average out over 13 bands, so two views
+    of a tile would still share its illumination and atmosphere (a colour shortcut for
+    instance discrimination); a smooth per-view gain of the size the scenes vary by removes it
+    and keeps what a smooth gain cannot change, the sharp spectral features (red edge, water
+    absorption) and the texture.
 
     Args:
         size: Output side in pixels.
@@ -99,6 +124,8 @@ class BandAugment:
         brightness: Brightness jitter strength (0: off).
         contrast: Contrast jitter strength (0: off).
         jitter_prob: Probability that a sample is jittered.
+        spectral_gain: Ranges (+-) of the smooth log gain's level, tilt and curvature
+            (:func:`smooth_gain`); zeros: off.
         blur_prob: Probability that a sample is blurred.
         blur_sigma: Range of the blur's sigma in output pixels (one draw per batch).
     """
@@ -112,6 +139,7 @@ class BandAugment:
         brightness: float = 0.4,
         contrast: float = 0.4,
         jitter_prob: float = 0.8,
+        spectral_gain: tuple[float, float, float] = (0.0, 0.0, 0.0),
         blur_prob: float = 0.0,
         blur_sigma: tuple[float, float] = (0.1, 2.0),
     ) -> None:
@@ -121,9 +149,14 @@ class BandAugment:
             raise ValueError(f"probabilities must be in [0, 1]: {jitter_prob}, {blur_prob}")
         if not (0 <= brightness < 1 and 0 <= contrast < 1):
             raise ValueError(f"jitter strengths must be in [0, 1): {brightness}, {contrast}")
+        if len(spectral_gain) != 3 or min(spectral_gain) < 0:
+            raise ValueError(
+                f"spectral_gain must be 3 ranges >= 0 (level, tilt, curve), got {spectral_gain}"
+            )
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
         self.brightness, self.contrast, self.jitter_prob = brightness, contrast, jitter_prob
         self.blur_prob, self.blur_sigma = blur_prob, tuple(blur_sigma)
+        self.spectral_gain = tuple(float(r) for r in spectral_gain)
 
     def jitter(
         self,
@@ -132,7 +165,10 @@ class BandAugment:
         std: torch.Tensor,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Per-band brightness and contrast of normalised (B, C, H, W) images (see class doc).
+        """Smooth band gain, per-band brightness and contrast of normalised (B, C, H, W) images.
+
+        See the class doc; the smooth gain applies to every image, the jitter with
+        ``jitter_prob``.
 
         Args:
             images: Normalised images.
@@ -142,6 +178,8 @@ class BandAugment:
         b, c = images.shape[:2]
         m, s = mean.view(1, c, 1, 1), std.view(1, c, 1, 1)
         x = images * s + m
+        if any(self.spectral_gain):
+            x = x * smooth_gain(b, c, self.spectral_gain, x, generator).view(b, c, 1, 1)
         on = torch.rand(b, 1, 1, 1, device=images.device, generator=generator) < self.jitter_prob
         bright = _uniform((b, c, 1, 1), 1 - self.brightness, 1 + self.brightness, x, generator)
         contrast = _uniform((b, c, 1, 1), 1 - self.contrast, 1 + self.contrast, x, generator)
@@ -173,7 +211,7 @@ class BandAugment:
         if self.flip:
             flip = torch.rand(b, 2, device=images.device, generator=generator) < 0.5
         x = resized_crop(images, boxes, self.size, flip)
-        if self.brightness or self.contrast:
+        if self.brightness or self.contrast or any(self.spectral_gain):
             m, s = (torch.tensor(v, device=x.device, dtype=x.dtype) for v in (mean, std))
             x = self.jitter(x, m, s, generator)
         if self.blur_prob > 0:
@@ -183,4 +221,4 @@ class BandAugment:
         return x
 
 
-__all__ = ["BandAugment", "crop_boxes", "gaussian_blur", "resized_crop"]
+__all__ = ["BandAugment", "crop_boxes", "gaussian_blur", "resized_crop", "smooth_gain"]

@@ -160,6 +160,27 @@ def test_band_augment_identity_flip_and_per_band_jitter() -> None:
     assert crops.shape == (4, 13, 8, 8) and torch.isfinite(crops).all()
 
 
+def test_band_augment_smooth_spectral_gain() -> None:
+    """Every view gets its own gain exp(a + b z + c (z^2 - 1/3)) over the band order, a, b, c
+    within the ranges; 13 per-band factors of one view fit that curve exactly."""
+    x = torch.randn(64, 13, 8, 8).abs() + 0.5  # positive scaled values (mean 0, std 1)
+    view = BandAugment(8, scale=(1, 1), ratio=(1, 1), flip=False, brightness=0, contrast=0,
+                       spectral_gain=(0.3, 0.2, 0.1))  # fmt: skip
+    torch.manual_seed(0)
+    y = view(x, [0.0] * 13, [1.0] * 13)
+    log_g = (y / x).log()[:, :, 0, 0]  # (B, C): one factor per band and view
+    assert torch.allclose((y / x).log(), log_g[..., None, None].expand_as(y), atol=1e-4)
+    z = torch.linspace(-1, 1, 13)
+    basis = torch.stack([torch.ones(13), z, z**2 - 1 / 3], 1)  # (C, 3)
+    coef = torch.linalg.lstsq(basis.expand(64, 13, 3), log_g[..., None]).solution[..., 0]
+    assert torch.allclose(coef @ basis.T, log_g, atol=1e-4)  # smooth: on the quadratic exactly
+    for j, r in enumerate((0.3, 0.2, 0.1)):
+        assert coef[:, j].abs().max() <= r + 1e-4 and coef[:, j].abs().max() > r / 2
+    assert coef[:, 0].std() > 0.1  # views differ (not one gain for the batch)
+    with pytest.raises(ValueError, match="spectral_gain"):
+        BandAugment(8, spectral_gain=(0.3, -0.1, 0.0))
+
+
 def _fit(model: L.LightningModule, tmp_path: Path, steps: int = 2) -> L.Trainer:
     images = torch.randn(8, 13, 32, 32)
     trainer = L.Trainer(
