@@ -32,14 +32,15 @@ def _losses(run: str) -> list[float]:
 def test_self_distillation_quickstart_beats_random_init(
     name: str, tmp_path: Path, monkeypatch
 ) -> None:
-    """MoCo v3 / DINO on the land-cover tiles (60 steps each): kNN (k=5) on the class token
-    beats the same tower at random initialisation, which keys on mean colour (that the tiles'
-    per-band gains blur) and cannot tell cropland from grassland by texture."""
+    """MoCo v3 / DINO on the land-cover tiles (217 steps each, a small ResNet): kNN (k=5) on the
+    pooled features beats the same tower at random initialisation by a clear margin (measured
+    MEASURED_TEST); random features key on mean colour, which the tiles' smooth per-tile gains
+    blur, and cannot tell cropland from grassland by texture."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     assert main(["fit", "-c", f"configs/quickstart/{name}.yaml"]) == 0
     report = _knn(name, "data/landcover", "probe", "--pool", "model")
-    assert report["knn/top1"] > report["knn_random_init/top1"], report
+    assert report["knn/top1"] > report["knn_random_init/top1"] + 0.05, report
 
 
 @pytest.mark.slow
