@@ -114,7 +114,7 @@ def tiny_tower(written: dict[str, Any], embed_dim: int, tiles: Path) -> dict[str
         if args.get(key) is not None:
             tower["init_args"][key] = args[key]
     dynamic = (args.get("model_kwargs") or {}).get("dynamic_img_size")  # DINO's local crops
-    if dynamic or "vit" not in args.get("model_name", "vit"):  # a CNN takes any size too
+    if dynamic or str(args.get("model_name", "")).startswith("resnet"):  # so does a ResNet
         tower["init_args"]["model_kwargs"]["dynamic_img_size"] = True
     if args.get("bands"):
         tower["init_args"]["stats_from"] = str(tiles / "train")
