@@ -54,3 +54,28 @@ def atomic_torch_save(obj: object, path: str | Path) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def read_yaml(path: str | Path, flag: str) -> Any:
+    """Parse a user's YAML file; errors name the flag it came from and the file.
+
+    Args:
+        path: The file.
+        flag: The option or argument that named it (``-c``, ``--prompt``), for messages.
+
+    Returns:
+        The document (``None`` for an empty file).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not valid YAML (the parser's message, with line and column).
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{flag} {path}: not valid YAML ({e})") from None

@@ -9,10 +9,11 @@ parser refuses: :func:`config_args` drops them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mmpt.io import read_yaml
 
 #: The parts of a training config; a saved run config's other top-level keys (``ckpt_path``,
 #: ``weights_only`` ...) are arguments of the subcommand that ran.
@@ -32,20 +33,14 @@ def config_args(configs: list[str], flag: str = "-c") -> list[str]:
     """
     out: list[str] = []
     for path in configs:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"{flag} {path}: no such config file")
-        try:
-            doc = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{flag} {path}: not valid YAML ({e})") from e
+        doc = read_yaml(path, flag)
         if not isinstance(doc, dict):
             raise ValueError(f"{flag} {path}: a config is a YAML mapping (trainer:, model:, data:)")
         if set(doc) - set(CONFIG_KEYS):  # a run's saved config.yaml
             doc = {k: v for k, v in doc.items() if k in CONFIG_KEYS}
             out += ["-c", yaml.safe_dump(doc, sort_keys=False)]
         else:
-            out += ["-c", str(p)]
+            out += ["-c", str(path)]
     return out
 
 

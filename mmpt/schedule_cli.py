@@ -9,9 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mmpt.cli_args import Parser
+from mmpt.io import read_yaml
 from mmpt.models.schedules import Schedule
 from mmpt.user_errors import debug_enabled
 
@@ -100,9 +99,7 @@ def load_schedule(configs: list[str]) -> tuple[Schedule, float | None, dict[str,
     merged: dict[str, Any] = {}
     namespace = None
     for path in configs:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"-c {path}: no such file")
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
+        cfg = read_yaml(path, "-c") or {}
         if not isinstance(cfg, dict):
             raise ValueError(f"-c {path}: not a mapping of config keys")
         merged = merge(merged, cfg)

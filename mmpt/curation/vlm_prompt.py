@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmpt.io import read_yaml
+
 MODES = ("judgement", "caption_likelihood")
 _KEYS = {
     "judgement": {"mode", "scores", "rescale", "template", "metrics"},
@@ -149,15 +151,8 @@ def load_prompt(path: str | Path) -> ScorePrompt:
         FileNotFoundError: No such file.
         ValueError: Not YAML, an unknown mode or key (a typo), a missing or malformed field.
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompt: no such file {str(path)!r}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise _fail(path, f"not valid YAML ({e})") from e
+    raw = read_yaml(path, "--prompt")
     if not isinstance(raw, dict):
         raise _fail(path, "expected a mapping with mode: judgement or caption_likelihood")
     mode = raw.get("mode")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmpt.eval.vlm_sets import EvalSample, SetSpec, read_set
 from mmpt.eval.vlm_tasks import MAX_NEW_TOKENS, Record, predict, score
+from mmpt.io import read_yaml
 
 if TYPE_CHECKING:
     from mmpt.generate import Decoding, Generator
@@ -53,15 +54,8 @@ def load_suite(
     """
     if not isinstance(suite, (str, Path)):
         return parse_sets(suite, flag)
-    import yaml
-
     path = Path(suite)
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag}: no suite file at {str(path)!r}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{flag} {path}: not valid YAML ({err})") from None
+    doc = read_yaml(path, flag)
     return parse_sets(doc.get("sets") if isinstance(doc, dict) else None, f"{flag} {path}")
 
 
