@@ -68,10 +68,12 @@ class VisionStack:
         return self.model.norm(x)
 
     def pooled(self, final: torch.Tensor) -> torch.Tensor:
-        """(B, D) summary token for matching heads: the class token, else the token mean."""
-        if getattr(self.model, "num_prefix_tokens", 0) > 0:
-            return final[:, 0]
-        return final.mean(1)
+        """(B, D) summary for matching heads, pooled as the tower pools before its projection.
+
+        timm's ``forward_head(pre_logits=True)``: the class token for ``global_pool="token"``,
+        the (``fc_norm``-ed) patch-token mean for ``"avg"``, the attention pool for ``"map"``.
+        """
+        return self.model.forward_head(final, pre_logits=True)
 
     def grid(self, final: torch.Tensor) -> torch.Tensor:
         """Patch tokens on their grid (B, h, w, D), prefix tokens dropped (for box heads).
@@ -122,8 +124,9 @@ class VideoStack(VisionStack):
         return x.flatten(1, 2)
 
     def pooled(self, final: torch.Tensor) -> torch.Tensor:
-        """Frame mean of the class token (B, D)."""
-        return final[:, :, 0].mean(1)
+        """Frame mean (B, D) of each frame pooled as the tower pools (the class token ...)."""
+        b, t = final.shape[:2]
+        return super().pooled(final.flatten(0, 1)).view(b, t, -1).mean(dim=1)
 
     def embedding(self, final: torch.Tensor) -> torch.Tensor:
         """Frame mean of the projected head output, as ``VideoViTTower.forward``."""
@@ -175,10 +178,6 @@ class SwinStack(VisionStack):
     def grid(self, final: torch.Tensor) -> torch.Tensor:
         """The final (B, h, w, C) state itself."""
         return final
-
-    def pooled(self, final: torch.Tensor) -> torch.Tensor:
-        """Mean over positions (B, C)."""
-        return final.mean((1, 2))
 
 
 def vision_stack(tower: nn.Module) -> VisionStack:

@@ -227,3 +227,21 @@ def test_itm_pair_state_pools_the_text_as_the_tower(bert_dir: str, pooling: str)
     torch.testing.assert_close(pair[:, :dv], final[:, 0])  # the ViT's class token
     torch.testing.assert_close(pair[:, dv:], pooled)
     torch.testing.assert_close(txt, model.text.proj(pooled))
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_itm_pair_state_pools_the_image_as_the_tower(bert_dir: str, pool: str) -> None:
+    vit = VIT | {"model_kwargs": VIT["model_kwargs"] | {"global_pool": pool}}
+    model = make_model(bert_dir, vit).eval()
+    open_gates(model)
+    batch = make_batch(model)
+    with torch.no_grad():
+        state = model.fusion.vision_bottom(model.vision, batch.images)
+        stream = model.fusion.text_bottom(model.text, batch.text_tokens)
+        final, _ = model.fusion.top(model.vision, model.text, state, stream)
+        img, _, pair = model.fusion.pair_outputs(model.vision, model.text, state, stream)
+    head = model.vision.model
+    # what the ITC embedding projects: the class token, or the fc_norm-ed mean of the patches
+    pooled = final[:, 0] if pool == "token" else head.fc_norm(final[:, 1:].mean(1))
+    torch.testing.assert_close(pair[:, : pooled.shape[1]], pooled)
+    torch.testing.assert_close(img, head.head(pooled))
