@@ -110,7 +110,7 @@ class CausalLM(nn.Module):
                     raise FileNotFoundError(f"{pretrained} has no config.json")
                 self.model = AutoModelForCausalLM.from_pretrained(
                     pretrained, local_files_only=True, **kwargs
-                )
+                ).train()  # as built from a config: from_pretrained's eval mode drops dropout
             except OSError as err:
                 raise missing_weights_error(
                     "LLM weights", pretrained, repo_id, f"{FLAG}.pretrained"

@@ -146,6 +146,11 @@ class VLMModule(MMPTModule):
         """The learned AnyRes row-end embedding (llm_dim,), a parameter of the connector."""
         return getattr(self.connector, "image_newline", None)
 
+    def on_fit_start(self) -> None:
+        """Apply :meth:`train` (Lightning keeps submodule modes: frozen towers go to eval)."""
+        super().on_fit_start()
+        self.train()
+
     def train(self, mode: bool = True) -> VLMModule:
         """Train mode, except for frozen encoders (their dropout/norm stats stay fixed)."""
         super().train(mode)

@@ -65,7 +65,9 @@ class HFTextTower(nn.Module):
             path = resolve_hf_path(path, "config.json", PATH_FLAG)
         except FileNotFoundError as err:
             raise missing_weights_error("Text encoder weights", path, repo_id, PATH_FLAG) from err
-        self.model = AutoModel.from_pretrained(path, local_files_only=True)
+        # transformers returns eval mode and Lightning keeps submodule modes: train mode as a
+        # tower built from a config, or its dropout is silently off during training
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).train()
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
         if max_pos is not None and context_length > max_pos:
             raise ValueError(

@@ -126,7 +126,7 @@ def _load_pretrained(pretrained: str, repo_id: str | None) -> PreTrainedModel:
             f"{pretrained}: the checkpoint lacks {len(missing)} weights of "
             f"{type(model).__name__} ({missing[:5]} ...); check {FLAG}.pretrained."
         )
-    return model
+    return model.train()  # train mode as when built from a config (from_pretrained: eval)
 
 
 class HFVisionTower(nn.Module):

@@ -65,7 +65,7 @@ def _load_hf(pretrained: str, pretraining_head: bool, repo_id: str | None) -> nn
             f"{type(model).__name__} ({missing[:5]} ...); check {FLAG}.pretrained "
             "(continued pretraining needs a checkpoint with its quantizer, e.g. XLS-R)."
         )
-    return model
+    return model.train()  # not from_pretrained's eval mode: SpecAugment, LayerDrop, dropout
 
 
 def _build_torchaudio(pretrained: str | None, config: dict | None, builder: str) -> nn.Module:
