@@ -7,8 +7,8 @@ user writes by hand: ``wds.WebDataset(...).decode("pil").to_tuple("jpg", "txt")`
 model's own transforms in the workers, a DataLoader with the same batch size and workers, and
 the model's ``encode_image`` / ``encode_text`` in a ``torch.no_grad`` loop. ``mmpt data score``
 runs as the command (a Lightning predict job), with 1 rank and with 2 ranks under torchrun;
-each rank reports its own samples/s (from its writer's start, so loader start-up included),
-and the wall time includes the process start-up.
+each rank reports its own samples/s after its first batch (workers up), as the plain loop is
+timed, and the wall time of the command includes the process and loader start-up.
 
 The machine this runs on may be shared, so one reading says little: the settings run
 interleaved (plain, 1 rank, 2 ranks, plain, 1 rank, 2 ranks ...) ``--repeats`` times, each
@@ -125,7 +125,8 @@ def mmpt_score(config: Path, ckpt: Path, shards: Path, out: Path, ranks: int, ar
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
-    rates = [float(r) for r in re.findall(r"\(([\d.]+) samples/s\)", done.stdout)]
+    # each rank's rate after its first batch (workers up), as the plain loop's
+    rates = [float(r) for r in re.findall(r"([\d.]+) after the first batch", done.stdout)]
     return {"wall_s": wall, "rank_samples_per_s": rates, "samples_per_s": sum(rates)}
 
 
@@ -144,6 +145,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/bench_curation"))
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    args.work = args.work.resolve()  # the scoring commands run from inside it
     args.work.mkdir(parents=True, exist_ok=True)
     shards, config, ckpt = setup(args.work, args.samples)
     log = ResultLog(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -75,8 +76,10 @@ def _reference(clip: dict) -> dict[str, float]:
     return out
 
 
-def test_scores_equal_the_models_cosine(clip: dict) -> None:
+def test_scores_equal_the_models_cosine(clip: dict, capsys) -> None:
     rows = _score(clip, clip["tmp"] / "scores", "--num-workers", "2")  # 2 workers split shards
+    rate = r"rank 0 scored 20 samples \([\d.]+ samples/s, [\d.]+ after the first batch\)"
+    assert re.search(rate, capsys.readouterr().out)
     assert len(rows) == 20 and len({(r["shard"], r["key"]) for r in rows}) == 20
     assert (
         sorted(p.name for p in (clip["tmp"] / "scores").glob("*.parquet"))[0]

@@ -80,6 +80,7 @@ class ScoreWriter(BasePredictionWriter):
         self.rows: dict[str, dict[str, list]] = {}
         self.samples = 0
         self.start = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, samples) after the first batch
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Rows are named by keys: Lightning's batch indices are not needed."""
@@ -108,6 +109,8 @@ class ScoreWriter(BasePredictionWriter):
             if len(rows["key"]) == self.expected.get(shard, -1):
                 self._flush(shard)
         self.samples += len(prediction["keys"])
+        if self.first is None:
+            self.first = (time.perf_counter(), self.samples)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the shards still open (no index count, or samples skipped as corrupt)."""
@@ -118,11 +121,16 @@ class ScoreWriter(BasePredictionWriter):
                     "%s: %d of its %d samples scored (the rest unreadable)", shard, have, want
                 )
             self._flush(shard)
-        seconds = time.perf_counter() - self.start
+        now = time.perf_counter()
+        seconds = now - self.start
         log.info("rank %d: %d samples in %.1f s", trainer.global_rank, self.samples, seconds)
+        steady = ""
+        if self.first is not None and self.samples > self.first[1]:
+            rate = (self.samples - self.first[1]) / max(now - self.first[0], 1e-9)
+            steady = f", {rate:.1f} after the first batch"
         print(
             f"mmpt data score: rank {trainer.global_rank} scored {self.samples} samples "
-            f"({self.samples / max(seconds, 1e-9):.1f} samples/s)"
+            f"({self.samples / max(seconds, 1e-9):.1f} samples/s{steady})"
         )
 
     def _flush(self, shard: str) -> None:
