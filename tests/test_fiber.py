@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mmpt.batch import ImageTextBatch
 from mmpt.eval.rerank import reranked_ranks
+from mmpt.models.backbone_fusion import TextStream
 from mmpt.models.encoders import HFTextTower, TimmVisionTower
 from mmpt.models.fiber import FiberModule
 from mmpt.models.fused_objectives import masked_lm_loss, matching_pairs
@@ -209,18 +210,24 @@ def test_cross_modal_parameters_train_at_fusion_lr_scale(bert_dir: str) -> None:
     assert names == {"decay", "no_decay", "decay_fusion", "no_decay_fusion"}
 
 
+def fused_pass(model: FiberModule) -> tuple[TextStream, tuple, tuple]:
+    """The text stream, ``fusion.top`` and ``fusion.pair_outputs`` of one fused batch."""
+    batch = make_batch(model)
+    with torch.no_grad():
+        state = model.fusion.vision_bottom(model.vision, batch.images)
+        stream = model.fusion.text_bottom(model.text, batch.text_tokens)
+        top = model.fusion.top(model.vision, model.text, state, stream)
+        pair = model.fusion.pair_outputs(model.vision, model.text, state, stream)
+    return stream, top, pair
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_itm_pair_state_pools_the_text_as_the_tower(bert_dir: str, pooling: str) -> None:
     torch.manual_seed(0)
     text = HFTextTower(bert_dir, embed_dim=16, context_length=12, pooling=pooling)
     model = FiberModule(TimmVisionTower(**VIT), text, fusion_layers=2).eval()
     open_gates(model)
-    batch = make_batch(model)
-    with torch.no_grad():
-        state = model.fusion.vision_bottom(model.vision, batch.images)
-        stream = model.fusion.text_bottom(model.text, batch.text_tokens)
-        final, hidden = model.fusion.top(model.vision, model.text, state, stream)
-        _, txt, pair = model.fusion.pair_outputs(model.vision, model.text, state, stream)
+    stream, (final, hidden), (_, txt, pair) = fused_pass(model)
     keep = stream.mask[..., None].float()
     pooled = hidden[:, 0] if pooling == "cls" else (hidden * keep).sum(1) / keep.sum(1)
     dv = pair.shape[1] - hidden.shape[-1]
@@ -234,12 +241,7 @@ def test_itm_pair_state_pools_the_image_as_the_tower(bert_dir: str, pool: str) -
     vit = VIT | {"model_kwargs": VIT["model_kwargs"] | {"global_pool": pool}}
     model = make_model(bert_dir, vit).eval()
     open_gates(model)
-    batch = make_batch(model)
-    with torch.no_grad():
-        state = model.fusion.vision_bottom(model.vision, batch.images)
-        stream = model.fusion.text_bottom(model.text, batch.text_tokens)
-        final, _ = model.fusion.top(model.vision, model.text, state, stream)
-        img, _, pair = model.fusion.pair_outputs(model.vision, model.text, state, stream)
+    _, (final, _), (img, _, pair) = fused_pass(model)
     head = model.vision.model
     # what the ITC embedding projects: the class token, or the fc_norm-ed mean of the patches
     pooled = final[:, 0] if pool == "token" else head.fc_norm(final[:, 1:].mean(1))
