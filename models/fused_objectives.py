@@ -104,7 +104,7 @@ def mlm_head(text: HFTextTower, kind: str) -> nn.Module:
             heads = [m for _, m in mlm.named_children() if m is not base]
             out = mlm.get_output_embeddings()
             if len(heads) == 1 and out is not None and out.weight.shape == emb.weight.shape:
-                head, out.weight = heads[0], emb.weight
+                head, out.weight = heads[0].train(), emb.weight  # from_pretrained: eval mode
         except (ValueError, OSError, KeyError) as err:
             log.warning(
                 "no masked-LM head for %s (%s): using a small one", text.tokenizer.path, err

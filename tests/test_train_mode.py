@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from mmpt.models.encoders import HFTextTower, HFVisionTower, TimmVisionTower, Wav2Vec2Tower
+from mmpt.models.fused_objectives import mlm_head
 from mmpt.models.llm import CausalLM
 from mmpt.models.vlm import VLMModule
 from mmpt.synth.vocab import write_synth_tokenizer
@@ -24,7 +25,8 @@ def all_train(module: nn.Module) -> bool:
 
 def test_loaded_hf_towers_are_in_train_mode(tmp_path: Path) -> None:
     bert = write_tiny_bert(tmp_path / "bert", TINY_BERT_WORDS)
-    assert all_train(HFTextTower(str(bert), embed_dim=8, context_length=8))
+    text = HFTextTower(str(bert), embed_dim=8, context_length=8)
+    assert all_train(text) and all_train(mlm_head(text, "auto"))  # the head from the checkpoint
 
     Wav2Vec2Tower(config=TINY_WAV2VEC2).save_pretrained(str(tmp_path / "w2v"))
     assert all_train(Wav2Vec2Tower(pretrained=str(tmp_path / "w2v")))
