@@ -2,9 +2,8 @@
 
 Stages differ only in YAML (``trainable``, LR, data): stage 1 trains the connector, stage 2
 the connector and the LLM on interleaved documents and pairs, stage 3 fine-tunes on chat data.
-
-Speech is one more modality of the same model (BLSP): a speech encoder -> ``SpeechAdapter``
--> the same LLM, its tokens injected at ``<audio>`` placeholders of the same packed rows.
+Speech is one more modality (BLSP): a speech encoder -> ``SpeechAdapter`` -> the same LLM, its
+tokens injected at ``<audio>`` placeholders of the same packed rows.
 """
 
 from __future__ import annotations
@@ -19,13 +18,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mmpt.batch import ImageLayout, VLMBatch
+from mmpt.batch import VLMBatch
 from mmpt.datamodules.resolution import AnyResTiles, FixedResolution, NativeResolution
 from mmpt.datamodules.templates import check_targets
 from mmpt.eval.forgetting import eval_prefix
 from mmpt.models.adapters import AdapterSpec
 from mmpt.models.attention import hf_packing_kwargs, is_packed_implementation
 from mmpt.models.connectors import ConnectorTokens, MLP2xGelu, SpeechAdapter
+from mmpt.models.connectors.anyres import arrange_crops
 from mmpt.models.fusion import (
     FusionBlocks,
     FusionConfig,
@@ -227,24 +227,11 @@ class VLMModule(MMPTModule):
                 feats = self.vision.patch_features(pixels)
             grid = self.vision.patch_grid(pixels.shape[-2], pixels.shape[-1])
             groups.append(self.connector(feats, grid))
-        return [self._arrange([groups[g][i] for g, i in im.crops], im) for im in batch.images]
-
-    def _arrange(self, crops: list[torch.Tensor], layout: ImageLayout) -> torch.Tensor:
-        if not layout.row_end_tokens or self.fusion is not None:
-            return torch.cat(crops)
-        if self.image_newline is None or layout.tiles is None:
-            raise ValueError("row-end tokens in the data but the model has no image_newline")
-        start = int(layout.global_view)
-        rows, cols = layout.tiles
-        h, w = layout.grids[start]
-        if rows * h != layout.row_end_tokens:
-            raise ValueError(f"{layout.row_end_tokens} row-end tokens for {rows} x {h} rows")
-        dim = crops[0].shape[-1]
-        canvas = torch.stack(crops[start:]).view(rows, cols, h, w, dim)
-        canvas = canvas.permute(0, 2, 1, 3, 4).reshape(rows * h, cols * w, dim)
-        newline = self.image_newline.to(canvas.dtype).expand(rows * h, 1, dim)
-        canvas = torch.cat([canvas, newline], dim=1).reshape(-1, dim)
-        return torch.cat([*crops[:start], canvas])
+        crops = [[groups[g][i] for g, i in im.crops] for im in batch.images]
+        if self.fusion is not None:  # cross-attention reads the crops' tokens as they are
+            return [torch.cat(c) for c in crops]
+        pairs = zip(crops, batch.images, strict=True)
+        return [arrange_crops(c, im, self.image_newline) for c, im in pairs]
 
     def audio_tokens(self, batch: VLMBatch) -> list[torch.Tensor]:
         """Adapter tokens of every audio clip of the batch, in token order.
