@@ -47,12 +47,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 
 from mmpt.io import atomic_torch_save
-from mmpt.safe_load import load_torch_file
+from mmpt.safe_load import allowed_globals, load_torch_file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,8 +63,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     or the complete new one, never a truncated file. Local loads (``--ckpt_path`` resumes) go
     through :func:`mmpt.safe_load.load_torch_file`: ``weights_only`` with mmpt's allow-list
     (Lightning's own load would use torch's default allow-list, without mmpt's plain-data
-    types); ``MMPT_UNSAFE_LOAD=1`` or ``weights_only=False`` passed to the Trainer
-    allow a trusted legacy pickle. Remote loads and removing are unchanged.
+    types), whatever ``weights_only`` the Trainer passes; remote loads likewise go through
+    Lightning's load with ``weights_only=True`` and the same allow-list. Removing is unchanged.
 
     Remote fsspec URLs (``s3://``, ``gs://``, ...) fall back to Lightning's
     :meth:`TorchCheckpointIO.save_checkpoint` (an fsspec transaction, as atomic as that
@@ -108,17 +109,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Args:
             path: Checkpoint file (local path or ``file://`` URL), or another fsspec URL.
             map_location: Ignored for local files (loaded on the CPU; Lightning moves them).
-            weights_only: False: unpickle without the allow-list (a trusted legacy file);
-                None or True: the allow-list, unless ``MMPT_UNSAFE_LOAD=1``.
+            weights_only: Ignored: always the allow-list (a pickle that needs more is refused;
+                convert a trusted legacy file to a state dict in your own code).
 
         Raises:
             FileNotFoundError: No such local file.
             mmpt.safe_load.UnsafeCheckpointError: The file needs more than plain data.
         """
         if not _is_local_file_protocol(path):
-            return super().load_checkpoint(path, map_location, weights_only)
+            with torch.serialization.safe_globals(list(allowed_globals())):
+                return super().load_checkpoint(path, map_location, weights_only=True)
         local = str(path).removeprefix("file://")
         if not os.path.isfile(local):
             raise FileNotFoundError(f"Checkpoint file not found: {local}")
-        unsafe = True if weights_only is False else None
-        return load_torch_file(local, unsafe=unsafe, mmap=False)
+        return load_torch_file(local, mmap=False)

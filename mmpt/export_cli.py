@@ -14,7 +14,6 @@ from pathlib import Path
 from torch import nn
 
 from mmpt.cli_args import Parser
-from mmpt.safe_load import add_unsafe_load_flag
 
 #: ``--format`` -> what it writes (shown in --help and in errors).
 FORMATS = {
@@ -137,7 +136,6 @@ def _parser() -> argparse.ArgumentParser:
         "the adapters as a peft folder OUT/adapter (PeftModel.from_pretrained loads it onto the "
         "exported model; llava, open_clip, hf); default: merge them into the weights",
     )
-    add_unsafe_load_flag(p)
     return p
 
 
@@ -179,7 +177,7 @@ def export(args: argparse.Namespace, overrides: list[str]) -> Path:
             f"--format {fmt} does not apply to {type(model).__name__}; it exports to "
             f"{', '.join(found)}"
         )
-    load_checkpoint(model, args.ckpt, unsafe=args.unsafe_load or None)
+    load_checkpoint(model, args.ckpt)
     model.eval()
     return _write(model, found[fmt], fmt, args)
 

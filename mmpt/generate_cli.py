@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mmpt.cli_args import Parser
-from mmpt.safe_load import add_unsafe_load_flag
 
 if TYPE_CHECKING:
     from mmpt.generate import Decoding, Generator
@@ -41,7 +40,6 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("-c", "--config", action="append", help="training config(s) of --ckpt")
     src.add_argument("--ckpt", help="checkpoint (.ckpt) of the -c config")
     src.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    add_unsafe_load_flag(src)
     inp = p.add_argument_group("input")
     inp.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     inp.add_argument("--audio", action="append", default=[], help="audio clip (speech models)")
@@ -175,7 +173,7 @@ def load_model(args: argparse.Namespace, overrides: list[str]) -> VLMModule:
         model = cli.model
         if not isinstance(model, VLMModule):
             raise ValueError(f"{type(model).__name__} does not generate text (VLMModule does)")
-        load_checkpoint(model, args.ckpt, unsafe=args.unsafe_load or None)
+        load_checkpoint(model, args.ckpt)
         model.data_template = getattr(getattr(cli.datamodule, "template", None), "name", None)
     name = args.device
     if name == "auto":

@@ -13,7 +13,7 @@ import torch
 
 from mmpt.cli_args import Parser
 from mmpt.io import atomic_torch_save
-from mmpt.safe_load import add_unsafe_load_flag, load_torch_file
+from mmpt.safe_load import load_torch_file
 from mmpt.user_errors import debug_enabled
 
 #: Training state a merged model must not resume from: optimizer moments and LR schedule of
@@ -39,12 +39,11 @@ COUNTERS = ("num_batches_tracked",)
 log = logging.getLogger("mmpt.merge")
 
 
-def _load(path: str, unsafe: bool | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def _load(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load ``path`` as (state dict, whole Lightning checkpoint or None for a plain state dict).
 
     Args:
         path: Lightning checkpoint or state dict file.
-        unsafe: ``--unsafe-load`` (:func:`mmpt.safe_load.load_torch_file`).
 
     Raises:
         FileNotFoundError: No such file.
@@ -53,7 +52,7 @@ def _load(path: str, unsafe: bool | None = None) -> tuple[dict[str, Any], dict[s
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {path!r}")
-    obj = load_torch_file(path, unsafe=unsafe)
+    obj = load_torch_file(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj["state_dict"], obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -162,7 +161,6 @@ def merge_checkpoints(
     paths: list[str],
     weights: list[float] | None,
     normalize: bool = True,
-    unsafe: bool | None = None,
 ) -> dict:
     """Average checkpoints of one architecture into a new, weights-only checkpoint.
 
@@ -170,8 +168,6 @@ def merge_checkpoints(
         paths: Lightning ``.ckpt`` files or plain state-dict files (all of one kind).
         weights: One weight per checkpoint; None for equal weights.
         normalize: Scale the weights to sum 1 (see :func:`resolve_weights`).
-        unsafe: Unpickle without the allow-list (``--unsafe-load``, trusted legacy files);
-            None: from ``MMPT_UNSAFE_LOAD``.
 
     Returns:
         For Lightning inputs, the first checkpoint's dict with the merged ``state_dict``,
@@ -189,7 +185,7 @@ def merge_checkpoints(
     if len(paths) < 2:
         raise ValueError(f"--ckpt: need at least 2 checkpoints to merge, got {len(paths)}")
     applied = resolve_weights(weights, len(paths), normalize)
-    loaded = [_load(p, unsafe) for p in paths]
+    loaded = [_load(p) for p in paths]
     kinds = [full is not None for _, full in loaded]
     for path, kind in zip(paths[1:], kinds[1:], strict=True):
         if kind != kinds[0]:
@@ -220,7 +216,6 @@ def _parser() -> argparse.ArgumentParser:
         help="apply the weights as given (negative allowed: task arithmetic)",
     )
     p.add_argument("--out", required=True, help="merged checkpoint to write")
-    add_unsafe_load_flag(p)
     return p
 
 
@@ -233,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(argv) if argv is not None else None)
     normalize = not args.no_normalize
     try:
-        out = merge_checkpoints(args.ckpt, args.weights, normalize, args.unsafe_load or None)
+        out = merge_checkpoints(args.ckpt, args.weights, normalize)
         atomic_torch_save(out, args.out)
     except (FileNotFoundError, ValueError) as e:
         if debug_enabled():  # MMPT_DEBUG=1: the traceback

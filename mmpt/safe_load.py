@@ -5,18 +5,13 @@ re-warm schedule's ``from_checkpoint``, a tower's ``init_from``, ``--ckpt_path``
 goes through :func:`load_torch_file` or :func:`load_tensors`. A pickle may only rebuild
 tensors, plain containers and the few plain-data types mmpt and Lightning themselves write
 (:func:`allowed_globals`); anything else (a pickled module, an arbitrary callable) is refused
-with :class:`UnsafeCheckpointError`, before any of it runs.
-
-A trusted legacy file that needs more can be read with the escape hatch: ``--unsafe-load`` on
-``mmpt eval``, ``mmpt export`` and ``mmpt merge``, or the environment variable
-``MMPT_UNSAFE_LOAD=1`` (which ``model.init_from``, ``lr_schedule.from_checkpoint`` and resumes
-honour).
+with :class:`UnsafeCheckpointError`, before any of it runs. There is no escape hatch: a trusted
+legacy file that needs more is converted once, in the user's own code, to a state dict or a
+``.safetensors`` file (the refusal says how).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import pathlib
 import pickle
@@ -26,14 +21,10 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("mmpt.safe_load")
-
-#: Environment variable that turns the escape hatch on for every load of the process.
-UNSAFE_ENV = "MMPT_UNSAFE_LOAD"
-#: How the escape hatch is named in messages.
-ESCAPE_HATCH = (
-    f"--unsafe-load (mmpt eval, mmpt export, mmpt merge) or {UNSAFE_ENV}=1 (model.init_from, "
-    "lr_schedule.from_checkpoint, resuming)"
+#: How a trusted legacy file is converted, named in the refusal.
+CONVERT = (
+    "If you trust this file, convert it once, in code of your own: torch.load it there and "
+    "torch.save its state_dict (or write it as .safetensors), then pass the converted file."
 )
 
 
@@ -56,21 +47,6 @@ def allowed_globals() -> tuple[type, ...]:
     return (*paths, pathlib.PureWindowsPath)
 
 
-def unsafe_from_env() -> bool:
-    """Whether ``MMPT_UNSAFE_LOAD`` turns the escape hatch on (``1``, ``true``, ``yes``)."""
-    return os.environ.get(UNSAFE_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def add_unsafe_load_flag(parser: argparse.ArgumentParser) -> None:
-    """Add ``--unsafe-load`` (the escape hatch for trusted legacy pickles) to a command."""
-    parser.add_argument(
-        "--unsafe-load",
-        action="store_true",
-        help="unpickle the checkpoint without mmpt's allow-list (weights_only=False): it can "
-        "run arbitrary code, so only for files you trust (also: MMPT_UNSAFE_LOAD=1)",
-    )
-
-
 def _refused(path: str, err: Exception) -> UnsafeCheckpointError:
     """The refusal: the file, the refused global(s) and the escape hatch."""
     try:
@@ -86,18 +62,15 @@ def _refused(path: str, err: Exception) -> UnsafeCheckpointError:
     return UnsafeCheckpointError(
         f"{path}: refused to load: unpickling it needs {', '.join(names)}, which could run "
         "arbitrary code (mmpt loads checkpoints with torch.load(weights_only=True) and an "
-        f"allow-list of plain data types). If you trust this file, use {ESCAPE_HATCH}; better, "
-        "convert it once to a state dict or .safetensors file."
+        f"allow-list of plain data types, and never without it). {CONVERT}"
     )
 
 
-def load_torch_file(path: str | os.PathLike, unsafe: bool | None = None, mmap: bool = True) -> Any:
+def load_torch_file(path: str | os.PathLike, mmap: bool = True) -> Any:
     """``torch.load`` a file on the CPU without running code from it.
 
     Args:
         path: A torch/Lightning checkpoint (zip or legacy format).
-        unsafe: Load with ``weights_only=False`` (trusted legacy files only). None: from
-            ``MMPT_UNSAFE_LOAD``.
         mmap: Memory-map the tensors (only those used are read); legacy files that cannot be
             memory-mapped are read whole.
 
@@ -108,23 +81,19 @@ def load_torch_file(path: str | os.PathLike, unsafe: bool | None = None, mmap: b
         UnsafeCheckpointError: The file needs a global outside :func:`allowed_globals`.
     """
     path = os.fspath(path)
-    if unsafe is None:
-        unsafe = unsafe_from_env()
-    if unsafe:
-        log.warning("%s: loaded with weights_only=False (unsafe load asked for)", path)
     try:
         with torch.serialization.safe_globals(list(allowed_globals())):
             try:
-                return torch.load(path, map_location="cpu", weights_only=not unsafe, mmap=mmap)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
                 if not mmap:
                     raise
-                return torch.load(path, map_location="cpu", weights_only=not unsafe)
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise _refused(path, err) from None
 
 
-def check_pickle(path: str | os.PathLike, unsafe: bool | None = None) -> None:
+def check_pickle(path: str | os.PathLike) -> None:
     """Refuse a checkpoint file that needs a global outside the allow-list, running nothing.
 
     For loaders mmpt does not call itself (Lightning's FSDP full-checkpoint resume unpickles
@@ -136,17 +105,15 @@ def check_pickle(path: str | os.PathLike, unsafe: bool | None = None) -> None:
         UnsafeCheckpointError: A global outside :func:`allowed_globals`.
     """
     path = os.fspath(path)
-    if (unsafe_from_env() if unsafe is None else unsafe) or not os.path.isfile(path):
-        return
-    load_torch_file(path, unsafe=False)
+    if os.path.isfile(path):
+        load_torch_file(path)
 
 
-def load_tensors(path: str | os.PathLike, unsafe: bool | None = None) -> dict[str, Any]:
+def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's top-level dict: safetensors files by ``safetensors``, else torch.
 
     Args:
         path: ``.safetensors`` (memory-mapped by safetensors) or a torch file.
-        unsafe: See :func:`load_torch_file`.
 
     Returns:
         The file's dict (a Lightning checkpoint keeps its ``state_dict`` entry).
@@ -160,7 +127,7 @@ def load_tensors(path: str | os.PathLike, unsafe: bool | None = None) -> dict[st
         from safetensors.torch import load_file
 
         return dict(load_file(path, device="cpu"))
-    obj = load_torch_file(path, unsafe=unsafe)
+    obj = load_torch_file(path)
     if not isinstance(obj, dict):
         raise ValueError(
             f"{path} holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint"

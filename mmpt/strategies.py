@@ -307,10 +307,9 @@ def _safe_strategy_load(load: Any, path: Any, weights_only: bool | None) -> dict
     Lightning's FSDP resume unpickles a full checkpoint without ``weights_only``; FSDP2's uses
     torch's default allow-list, which lacks mmpt's (paths in hyper-parameters).
     """
-    unsafe = True if weights_only is False else None
-    check_pickle(path, unsafe)
+    check_pickle(path)
     meta = os.path.join(str(path), "meta.pt")
     if os.path.isdir(str(path)) and os.path.isfile(meta):
-        check_pickle(meta, unsafe)
+        check_pickle(meta)
     with torch.serialization.safe_globals(list(allowed_globals())):
         return load(path, weights_only)

@@ -9,7 +9,7 @@ from mmpt.models.encoders.wav2vec2 import Wav2Vec2Tower
 from mmpt.safe_load import load_tensors
 
 
-def load_ctc(path: str, flag: str = "--ckpt", unsafe: bool | None = None) -> CTCModule:
+def load_ctc(path: str, flag: str = "--ckpt") -> CTCModule:
     """A :class:`CTCModule` (or wav2vec-S run) as a CTC model, weights loaded, in eval mode.
 
     The checkpoint's ``hyper_parameters`` hold the vocabulary and the tower's
@@ -18,7 +18,6 @@ def load_ctc(path: str, flag: str = "--ckpt", unsafe: bool | None = None) -> CTC
     Args:
         path: A Lightning ``.ckpt`` of ``CTCModule`` or ``WavSModule``.
         flag: The option that gave ``path``, named in errors.
-        unsafe: See :func:`mmpt.safe_load.load_tensors`.
 
     Raises:
         FileNotFoundError: No file at ``path``.
@@ -26,7 +25,7 @@ def load_ctc(path: str, flag: str = "--ckpt", unsafe: bool | None = None) -> CTC
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"{flag}: no checkpoint at {path!r}")
-    ckpt = load_tensors(path, unsafe=unsafe)
+    ckpt = load_tensors(path)
     hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "vocab" not in hparams or "encoder" not in hparams:
         raise ValueError(

@@ -58,7 +58,7 @@ class MMPTModule(L.LightningModule):
             LLM from another. Besides mmpt checkpoints: state dict and ``.safetensors`` files,
             open_clip and timm checkpoints, Hugging Face CLIP/SigLIP, transformers LLaVA and
             mmpt export folders (:mod:`mmpt.models.init_from`). Read without running code
-            (:mod:`mmpt.safe_load`; trusted legacy pickles: ``MMPT_UNSAFE_LOAD=1``).
+            (:mod:`mmpt.safe_load`).
         init_from_strict: Refuse an ``init_from`` of which less than half of the weights it
             can fill would load (a checkpoint of another family); False loads what fits and
             logs a WARNING.
@@ -301,14 +301,12 @@ def apply_trainable(
     log.info("trainable parameters: %s / %s", f"{n_train:,}", f"{n_all:,}")
 
 
-def load_checkpoint(model: nn.Module, ckpt: str, unsafe: bool | None = None) -> None:
+def load_checkpoint(model: nn.Module, ckpt: str) -> None:
     """Load a checkpoint of exactly this model (``mmpt eval``, ``mmpt export``).
 
     Args:
         model: The model built from the training config.
         ckpt: Lightning checkpoint, state dict or ``.safetensors`` file.
-        unsafe: ``--unsafe-load``: unpickle without the allow-list (trusted legacy files);
-            None: from ``MMPT_UNSAFE_LOAD`` (:mod:`mmpt.safe_load`).
 
     Raises:
         FileNotFoundError: No such file.
@@ -319,7 +317,7 @@ def load_checkpoint(model: nn.Module, ckpt: str, unsafe: bool | None = None) -> 
         raise FileNotFoundError(f"--ckpt: no checkpoint at {ckpt!r}")
     if hasattr(model, "add_adapters"):  # the checkpoint holds the adapted layers' names
         model.add_adapters()
-    obj = load_tensors(ckpt, unsafe=unsafe)
+    obj = load_tensors(ckpt)
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys:

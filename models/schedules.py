@@ -352,7 +352,7 @@ def last_lr(path: str, field: str = f"{FIELD}.from_checkpoint") -> float:
         raise FileNotFoundError(f"{field}: no checkpoint at {path!r}")
     from mmpt.safe_load import load_torch_file
 
-    ckpt = load_torch_file(path)  # trusted legacy pickles: MMPT_UNSAFE_LOAD=1
+    ckpt = load_torch_file(path)
     try:
         return float(ckpt["optimizer_states"][0]["param_groups"][0]["lr"])
     except (KeyError, IndexError, TypeError):

@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 from mmpt.curation.dedup import METHODS
-from mmpt.safe_load import add_unsafe_load_flag
 
 
 def add_parsers(sub: Any) -> None:
@@ -44,7 +43,6 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--batch-size", type=int, default=None, help="per rank (vlm default 8)")
     s.add_argument("--num-workers", type=int, default=None)
     s.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    add_unsafe_load_flag(s)
 
     help_ = "mark exact / perceptual-hash / embedding near-duplicates: a score table"
     d = sub.add_parser("dedup", help=help_, description=help_)
@@ -177,7 +175,7 @@ def _config_model(args: argparse.Namespace) -> tuple[Any, Any]:
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     cli = build_from_config(args.config, [])
     require_task(cli.model, "retrieval", args.ckpt)  # a contrastive model, before reading it
-    load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
+    load_checkpoint(cli.model, args.ckpt)
     if args.text_key is not None:
         cli.datamodule.val_text_key = args.text_key
     return cli.model, cli.datamodule

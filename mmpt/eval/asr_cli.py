@@ -94,7 +94,7 @@ def ctc_transcripts(args: argparse.Namespace) -> tuple[list[str], list[str], lis
     from mmpt.models.ctc_load import load_ctc
 
     check_beam_args(args)
-    model = load_ctc(args.ckpt, unsafe=args.unsafe_load or None)
+    model = load_ctc(args.ckpt)
     decode = model.vocab.greedy
     if args.beam_size > 0:
         from mmpt.models.ctc_beam import BeamSearchDecoder

@@ -34,7 +34,6 @@ from mmpt.eval.univl_cli import add_univl_args, run_univl
 from mmpt.eval.vlm_cli import VLM_COMMANDS, run_vlm
 from mmpt.eval.vlm_cli import add_parsers as add_vlm_parsers
 from mmpt.eval.zeroshot_setup import DEFAULT_TEMPLATES, classes_from_names, zeroshot_setup
-from mmpt.safe_load import add_unsafe_load_flag
 
 
 def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
@@ -58,7 +57,6 @@ def _common_args(s: argparse.ArgumentParser, batch_size: int) -> None:
     s.add_argument("--batch-size", type=int, default=batch_size)
     s.add_argument("--num-workers", type=int, default=2)
     s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    add_unsafe_load_flag(s)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -142,7 +140,7 @@ def _build(args: argparse.Namespace, overrides: list[str]) -> tuple[Any, Any]:
         raise FileNotFoundError(f"--ckpt: no checkpoint at {args.ckpt!r}")
     cli = build_from_config(args.config, overrides)
     require_task(cli.model, args.task, args.ckpt)  # before reading the checkpoint
-    load_checkpoint(cli.model, args.ckpt, unsafe=args.unsafe_load or None)
+    load_checkpoint(cli.model, args.ckpt)
     return cli.model, cli.datamodule
 
 

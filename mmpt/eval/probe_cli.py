@@ -17,7 +17,6 @@ from torch import nn
 
 from mmpt.eval.probe import knn_classify, linear_probe, probe_metrics
 from mmpt.eval.report import plot_confusion_matrix, print_metrics, write_json
-from mmpt.safe_load import add_unsafe_load_flag
 
 METHODS = ("knn", "linear")
 SWEEP_FLAGS = ("timm", "weights", "dataset", "resize", "normalize")
@@ -71,7 +70,6 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--num-workers", type=int, default=2)
     s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    add_unsafe_load_flag(s)
 
 
 @torch.no_grad()
@@ -144,8 +142,7 @@ def run_probe(args: argparse.Namespace, device: torch.device) -> int:
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     methods = METHODS if args.method == "both" else (args.method,)
-    unsafe = args.unsafe_load or None
-    variants = {"pretrained": tower_from_checkpoint(args.ckpt, unsafe=unsafe)}
+    variants = {"pretrained": tower_from_checkpoint(args.ckpt)}
     if not hasattr(variants["pretrained"], "pooled_features"):
         raise ValueError(
             f"{type(variants['pretrained']).__name__} has no pooled_features: eval probe "
@@ -153,7 +150,7 @@ def run_probe(args: argparse.Namespace, device: torch.device) -> int:
         )
     if args.baseline:
         torch.manual_seed(args.seed)
-        variants["random_init"] = tower_from_checkpoint(args.ckpt, False, unsafe)
+        variants["random_init"] = tower_from_checkpoint(args.ckpt, False)
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "eval"
     metrics: dict[str, Any] = {}
     paths: dict[str, Path] = {}

@@ -101,7 +101,7 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Encoder, ModelInput
     if args.ckpt:
         from mmpt.models.encoders.from_checkpoint import tower_from_checkpoint
 
-        tower = tower_from_checkpoint(args.ckpt, unsafe=args.unsafe_load or None)
+        tower = tower_from_checkpoint(args.ckpt)
         if not hasattr(tower, "pooled_features"):
             raise ValueError(f"--ckpt {args.ckpt}: its tower has no pooled_features")
         pre = tower.image_preprocess

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmpt.safe_load import add_unsafe_load_flag
-
 if TYPE_CHECKING:
     import torch
 
@@ -152,7 +150,6 @@ def add_model_args(s: argparse.ArgumentParser, prompt: str) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--template", help="chat template (default: the one the model trained with)")
     g.add_argument("--system", help="system prompt")
-    add_unsafe_load_flag(g)
     r = s.add_argument_group("run")
     r.add_argument("--data", required=True, help="speech shards (folder, glob, URL)")
     r.add_argument("--prompt", default=prompt, help=f"instruction before the clip ({prompt!r})")

@@ -9,7 +9,6 @@ import argparse
 from pathlib import Path
 
 from mmpt.eval.vlm_sets import CHOICE_BY, SetSpec
-from mmpt.safe_load import add_unsafe_load_flag
 
 #: The subcommands this module adds to ``mmpt eval``.
 VLM_COMMANDS = ("caption", "vqa", "choice", "all")
@@ -30,7 +29,6 @@ def _model_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--template", help="chat template (default: the one the model trained with)")
     g.add_argument("--system", help="system prompt")
-    add_unsafe_load_flag(g)
     r = s.add_argument_group("run")
     r.add_argument("--out", help="report folder (default: <ckpt or model folder>/eval)")
     r.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")

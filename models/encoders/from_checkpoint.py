@@ -13,17 +13,13 @@ from mmpt.models.module import TOWER_KEY
 from mmpt.safe_load import load_torch_file
 
 
-def read_tower_record(
-    ckpt: str, unsafe: bool | None = None
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_tower_record(ckpt: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The image-tower record (``TOWER_KEY``) and the state dict of an mmpt checkpoint.
 
     Tensors are memory-mapped: only those of the tower are read when loaded.
 
     Args:
         ckpt: The checkpoint.
-        unsafe: Unpickle without the allow-list (``--unsafe-load``); None: from
-            ``MMPT_UNSAFE_LOAD`` (:mod:`mmpt.safe_load`).
 
     Raises:
         FileNotFoundError: No such file.
@@ -32,7 +28,7 @@ def read_tower_record(
     """
     if not Path(ckpt).is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint at {ckpt!r}")
-    obj = load_torch_file(ckpt, unsafe=unsafe)
+    obj = load_torch_file(ckpt)
     if not isinstance(obj, dict) or TOWER_KEY not in obj:
         raise ValueError(
             f"{ckpt} records no image tower ({TOWER_KEY!r}): it was not written by an mmpt "
@@ -49,22 +45,19 @@ def build_tower(description: dict[str, Any]) -> nn.Module:
     return cls(**description["init_args"])
 
 
-def tower_from_checkpoint(
-    ckpt: str, load_weights: bool = True, unsafe: bool | None = None
-) -> nn.Module:
+def tower_from_checkpoint(ckpt: str, load_weights: bool = True) -> nn.Module:
     """The checkpoint's image tower with its trained weights, in eval mode.
 
     Args:
         ckpt: An mmpt Lightning checkpoint (MAE, contrastive, VLM ...).
         load_weights: False keeps the tower at its random initialisation (the same
             architecture and preprocessing): the baseline a probe compares against.
-        unsafe: See :func:`read_tower_record`.
 
     Raises:
         FileNotFoundError: No such file.
         ValueError: No recorded tower, or weights of the tower missing from the checkpoint.
     """
-    record, state = read_tower_record(ckpt, unsafe)
+    record, state = read_tower_record(ckpt)
     tower = build_tower(record["tower"])
     if load_weights:
         prefix = f"{record['attr']}."

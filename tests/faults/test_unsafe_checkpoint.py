@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from mmpt.models.encoders import OpenCLIPTextTower, TimmVisionTower
 from mmpt.models.encoders.from_checkpoint import tower_from_checkpoint
 from mmpt.models.module import load_checkpoint
 from mmpt.models.schedules import Rewarm
-from mmpt.safe_load import UNSAFE_ENV, UnsafeCheckpointError, check_pickle
+from mmpt.safe_load import UnsafeCheckpointError, check_pickle
 from tests.helpers import TINY_TEXT, TINY_VISION, write_shards
 
 pytestmark = [
@@ -104,7 +103,7 @@ def legacy(real: dict[str, Any], tmp_path: Path) -> Path:
 
 
 def _refusal(path: Path, global_name: str) -> str:
-    return rf"{path.name}: refused to load.*{global_name}.*--unsafe-load.*{UNSAFE_ENV}=1"
+    return rf"{path.name}: refused to load.*{global_name}.*convert it once"
 
 
 def _loaders(real: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +150,7 @@ def test_merge_and_eval_clis_refuse_it(real, evil, tmp_path, capsys):
     args = ["retrieval", "-c", str(config), "--ckpt", str(path), "--data", str(real["shards"])]
     assert eval_main([*args, "--device", "cpu", "--num-workers", "0"]) == 2
     err = capsys.readouterr().err
-    assert "refused to load" in err and "builtins.exec" in err and "--unsafe-load" in err
+    assert "refused to load" in err and "builtins.exec" in err and "convert it once" in err
     assert not marker.exists() and not (tmp_path / "m.ckpt").exists()
 
 
@@ -177,26 +176,36 @@ def _last_lr(path: Path) -> float:
     return obj["optimizer_states"][0]["param_groups"][0]["lr"]
 
 
-def test_escape_hatch_loads_a_trusted_legacy_file(real, legacy, tmp_path, monkeypatch, capsys):
+def test_no_escape_hatch_a_trusted_legacy_file_is_converted(
+    real, legacy, tmp_path, monkeypatch, capsys
+):
+    """Nothing unpickles without the allow-list (no flag, no variable, not the Trainer's
+    ``weights_only=False``); the conversion the refusal names then loads everywhere."""
     want = real["model"].state_dict()
-    for reader in ("init_from", "load_checkpoint", "rewarm", "tower_from_checkpoint"):
+    monkeypatch.setenv("MMPT_UNSAFE_LOAD", "1")  # the removed escape hatch's variable: ignored
+    for reader in LOADERS:
         with pytest.raises(UnsafeCheckpointError, match=_refusal(legacy, "argparse.Namespace")):
             _loaders(real)[reader](legacy)
-    model = make_model()
-    load_checkpoint(model, str(legacy), unsafe=True)  # mmpt eval/export --unsafe-load
-    torch.testing.assert_close(model.state_dict(), want, rtol=0, atol=0)
+    with pytest.raises(UnsafeCheckpointError, match=_refusal(legacy, "argparse.Namespace")):
+        AtomicCheckpointIO().load_checkpoint(legacy, weights_only=False)
     out = tmp_path / "merged.ckpt"
-    args = ["--ckpt", str(legacy), str(real["ckpt"]), "--out", str(out), "--unsafe-load"]
-    assert merge_main(args) == 0, capsys.readouterr().err
-    monkeypatch.setenv(UNSAFE_ENV, "1")  # model.init_from and the re-warm schedule
-    model = make_model(init_from=str(legacy))
+    with pytest.raises(SystemExit):  # the removed flag is an unknown argument
+        merge_main(["--ckpt", str(legacy), str(real["ckpt"]), "--out", str(out), "--unsafe-load"])
+    assert not out.exists()
+    capsys.readouterr()
+    # the user's own code, trusting the file: its state dict alone, then mmpt reads it
+    converted = tmp_path / "converted.pt"
+    torch.save(torch.load(legacy, map_location="cpu", weights_only=False)["state_dict"], converted)
+    model = make_model()
+    load_checkpoint(model, str(converted))
+    torch.testing.assert_close(model.state_dict(), want, rtol=0, atol=0)
+    model = make_model(init_from=str(converted))
     model.configure_model()
     torch.testing.assert_close(model.state_dict(), want, rtol=0, atol=0)
-    assert Rewarm(from_checkpoint=str(legacy), warmup_steps=2).old_lr == _last_lr(real["ckpt"])
+    assert merge_main(["--ckpt", str(converted), str(converted), "--out", str(out)]) == 0
 
 
 def test_real_checkpoints_load_everywhere(real, tmp_path, capsys):
-    assert os.environ.get(UNSAFE_ENV) is None
     ckpt, want = real["ckpt"], real["model"].state_dict()
     model = make_model(init_from=str(ckpt))
     model.configure_model()
